@@ -1,0 +1,90 @@
+"""Typed, framed events sent from a rank to the launching process over a pipe."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+_HEADER = struct.Struct("!Q")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Values a rank logged with `fabric.log` / `fabric.log_dict`."""
+
+    rank: int
+    values: dict[str, Any]
+    step: int | None
+    time: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """The pickled return value of a rank's function."""
+
+    rank: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An exception that ended a rank, described in plain data."""
+
+    rank: int
+    exc_type: str
+    message: str
+    traceback: str
+    time: float  # time.monotonic() in the rank, comparable across ranks of one machine
+    distributed: bool  # raised by torch.distributed (often a consequence of another rank dying)
+
+
+Event = Metrics | Result | Failure
+
+
+class ChannelWriter:
+    """Rank side: writes whole frames to the pipe; blocking, so nothing is dropped."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send(self, event: Event) -> None:
+        body = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(_HEADER.pack(len(body)) + body)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class FrameReader:
+    """Parent side: reassembles frames from the chunks read off the pipe."""
+
+    def __init__(self):
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self._buffer += chunk
+        events = []
+        while len(self._buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buffer)
+            end = _HEADER.size + size
+            if len(self._buffer) < end:
+                break
+            with memoryview(self._buffer) as view, view[_HEADER.size : end] as body:
+                events.append(pickle.loads(body))
+            del self._buffer[:end]
+        return events
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self._buffer)
+
+
+def now() -> float:
+    """A timestamp every process of this machine reads from the same clock."""
+    return time.monotonic()

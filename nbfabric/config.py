@@ -1,0 +1,291 @@
+"""RunConfig: the validated, resolved settings of one run. Pure."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from nbfabric.devices import Hardware, detect_hardware
+
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+STRATEGIES = ("auto", "ddp", "ddp_notebook", "ddp_fork", "single_device")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+PRECISION_ALIASES = {
+    "32": "32-true",
+    32: "32-true",
+    "16": "16-mixed",
+    16: "16-mixed",
+    "bf16": "bf16-mixed",
+    "64": "64-true",
+    64: "64-true",
+}
+START_METHODS = ("fork", "spawn")
+
+_RESOLVED_ACCELERATORS = ("cpu", "cuda", "mps")
+_RESOLVED_STRATEGIES = ("single_device", "ddp")
+_FORK_STRATEGIES = ("ddp_notebook", "ddp_fork")
+_WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Resolved settings: build one with `RunConfig.resolve(...)`; direct construction takes resolved values only."""
+
+    accelerator: str
+    device_ids: tuple[int, ...]
+    strategy: str
+    precision: str
+    num_nodes: int = 1
+    start_method: str = "fork"
+
+    def __post_init__(self) -> None:
+        _check_resolved(self)
+
+    @property
+    def num_processes(self) -> int:
+        """Ranks on this node."""
+        return len(self.device_ids)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_nodes
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def resolve(
+        cls,
+        accelerator: str = "auto",
+        devices: int | str | Iterable[int] = "auto",
+        strategy: str = "auto",
+        precision: str | int = "32-true",
+        num_nodes: int | str = 1,
+        start_method: str = "fork",
+        hardware: Hardware | None = None,
+    ) -> RunConfig:
+        """Turn user-facing values (aliases, "auto", "-1", "0,2", ...) into a validated RunConfig for `hardware`."""
+        hardware = detect_hardware() if hardware is None else hardware
+        accelerator = _resolve_accelerator(accelerator, hardware)
+        device_ids = _resolve_devices(devices, accelerator, hardware)
+        num_nodes = _parse_num_nodes(num_nodes)
+        start_method = _pick("start_method", start_method, START_METHODS)
+        strategy = _resolve_strategy(strategy, start_method, len(device_ids) * num_nodes)
+        precision = _resolve_precision(precision, accelerator)
+        return cls(accelerator, device_ids, strategy, precision, num_nodes, start_method)
+
+    def replace(self, **changes: object) -> RunConfig:
+        """A copy with some fields changed; the new values must be resolved ones, and are validated."""
+        return dataclasses.replace(self, **changes)
+
+    def as_flags(self) -> str:
+        """The equivalent `%%fabric` flags."""
+        flags = {
+            "accelerator": self.accelerator,
+            "devices": self._devices_flag(),
+            "strategy": self.strategy,
+            "precision": self.precision,
+        }
+        if self.num_nodes != 1:
+            flags["num-nodes"] = str(self.num_nodes)
+        if self.start_method != "fork":
+            flags["start-method"] = self.start_method
+        return " ".join(f"--{name}={value}" for name, value in flags.items())
+
+    def _devices_flag(self) -> str:
+        if self.device_ids == tuple(range(self.num_processes)):
+            return str(self.num_processes)
+        indices = ",".join(str(index) for index in self.device_ids)
+        return indices + "," if self.num_processes == 1 else indices
+
+
+def _check_resolved(config: RunConfig) -> None:
+    if config.accelerator not in _RESOLVED_ACCELERATORS:
+        raise ValueError(
+            f"RunConfig.accelerator={config.accelerator!r} is not a resolved accelerator; choose one of "
+            f"{_choices(_RESOLVED_ACCELERATORS)} (RunConfig.resolve also accepts 'auto' and 'gpu')."
+        )
+    ids = config.device_ids
+    if not (
+        isinstance(ids, tuple) and ids and all(_is_int(i) and i >= 0 for i in ids) and len(set(ids)) == len(ids)
+    ):
+        raise ValueError(
+            f"RunConfig.device_ids={ids!r} is not valid; "
+            "pass a non-empty tuple of distinct device indices, such as (0, 1)."
+        )
+    if config.accelerator == "cpu" and ids != tuple(range(len(ids))):
+        raise ValueError(
+            f"RunConfig.device_ids={ids!r} is not valid on CPU, where the ids are the ranks 0..n-1; "
+            f"pass {tuple(range(len(ids)))!r}."
+        )
+    if not (_is_int(config.num_nodes) and config.num_nodes >= 1):
+        raise ValueError(f"RunConfig.num_nodes={config.num_nodes!r} is not valid; pass a whole number, 1 or more.")
+    if config.accelerator == "mps" and (ids != (0,) or config.num_nodes != 1):
+        raise ValueError(
+            f"accelerator='mps' runs one process on one machine, but device_ids={ids!r} "
+            f"and num_nodes={config.num_nodes!r}; use device_ids=(0,) and num_nodes=1."
+        )
+    if config.strategy not in _RESOLVED_STRATEGIES:
+        raise ValueError(
+            f"RunConfig.strategy={config.strategy!r} is not a resolved strategy; choose one of "
+            f"{_choices(_RESOLVED_STRATEGIES)} "
+            f"(RunConfig.resolve also accepts {_choices(_FORK_STRATEGIES)} and 'auto')."
+        )
+    if config.strategy == "single_device" and config.distributed:
+        raise ValueError(
+            f"strategy='single_device' runs one process, but {config.num_processes} device(s) on "
+            f"{config.num_nodes} node(s) make {config.world_size} processes; "
+            "use strategy='ddp' or 'auto', or one device on one node."
+        )
+    if config.precision not in PRECISIONS:
+        raise ValueError(
+            f"RunConfig.precision={config.precision!r} is not a canonical precision; "
+            f"choose one of {_choices(PRECISIONS)}."
+        )
+    if config.accelerator == "cpu" and config.precision == "16-mixed":
+        raise ValueError("precision='16-mixed' is not available on CPU; use 'bf16-mixed'.")
+    if config.accelerator == "mps" and config.precision == "64-true":
+        raise ValueError("precision='64-true' is not available on MPS, which has no float64; use '32-true'.")
+    if config.start_method not in START_METHODS:
+        raise ValueError(
+            f"RunConfig.start_method={config.start_method!r} is not valid; choose one of {_choices(START_METHODS)}."
+        )
+
+
+def _resolve_accelerator(value: object, hardware: Hardware) -> str:
+    requested = _pick("accelerator", value, ACCELERATORS)
+    present = hardware.accelerators()
+    if requested == "auto":
+        return present[0]
+    if requested == "gpu":
+        if present[0] == "cpu":
+            raise ValueError(
+                "accelerator='gpu' needs a CUDA GPU or an Apple MPS device, but no GPU was found; "
+                "accelerator='cpu' works on this machine."
+            )
+        return present[0]
+    if requested not in present:
+        needs = {
+            "cuda": "a CUDA GPU, but none is visible (a CPU-only torch build or CUDA_VISIBLE_DEVICES can hide GPUs)",
+            "mps": "an Apple MPS device, but none was found",
+        }[requested]
+        raise ValueError(f"accelerator={requested!r} needs {needs}; accelerator='cpu' works on this machine.")
+    return requested
+
+
+def _resolve_devices(devices: object, accelerator: str, hardware: Hardware) -> tuple[int, ...]:
+    requested = _parse_devices(devices)
+    if accelerator == "cpu":
+        if isinstance(requested, tuple):
+            raise ValueError(
+                f"devices={devices!r} lists GPU indices, but on CPU devices is a number of processes; "
+                f"pass devices={len(requested)} instead."
+            )
+        if requested == "auto":
+            return (0,)
+        return tuple(range(hardware.cpu_count if requested == -1 else requested))
+
+    available = hardware.cuda_count if accelerator == "cuda" else 1
+    what = f"{available} CUDA GPU(s)" if accelerator == "cuda" else "1 MPS device"
+    if isinstance(requested, tuple):
+        for index in requested:
+            if requested.count(index) > 1:
+                raise ValueError(f"devices={devices!r} names device {index} twice; list each index once.")
+            if index >= available:
+                raise ValueError(
+                    f"devices={devices!r} names device {index}, but this machine has {what} "
+                    f"(indices {_choices(range(available))})."
+                )
+        return requested
+    count = available if requested in ("auto", -1) else requested
+    if count > available:
+        raise ValueError(
+            f"devices={devices!r} asks for {count} devices, but this machine has {what}; "
+            "pass devices=-1 to use all of them."
+        )
+    return tuple(range(count))
+
+
+def _parse_devices(devices: object) -> str | int | tuple[int, ...]:
+    """'auto', -1 (all), a count of at least 1, or a tuple of indices."""
+    value = _devices_from_text(devices.strip().lower()) if isinstance(devices, str) else devices
+    if value == "auto":
+        return value
+    if isinstance(value, (list, tuple)) and value and all(_is_int(i) and i >= 0 for i in value):
+        return tuple(value)
+    if _is_int(value) and (value == -1 or value >= 1):
+        return value
+    raise ValueError(
+        f"devices={devices!r} is not valid; pass a number of devices (1 or more), -1 for all, 'auto', "
+        "or GPU indices such as [0, 2] or '0,2'."
+    )
+
+
+def _devices_from_text(text: str) -> str | int | list[int]:
+    if "," not in text:
+        return int(text) if _WHOLE_NUMBER.fullmatch(text) else text
+    entries = [entry.strip() for entry in text.split(",")]
+    if entries[-1] == "":
+        entries.pop()
+    if entries and all(_WHOLE_NUMBER.fullmatch(entry) for entry in entries):
+        return [int(entry) for entry in entries]
+    return text
+
+
+def _parse_num_nodes(value: object) -> int:
+    number = int(value) if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()) else value
+    if _is_int(number) and number >= 1:
+        return number
+    raise ValueError(f"num_nodes={value!r} is not valid; pass a whole number of machines, 1 or more.")
+
+
+def _resolve_strategy(value: object, start_method: str, world_size: int) -> str:
+    requested = _pick("strategy", value, STRATEGIES)
+    if requested in _FORK_STRATEGIES:
+        if start_method == "spawn":
+            raise ValueError(
+                f"strategy={requested!r} starts ranks with fork, which conflicts with start_method='spawn'; "
+                "use strategy='ddp' with start_method='spawn', or leave start_method as 'fork'."
+            )
+        return "ddp"
+    if requested == "auto":
+        return "ddp" if world_size > 1 else "single_device"
+    return requested
+
+
+def _resolve_precision(value: object, accelerator: str) -> str:
+    key = value.strip().lower() if isinstance(value, str) else value
+    precision = PRECISION_ALIASES.get(key, key) if isinstance(key, str) or _is_int(key) else None
+    if precision not in PRECISIONS:
+        aliases = _choices(dict.fromkeys(str(alias) for alias in PRECISION_ALIASES))
+        raise ValueError(
+            f"precision={value!r} is not valid; choose one of {_choices(PRECISIONS)} (aliases: {aliases})."
+        )
+    if accelerator == "cpu" and precision == "16-mixed":
+        warnings.warn(
+            "precision='16-mixed' (float16 autocast) is meant for GPUs; on CPU this run uses 'bf16-mixed' instead. "
+            "Pass precision='bf16-mixed' to silence this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return "bf16-mixed"
+    return precision
+
+
+def _pick(name: str, value: object, choices: tuple[str, ...]) -> str:
+    normal = value.strip().lower() if isinstance(value, str) else value
+    if normal not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {_choices(choices)}.")
+    return normal
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _choices(values: Iterable[object]) -> str:
+    return ", ".join(str(value) for value in values)

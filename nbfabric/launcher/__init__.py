@@ -1,0 +1,113 @@
+"""Start N ranks from this process, supervise them, and return rank 0's result."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import tempfile
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+from nbfabric.launcher.environment import (
+    ForkUnsafeError,
+    check_fork_safe,
+    free_port,
+    rank_environment,
+    threads_per_rank,
+)
+from nbfabric.launcher.errors import RankError, RankTimeoutError, raise_for_outcome
+from nbfabric.launcher.output import Sink, TextSink
+from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank
+from nbfabric.launcher.supervisor import Supervisor
+from nbfabric.launcher.worker import RankSpec
+
+__all__ = ["launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "Sink", "TextSink"]
+
+START_METHODS = ("fork", "spawn")
+
+
+def launch(
+    target: Callable[[], Any] | None,
+    *,
+    nprocs: int,
+    start_method: str = "fork",
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    main_address: str = "127.0.0.1",
+    main_port: int | None = None,
+    timeout: float | None = None,
+    sink: Sink | None = None,
+) -> Any:
+    """Run `target()` on `nprocs` new processes and return rank 0's return value.
+
+    With `target=None` (fork only) the ranks return from this call and go on running the
+    caller's script, while this process supervises them and never returns.
+    """
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method={start_method!r} is not valid; choose one of {', '.join(START_METHODS)}")
+    if start_method == "fork":
+        check_fork_safe()
+    elif target is None:
+        raise ValueError("continuing the calling script in each rank needs start_method='fork'")
+    workdir = tempfile.mkdtemp(prefix="nbfabric-")
+    try:
+        rendezvous = None if num_nodes > 1 else Path(workdir, "store").as_uri()
+        specs = _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port or free_port(), rendezvous)
+        ranks = _start(target, specs, start_method)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if ranks is None:
+        return None  # this process is now a rank; the directory belongs to the launching process
+    try:
+        outcome = Supervisor(ranks, sink or TextSink(), timeout).run()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    raise_for_outcome(outcome, timeout)
+    if target is None:
+        raise SystemExit(0)
+    return pickle.loads(outcome.result.payload) if outcome.result is not None else None
+
+
+def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port, rendezvous) -> list[RankSpec]:
+    threads = threads_per_rank(nprocs)
+    specs = []
+    for local_rank in range(nprocs):
+        env = rank_environment(
+            local_rank=local_rank,
+            local_world_size=nprocs,
+            node_rank=node_rank,
+            num_nodes=num_nodes,
+            main_address=main_address,
+            main_port=main_port,
+            rendezvous=rendezvous,
+            threads=threads,
+        )
+        rank = int(env["RANK"])
+        specs.append(RankSpec(rank=rank, env=env, send_result=rank == 0, threads=threads, parent_pid=os.getpid()))
+    return specs
+
+
+def _start(target, specs: list[RankSpec], start_method: str) -> list[RankProcess] | None:
+    """Start every rank; if one cannot start, kill those already started."""
+    started: list[RankProcess] = []
+    try:
+        for spec in specs:
+            if start_method == "spawn":
+                started.append(spawn_rank(target, spec))
+                continue
+            parent_fds = [fd for p in started for fd in (p.stdout, p.stderr, p.channel, p.sentinel)]
+            process = fork_rank(target, spec, parent_fds)
+            if process is None:
+                return None
+            started.append(process)
+    except BaseException:
+        for process in started:
+            process.signal(signal.SIGKILL)
+            process.reap()
+            for fd in (process.stdout, process.stderr, process.channel):
+                os.close(fd)
+        raise
+    return started

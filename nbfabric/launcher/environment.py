@@ -1,0 +1,73 @@
+"""The torchrun-style environment each rank sees, and the checks made before any rank starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+
+class ForkUnsafeError(RuntimeError):
+    """Forking now would hand the ranks a broken CUDA context."""
+
+
+def check_fork_safe() -> None:
+    """Refuse to fork once CUDA is initialised in this process (a forked child cannot use it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise ForkUnsafeError(
+            "CUDA is already initialised in this process, so ranks cannot be forked from it. "
+            "Restart the kernel and keep CUDA work inside the launched function or %%fabric cell, "
+            "or launch with start_method='spawn' (--start-method=spawn)."
+        )
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now, for code in a rank that rendezvouses through env://."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_rank(local_world_size: int) -> int | None:
+    """Intra-op threads for each rank: the cores shared out, unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, cpu_cores() // local_world_size)
+
+
+def rank_environment(
+    *,
+    local_rank: int,
+    local_world_size: int,
+    node_rank: int,
+    num_nodes: int,
+    main_address: str,
+    main_port: int,
+    rendezvous: str | None,
+    threads: int | None,
+) -> dict[str, str]:
+    """Variables torchrun would set for this rank, plus nbfabric's own rendezvous."""
+    env = {
+        "MASTER_ADDR": main_address,
+        "MASTER_PORT": str(main_port),
+        "RANK": str(node_rank * local_world_size + local_rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(local_world_size * num_nodes),
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "NODE_RANK": str(node_rank),
+        "GROUP_RANK": str(node_rank),
+        "TORCHELASTIC_RUN_ID": "nbfabric",
+    }
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if rendezvous is not None:
+        env["NBFABRIC_RENDEZVOUS"] = rendezvous
+    if num_nodes == 1:
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            env[name] = os.environ.get(name, "lo")
+    return env

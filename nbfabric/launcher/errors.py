@@ -1,0 +1,106 @@
+"""The exceptions a launch raises in the caller, and which failing rank is the root cause."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+from nbfabric.channel import Failure
+from nbfabric.launcher.supervisor import Outcome
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """How one rank ended badly: by an exception, a signal, or a non-zero exit code."""
+
+    rank: int
+    time: float
+    how: str  # "exception" | "signal" | "exit"
+    summary: str  # one line, e.g. "ValueError: bad batch" or "killed by SIGKILL"
+    traceback: str = ""
+    distributed: bool = False
+
+
+class RankError(RuntimeError):
+    """A rank failed; the other ranks were stopped. Names the rank that failed first."""
+
+    def __init__(self, cause: RankFailure, also_failed: list[RankFailure], stopped: list[int]):
+        self.rank = cause.rank
+        self.how = cause.how
+        self.summary = cause.summary
+        self.rank_traceback = cause.traceback
+        self.also_failed = also_failed
+        self.stopped = stopped
+        super().__init__(self._message(cause, also_failed, stopped))
+
+    @staticmethod
+    def _message(cause: RankFailure, also_failed: list[RankFailure], stopped: list[int]) -> str:
+        lines = [f"rank {cause.rank} failed: {cause.summary}"]
+        if also_failed:
+            lines.append("then " + "; ".join(f"rank {o.rank}: {o.summary}" for o in also_failed))
+        if stopped:
+            lines.append(f"stopped: rank {', '.join(map(str, stopped))}")
+        if cause.how == "signal" and "SIGKILL" in cause.summary:
+            lines.append("A rank killed by SIGKILL has often run out of memory.")
+        if cause.traceback:
+            lines += ["", f"Traceback from rank {cause.rank}:", cause.traceback.rstrip()]
+        return "\n".join(lines)
+
+
+class RankTimeoutError(TimeoutError):
+    """The run did not finish within its timeout; every rank was stopped."""
+
+
+def rank_failures(outcome: Outcome) -> list[RankFailure]:
+    """Every rank that failed, from the exceptions they reported and the exit codes seen."""
+    failures = []
+    for rank, code in sorted(outcome.returncodes.items()):
+        reported = outcome.failures.get(rank)
+        if reported is not None:
+            failures.append(_from_report(reported))
+        elif code < 0:
+            failures.append(RankFailure(rank, outcome.exit_times[rank], "signal", f"killed by {_signal_name(-code)}"))
+        elif code > 0:
+            failures.append(RankFailure(rank, outcome.exit_times[rank], "exit", f"exited with code {code}"))
+    return failures
+
+
+def root_cause(failures: list[RankFailure], stop_time: float | None) -> RankFailure:
+    """The failure that started it all: the earliest, preferring one that torch.distributed
+    did not raise (a broken collective is usually a consequence of a peer that died) and
+    one that happened before the supervisor began stopping ranks."""
+    return min(
+        failures, key=lambda f: (stop_time is not None and f.time > stop_time, f.distributed, f.time)
+    )
+
+
+def raise_for_outcome(outcome: Outcome, timeout: float | None) -> None:
+    """Raise the one exception that describes a failed launch; return if every rank succeeded."""
+    failures = rank_failures(outcome)
+    if outcome.interrupted:
+        raise KeyboardInterrupt("every rank was stopped")
+    if outcome.timed_out:
+        running = ", ".join(map(str, outcome.still_running_at_stop)) or "none"
+        raise RankTimeoutError(
+            f"the run did not finish within timeout={timeout:g} s; every rank was stopped "
+            f"(ranks still running at the deadline: {running}). Raise the timeout or look for a hang, "
+            "such as a collective that not every rank reaches."
+        )
+    if failures:
+        cause = root_cause(failures, outcome.stop_time)
+        stop = outcome.stop_time if outcome.stop_time is not None else float("inf")
+        also_failed = [f for f in failures if f is not cause and f.time <= stop]
+        stopped = [rank for rank in outcome.still_running_at_stop if rank != cause.rank and rank not in {f.rank for f in also_failed}]
+        raise RankError(cause, also_failed, stopped)
+
+
+def _from_report(failure: Failure) -> RankFailure:
+    summary = f"{failure.exc_type}: {failure.message}" if failure.message else failure.exc_type
+    return RankFailure(failure.rank, failure.time, "exception", summary, failure.traceback, failure.distributed)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -1,0 +1,99 @@
+"""Rank output: split byte streams into lines, and the sinks that show them tagged by rank."""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from typing import TextIO
+
+from nbfabric.channel import Metrics
+
+
+class LineSplitter:
+    """Turns the bytes of one stream into lines ending in "\\n", and progress updates ending in "\\r"."""
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bool]]:
+        """Return (text, is_progress) for each segment completed by `chunk`."""
+        self._pending += self._decoder.decode(chunk)
+        segments = []
+        start = 0
+        text = self._pending
+        while True:
+            cut = _next_break(text, start)
+            if cut < 0:
+                break
+            if text[cut] == "\r":
+                if cut + 1 == len(text):
+                    break  # a "\n" may follow in the next chunk
+                if text[cut + 1] == "\n":
+                    segments.append((text[start:cut], False))
+                    start = cut + 2
+                    continue
+                segments.append((text[start:cut], True))
+            else:
+                segments.append((text[start:cut], False))
+            start = cut + 1
+        self._pending = text[start:]
+        return [(segment, progress) for segment, progress in segments if segment or not progress]
+
+    def close(self) -> list[tuple[str, bool]]:
+        """The unterminated rest, as a final line."""
+        rest = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        rest = rest.rstrip("\r")
+        return [(rest.rsplit("\r", 1)[-1], False)] if rest else []
+
+
+def _next_break(text: str, start: int) -> int:
+    newline, carriage = text.find("\n", start), text.find("\r", start)
+    if newline < 0 or carriage < 0:
+        return max(newline, carriage)
+    return min(newline, carriage)
+
+
+class Sink:
+    """Receives what ranks produce while they run; subclasses show it somewhere."""
+
+    def line(self, rank: int, stream: str, text: str) -> None:
+        """A complete line that `rank` wrote to `stream` ("stdout" or "stderr")."""
+
+    def progress(self, rank: int, stream: str, text: str) -> None:
+        """A line that replaces itself (a progress bar redraw)."""
+
+    def metrics(self, event: Metrics) -> None:
+        """Values the rank logged."""
+
+    def rank_exited(self, rank: int, returncode: int) -> None:
+        """The rank's process ended."""
+
+
+class TextSink(Sink):
+    """Writes "[rank N] ..." lines to this process's stdout and stderr."""
+
+    def __init__(self, ranks: set[int] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None):
+        self.ranks = ranks
+        self._streams = {"stdout": stdout, "stderr": stderr}
+        self._mid_progress: set[str] = set()
+
+    def _stream(self, name: str) -> TextIO:
+        return self._streams[name] or getattr(sys, name)
+
+    def line(self, rank: int, stream: str, text: str) -> None:
+        if self.ranks is None or rank in self.ranks:
+            out = self._stream(stream)
+            if stream in self._mid_progress:
+                self._mid_progress.discard(stream)
+                out.write("\r\033[K")
+            out.write(f"[rank {rank}] {text}\n")
+            out.flush()
+
+    def progress(self, rank: int, stream: str, text: str) -> None:
+        out = self._stream(stream)
+        if (self.ranks is None or rank in self.ranks) and out.isatty():
+            self._mid_progress.add(stream)
+            out.write(f"\r\033[K[rank {rank}] {text}")
+            out.flush()

@@ -1,0 +1,178 @@
+"""Watch running ranks: forward their output and events, stop them all when one fails or time runs out."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from nbfabric.channel import Failure, FrameReader, Metrics, Result, now
+from nbfabric.launcher.output import LineSplitter, Sink
+from nbfabric.launcher.processes import RankProcess
+
+# After a stop request: SIGINT at once, SIGTERM after STOP_LADDER[1] s, SIGKILL after STOP_LADDER[2] s.
+STOP_LADDER = ((0.0, signal.SIGINT), (0.8, signal.SIGTERM), (1.5, signal.SIGKILL))
+# How long to wait for the output pipes of exited ranks, should a grandchild still hold them.
+DRAIN_SECONDS = 2.0
+_TICK = 0.1
+
+
+@dataclass
+class Outcome:
+    """How a launch ended, as observed by the supervisor."""
+
+    returncodes: dict[int, int] = field(default_factory=dict)
+    exit_times: dict[int, float] = field(default_factory=dict)
+    failures: dict[int, Failure] = field(default_factory=dict)
+    result: Result | None = None
+    stop_time: float | None = None  # when the supervisor began stopping ranks
+    interrupted: bool = False
+    timed_out: bool = False
+    still_running_at_stop: tuple[int, ...] = ()
+
+
+class Supervisor:
+    """Runs the event loop of one launch until every rank has exited and its output is drained."""
+
+    def __init__(self, ranks: list[RankProcess], sink: Sink, timeout: float | None = None):
+        self.ranks = {process.rank: process for process in ranks}
+        self.sink = sink
+        self.deadline = None if timeout is None else now() + timeout
+        self.outcome = Outcome()
+        self._selector = selectors.DefaultSelector()
+        self._stop_signals_sent = 0
+        self._interrupts = 0
+        self._drain_deadline: float | None = None
+
+    def run(self) -> Outcome:
+        try:
+            with self._sigint_as_stop_request():
+                for process in self.ranks.values():
+                    self._watch(process)
+                while self._selector.get_map():
+                    self._step()
+        finally:
+            self._abandon()
+            self._selector.close()
+        return self.outcome
+
+    def stop(self, *, interrupted: bool = False) -> None:
+        """Begin stopping every rank still running (safe to call more than once)."""
+        self.outcome.interrupted |= interrupted
+        if self.outcome.stop_time is None:
+            self.outcome.stop_time = now()
+            self.outcome.still_running_at_stop = tuple(r for r, p in self.ranks.items() if p.returncode is None)
+
+    def _watch(self, process: RankProcess) -> None:
+        for fd, kind in ((process.stdout, "stdout"), (process.stderr, "stderr")):
+            self._selector.register(fd, selectors.EVENT_READ, (process.rank, kind, LineSplitter()))
+        self._selector.register(process.channel, selectors.EVENT_READ, (process.rank, "channel", FrameReader()))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, (process.rank, "exit", None))
+
+    def _step(self) -> None:
+        for key, _ in self._selector.select(self._wait_time()):
+            rank, kind, reader = key.data
+            if kind == "exit":
+                self._selector.unregister(key.fd)
+                self._on_exit(self.ranks[rank])
+            else:
+                self._read(key.fd, rank, kind, reader)
+        if self._interrupts:
+            self.stop(interrupted=True)
+        if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:
+            self.outcome.timed_out = True
+            self.stop()
+        self._escalate()
+        if self._drain_deadline is not None and now() >= self._drain_deadline:
+            self._abandon()
+
+    def _wait_time(self) -> float:
+        wait = _TICK
+        if self.deadline is not None and self.outcome.stop_time is None:
+            wait = min(wait, max(0.0, self.deadline - now()))
+        return wait
+
+    def _read(self, fd: int, rank: int, kind: str, reader) -> None:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._selector.unregister(fd)
+            os.close(fd)
+            if kind != "channel":
+                self._emit_lines(rank, kind, reader.close())
+            return
+        if kind == "channel":
+            for event in reader.feed(chunk):
+                self._on_event(event)
+        else:
+            self._emit_lines(rank, kind, reader.feed(chunk))
+
+    def _emit_lines(self, rank: int, stream: str, segments: list[tuple[str, bool]]) -> None:
+        for text, is_progress in segments:
+            (self.sink.progress if is_progress else self.sink.line)(rank, stream, text)
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, Metrics):
+            self.sink.metrics(event)
+        elif isinstance(event, Result):
+            self.outcome.result = event
+        elif isinstance(event, Failure):
+            self.outcome.failures.setdefault(event.rank, event)
+            self.stop()
+
+    def _on_exit(self, process: RankProcess) -> None:
+        code = process.reap()
+        self.outcome.returncodes[process.rank] = code
+        self.outcome.exit_times[process.rank] = now()
+        self.sink.rank_exited(process.rank, code)
+        if code != 0:
+            self.stop()
+        if all(p.returncode is not None for p in self.ranks.values()):
+            self._drain_deadline = now() + DRAIN_SECONDS
+
+    def _escalate(self) -> None:
+        if self.outcome.stop_time is None:
+            return
+        elapsed = now() - self.outcome.stop_time
+        due = sum(1 for delay, _ in STOP_LADDER if elapsed >= delay)
+        if self._interrupts > 1:
+            due = len(STOP_LADDER)  # a second interrupt: no more patience
+        while self._stop_signals_sent < due:
+            _, sig = STOP_LADDER[self._stop_signals_sent]
+            for process in self.ranks.values():
+                process.signal(sig)
+            self._stop_signals_sent += 1
+
+    def _abandon(self) -> None:
+        """Kill whatever still runs, reap it, and close every pipe (used when done or on error)."""
+        for process in self.ranks.values():
+            if process.returncode is None:
+                process.signal(signal.SIGKILL)
+                process.reap()
+                self.outcome.returncodes[process.rank] = process.returncode
+                self.outcome.exit_times[process.rank] = now()
+        for key in list(self._selector.get_map().values()):
+            self._selector.unregister(key.fd)
+            if key.data[1] != "exit":
+                os.close(key.fd)
+
+    @contextmanager
+    def _sigint_as_stop_request(self):
+        """While supervising, Ctrl-C / the notebook's interrupt asks for a stop instead of raising."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            self._interrupts += 1
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,135 @@
+"""The rank side of a launch: isolate the new process, run the target, report how it ended."""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import pickle
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from nbfabric.channel import ChannelWriter, Failure, Result, now
+
+_PR_SET_PDEATHSIG = 1
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What one rank needs to know about itself."""
+
+    rank: int
+    env: dict[str, str]
+    send_result: bool
+    threads: int | None  # torch intra-op threads; None keeps the user's setting
+    parent_pid: int
+
+
+def become_rank(spec: RankSpec, stdout_fd: int, stderr_fd: int, channel_fd: int) -> ChannelWriter:
+    """Turn a just-started process into rank `spec.rank`: signals, output pipes, environment."""
+    _die_with_parent(spec.parent_pid)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    _redirect_output(stdout_fd, stderr_fd)
+    os.environ.update(spec.env)
+    if spec.threads is not None and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(spec.threads)
+    return ChannelWriter(channel_fd)
+
+
+def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) -> int:
+    """Run `target`, send its result (rank 0) or failure, and return the exit code."""
+    try:
+        value = target()
+        if spec.send_result:
+            channel.send(Result(spec.rank, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+        return 0
+    except SystemExit as exc:
+        return _exit_code(exc)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
+        report_failure(channel, spec.rank, exc)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    finally:
+        _flush_output()
+
+
+def report_failure(channel: ChannelWriter, rank: int, exc: BaseException) -> None:
+    """Send `exc` with its traceback as plain text, so the parent can show it."""
+    channel.send(
+        Failure(
+            rank=rank,
+            exc_type=type(exc).__qualname__,
+            message=str(exc),
+            traceback=format_user_traceback(exc),
+            time=now(),
+            distributed=_raised_by_torch_distributed(exc),
+        )
+    )
+
+
+def format_user_traceback(exc: BaseException) -> str:
+    """The traceback of `exc` without the frames of nbfabric that led into the user's code."""
+    summary = traceback.TracebackException.from_exception(exc)
+    frames = list(summary.stack)
+    while len(frames) > 1 and frames[0].filename.startswith(_PACKAGE_DIR):
+        frames.pop(0)
+    summary.stack = traceback.StackSummary.from_list(frames)
+    return "".join(summary.format())
+
+
+def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, int, int]) -> None:
+    """Entry point of a forked or spawned rank; never returns."""
+    code = 1
+    try:
+        channel = become_rank(spec, *fds)
+        code = run_rank(target, spec, channel)
+    finally:
+        os._exit(code)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
+    """Point fd 0/1/2 and sys.std* at /dev/null and the rank's pipes, unbuffered."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for source, target in ((devnull, 0), (stdout_fd, 1), (stderr_fd, 2)):
+        os.dup2(source, target)
+        os.close(source)
+    sys.stdin = open(0, closefd=False, encoding="utf-8")  # noqa: SIM115
+    sys.stdout = sys.__stdout__ = _text_stream(1)
+    sys.stderr = sys.__stderr__ = _text_stream(2)
+
+
+def _text_stream(fd: int) -> io.TextIOWrapper:
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True, write_through=True)
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _raised_by_torch_distributed(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.startswith("torch.distributed") or "Connection closed by peer" in str(exc)
