@@ -93,5 +93,5 @@ def _describe(index: int) -> tuple[str, int]:
 
 def _cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
-        return os.cpu_count()
+        return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

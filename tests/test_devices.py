@@ -141,8 +141,14 @@ def test_detection_is_cached_per_cuda_visible_devices(monkeypatch, cuda_build):
     assert len(calls) == 2
 
 
+def test_cpu_count_is_the_affinity_not_the_machine(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert detect_hardware().cpu_count == 3
+
+
 def test_cpu_count_falls_back_to_os_cpu_count(monkeypatch):
-    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 7)
     assert detect_hardware().cpu_count == 7
 

@@ -1,0 +1,74 @@
+"""What a precision setting does to modules, inputs, forward passes, backward and optimizer steps."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+_MIXED = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+_TRUE = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "64-true": torch.float64}
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily make `dtype` the default floating point type."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class Precision:
+    """One precision setting ("32-true", "bf16-mixed", ...) on one device type."""
+
+    def __init__(self, name: str, device_type: str):
+        self.name = name
+        self.device_type = device_type
+        self.autocast_dtype = _MIXED.get(name)
+        self.param_dtype = _TRUE.get(name)
+        self.scaler = torch.amp.GradScaler("cuda") if name == "16-mixed" and device_type == "cuda" else None
+
+    def forward_context(self) -> ContextManager:
+        """Around the model's forward pass (and `fabric.autocast()`)."""
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+        return self.module_init_context()
+
+    def module_init_context(self) -> ContextManager:
+        """Around module and tensor creation: true-precision modes change the default dtype."""
+        return default_dtype(self.param_dtype) if self.param_dtype is not None else nullcontext()
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(dtype=self.param_dtype) if self.param_dtype is not None else module
+
+    def convert_input(self, data: Any) -> Any:
+        if self.param_dtype is None:
+            return data
+        return tree_map_only(torch.Tensor, lambda t: t.to(self.param_dtype) if t.is_floating_point() else t, data)
+
+    def convert_output(self, data: Any) -> Any:
+        if self.name == "32-true":
+            return data
+        dtype = torch.get_default_dtype()
+        return tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, data)
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(**kwargs)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
+        """Step; with a gradient scaler, a step with inf/NaN gradients is skipped."""
+        if self.scaler is None:
+            return optimizer.step(**kwargs)
+        result = self.scaler.step(optimizer, **kwargs)
+        self.scaler.update()
+        return result
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before clipping: gradients back to their true scale."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)

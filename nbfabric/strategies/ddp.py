@@ -1,0 +1,74 @@
+"""Distributed data parallel: one replica per rank, gradients averaged during backward."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from nbfabric.strategies.single_device import SingleDeviceStrategy
+
+REDUCE_OPS = ("mean", "sum", "min", "max", "product")
+_TORCH_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "product": dist.ReduceOp.PRODUCT}
+
+
+class DDPStrategy(SingleDeviceStrategy):
+    """Wraps modules in DistributedDataParallel; collectives go through torch.distributed."""
+
+    name = "ddp"
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        self.backend = "nccl" if device.type == "cuda" else "gloo"
+        self._owns_process_group = False
+
+    def setup_environment(self, rank: int, world_size: int) -> None:
+        """Join the process group (the launcher's file rendezvous, else torchrun's env://)."""
+        super().setup_environment(rank, world_size)
+        if dist.is_initialized():
+            return
+        init_method = os.environ.get("NBFABRIC_RENDEZVOUS", "env://")
+        dist.init_process_group(self.backend, init_method=init_method, rank=rank, world_size=world_size)
+        self._owns_process_group = True
+
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
+        return module.no_sync()
+
+    def barrier(self) -> None:
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor)
+        return torch.stack(gathered)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        result = tensor.clone()
+        if op == "mean":
+            if not result.is_floating_point():
+                result = result.float()
+            dist.all_reduce(result, op=dist.ReduceOp.SUM)
+            return result / dist.get_world_size()
+        dist.all_reduce(result, op=_TORCH_OPS[op])
+        return result
+
+    def teardown(self) -> None:
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_process_group = False

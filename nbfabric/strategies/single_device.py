@@ -1,0 +1,42 @@
+"""One process, one device: collectives are identities."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, ContextManager
+
+import torch
+
+
+class SingleDeviceStrategy:
+    """Runs everything on `device` in this process."""
+
+    name = "single_device"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def setup_environment(self, rank: int, world_size: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
+        return nullcontext()
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        return tensor
+
+    def teardown(self) -> None:
+        pass

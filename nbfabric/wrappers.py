@@ -1,0 +1,125 @@
+"""What `fabric.setup*` returns: a module, optimizer and dataloader that apply the run's settings."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils._pytree import tree_map_only
+from torch.utils.data import DataLoader, DistributedSampler
+
+from nbfabric.precision import Precision
+
+
+def move_to_device(data: Any, device: torch.device) -> Any:
+    """Every tensor in a (nested) collection, moved to `device`."""
+    return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), data)
+
+
+class FabricModule(torch.nn.Module):
+    """Runs the forward pass of the strategy's wrapper under the precision setting.
+
+    Attributes not found here come from the original module; `state_dict` is the original's.
+    """
+
+    def __init__(self, forward_module: torch.nn.Module, original_module: torch.nn.Module, precision: Precision):
+        super().__init__()
+        self._forward_module = forward_module
+        self.__dict__["_original_module"] = original_module
+        self.__dict__["_precision"] = precision
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The module as the user built it, without wrappers."""
+        return self._original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._precision.convert_input((args, kwargs))
+        with self._precision.forward_context():
+            output = self._forward_module(*args, **kwargs)
+        return self._precision.convert_output(output)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._original_module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self._original_module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original_module"], name)
+
+    def __reduce__(self):
+        """Pickled, it is the original module: the wrappers belong to the rank that made them."""
+        return _identity, (self._original_module,)
+
+
+class FabricOptimizer:
+    """The user's optimizer (same state, same class for isinstance) whose step applies the precision."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, precision: Precision):
+        self.__dict__ = optimizer.__dict__
+        self.__class__ = type("Fabric" + type(optimizer).__name__, (FabricOptimizer, type(optimizer)), {})
+        self._fabric_optimizer = optimizer
+        self._fabric_precision = precision
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._fabric_optimizer
+
+    def step(self, closure: Any = None) -> Any:
+        kwargs = {} if closure is None else {"closure": closure}
+        return self._fabric_precision.optimizer_step(self._fabric_optimizer, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._fabric_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._fabric_optimizer.load_state_dict(state_dict)
+
+    def __reduce__(self):
+        return _identity, (self._fabric_optimizer,)
+
+
+class FabricDataLoader:
+    """Iterates the sharded loader, moving batches to the device and reshuffling every epoch."""
+
+    def __init__(self, loader: DataLoader, device: torch.device | None):
+        self._loader = loader
+        self._device = device
+        self._epoch = 0
+
+    @property
+    def loader(self) -> DataLoader:
+        return self._loader
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = getattr(self._loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(self._epoch)
+        self._epoch += 1
+        for batch in self._loader:
+            yield batch if self._device is None else move_to_device(batch, self._device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_loader"], name)
+
+
+def _identity(obj: Any) -> Any:
+    return obj
+
+
+def unwrap(obj: Any) -> Any:
+    """The user's own object behind a Fabric wrapper (or `obj` itself)."""
+    if isinstance(obj, FabricModule):
+        return obj.module
+    if isinstance(obj, FabricOptimizer):
+        return obj.optimizer
+    if isinstance(obj, FabricDataLoader):
+        return obj.loader
+    return obj
