@@ -125,6 +125,8 @@ class Fabric:
                 "use fabric.launch(train_fn) or a %%fabric cell."
             )
         target = None if function is None else partial(self._run_rank, function, args, kwargs)
+        if self.config.start_method == "fork":
+            self._strategy.preload()
         result = launcher.launch(
             target,
             nprocs=self.config.num_processes,

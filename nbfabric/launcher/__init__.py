@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
+from nbfabric.config import START_METHODS
 from nbfabric.launcher.environment import (
     ForkUnsafeError,
     check_fork_safe,
@@ -19,13 +20,12 @@ from nbfabric.launcher.environment import (
 )
 from nbfabric.launcher.errors import RankError, RankTimeoutError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
-from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank
+from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper
 from nbfabric.launcher.supervisor import Supervisor
 from nbfabric.launcher.worker import RankSpec
 
 __all__ = ["launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "Sink", "TextSink"]
 
-START_METHODS = ("fork", "spawn")
 
 
 def launch(
@@ -65,6 +65,8 @@ def launch(
         outcome = Supervisor(ranks, sink or TextSink(), timeout).run()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if start_method == "spawn":
+            stop_spawn_helper()
     raise_for_outcome(outcome, timeout)
     if target is None:
         raise SystemExit(0)

@@ -5,6 +5,20 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def preserved_environment() -> Iterator[None]:
+    """Undo whatever the block does to os.environ (some imports set variables as they load)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 class ForkUnsafeError(RuntimeError):

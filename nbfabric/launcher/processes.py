@@ -124,3 +124,11 @@ def _spawned_main(target: Callable[[], Any], spec: RankSpec, ends: list) -> None
     for end in ends:
         end.close()
     rank_main(target, spec, fds)
+
+
+def stop_spawn_helper() -> None:
+    """Stop the resource-tracker process that spawning started, so a launch leaves no process behind."""
+    tracker = sys.modules.get("multiprocess.resource_tracker")
+    stop = getattr(getattr(tracker, "_resource_tracker", None), "_stop", None)
+    if stop is not None:
+        stop()

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from nbfabric.launcher.environment import preserved_environment
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
 REDUCE_OPS = ("mean", "sum", "min", "max", "product")
@@ -24,6 +25,11 @@ class DDPStrategy(SingleDeviceStrategy):
         super().__init__(device)
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self._owns_process_group = False
+
+    def preload(self) -> None:
+        """DistributedDataParallel imports torch._dynamo when first built (about 2 s): do it once, here."""
+        with preserved_environment():
+            import torch._dynamo  # noqa: F401
 
     def setup_environment(self, rank: int, world_size: int) -> None:
         """Join the process group (the launcher's file rendezvous, else torchrun's env://)."""

@@ -16,6 +16,9 @@ class SingleDeviceStrategy:
     def __init__(self, device: torch.device):
         self.device = device
 
+    def preload(self) -> None:
+        """Import, in the launching process, what each forked rank would otherwise import itself."""
+
     def setup_environment(self, rank: int, world_size: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

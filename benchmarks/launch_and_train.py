@@ -1,0 +1,279 @@
+"""nbfabric against hand-written torch.multiprocessing + torch.distributed: empty launches and a DDP loop.
+
+Run as a script: ``python benchmarks/launch_and_train.py [--runs 20] [--epochs 12]``.
+Raw timings go to benchmarks/results/launch_and_train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import nbfabric
+from nbfabric import Fabric
+
+WORLD_SIZE = 2
+RESULTS = Path(__file__).resolve().parent / "results" / "launch_and_train.json"
+
+LAUNCH_BAR_MS = 25.0
+LAUNCH_SPREAD_BAR = 2.5
+TRAIN_RATIO_BAR = 1.03
+LOSS_TOLERANCE = 1e-4
+
+SAMPLES, FEATURES, HIDDEN, CLASSES = 4096, 64, 256, 10
+BATCH_SIZE, LEARNING_RATE = 64, 0.05
+DATA_SEED, MODEL_SEED = 0, 1
+
+# Built once in the parent; forked ranks of every contender inherit the same tensors.
+DATASET: TensorDataset | None = None
+EPOCHS = 6
+
+
+# ----------------------------------------------------------------------------- shared workload
+def make_dataset() -> TensorDataset:
+    """A fixed, learnable classification problem: labels from a random linear map."""
+    generator = torch.Generator().manual_seed(DATA_SEED)
+    inputs = torch.randn(SAMPLES, FEATURES, generator=generator)
+    labels = (inputs @ torch.randn(FEATURES, CLASSES, generator=generator)).argmax(dim=1)
+    return TensorDataset(inputs, labels)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(MODEL_SEED)
+    return nn.Sequential(
+        nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES)
+    )
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+
+
+def baseline_threads() -> int | None:
+    """Intra-op threads a hand-written rank sets: nbfabric's default rule (cores // ranks), or
+    none when OMP_NUM_THREADS is set (then both contenders keep the inherited setting)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // WORLD_SIZE)
+
+
+# ----------------------------------------------------------------------------- nbfabric contenders
+def nbfabric_empty(fabric: Fabric) -> None:
+    return None
+
+
+def bare_empty() -> None:
+    return None
+
+
+def nbfabric_train(fabric: Fabric) -> dict:
+    model = make_model()
+    model, optimizer = fabric.setup(model, make_optimizer(model))
+    loader = fabric.setup_dataloaders(DataLoader(DATASET, batch_size=BATCH_SIZE, shuffle=True))
+    loss_fn = nn.CrossEntropyLoss()
+    loss = torch.tensor(float("nan"))
+    for _ in range(EPOCHS):
+        for inputs, labels in loader:
+            loss = loss_fn(model(inputs), labels)
+            optimizer.zero_grad()
+            fabric.backward(loss)
+            optimizer.step()
+    return {"loss": loss.item(), "threads": torch.get_num_threads(), "steps": EPOCHS * len(loader)}
+
+
+# ----------------------------------------------------------------------------- hand-written contenders
+def handwritten_empty(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD_SIZE)
+    dist.destroy_process_group()
+
+
+def handwritten_train(rank: int, store: str, report: str) -> None:
+    threads = baseline_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD_SIZE)
+    model = DistributedDataParallel(make_model())
+    optimizer = make_optimizer(model)
+    sampler = DistributedSampler(DATASET, num_replicas=WORLD_SIZE, rank=rank, shuffle=True)
+    loader = DataLoader(DATASET, batch_size=BATCH_SIZE, sampler=sampler)
+    loss_fn = nn.CrossEntropyLoss()
+    loss = torch.tensor(float("nan"))
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        for inputs, labels in loader:
+            loss = loss_fn(model(inputs), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    if rank == 0:
+        summary = {"loss": loss.item(), "threads": torch.get_num_threads(), "steps": EPOCHS * len(loader)}
+        Path(report).write_text(json.dumps(summary))
+    dist.destroy_process_group()
+
+
+def run_handwritten(rank_fn: Callable, *extra: str) -> None:
+    """Fork WORLD_SIZE ranks running `rank_fn(rank, store, *extra)` over a fresh file store."""
+    workdir = tempfile.mkdtemp(prefix="bench-store-")
+    try:
+        store = Path(workdir, "store").as_uri()
+        mp.start_processes(rank_fn, args=(store, *extra), nprocs=WORLD_SIZE, join=True, start_method="fork")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_handwritten_train() -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-report-") as folder:
+        report = os.path.join(folder, "rank0.json")
+        run_handwritten(handwritten_train, report)
+        return json.loads(Path(report).read_text())
+
+
+# ----------------------------------------------------------------------------- measuring
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Wall-clock milliseconds of `fn()` in this process, and what it returned."""
+    start = time.perf_counter()
+    value = fn()
+    return (time.perf_counter() - start) * 1e3, value
+
+
+def measure(contenders: dict[str, Callable[[], object]], runs: int) -> tuple[dict[str, list[float]], dict]:
+    """One warm-up call each, then `runs` rounds; each round calls every contender once,
+    in an order that reverses every other round so drift hits all of them alike."""
+    names = list(contenders)
+    last = {name: contenders[name]() for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(runs):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            elapsed, last[name] = timed(contenders[name])
+            times[name].append(elapsed)
+    return times, last
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    median = statistics.median(samples)
+    return {"median_ms": median, "min_ms": min(samples), "max_ms": max(samples), "max_over_median": max(samples) / median}
+
+
+# ----------------------------------------------------------------------------- reporting
+def print_table(title: str, times: dict[str, list[float]]) -> None:
+    print(f"\n{title}")
+    print(f"  {'contender':<38}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'max/med':>9}")
+    for name, samples in times.items():
+        s = summarize(samples)
+        print(f"  {name:<38}{s['median_ms']:>11.1f}{s['min_ms']:>9.1f}{s['max_ms']:>9.1f}{s['max_over_median']:>9.2f}")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report_launch(times: dict[str, list[float]]) -> dict:
+    fabric, hand = summarize(times["nbfabric Fabric.launch"]), summarize(times["hand-written mp fork + gloo"])
+    ratio = fabric["median_ms"] / hand["median_ms"]
+    median_ok, spread_ok = fabric["median_ms"] <= LAUNCH_BAR_MS, fabric["max_over_median"] <= LAUNCH_SPREAD_BAR
+    print(f"  ratio nbfabric/hand-written (median): {ratio:.2f}")
+    print(f"  bar: Fabric.launch median <= {LAUNCH_BAR_MS:.0f} ms: {verdict(median_ok)}; "
+          f"max <= {LAUNCH_SPREAD_BAR}x median: {verdict(spread_ok)}")
+    return {"ratio": ratio, "median_bar_ok": median_ok, "spread_bar_ok": spread_ok}
+
+
+def report_train(times: dict[str, list[float]], results: dict[str, dict]) -> dict:
+    fabric, hand = summarize(times["nbfabric DDP loop"]), summarize(times["hand-written DDP loop"])
+    ratio = fabric["median_ms"] / hand["median_ms"]
+    losses = {name: result["loss"] for name, result in results.items()}
+    difference = abs(losses["nbfabric DDP loop"] - losses["hand-written DDP loop"])
+    same_work = difference <= LOSS_TOLERANCE and len({r["steps"] for r in results.values()}) == 1
+    same_threads = len({r["threads"] for r in results.values()}) == 1
+    print(f"  ratio nbfabric/hand-written (median): {ratio:.3f}; bar <= {TRAIN_RATIO_BAR}: {verdict(ratio <= TRAIN_RATIO_BAR)}")
+    for name, result in results.items():
+        print(f"  {name}: final loss {result['loss']:.6f}, {result['steps']} steps/rank, "
+              f"{result['threads']} intra-op thread(s)/rank")
+    print(f"  same work (|loss difference| {difference:.1e} <= {LOSS_TOLERANCE:.0e}, equal steps): {verdict(same_work)}; "
+          f"equal threads: {verdict(same_threads)}")
+    return {"ratio": ratio, "ratio_bar_ok": ratio <= TRAIN_RATIO_BAR, "loss_difference": difference,
+            "same_work": same_work, "same_threads": same_threads, "final": results}
+
+
+def write_results(payload: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(payload, indent=2))
+    print(f"\nraw timings: {RESULTS}")
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per contender (default 20)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs of the DDP loop (default {EPOCHS})")
+    return parser.parse_args()
+
+
+def launch_contenders() -> dict[str, Callable[[], object]]:
+    return {
+        "nbfabric Fabric.launch": lambda: Fabric(accelerator="cpu", devices=WORLD_SIZE).launch(nbfabric_empty),
+        "hand-written mp fork + gloo": lambda: run_handwritten(handwritten_empty),
+        "nbfabric.launch (no process group)": lambda: nbfabric.launch(bare_empty, nprocs=WORLD_SIZE),
+    }
+
+
+def train_contenders() -> dict[str, Callable[[], object]]:
+    return {
+        "nbfabric DDP loop": lambda: Fabric(accelerator="cpu", devices=WORLD_SIZE).launch(nbfabric_train),
+        "hand-written DDP loop": run_handwritten_train,
+    }
+
+
+def main() -> None:
+    global DATASET, EPOCHS
+    args = parse_args()
+    if args.runs < 1:
+        sys.exit("--runs must be at least 1")
+    DATASET, EPOCHS = make_dataset(), args.epochs
+    threads = baseline_threads()
+    thread_rule = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} set by the user: both contenders keep it"
+                   if threads is None else
+                   f"OMP_NUM_THREADS unset: nbfabric sets {threads} thread(s)/rank, the hand-written ranks "
+                   f"call torch.set_num_threads({threads})")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {len(os.sched_getaffinity(0))} cores, "
+          f"{WORLD_SIZE} ranks, gloo, fork; {args.runs} timed runs each after one warm-up, alternating")
+    print(thread_rule)
+
+    launch_times, _ = measure(launch_contenders(), args.runs)
+    print_table("1. empty 2-rank launch (wall clock in the parent)", launch_times)
+    launch_report = report_launch(launch_times)
+
+    train_times, train_results = measure(train_contenders(), args.runs)
+    print_table(f"2. DDP loop: MLP {FEATURES}-{HIDDEN}-{HIDDEN}-{CLASSES}, {SAMPLES} samples, batch {BATCH_SIZE}, "
+                f"{EPOCHS} epochs, SGD (launch to return)", train_times)
+    train_report = report_train(train_times, train_results)
+
+    write_results({
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cores": len(os.sched_getaffinity(0)), "world_size": WORLD_SIZE, "threads": thread_rule},
+        "runs": args.runs,
+        "epochs": EPOCHS,
+        "launch": {"times_ms": launch_times, "summary": {n: summarize(t) for n, t in launch_times.items()},
+                   **launch_report},
+        "train": {"times_ms": train_times, "summary": {n: summarize(t) for n, t in train_times.items()},
+                  **train_report},
+    })
+
+
+if __name__ == "__main__":
+    main()

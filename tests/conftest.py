@@ -1,0 +1,42 @@
+"""Shared fixtures: a check that a test leaves no process, thread, fd, file or variable behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import threading
+import time
+
+import psutil
+import pytest
+
+
+def _snapshot() -> dict:
+    me = psutil.Process()
+    return {
+        "children": sorted(p.pid for p in me.children(recursive=True)),
+        "threads": threading.active_count(),
+        "fds": sorted(os.listdir(f"/proc/{os.getpid()}/fd")),
+        "environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
+        "workdirs": sorted(glob.glob(os.path.join(tempfile.gettempdir(), "nbfabric-*"))),
+    }
+
+
+@pytest.fixture
+def no_leaks():
+    """Fail the test if it leaves child processes, threads, open fds, env changes or work dirs."""
+    before = _snapshot()
+    yield
+    deadline = time.monotonic() + 5
+    after = _snapshot()
+    while after != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = _snapshot()
+    for pid in set(after["children"]) - set(before["children"]):
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    for key in before:
+        assert after[key] == before[key], f"leaked {key}: before={before[key]!r} after={after[key]!r}"

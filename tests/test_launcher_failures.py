@@ -1,0 +1,113 @@
+"""When ranks fail, hang or are interrupted: one clear exception, no rank left running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from nbfabric import Fabric, RankError, RankTimeoutError, launch
+from nbfabric.launcher.output import Sink
+
+
+def _rank() -> int:
+    return int(os.environ["RANK"])
+
+
+def _sleep_unless(rank: int, action) -> None:
+    if _rank() == rank:
+        action()
+    time.sleep(60)
+
+
+def _raise():
+    raise ValueError("bad batch 17")
+
+
+def test_an_exception_names_the_rank_type_message_and_traceback(no_leaks):
+    with pytest.raises(RankError) as caught:
+        launch(lambda: _sleep_unless(1, _raise), nprocs=2, sink=Sink())
+    error = caught.value
+    assert (error.rank, error.how) == (1, "exception")
+    assert "rank 1 failed: ValueError: bad batch 17" in str(error)
+    assert 'raise ValueError("bad batch 17")' in error.rank_traceback
+    assert error.stopped == [0]
+
+
+def test_a_signal_is_named(no_leaks):
+    with pytest.raises(RankError, match="rank 0 failed: killed by SIGKILL") as caught:
+        launch(lambda: _sleep_unless(0, lambda: os.kill(os.getpid(), signal.SIGKILL)), nprocs=2, sink=Sink())
+    assert caught.value.how == "signal"
+
+
+@pytest.mark.parametrize("leave", [lambda: sys.exit(3), lambda: os._exit(3)], ids=["sys.exit", "os._exit"])
+def test_an_exit_code_is_named(no_leaks, leave):
+    with pytest.raises(RankError, match="rank 1 failed: exited with code 3"):
+        launch(lambda: _sleep_unless(1, leave), nprocs=2, sink=Sink())
+
+
+def test_exit_code_zero_from_sys_exit_is_success(no_leaks):
+    assert launch(lambda: sys.exit(0), nprocs=2, sink=Sink()) is None
+
+
+def test_a_rank_that_ignores_sigint_and_sigterm_is_still_stopped(no_leaks):
+    def stubborn():
+        if _rank() == 0:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(60)
+        time.sleep(0.3)
+        raise RuntimeError("rank 1 gives up")
+
+    with pytest.raises(RankError, match="rank 1 failed: RuntimeError") as caught:
+        launch(stubborn, nprocs=2, sink=Sink())
+    assert caught.value.stopped == [0]
+
+
+def _collective_after_failure(failing_rank: int):
+    def train(fabric):
+        if fabric.global_rank == failing_rank:
+            time.sleep(0.3)
+            raise ValueError(f"rank {failing_rank} broke")
+        fabric.all_reduce(torch.ones(4), reduce_op="sum")
+        fabric.barrier()
+
+    return train
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_the_root_cause_is_named_not_the_broken_collective_of_its_peer(no_leaks, failing_rank):
+    with pytest.raises(RankError) as caught:
+        Fabric(accelerator="cpu", devices=2).launch(_collective_after_failure(failing_rank))
+    assert caught.value.rank == failing_rank
+    assert f"ValueError: rank {failing_rank} broke" in str(caught.value)
+
+
+def test_a_timeout_stops_a_hung_run(no_leaks):
+    with pytest.raises(RankTimeoutError, match=r"timeout=1 s.*ranks still running at the deadline: 0, 1"):
+        launch(lambda: time.sleep(60), nprocs=2, timeout=1, sink=Sink())
+
+
+def test_keyboard_interrupt_stops_every_rank_and_reraises(no_leaks):
+    started = threading.Event()
+
+    class StartedSink(Sink):
+        def line(self, rank, stream, text):
+            started.set()
+
+    def interrupt_when_running():
+        started.wait(30)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_when_running)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch(lambda: (print("running"), time.sleep(60)), nprocs=2, sink=StartedSink())
+    finally:
+        interrupter.join()
