@@ -4,5 +4,13 @@ from nbfabric.config import RunConfig
 from nbfabric.fabric import Fabric
 from nbfabric.launcher import ForkUnsafeError, RankError, RankTimeoutError, launch
 
-__all__ = ["Fabric", "RunConfig", "launch", "RankError", "RankTimeoutError", "ForkUnsafeError"]
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext nbfabric` registers `%%fabric` and `%fabric`."""
+    from nbfabric.notebook import load_ipython_extension as load
+
+    load(ipython)
+
+
+__all__ = ["Fabric", "RunConfig", "launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "load_ipython_extension"]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +15,10 @@ _HEADER = struct.Struct("!Q")
 
 @dataclass(frozen=True)
 class Metrics:
-    """Values a rank logged with `fabric.log` / `fabric.log_dict`."""
+    """Values a rank logged with `fabric.log` / `fabric.log_dict`: (name, value, step, time) each."""
 
     rank: int
-    values: dict[str, Any]
-    step: int | None
-    time: float
+    points: list[tuple[str, Any, int | None, float]]
 
 
 @dataclass(frozen=True)
@@ -46,16 +45,18 @@ Event = Metrics | Result | Failure
 
 
 class ChannelWriter:
-    """Rank side: writes whole frames to the pipe; blocking, so nothing is dropped."""
+    """Rank side: writes whole frames to the pipe; blocking, so nothing is dropped; thread-safe."""
 
     def __init__(self, fd: int):
         self.fd = fd
+        self._lock = threading.Lock()
 
     def send(self, event: Event) -> None:
         body = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
         view = memoryview(_HEADER.pack(len(body)) + body)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        with self._lock:
+            while view:
+                view = view[os.write(self.fd, view) :]
 
     def close(self) -> None:
         os.close(self.fd)
@@ -83,6 +84,20 @@ class FrameReader:
     @property
     def incomplete(self) -> bool:
         return bool(self._buffer)
+
+
+_current: ChannelWriter | None = None
+
+
+def set_current(channel: ChannelWriter | None) -> None:
+    """Make `channel` the one this rank's Fabric reports to."""
+    global _current
+    _current = channel
+
+
+def current() -> ChannelWriter | None:
+    """The channel to the launching process, in a rank started by nbfabric; else None."""
+    return _current
 
 
 def now() -> float:

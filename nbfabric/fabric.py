@@ -124,23 +124,33 @@ class Fabric:
                 "fabric.launch() without a function cannot start ranks in a notebook; "
                 "use fabric.launch(train_fn) or a %%fabric cell."
             )
-        target = None if function is None else partial(self._run_rank, function, args, kwargs)
+        result = self.start_ranks(function, args, kwargs)
+        if function is None:  # only a rank gets here: go on with the caller's script
+            self._become_rank()
+        return result
+
+    def start_ranks(
+        self, function: Callable[..., Any] | None, args: tuple = (), kwargs: dict | None = None, sink: Any = None
+    ) -> Any:
+        """Start this node's ranks as new processes, even for one device; `sink` receives their output."""
+        target = None if function is None else partial(self._run_rank, function, args, kwargs or {})
         if self.config.start_method == "fork":
             self._strategy.preload()
-        result = launcher.launch(
+        return launcher.launch(
             target,
             nprocs=self.config.num_processes,
             start_method=self.config.start_method,
             num_nodes=self.config.num_nodes,
             timeout=self.timeout,
+            sink=sink,
         )
-        if function is None:  # only a rank gets here: go on with the caller's script
-            self._become_rank()
-        return result
 
     def _run_rank(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self._become_rank()
-        result = to_cpu(function(self, *args, **kwargs))
+        try:
+            result = to_cpu(function(self, *args, **kwargs))
+        finally:
+            self._metrics.close()
         self._strategy.teardown()
         return result
 

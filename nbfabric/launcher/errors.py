@@ -33,6 +33,10 @@ class RankError(RuntimeError):
         self.stopped = stopped
         super().__init__(self._message(cause, also_failed, stopped))
 
+    def _render_traceback_(self) -> list[str]:
+        """In IPython: the rank's own traceback, not the launcher's frames."""
+        return f"{type(self).__name__}: {self}".splitlines()
+
     @staticmethod
     def _message(cause: RankFailure, also_failed: list[RankFailure], stopped: list[int]) -> str:
         lines = [f"rank {cause.rank} failed: {cause.summary}"]

@@ -70,12 +70,26 @@ class Sink:
     def rank_exited(self, rank: int, returncode: int) -> None:
         """The rank's process ended."""
 
+    def flush(self) -> None:
+        """Everything received so far has been passed on; a good moment to show it."""
+
 
 class TextSink(Sink):
-    """Writes "[rank N] ..." lines to this process's stdout and stderr."""
+    """Writes "[rank N] ..." lines to this process's stdout and stderr.
 
-    def __init__(self, ranks: set[int] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None):
+    Progress redraws replace the previous one where the stream understands "\r" (a terminal,
+    or a notebook with `in_place_progress=True`) and are dropped elsewhere.
+    """
+
+    def __init__(
+        self,
+        ranks: set[int] | None = None,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+        in_place_progress: bool | None = None,
+    ):
         self.ranks = ranks
+        self.in_place_progress = in_place_progress
         self._streams = {"stdout": stdout, "stderr": stderr}
         self._mid_progress: set[str] = set()
 
@@ -89,11 +103,14 @@ class TextSink(Sink):
                 self._mid_progress.discard(stream)
                 out.write("\r\033[K")
             out.write(f"[rank {rank}] {text}\n")
-            out.flush()
 
     def progress(self, rank: int, stream: str, text: str) -> None:
         out = self._stream(stream)
-        if (self.ranks is None or rank in self.ranks) and out.isatty():
+        in_place = out.isatty() if self.in_place_progress is None else self.in_place_progress
+        if (self.ranks is None or rank in self.ranks) and in_place:
             self._mid_progress.add(stream)
             out.write(f"\r\033[K[rank {rank}] {text}")
-            out.flush()
+
+    def flush(self) -> None:
+        for name in self._streams:
+            self._stream(name).flush()

@@ -80,6 +80,7 @@ class Supervisor:
                 self._on_exit(self.ranks[rank])
             else:
                 self._read(key.fd, rank, kind, reader)
+        self.sink.flush()
         if self._interrupts:
             self.stop(interrupted=True)
         if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:

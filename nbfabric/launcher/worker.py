@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import logging
 import os
 import pickle
 import signal
@@ -12,7 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from nbfabric.channel import ChannelWriter, Failure, Result, now
+from nbfabric.channel import ChannelWriter, Failure, Result, now, set_current
 
 _PR_SET_PDEATHSIG = 1
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -36,10 +37,13 @@ def become_rank(spec: RankSpec, stdout_fd: int, stderr_fd: int, channel_fd: int)
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     _redirect_output(stdout_fd, stderr_fd)
+    _detach_from_kernel()
     os.environ.update(spec.env)
     if spec.threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(spec.threads)
-    return ChannelWriter(channel_fd)
+    channel = ChannelWriter(channel_fd)
+    set_current(channel)
+    return channel
 
 
 def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) -> int:
@@ -105,9 +109,35 @@ def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
     for source, target in ((devnull, 0), (stdout_fd, 1), (stderr_fd, 2)):
         os.dup2(source, target)
         os.close(source)
+    inherited = {id(stream): name for name in ("stdout", "stderr") for stream in (getattr(sys, name), getattr(sys, f"__{name}__"))}
     sys.stdin = open(0, closefd=False, encoding="utf-8")  # noqa: SIM115
     sys.stdout = sys.__stdout__ = _text_stream(1)
     sys.stderr = sys.__stderr__ = _text_stream(2)
+    for handler in _stream_handlers():
+        if id(handler.stream) in inherited:
+            handler.setStream(getattr(sys, inherited[id(handler.stream)]))
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [
+        handler
+        for logger in loggers
+        for handler in getattr(logger, "handlers", ())
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+    ]
+
+
+def _detach_from_kernel() -> None:
+    """In a rank forked from a Jupyter kernel, rich display output becomes plain text on stdout
+    (the kernel's sockets belong to the kernel)."""
+    interactive = sys.modules.get("IPython.core.interactiveshell")
+    if interactive is None or not interactive.InteractiveShell.initialized():
+        return
+    from IPython.core.displaypub import DisplayPublisher
+
+    shell = interactive.InteractiveShell.instance()
+    shell.display_pub = DisplayPublisher(shell=shell)
 
 
 def _text_stream(fd: int) -> io.TextIOWrapper:
