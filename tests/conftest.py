@@ -12,27 +12,32 @@ import psutil
 import pytest
 
 
-def _snapshot() -> dict:
+def _snapshot(workdir: str) -> dict:
     me = psutil.Process()
     return {
         "children": sorted(p.pid for p in me.children(recursive=True)),
         "threads": threading.active_count(),
         "fds": sorted(os.listdir(f"/proc/{os.getpid()}/fd")),
         "environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
-        "workdirs": sorted(glob.glob(os.path.join(tempfile.gettempdir(), "nbfabric-*"))),
+        "workdirs": sorted(glob.glob(os.path.join(workdir, "nbfabric-*"))),
     }
 
 
 @pytest.fixture
-def no_leaks():
+def no_leaks(tmp_path_factory):
     """Fail the test if it leaves child processes, threads, open fds, env changes or work dirs."""
-    before = _snapshot()
-    yield
+    workdir = str(tmp_path_factory.mktemp("launches"))
+    saved_tempdir, tempfile.tempdir = tempfile.tempdir, workdir
+    before = _snapshot(workdir)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved_tempdir
     deadline = time.monotonic() + 5
-    after = _snapshot()
+    after = _snapshot(workdir)
     while after != before and time.monotonic() < deadline:
         time.sleep(0.05)
-        after = _snapshot()
+        after = _snapshot(workdir)
     for pid in set(after["children"]) - set(before["children"]):
         try:
             psutil.Process(pid).kill()

@@ -203,7 +203,8 @@ def test_ranks_die_with_a_killed_parent(tmp_path):
                 launch(target, nprocs=2)
                 """
             ),
-        ]
+        ],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     try:
         _wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2)

@@ -92,6 +92,8 @@ def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, int, in
     try:
         channel = become_rank(spec, *fds)
         code = run_rank(target, spec, channel)
+    except BaseException:  # noqa: BLE001 - the rank could not start: say why on its stderr
+        traceback.print_exc()
     finally:
         os._exit(code)
 
@@ -124,7 +126,9 @@ def _stream_handlers() -> list[logging.StreamHandler]:
         handler
         for logger in loggers
         for handler in getattr(logger, "handlers", ())
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler, logging.FileHandler)
+        and not isinstance(getattr(type(handler), "stream", None), property)  # logging's last resort
     ]
 
 

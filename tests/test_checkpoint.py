@@ -1,0 +1,241 @@
+"""fabric.save / fabric.load: round trips, strictness, weights_only, rank 0 writing, atomic replacement."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nbfabric
+from nbfabric import Fabric
+
+
+def _fabric() -> Fabric:
+    return Fabric(accelerator="cpu", devices=1)
+
+
+@dataclass
+class Settings:
+    """A user class that only a full unpickler can rebuild."""
+
+    depth: int
+    name: str
+
+
+def _trained(fabric: Fabric, seed: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = fabric.setup(model, optimizer)
+    for _ in range(2):
+        optimizer.zero_grad()
+        fabric.backward(F.mse_loss(model(torch.randn(5, 3)), torch.randn(5, 2)))
+        optimizer.step()
+    return model, optimizer
+
+
+def _assert_same_state(left: dict, right: dict) -> None:
+    assert left.keys() == right.keys()
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], rtol=0, atol=0)
+
+
+def _assert_same_optimizer_state(left: torch.optim.Optimizer, right: torch.optim.Optimizer) -> None:
+    a, b = left.state_dict(), right.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys() and a["state"]
+    for index in a["state"]:
+        torch.testing.assert_close(a["state"][index]["momentum_buffer"], b["state"][index]["momentum_buffer"], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- one process
+def test_save_and_load_restore_model_and_optimizer_in_place_and_return_the_rest(tmp_path):
+    fabric = _fabric()
+    model, optimizer = _trained(fabric, seed=0)
+    path = tmp_path / "ckpt.pt"
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 3, "history": [0.5, 0.25]})
+
+    fresh_model, fresh_optimizer = _trained(fabric, seed=1)
+    assert not torch.equal(fresh_model.module[0].weight, model.module[0].weight)
+    remainder = fabric.load(path, {"model": fresh_model, "optimizer": fresh_optimizer})
+
+    assert remainder == {"step": 3, "history": [0.5, 0.25]}
+    _assert_same_state(fresh_model.state_dict(), model.state_dict())
+    _assert_same_optimizer_state(fresh_optimizer, optimizer)
+
+
+def test_plain_values_named_in_the_state_are_updated_in_it(tmp_path):
+    fabric = _fabric()
+    model, optimizer = _trained(fabric, seed=0)
+    path = tmp_path / "ckpt.pt"
+    fabric.save(path, {"model": model, "step": 3})
+    state = {"model": _trained(fabric, seed=2)[0], "step": 0}
+    assert fabric.load(path, state) == {}
+    assert state["step"] == 3
+
+
+def test_saved_model_state_has_the_users_names_and_loads_into_a_plain_module(tmp_path):
+    fabric = _fabric()
+    model, optimizer = _trained(fabric, seed=0)
+    path = tmp_path / "nested" / "dir" / "ckpt.pt"
+    fabric.save(path, {"model": model, "optimizer": optimizer})
+
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"model", "optimizer"}
+    assert list(raw["model"]) == list(model.module.state_dict())
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    plain.load_state_dict(raw["model"])
+    _assert_same_state(plain.state_dict(), model.state_dict())
+
+    assert fabric.load(path).keys() == {"model", "optimizer"}
+
+
+def test_load_raw_reads_a_plain_state_dict_file(tmp_path):
+    fabric = _fabric()
+    source, _ = _trained(fabric, seed=0)
+    path = tmp_path / "weights.pt"
+    torch.save(source.module.state_dict(), path)
+    target, _ = _trained(fabric, seed=5)
+    fabric.load_raw(path, target)
+    _assert_same_state(target.state_dict(), source.state_dict())
+
+
+def test_strict_load_names_the_missing_keys_and_non_strict_loads_what_is_there(tmp_path):
+    fabric = _fabric()
+    model, optimizer = _trained(fabric, seed=0)
+    path = tmp_path / "ckpt.pt"
+    fabric.save(path, {"model": model})
+
+    fresh, fresh_optimizer = _trained(fabric, seed=1)
+    untouched = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(KeyError, match="'optimizer'") as error:
+        fabric.load(path, {"model": fresh, "optimizer": fresh_optimizer, "epoch": 0})
+    assert "'epoch'" in str(error.value)
+    _assert_same_state(fresh.state_dict(), untouched)
+
+    state = {"model": fresh, "optimizer": fresh_optimizer, "epoch": 0}
+    assert fabric.load(path, state, strict=False) == {}
+    _assert_same_state(fresh.state_dict(), model.state_dict())
+    assert state["epoch"] == 0
+
+
+def test_load_refuses_arbitrary_pickled_objects_unless_weights_only_is_off(tmp_path):
+    fabric = _fabric()
+    path = tmp_path / "ckpt.pt"
+    fabric.save(path, {"settings": Settings(depth=4, name="wide"), "step": 1})
+
+    with pytest.raises(pickle.UnpicklingError):
+        fabric.load(path)
+    with pytest.raises(pickle.UnpicklingError):
+        fabric.load(path, {"step": 0})
+    assert fabric.load(path, weights_only=False) == {"settings": Settings(depth=4, name="wide"), "step": 1}
+
+
+def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    fabric = _fabric()
+    path = tmp_path / "ckpt.pt"
+    fabric.save(path, {"step": 1, "weights": torch.arange(4.0)})
+    before = path.read_bytes()
+
+    def failing_save(obj, file, *args, **kwargs):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        fabric.save(path, {"step": 2, "weights": torch.zeros(4)})
+
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    monkeypatch.undo()
+    assert fabric.load(path)["step"] == 1
+
+
+# --------------------------------------------------------------------------- two ranks
+def _save_on_two_ranks(fabric: Fabric, path, out) -> None:
+    rank = fabric.global_rank
+    real_save = torch.save
+
+    def recording_save(obj, file, *args, **kwargs):
+        (out / f"torch.save called on rank {rank}").touch()
+        time.sleep(0.3)  # a slow disk: the other rank must wait for the file
+        return real_save(obj, file, *args, **kwargs)
+
+    torch.save = recording_save  # this forked rank's torch only
+
+    model, optimizer = _trained(fabric, seed=10 + rank)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 3})
+    complete_when_save_returned = path.exists()
+    torch.save = real_save
+
+    torch.manual_seed(99)
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    remainder = fabric.load(path, {"model": fresh})
+    result = {
+        "complete": complete_when_save_returned,
+        "own": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "loaded": fresh.state_dict(),
+        "remainder_keys": sorted(remainder),
+    }
+    with open(out / f"rank{rank}.pkl", "wb") as file:
+        pickle.dump(result, file)
+
+
+def test_on_two_ranks_only_rank_zero_writes_and_every_rank_can_load_after_save(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    out = tmp_path / "out"
+    out.mkdir()
+    Fabric(accelerator="cpu", devices=2).launch(_save_on_two_ranks, path, out)
+
+    writers = sorted(name for name in os.listdir(out) if name.startswith("torch.save"))
+    assert writers == ["torch.save called on rank 0"]
+    views = []
+    for rank in range(2):
+        with open(out / f"rank{rank}.pkl", "rb") as file:
+            views.append(pickle.load(file))
+
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 3
+    assert list(saved["model"]) == list(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict())
+    _assert_same_state(saved["model"], views[0]["own"])
+    for view in views:
+        assert view["complete"]
+        _assert_same_state(view["loaded"], saved["model"])
+        assert view["remainder_keys"] == ["optimizer", "step"]
+
+
+def _killed_while_saving(fabric: Fabric, path) -> None:
+    torch.manual_seed(5)
+    model = nn.Linear(3, 2)
+    fabric.save(path, {"model": model, "step": 1})
+
+    def dying_save(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 the first bytes of a torn checkpoint")
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = dying_save  # this forked rank's torch only
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    fabric.save(path, {"model": model, "step": 2})
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(nbfabric.RankError) as error:
+        Fabric(accelerator="cpu", devices=2).launch(_killed_while_saving, path)
+    assert error.value.rank == 0
+    assert "SIGKILL" in str(error.value)
+
+    checkpoint = torch.load(path, weights_only=True)
+    torch.manual_seed(5)
+    expected = nn.Linear(3, 2).state_dict()
+    assert checkpoint["step"] == 1
+    _assert_same_state(checkpoint["model"], expected)
