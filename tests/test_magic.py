@@ -1,0 +1,208 @@
+"""`%%fabric` and `%fabric` in a real Jupyter kernel, driven through jupyter_client."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+
+class Kernel:
+    """Runs code in one kernel and returns what the cell showed."""
+
+    def __init__(self):
+        self.manager, self.client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"])
+        self.pid = self.manager.provisioner.pid
+        self.run("%load_ext nbfabric\nimport torch")
+
+    def run(self, code: str, timeout: float = 120) -> dict:
+        outputs = {"stdout": "", "stderr": "", "result": None, "error": None}
+
+        def collect(message):
+            kind, content = message["msg_type"], message["content"]
+            if kind == "stream":
+                outputs[content["name"]] += content["text"]
+            elif kind == "execute_result":
+                outputs["result"] = content["data"]["text/plain"]
+            elif kind == "error":
+                outputs["error"] = content
+
+        reply = self.client.execute_interactive(textwrap.dedent(code), output_hook=collect, timeout=timeout)
+        outputs["pages"] = "".join(p.get("data", {}).get("text/plain", "") for p in reply["content"].get("payload", []))
+        return outputs
+
+    def children(self) -> list[int]:
+        return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+
+    def close(self):
+        for pid in self.children():
+            psutil.Process(pid).kill()
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    kernel = Kernel()
+    yield kernel
+    kernel.close()
+
+
+@pytest.fixture(autouse=True)
+def no_rank_left(kernel):
+    yield
+    deadline = time.monotonic() + 5
+    while kernel.children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kernel.children() == []
+
+
+CPU2 = "%%fabric --accelerator=cpu --devices=2"
+
+
+def test_lines_from_both_ranks_are_tagged_with_stderr_apart(kernel):
+    out = kernel.run(
+        f"""
+        {CPU2}
+        import os, sys
+        print("hello from", fabric.global_rank)
+        print("warning from", fabric.global_rank, file=sys.stderr)
+        os.write(1, f"fd {{fabric.global_rank}}\\n".encode())
+        """
+    )
+    assert out["error"] is None, out["error"]
+    for rank in (0, 1):
+        assert f"[rank {rank}] hello from {rank}\n" in out["stdout"]
+        assert f"[rank {rank}] fd {rank}\n" in out["stdout"]
+        assert f"[rank {rank}] warning from {rank}\n" in out["stderr"]
+
+
+def test_ranks_flag_shows_only_rank_zero_but_the_record_keeps_all(kernel):
+    out = kernel.run(f"{CPU2} --ranks 0 --out run\nprint('from', fabric.global_rank)")
+    assert "[rank 0] from 0" in out["stdout"] and "rank 1" not in out["stdout"]
+    assert kernel.run("run.output(rank=1)")["result"] == "'from 1'"
+
+
+def test_progress_updates_in_place(kernel):
+    out = kernel.run(f"{CPU2} --ranks 0\nimport sys\nfor p in (10, 60):\n    sys.stderr.write(f'\\r{{p}}%')\nsys.stderr.write('\\n')")
+    assert "\r\x1b[K[rank 0] 10%" in out["stderr"] and "[rank 0] 60%\n" in out["stderr"]
+
+
+def test_names_and_the_last_expression_come_back_trained_and_on_cpu(kernel):
+    kernel.run("model = torch.nn.Linear(4, 1); before = model.weight.detach().clone()")
+    out = kernel.run(
+        f"""
+        {CPU2}
+        model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.5))
+        loader = (i for i in range(3))
+        for _ in range(3):
+            loss = model(torch.ones(8, 4)).pow(2).mean()
+            optimizer.zero_grad(); fabric.backward(loss); optimizer.step()
+        fabric.world_size * 21
+        """
+    )
+    assert out["error"] is None, out["error"]
+    assert out["result"] == "42"
+    assert "not brought back from rank 0: loader (cannot be pickled" in out["stderr"]
+    check = kernel.run(
+        "(type(model).__name__, model.weight.device.type, bool((model.weight != before).any()), "
+        "optimizer.param_groups[0]['params'][0] is model.weight)"
+    )
+    assert check["result"] == "('Linear', 'cpu', True, True)"
+
+
+def test_return_and_no_return_choose_what_comes_back(kernel):
+    kernel.run("a = b = 0")
+    kernel.run(f"{CPU2} --return a\na = 1\nb = 1")
+    assert kernel.run("(a, b)")["result"] == "(1, 0)"
+    kernel.run(f"{CPU2} --no-return\na = 2")
+    assert kernel.run("a")["result"] == "1"
+
+
+def test_a_class_defined_in_the_cell_comes_back_with_its_instances(kernel):
+    kernel.run(
+        f"""
+        {CPU2}
+        class Scaled(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.scale = torch.nn.Parameter(torch.tensor(2.0))
+            def forward(self, x):
+                return x * self.scale
+        net = Scaled()
+        """
+    )
+    assert kernel.run("(isinstance(net, Scaled), net(torch.tensor(3.0)).item())")["result"] == "(True, 6.0)"
+
+
+def test_logged_metrics_reach_the_run_record(kernel):
+    kernel.run(f"{CPU2} --out run\nfor step in range(3):\n    fabric.log('loss', 1.0 / (step + 1) + fabric.global_rank, step=step)")
+    assert kernel.run("run.metrics['loss']")["result"] == "[1.0, 0.5, 0.3333333333333333]"
+    assert kernel.run("run.metrics.by_rank('loss')[1]")["result"] == "[2.0, 1.5, 1.3333333333333333]"
+    assert kernel.run("run.returncodes == {0: 0, 1: 0}")["result"] == "True"
+
+
+def test_a_failing_rank_shows_its_cell_line_and_the_next_cell_runs(kernel):
+    out = kernel.run(f"{CPU2}\nx = 1\nif fabric.global_rank == 1:\n    raise ValueError('broken on purpose')\nfabric.barrier()")
+    error = out["error"]
+    assert error["ename"] == "RankError"
+    traceback = "\n".join(error["traceback"])
+    assert "rank 1 failed: ValueError: broken on purpose" in traceback
+    assert "raise ValueError('broken on purpose')" in traceback and "line 3" in traceback
+    assert "nbfabric/launcher" not in traceback
+    assert kernel.run(f"{CPU2}\nfabric.world_size")["result"] == "2"
+
+
+def test_the_notebook_interrupt_stops_every_rank_and_keeps_the_kernel(kernel):
+    def interrupt_soon():
+        time.sleep(3)
+        kernel.manager.interrupt_kernel()
+
+    interrupter = threading.Thread(target=interrupt_soon)
+    interrupter.start()
+    try:
+        started = time.monotonic()
+        out = kernel.run(f"{CPU2}\nimport time\nprint('working', flush=True)\ntime.sleep(120)")
+        assert time.monotonic() - started < 60
+    finally:
+        interrupter.join()
+    assert out["error"]["ename"] == "KeyboardInterrupt"
+    assert "[rank 0] working" in out["stdout"]
+    assert kernel.run("1 + 1")["result"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--devices=2 --bogus=1", "unrecognized arguments: --bogus=1"),
+        ("--precision=17", "choose one of 32-true, 16-mixed"),
+        ("--accelerator=tpu", "choose one of"),
+        ("--devices=2 --ranks=5", "--ranks='5' is not valid"),
+        ("--return a --no-return", "exclude each other"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_starts(kernel, flags, message):
+    out = kernel.run(f"%%fabric --accelerator=cpu {flags}\nprint('ran')")
+    assert "ran" not in out["stdout"]
+    assert "UsageError: " in out["stderr"] and message in out["stderr"]
+
+
+def test_line_magic_sets_defaults_for_later_cells_and_shows_them(kernel):
+    out = kernel.run("%fabric --accelerator=cpu --devices=2")
+    assert "%%fabric defaults: --accelerator=cpu --devices=2 --strategy=ddp --precision=32-true" in out["stdout"]
+    assert "CPU cores" in out["stdout"]
+    try:
+        assert kernel.run("%%fabric\nfabric.world_size")["result"] == "2"
+        assert kernel.run("%%fabric --devices=1\nfabric.world_size")["result"] == "1"
+    finally:
+        kernel.run("%fabric --devices=1")
+
+
+def test_help_is_generated_from_the_flags(kernel):
+    text = kernel.run("%%fabric?")["pages"]
+    assert "--devices" in text and "--no-return" in text and "--out" in text
