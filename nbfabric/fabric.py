@@ -280,10 +280,9 @@ class Fabric:
         return tree_map_only(torch.Tensor, lambda t: self._strategy.all_reduce(t, reduce_op), self._as_tensors(data))
 
     def _as_tensors(self, data: Any) -> Any:
-        """Numbers become tensors on the device, as collectives need."""
-        if isinstance(data, (int, float, bool)):
-            return torch.tensor(data, device=self.device)
-        return move_to_device(data, self.device)
+        """Numbers (also inside collections) become tensors on the device, as collectives need."""
+        numbers_as_tensors = tree_map_only((int, float, bool), lambda x: torch.tensor(x, device=self.device), data)
+        return move_to_device(numbers_as_tensors, self.device)
 
     @contextmanager
     def rank_zero_first(self, local: bool = False) -> Iterator[None]:

@@ -57,8 +57,8 @@ class Precision:
         dtype = torch.get_default_dtype()
         return tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, data)
 
-    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(**kwargs)
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(*args, **kwargs)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
         """Step; with a gradient scaler, a step with inf/NaN gradients is skipped."""

@@ -42,6 +42,14 @@ class FabricModule(torch.nn.Module):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self._original_module.state_dict(*args, **kwargs)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An attribute the original module has is set there, so its forward sees the new value."""
+        original = self.__dict__.get("_original_module")
+        if original is not None and name != "training" and hasattr(original, name):
+            setattr(original, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         return self._original_module.load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -57,10 +65,12 @@ class FabricModule(torch.nn.Module):
 
 
 class FabricOptimizer:
-    """The user's optimizer (same state, same class for isinstance) whose step applies the precision."""
+    """The user's optimizer (same param groups and state, same class for isinstance) whose step applies the precision."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, precision: Precision):
-        self.__dict__ = optimizer.__dict__
+        # A copy of the optimizer's attributes: the same param_groups and state objects, while a
+        # method patched onto this wrapper (an LR scheduler's step counter) stays on the wrapper.
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "zero_grad", "state_dict")}
         self.__class__ = type("Fabric" + type(optimizer).__name__, (FabricOptimizer, type(optimizer)), {})
         self._fabric_optimizer = optimizer
         self._fabric_precision = precision

@@ -280,11 +280,6 @@ def _nested_numbers(fabric: Fabric) -> dict:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Fabric._as_tensors (nbfabric/fabric.py) converts only a top-level number; numbers inside a "
-    "dict/list are returned unreduced and ungathered, unlike Lightning's convert_to_tensors",
-)
 def test_numbers_inside_collections_are_gathered_and_reduced():
     result = _two_ranks().launch(_nested_numbers)
     assert torch.equal(torch.as_tensor(result["gathered"]["correct"]), torch.tensor([1, 2]))

@@ -108,6 +108,16 @@ def test_init_module_init_tensor_and_autocast_follow_the_precision(precision):
     assert torch.get_default_dtype() == default
 
 
+def test_init_module_restores_the_default_dtype_when_the_block_raises():
+    default = torch.get_default_dtype()
+    fabric = Fabric(accelerator="cpu", devices=1, precision="64-true")
+    with pytest.raises(RuntimeError, match="in the block"):
+        with fabric.init_module():
+            assert torch.get_default_dtype() == F64
+            raise RuntimeError("in the block")
+    assert torch.get_default_dtype() == default
+
+
 def test_ddp_applies_the_precision_on_every_rank():
     def run(fabric):
         result = _run(fabric)
