@@ -8,19 +8,20 @@ from torch import nn
 
 from nbfabric import Fabric
 
-F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 # precision -> (parameters after setup, input seen by forward, activation inside forward, output returned, gradients)
 EXPECTED = {
     "32-true": (F32, F32, F32, F32, F32),
     "bf16-mixed": (F32, F32, BF16, F32, F32),
     "bf16-true": (BF16, BF16, BF16, F32, BF16),
+    "16-true": (F16, F16, F16, F32, F16),
     "64-true": (F64, F64, F64, F32, F64),
 }
 # precision -> dtype of parameters and tensors created under init_module / init_tensor
-INIT_DTYPE = {"32-true": F32, "bf16-mixed": F32, "bf16-true": BF16, "64-true": F64}
+INIT_DTYPE = {"32-true": F32, "bf16-mixed": F32, "bf16-true": BF16, "16-true": F16, "64-true": F64}
 # precision -> dtype of a float32 layer applied to float32 data inside fabric.autocast()
-AUTOCAST_MATMUL = {"32-true": F32, "bf16-mixed": BF16, "bf16-true": F32, "64-true": F32}
+AUTOCAST_MATMUL = {"32-true": F32, "bf16-mixed": BF16, "bf16-true": F32, "16-true": F32, "64-true": F32}
 
 
 class DtypeRecorder(nn.Module):
@@ -130,7 +131,7 @@ def test_ddp_applies_the_precision_on_every_rank():
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
-    return [F32, BF16, F64].index(dtype)
+    return [F32, BF16, F16, F64].index(dtype)
 
 
 def _summary(result: dict) -> list[int]:

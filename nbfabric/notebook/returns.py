@@ -23,15 +23,23 @@ class Returned:
 
     data: bytes = b""
     names: list[str] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)  # where each name's pickle ends in `data`
     modules: dict[str, str] = field(default_factory=dict)  # name -> module to import
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why
 
     def load(self) -> dict[str, Any]:
-        """The values, in the notebook process."""
+        """The values, in the notebook process; a name that cannot be rebuilt here joins `skipped`."""
         import importlib
 
-        unpickler = pickle.Unpickler(io.BytesIO(self.data))
-        values = {name: unpickler.load() for name in self.names}
+        stream = io.BytesIO(self.data)
+        unpickler = pickle.Unpickler(stream)
+        values = {}
+        for name, end in zip(self.names, self.ends):
+            try:
+                values[name] = unpickler.load()
+            except Exception as exc:  # noqa: BLE001 - only this name is lost
+                self.skipped[name] = f"cannot be loaded in the notebook: {type(exc).__name__}: {exc}"
+                stream.seek(end)
         values.update({name: importlib.import_module(module) for name, module in self.modules.items()})
         return values
 
@@ -73,6 +81,7 @@ def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], las
             why = f"cannot be pickled: {type(exc).__name__}"
         if why is None:
             returned.names.append(name)
+            returned.ends.append(buffer.tell())
             continue
         returned.skipped[name] = why
         buffer.seek(start)
@@ -86,6 +95,8 @@ def _on_cpu(value: Any) -> Any:
     """Modules and optimizers as the user's own objects, moved to the CPU in place (keeping the
     parameters an optimizer refers to the same objects as the module's)."""
     value = unwrap(value)
+    while isinstance(value, torch.nn.parallel.DistributedDataParallel):
+        value = value.module
     if isinstance(value, torch.nn.Module):
         return value.cpu()
     if isinstance(value, torch.optim.Optimizer):

@@ -1,0 +1,42 @@
+"""Code written for Hugging Face Accelerate, unchanged inside `%%fabric`."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("accelerate", reason="the interop extra is not installed")
+
+from test_magic import Kernel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    kernel = Kernel()
+    yield kernel
+    kernel.close()
+
+
+def test_an_accelerate_loop_sees_both_ranks_and_trains_in_sync(kernel):
+    out = kernel.run(
+        """
+        %%fabric --accelerator=cpu --devices=2
+        from accelerate import Accelerator
+        from torch.utils.data import DataLoader, TensorDataset
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(accelerator.process_index)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=4)
+        model, optimizer, data = accelerator.prepare(model, optimizer, data)
+        for x, y in data:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+        weights = accelerator.gather(accelerator.unwrap_model(model).weight.detach()[None])
+        print(accelerator.num_processes, len(data), bool((weights[0] == weights[1]).all()))
+        """
+    )
+    assert out["error"] is None, out["error"]
+    assert "[rank 0] 2 4 True" in out["stdout"] and "[rank 1] 2 4 True" in out["stdout"]
+    assert kernel.run("type(model).__name__")["result"] == "'Linear'"
