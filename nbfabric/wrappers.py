@@ -64,13 +64,24 @@ class FabricModule(torch.nn.Module):
         return _identity, (self._original_module,)
 
 
+def _forwarded(name: str) -> property:
+    """An attribute read from and written to the wrapped optimizer."""
+    return property(
+        lambda self: getattr(self._fabric_optimizer, name),
+        lambda self, value: setattr(self._fabric_optimizer, name, value),
+    )
+
+
+_SHARED_OPTIMIZER_ATTRIBUTES = ("step", "zero_grad", "state_dict", "param_groups", "state", "defaults")
+
+
 class FabricOptimizer:
     """The user's optimizer (same param groups and state, same class for isinstance) whose step applies the precision."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, precision: Precision):
         # A copy of the optimizer's attributes: the same param_groups and state objects, while a
         # method patched onto this wrapper (an LR scheduler's step counter) stays on the wrapper.
-        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "zero_grad", "state_dict")}
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in _SHARED_OPTIMIZER_ATTRIBUTES}
         self.__class__ = type("Fabric" + type(optimizer).__name__, (FabricOptimizer, type(optimizer)), {})
         self._fabric_optimizer = optimizer
         self._fabric_precision = precision
@@ -78,6 +89,11 @@ class FabricOptimizer:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self._fabric_optimizer
+
+    # The optimizer rebinds these when it loads a state dict: always read them from it.
+    param_groups = _forwarded("param_groups")
+    state = _forwarded("state")
+    defaults = _forwarded("defaults")
 
     def step(self, closure: Any = None) -> Any:
         kwargs = {} if closure is None else {"closure": closure}

@@ -166,12 +166,6 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_and_leaves_no_te
     assert fabric.load(path)["step"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FabricOptimizer (nbfabric/wrappers.py) holds a copy of the optimizer's __dict__; loading a "
-    "state dict rebinds param_groups and state on the optimizer only, so the wrapper's param_groups "
-    "(which an LR scheduler edits) and state no longer reach the optimizer that steps",
-)
 @pytest.mark.parametrize("restore", ["fabric.load", "optimizer.load_state_dict"])
 def test_a_resumed_wrapped_optimizer_follows_its_lr_scheduler_like_plain_torch(tmp_path, restore):
     fabric = _fabric()
