@@ -39,6 +39,9 @@ LAUNCH_SPREAD_BAR = 2.5
 TRAIN_RATIO_BAR = 1.03
 LOSS_TOLERANCE = 1e-4
 
+ATTEMPTS = 3  # a failed run (listed in the output) is retried, untimed, up to this often
+RUN_TIMEOUT_S = 120.0  # hand-written ranks still running after this are killed (a failed run)
+
 SAMPLES, FEATURES, HIDDEN, CLASSES = 4096, 64, 256, 10
 BATCH_SIZE, LEARNING_RATE = 64, 0.05
 DATA_SEED, MODEL_SEED = 0, 1
@@ -115,6 +118,13 @@ def handwritten_train(rank: int, store: str, report: str) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD_SIZE)
+    summary = ddp_loop(rank)  # the DDP model is freed here, before the group (as in nbfabric)
+    if rank == 0:
+        Path(report).write_text(json.dumps(summary))
+    dist.destroy_process_group()
+
+
+def ddp_loop(rank: int) -> dict:
     model = DistributedDataParallel(make_model())
     optimizer = make_optimizer(model)
     sampler = DistributedSampler(DATASET, num_replicas=WORLD_SIZE, rank=rank, shuffle=True)
@@ -128,10 +138,7 @@ def handwritten_train(rank: int, store: str, report: str) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    if rank == 0:
-        summary = {"loss": loss.item(), "threads": torch.get_num_threads(), "steps": EPOCHS * len(loader)}
-        Path(report).write_text(json.dumps(summary))
-    dist.destroy_process_group()
+    return {"loss": loss.item(), "threads": torch.get_num_threads(), "steps": EPOCHS * len(loader)}
 
 
 def run_handwritten(rank_fn: Callable, *extra: str) -> None:
@@ -139,9 +146,21 @@ def run_handwritten(rank_fn: Callable, *extra: str) -> None:
     workdir = tempfile.mkdtemp(prefix="bench-store-")
     try:
         store = Path(workdir, "store").as_uri()
-        mp.start_processes(rank_fn, args=(store, *extra), nprocs=WORLD_SIZE, join=True, start_method="fork")
+        context = mp.start_processes(rank_fn, args=(store, *extra), nprocs=WORLD_SIZE, join=False, start_method="fork")
+        join_or_kill(context, RUN_TIMEOUT_S)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def join_or_kill(context: mp.ProcessContext, timeout: float) -> None:
+    """`context.join()` (which raises if a rank failed), killing every rank after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+                process.join()
+            raise TimeoutError(f"hand-written ranks still running after {timeout:.0f} s; killed")
 
 
 def run_handwritten_train() -> dict:
@@ -152,7 +171,6 @@ def run_handwritten_train() -> dict:
 
 
 # ----------------------------------------------------------------------------- measuring
-ATTEMPTS = 3  # a failed run (see `failures` in the output) is retried, untimed, up to this often
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
