@@ -146,13 +146,16 @@ class Fabric:
         )
 
     def _run_rank(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """In a rank the launcher started. The process ends right after, which ends its process group
+        too: a barrier keeps a rank from leaving while a peer still talks to it (destroying the group
+        would do the same in about 20 ms instead of 1)."""
         self._become_rank()
         try:
             result = to_cpu(function(self, *args, **kwargs))
+            self._strategy.barrier()
+            return result
         finally:
             self._metrics.close()
-        self._strategy.teardown()
-        return result
 
     def _become_rank(self) -> None:
         env = os.environ

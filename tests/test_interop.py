@@ -1,10 +1,9 @@
-"""Code written for Hugging Face Accelerate, unchanged inside `%%fabric`."""
+"""Code written for Hugging Face Accelerate and Lightning Fabric, unchanged inside `%%fabric`."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("accelerate", reason="the interop extra is not installed")
 
 from test_magic import Kernel  # noqa: E402
 
@@ -17,6 +16,7 @@ def kernel():
 
 
 def test_an_accelerate_loop_sees_both_ranks_and_trains_in_sync(kernel):
+    pytest.importorskip("accelerate", reason="the interop extra is not installed")
     out = kernel.run(
         """
         %%fabric --accelerator=cpu --devices=2
@@ -40,3 +40,24 @@ def test_an_accelerate_loop_sees_both_ranks_and_trains_in_sync(kernel):
     assert out["error"] is None, out["error"]
     assert "[rank 0] 2 4 True" in out["stdout"] and "[rank 1] 2 4 True" in out["stdout"]
     assert kernel.run("type(model).__name__")["result"] == "'Linear'"
+
+
+def test_a_lightning_fabric_made_in_the_cell_joins_the_same_process_group(kernel):
+    pytest.importorskip("lightning", reason="the interop extra is not installed")
+    out = kernel.run(
+        """
+        %%fabric --accelerator=cpu --devices=2
+        import lightning as L
+        import torch.distributed as dist
+        group = dist.group.WORLD
+        lightning_fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
+        lightning_fabric.launch()
+        net, sgd = lightning_fabric.setup(torch.nn.Linear(4, 1), torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+        total = lightning_fabric.all_reduce(torch.tensor(lightning_fabric.global_rank + 1.0), reduce_op="sum")
+        print(lightning_fabric.world_size, total.item(), dist.group.WORLD is group)
+        """,
+        timeout=60,
+    )
+    assert out["error"] is None, out["error"]
+    assert "[rank 0] 2 3.0 True" in out["stdout"] and "[rank 1] 2 3.0 True" in out["stdout"]
+    assert kernel.run("(type(net).__name__, type(sgd).__name__)")["result"] == "('Linear', 'SGD')"

@@ -142,6 +142,9 @@ def _detach_from_kernel() -> None:
 
     shell = interactive.InteractiveShell.instance()
     shell.display_pub = DisplayPublisher(shell=shell)
+    for prompt in ("ps1", "ps2"):  # a rank is no interactive session (libraries check this)
+        if hasattr(sys, prompt):
+            delattr(sys, prompt)
 
 
 def _text_stream(fd: int) -> io.TextIOWrapper:

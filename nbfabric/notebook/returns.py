@@ -91,12 +91,25 @@ def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], las
     return returned
 
 
+def _unwrap_any(value: Any) -> Any:
+    """The user's module or optimizer behind the wrappers of nbfabric, DDP, Lightning or Accelerate."""
+    while True:
+        inner = unwrap(value)
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
+        elif isinstance(getattr(inner, "_original_module", None), torch.nn.Module):
+            inner = inner._original_module
+        elif isinstance(inner, torch.optim.Optimizer) and isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = inner.optimizer
+        if inner is value:
+            return value
+        value = inner
+
+
 def _on_cpu(value: Any) -> Any:
     """Modules and optimizers as the user's own objects, moved to the CPU in place (keeping the
     parameters an optimizer refers to the same objects as the module's)."""
-    value = unwrap(value)
-    while isinstance(value, torch.nn.parallel.DistributedDataParallel):
-        value = value.module
+    value = _unwrap_any(value)
     if isinstance(value, torch.nn.Module):
         return value.cpu()
     if isinstance(value, torch.optim.Optimizer):

@@ -24,7 +24,6 @@ class DDPStrategy(SingleDeviceStrategy):
     def __init__(self, device: torch.device):
         super().__init__(device)
         self.backend = "nccl" if device.type == "cuda" else "gloo"
-        self._owns_process_group = False
 
     def preload(self) -> None:
         """DistributedDataParallel imports torch._dynamo when first built (about 2 s): do it once, here."""
@@ -38,7 +37,6 @@ class DDPStrategy(SingleDeviceStrategy):
             return
         init_method = os.environ.get("NBFABRIC_RENDEZVOUS", "env://")
         dist.init_process_group(self.backend, init_method=init_method, rank=rank, world_size=world_size)
-        self._owns_process_group = True
 
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -73,8 +71,3 @@ class DDPStrategy(SingleDeviceStrategy):
             return result / dist.get_world_size()
         dist.all_reduce(result, op=_TORCH_OPS[op])
         return result
-
-    def teardown(self) -> None:
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._owns_process_group = False

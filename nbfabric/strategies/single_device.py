@@ -40,6 +40,3 @@ class SingleDeviceStrategy:
 
     def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         return tensor
-
-    def teardown(self) -> None:
-        pass
