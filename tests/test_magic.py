@@ -206,3 +206,13 @@ def test_line_magic_sets_defaults_for_later_cells_and_shows_them(kernel):
 def test_help_is_generated_from_the_flags(kernel):
     text = kernel.run("%%fabric?")["pages"]
     assert "--devices" in text and "--no-return" in text and "--out" in text
+
+
+def test_spawn_ships_the_values_the_cell_reads(kernel):
+    kernel.run("scale = 3")
+    out = kernel.run(
+        f"{CPU2} --start-method=spawn\ntotal = fabric.all_reduce(torch.tensor(float(scale)), reduce_op='sum').item()\ntotal * 2"
+    )
+    assert out["error"] is None, out["error"]
+    assert out["result"] == "12.0"
+    assert kernel.run("total")["result"] == "6.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import linecache
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
@@ -12,11 +13,14 @@ from nbfabric.notebook.returns import Returned, pack
 
 @dataclass(frozen=True)
 class Cell:
-    """The cell's statements, its final expression (the cell's result) and the names it binds."""
+    """The cell's statements, its final expression (the cell's result) and the names it binds and reads."""
 
     body: CodeType
     last_expression: CodeType | None
     bound_names: tuple[str, ...]
+    read_names: frozenset[str]
+    filename: str
+    source: str
 
 
 def compile_cell(shell: Any, source: str) -> Cell:
@@ -24,11 +28,26 @@ def compile_cell(shell: Any, source: str) -> Cell:
     code = shell.transform_cell(source)
     filename = shell.compile.cache(code, shell.execution_count, raw_code=source)
     tree = ast.parse(code, filename)
+    read = frozenset(node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load))
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr) and not source.rstrip().endswith(";"):
         last = compile(ast.Expression(tree.body.pop().value), filename, "eval", flags=shell.compile.flags)
+    names = tuple(bound_names(tree))
     body = compile(tree, filename, "exec", flags=shell.compile.flags)
-    return Cell(body, last, tuple(bound_names(tree)))
+    return Cell(body, last, names, read, filename, code)
+
+
+def shippable_namespace(cell: Cell, namespace: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """For a spawned rank: the notebook values the cell reads that dill can pickle, and those it cannot."""
+    import dill
+
+    shipped, left = {}, []
+    for name in sorted(cell.read_names & namespace.keys()):
+        if dill.pickles(namespace[name]):
+            shipped[name] = namespace[name]
+        else:
+            left.append(name)
+    return shipped, left
 
 
 def bound_names(tree: ast.Module) -> list[str]:
@@ -65,6 +84,7 @@ def run_in_rank(fabric: Any, cell: Cell, namespace: dict[str, Any], names: list[
 
     `names`: what to bring back; None means every name the cell binds.
     """
+    linecache.cache.setdefault(cell.filename, (len(cell.source), None, cell.source.splitlines(True), cell.filename))
     known = dict(namespace)
     namespace["fabric"] = fabric
     exec(cell.body, namespace)  # noqa: S102 - the user's own cell

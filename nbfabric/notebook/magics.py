@@ -14,7 +14,7 @@ from nbfabric.config import START_METHODS
 from nbfabric.devices import detect_hardware
 from nbfabric.fabric import Fabric
 from nbfabric.launcher.output import TextSink
-from nbfabric.notebook.cell import compile_cell, run_in_rank
+from nbfabric.notebook.cell import compile_cell, run_in_rank, shippable_namespace
 from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.record import RecordingSink, RunRecord
 
@@ -63,8 +63,13 @@ class FabricMagics(Magics):
         sink = RecordingSink(record, TextSink(ranks=ranks, in_place_progress=True))
         if args.out:
             self.shell.user_ns[args.out] = record
+        namespace = self.shell.user_ns
+        if fabric.config.start_method == "spawn":
+            namespace, left = shippable_namespace(compiled, namespace)
+            if left:
+                print(f"not sent to the spawned ranks (dill cannot pickle them): {', '.join(left)}", file=sys.stderr)
         try:
-            returned = fabric.start_ranks(run_in_rank, (compiled, self.shell.user_ns, names), sink=sink)
+            returned = fabric.start_ranks(run_in_rank, (compiled, namespace, names), sink=sink)
         except BaseException as error:
             record.error = error
             raise

@@ -1,0 +1,82 @@
+"""In one real Jupyter kernel: an empty `%%fabric` cell against Lightning's `ddp_notebook` launch
+and Accelerate's `notebook_launcher`, 2 CPU ranks each, contenders alternating.
+
+    pip install accelerate lightning   # only for this benchmark
+    python benchmarks/notebook_launch.py [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import textwrap
+from pathlib import Path
+
+from jupyter_client.manager import start_new_kernel
+
+SETUP = """
+%load_ext nbfabric
+import time, torch
+import lightning as L
+from accelerate import notebook_launcher
+
+def nothing(*args):
+    pass
+
+def timed(run):
+    started = time.perf_counter()
+    run()
+    return (time.perf_counter() - started) * 1000
+"""
+
+CONTENDERS = {
+    "nbfabric %%fabric": "timed(lambda: get_ipython().run_cell_magic('fabric', '--accelerator=cpu --devices=2 --no-return', 'pass'))",
+    "Lightning ddp_notebook": "timed(lambda: L.Fabric(accelerator='cpu', devices=2, strategy='ddp_notebook').launch(nothing))",
+    "Accelerate notebook_launcher": "timed(lambda: notebook_launcher(nothing, num_processes=2))",
+}
+
+
+def run(client, code: str) -> str:
+    result = {}
+
+    def keep(message):
+        if message["msg_type"] == "execute_result":
+            result["value"] = message["content"]["data"]["text/plain"]
+        elif message["msg_type"] == "error":
+            raise RuntimeError("\n".join(message["content"]["traceback"]))
+
+    client.execute_interactive(textwrap.dedent(code), output_hook=keep, timeout=300)
+    return result.get("value", "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        run(client, SETUP)
+        for code in CONTENDERS.values():  # warm-up: first imports, first fork
+            run(client, code)
+        times = {name: [] for name in CONTENDERS}
+        for _ in range(args.runs):
+            for name, code in CONTENDERS.items():
+                times[name].append(float(run(client, code)))
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    print(f"2 CPU ranks, {args.runs} runs each after one warm-up, alternating, one kernel")
+    print(f"  {'contender':32} {'median ms':>10} {'max ms':>9} {'max/med':>8}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:32} {median:10.1f} {max(values):9.1f} {max(values) / median:8.2f}")
+    ours, lightning = statistics.median(times["nbfabric %%fabric"]), statistics.median(times["Lightning ddp_notebook"])
+    print(f"  nbfabric / Lightning (median): {ours / lightning:.2f}  (bar: <= 0.6; nbfabric max <= 2.5x its median)")
+    out = Path(__file__).parent / "results" / "notebook_launch.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(times, indent=1))
+
+
+if __name__ == "__main__":
+    main()
