@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -48,7 +49,7 @@ class Fabric:
     ):
         if plugins:
             raise ValueError("plugins are not supported; choose the precision with precision=...")
-        self.config = RunConfig.resolve(
+        settings = _with_launcher_flags(
             accelerator=accelerator,
             devices=devices,
             strategy=strategy,
@@ -56,6 +57,7 @@ class Fabric:
             num_nodes=num_nodes,
             start_method=start_method,
         )
+        self.config = RunConfig.resolve(**settings)
         self.timeout = timeout
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
@@ -355,6 +357,24 @@ def to_cpu(data: Any) -> Any:
     if isinstance(data, torch.nn.Module):
         return data.cpu()
     return tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), data)
+
+
+_DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": "32-true", "num_nodes": 1, "start_method": "fork"}
+LAUNCHER_FLAGS_ENV = "NBFABRIC_FLAGS"
+
+
+def _with_launcher_flags(**given: Any) -> dict[str, Any]:
+    """Settings from `nbfabric run` (passed in NBFABRIC_FLAGS) fill in what the code left at its
+    default; a value the code sets differently is an error, as with Lightning's `fabric run`."""
+    flags = json.loads(os.environ.get(LAUNCHER_FLAGS_ENV, "{}"))
+    for name, value in flags.items():
+        if given[name] != _DEFAULTS[name] and str(given[name]) != str(value):
+            raise ValueError(
+                f"Fabric({name}={given[name]!r}) conflicts with `nbfabric run --{name.replace('_', '-')}={value}`; "
+                "set it in one place only."
+            )
+        given[name] = value
+    return given
 
 
 def _plain(value: Any) -> Any:
