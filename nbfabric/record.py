@@ -64,3 +64,6 @@ class RecordingSink(Sink):
 
     def flush(self) -> None:
         self.inner.flush()
+
+    def tick(self) -> bool:
+        return self.inner.tick()

@@ -73,6 +73,11 @@ class Sink:
     def flush(self) -> None:
         """Everything received so far has been passed on; a good moment to show it."""
 
+    def tick(self) -> bool:
+        """Called about every 0.1 s while ranks run (a dashboard can handle its buttons here);
+        return True to stop every rank, as an interrupt would."""
+        return False
+
 
 class TextSink(Sink):
     """Writes "[rank N] ..." lines to this process's stdout and stderr.

@@ -81,6 +81,8 @@ class Supervisor:
             else:
                 self._read(key.fd, rank, kind, reader)
         self.sink.flush()
+        if self.sink.tick():
+            self._interrupts = max(self._interrupts, 1)
         if self._interrupts:
             self.stop(interrupted=True)
         if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:
