@@ -2,6 +2,7 @@
 
 from nbfabric.config import RunConfig
 from nbfabric.fabric import Fabric
+from nbfabric.strategies import FSDP
 from nbfabric.launcher import ForkUnsafeError, RankError, RankTimeoutError, launch
 
 
@@ -12,5 +13,5 @@ def load_ipython_extension(ipython) -> None:
     load(ipython)
 
 
-__all__ = ["Fabric", "RunConfig", "launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "load_ipython_extension"]
+__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "load_ipython_extension"]
 __version__ = "0.1.0"

@@ -1,14 +1,27 @@
-"""Save and load checkpoints: written atomically, read with `weights_only` by default."""
+"""Save and load checkpoints: written atomically, read with `weights_only` by default; one file
+(full state) or a directory of shards (torch.distributed.checkpoint) that loads on any number of ranks."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from nbfabric.wrappers import unwrap
+
+EXTRAS_FILE = "extras.pt"  # in a sharded checkpoint: everything that is not a module or optimizer
 
 
 def to_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -17,6 +30,23 @@ def to_state(state: dict[str, Any]) -> dict[str, Any]:
     for key, value in state.items():
         value = unwrap(value)
         converted[key] = value.state_dict() if hasattr(value, "state_dict") else value
+    return converted
+
+
+def distributed_state(state: dict[str, Any], *, full: bool) -> dict[str, Any]:
+    """Like `to_state`, through torch.distributed.checkpoint's state-dict functions, which also
+    understand sharded modules: full tensors on the CPU (`full=True`, a collective) or local shards."""
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    modules = _modules(state)
+    converted = {}
+    for key, value in state.items():
+        value = unwrap(value)
+        if isinstance(value, torch.nn.Module):
+            converted[key] = get_model_state_dict(value, options=options)
+        elif isinstance(value, torch.optim.Optimizer):
+            converted[key] = get_optimizer_state_dict(_owner(value, modules), value, options=options)
+        else:
+            converted[key] = value.state_dict() if hasattr(value, "state_dict") else value
     return converted
 
 
@@ -36,23 +66,121 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def save_sharded(path: str | os.PathLike, state: dict[str, Any], is_global_zero: bool, barrier: Callable[[], None]) -> None:
+    """Every rank writes its shards into a temporary directory; rank 0 then puts it in place of `path`."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    objects, extras = _split(state)
+    if is_global_zero:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    dcp.save(distributed_state(objects, full=False), checkpoint_id=partial)
+    if is_global_zero:
+        torch.save(to_state(extras), partial / EXTRAS_FILE)
+        previous = path.with_name(f".{path.name}.previous")
+        if path.exists():
+            os.replace(path, previous)
+        os.replace(partial, path)
+        shutil.rmtree(previous, ignore_errors=True)
+    barrier()
+
+
 def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
     """Load `path`; restore each object in `state` in place and return what the checkpoint had besides."""
+    if Path(path).is_dir():
+        return _load_sharded(Path(path), state or {}, strict=strict, weights_only=weights_only)
     checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     if state is None:
         return checkpoint
-    missing = [key for key in state if key not in checkpoint]
-    if strict and missing:
-        raise KeyError(
-            f"the checkpoint {os.fspath(path)!r} has no entry for {', '.join(map(repr, missing))}; "
-            f"it has {', '.join(map(repr, checkpoint))}. Pass strict=False to load what is there."
-        )
+    _check_keys(path, state, checkpoint, strict)
+    modules = _modules(state)
     for key in [key for key in state if key in checkpoint]:
         target = unwrap(state[key])
         if isinstance(target, torch.nn.Module):
-            target.load_state_dict(checkpoint.pop(key), strict=strict)
+            set_model_state_dict(target, checkpoint.pop(key), options=StateDictOptions(full_state_dict=True, strict=strict))
+        elif isinstance(target, torch.optim.Optimizer) and _keyed_by_name(checkpoint[key]):
+            set_optimizer_state_dict(
+                _owner(target, modules), target, checkpoint.pop(key), options=StateDictOptions(full_state_dict=True)
+            )
         elif hasattr(target, "load_state_dict"):
             target.load_state_dict(checkpoint.pop(key))
         else:
             state[key] = checkpoint.pop(key)
     return checkpoint
+
+
+def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_only: bool) -> dict[str, Any]:
+    objects, extras = _split(state)
+    if objects:
+        loaded = distributed_state(objects, full=False)
+        dcp.load(
+            loaded,
+            checkpoint_id=path,
+            planner=DefaultLoadPlanner(allow_partial_load=not strict),
+            no_dist=not torch.distributed.is_initialized(),
+        )
+        modules = _modules(objects)
+        for key, target in ((key, unwrap(value)) for key, value in objects.items()):
+            if isinstance(target, torch.nn.Module):
+                set_model_state_dict(target, loaded[key], options=StateDictOptions(strict=strict))
+            else:
+                set_optimizer_state_dict(_owner(target, modules), target, loaded[key])
+    rest = torch.load(path / EXTRAS_FILE, map_location="cpu", weights_only=weights_only)
+    _check_keys(path, extras, rest, strict)
+    for key in [key for key in extras if key in rest]:
+        target = unwrap(extras[key])
+        if hasattr(target, "load_state_dict"):
+            target.load_state_dict(rest.pop(key))
+        else:
+            state[key] = rest.pop(key)
+    return rest
+
+
+def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Modules and optimizers (saved as shards), and everything else."""
+    objects = {k: v for k, v in state.items() if isinstance(unwrap(v), (torch.nn.Module, torch.optim.Optimizer))}
+    return objects, {k: v for k, v in state.items() if k not in objects}
+
+
+def _check_keys(path: Any, wanted: dict[str, Any], available: dict[str, Any], strict: bool) -> None:
+    missing = [key for key in wanted if key not in available]
+    if strict and missing:
+        raise KeyError(
+            f"the checkpoint {os.fspath(path)!r} has no entry for {', '.join(map(repr, missing))}; "
+            f"it has {', '.join(map(repr, available))}. Pass strict=False to load what is there."
+        )
+
+
+def _modules(state: dict[str, Any]) -> list[torch.nn.Module]:
+    return [unwrap(v) for v in state.values() if isinstance(unwrap(v), torch.nn.Module)]
+
+
+def _owner(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module]) -> torch.nn.Module:
+    """The module whose parameters the optimizer updates."""
+    first = next(p for group in optimizer.param_groups for p in group["params"])
+    for module in modules:
+        if any(p is first for p in module.parameters()):
+            return module
+    raise ValueError("an optimizer in the checkpoint state needs its model in the same state dict")
+
+
+def _keyed_by_name(optimizer_state: Any) -> bool:
+    """Optimizer state saved by parameter name (sharded-model format) rather than by index."""
+    return isinstance(optimizer_state, dict) and any(isinstance(k, str) for k in optimizer_state.get("state", {}))
+
+
+def consolidate(directory: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Turn a sharded checkpoint directory into one file that `torch.load` (and `fabric.load`) reads."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    directory, output = Path(directory), Path(output)
+    if not (directory / ".metadata").exists():
+        raise ValueError(f"{directory} is not a sharded checkpoint (no .metadata file in it)")
+    partial = output.with_name(f".{output.name}.shards")
+    dcp_to_torch_save(directory, partial)
+    merged = torch.load(partial, map_location="cpu", weights_only=True)
+    partial.unlink()
+    merged.update(torch.load(directory / EXTRAS_FILE, map_location="cpu", weights_only=False))
+    atomic_save(merged, output)
+    return output

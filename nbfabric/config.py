@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from nbfabric.devices import Hardware, detect_hardware
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
-STRATEGIES = ("auto", "ddp", "ddp_notebook", "ddp_fork", "single_device")
+STRATEGIES = ("auto", "ddp", "ddp_notebook", "ddp_fork", "fsdp", "single_device")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 PRECISION_ALIASES = {
     "32": "32-true",
@@ -25,7 +25,7 @@ PRECISION_ALIASES = {
 START_METHODS = ("fork", "spawn")
 
 _RESOLVED_ACCELERATORS = ("cpu", "cuda", "mps")
-_RESOLVED_STRATEGIES = ("single_device", "ddp")
+_RESOLVED_STRATEGIES = ("single_device", "ddp", "fsdp")
 _FORK_STRATEGIES = ("ddp_notebook", "ddp_fork")
 _WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 

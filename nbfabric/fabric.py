@@ -19,7 +19,7 @@ from nbfabric.dataloaders import shard
 from nbfabric.metrics import MetricLog
 from nbfabric.precision import Precision
 from nbfabric.seeding import seed_everything
-from nbfabric.strategies import REDUCE_OPS, STRATEGIES
+from nbfabric.strategies import FSDP, REDUCE_OPS, make_strategy
 from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, move_to_device, unwrap
 
 _RANK_VARIABLES = ("RANK", "WORLD_SIZE")
@@ -49,10 +49,11 @@ class Fabric:
     ):
         if plugins:
             raise ValueError("plugins are not supported; choose the precision with precision=...")
+        fsdp_options = strategy if isinstance(strategy, FSDP) else None
         settings = _with_launcher_flags(
             accelerator=accelerator,
             devices=devices,
-            strategy=strategy,
+            strategy="fsdp" if fsdp_options else strategy,
             precision="32-true" if precision is None else precision,
             num_nodes=num_nodes,
             start_method=start_method,
@@ -63,7 +64,7 @@ class Fabric:
         self._loggers = _as_list(loggers)
         self._ranks = (0, 0, 0, self.config.world_size)  # global, local, node rank; world size
         self._launched = False
-        self._strategy = STRATEGIES[self.config.strategy](torch.device(self.config.accelerator))
+        self._strategy = make_strategy(self.config, fsdp_options)
         self._precision = Precision(self.config.precision, self.config.accelerator)
         self._metrics = MetricLog()
 
@@ -201,7 +202,9 @@ class Fabric:
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
     def _wrap_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> tuple[FabricOptimizer, ...]:
-        return tuple(FabricOptimizer(unwrap(optimizer), self._precision) for optimizer in optimizers)
+        return tuple(
+            FabricOptimizer(self._strategy.setup_optimizer(unwrap(optimizer)), self._precision) for optimizer in optimizers
+        )
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
@@ -236,7 +239,8 @@ class Fabric:
         if clip_val is not None:
             torch.nn.utils.clip_grad_value_(parameters, clip_val)
             return None
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded gradients: the global norm
 
     def autocast(self) -> ContextManager:
         """The precision's autocast, for code that runs outside the model's forward."""
@@ -309,9 +313,7 @@ class Fabric:
         """Rank 0 writes `state` (modules and optimizers as their state_dict) atomically; all ranks wait."""
         if filter is not None:
             raise ValueError("save(filter=...) is not supported; pass only the state you want saved")
-        if self.is_global_zero:
-            checkpoint.atomic_save(checkpoint.to_state(state), path)
-        self.barrier()
+        self._strategy.save(path, state, self.is_global_zero)
 
     def load(
         self,

@@ -56,6 +56,7 @@ def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) 
     except SystemExit as exc:
         return _exit_code(exc)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a stop request must not cut the report short
         report_failure(channel, spec.rank, exc)
         return 130 if isinstance(exc, KeyboardInterrupt) else 1
     finally:

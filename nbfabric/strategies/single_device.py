@@ -7,6 +7,8 @@ from typing import Any, ContextManager
 
 import torch
 
+from nbfabric import checkpoint
+
 
 class SingleDeviceStrategy:
     """Runs everything on `device` in this process."""
@@ -26,11 +28,20 @@ class SingleDeviceStrategy:
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
 
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
         return nullcontext()
 
     def barrier(self) -> None:
         pass
+
+    def save(self, path: Any, state: dict[str, Any], is_global_zero: bool) -> None:
+        """Rank 0 writes the state atomically; every rank waits for it."""
+        if is_global_zero:
+            checkpoint.atomic_save(checkpoint.to_state(state), path)
+        self.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj

@@ -1,0 +1,95 @@
+"""Fully sharded data parallel (torch's FSDP2, `fully_shard`): each rank holds a shard of every parameter."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from nbfabric import checkpoint
+from nbfabric.strategies.ddp import DDPStrategy
+
+STATE_DICT_TYPES = ("full", "sharded")
+_MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclass(frozen=True)
+class FSDP:
+    """FSDP options: ``Fabric(strategy=FSDP(layers={Block}, cpu_offload=True))``.
+
+    layers: module classes sharded as units of their own (the whole model is always one unit).
+    cpu_offload: keep parameters, gradients and optimizer state on the CPU between uses.
+    reshard_after_forward: free the gathered parameters after forward (less memory, more traffic).
+    state_dict_type: "full" saves one file from rank 0; "sharded" saves a directory, one shard per
+    rank (torch.distributed.checkpoint), loadable on any number of ranks.
+    """
+
+    layers: frozenset[type] = field(default_factory=frozenset)
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+    state_dict_type: str = "full"
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", frozenset(self.layers))
+        if self.state_dict_type not in STATE_DICT_TYPES:
+            raise ValueError(
+                f"state_dict_type={self.state_dict_type!r} is not valid; choose one of {', '.join(STATE_DICT_TYPES)}"
+            )
+
+
+class FSDPStrategy(DDPStrategy):
+    """Shards modules with `fully_shard` over all ranks; checkpoints through torch.distributed.checkpoint."""
+
+    name = "fsdp"
+
+    def __init__(self, device: torch.device, options: FSDP | None = None, precision: str = "32-true"):
+        super().__init__(device)
+        self.options = options or FSDP()
+        self.precision = precision
+        self._sharded_parameters: dict[int, torch.nn.Parameter] = {}  # id(original) -> its sharded successor
+
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Shard `module` in place; `fully_shard` gives it new (sharded) parameter objects."""
+        originals = dict(module.named_parameters())
+        sharded = self._shard(module)
+        self._sharded_parameters.update({id(originals[name]): p for name, p in sharded.named_parameters()})
+        return sharded
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Point an optimizer made before sharding at the sharded parameters."""
+        for group in optimizer.param_groups:
+            group["params"] = [self._sharded_parameters.get(id(p), p) for p in group["params"]]
+        return optimizer
+
+    def _shard(self, module: torch.nn.Module) -> torch.nn.Module:
+        mesh = init_device_mesh(self.device.type, (torch.distributed.get_world_size(),))
+        settings = {"mesh": mesh, "reshard_after_forward": self.options.reshard_after_forward}
+        if self.precision in _MIXED_DTYPES:
+            settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=_MIXED_DTYPES[self.precision], reduce_dtype=torch.float32)
+        if self.options.cpu_offload:
+            settings["offload_policy"] = CPUOffloadPolicy()
+        for submodule in module.modules():
+            if submodule is not module and type(submodule) in self.options.layers:
+                fully_shard(submodule, **settings)
+        return fully_shard(module, **settings)
+
+    @contextmanager
+    def no_backward_sync(self, module: torch.nn.Module) -> Iterator[None]:
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+
+    def save(self, path: Any, state: dict[str, Any], is_global_zero: bool) -> None:
+        if self.options.state_dict_type == "sharded":
+            checkpoint.save_sharded(path, state, is_global_zero, self.barrier)
+            return
+        full = checkpoint.distributed_state(state, full=True)  # a collective: every rank takes part
+        if is_global_zero:
+            checkpoint.atomic_save(full, path)
+        self.barrier()

@@ -1,0 +1,100 @@
+"""FSDP on 2 CPU ranks (gloo): training equal to DDP, sharded parameters, full and sharded checkpoints."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbfabric import FSDP, Fabric
+from nbfabric.checkpoint import consolidate
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def _train(fabric: Fabric, path: str, steps: int = 4) -> dict:
+    model = _model()
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    generator = torch.Generator().manual_seed(1 + fabric.global_rank)
+    for _ in range(steps):
+        x, y = torch.randn(16, 8, generator=generator), torch.randn(16, 2, generator=generator)
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+    local = sum(getattr(p, "to_local", lambda: p)().numel() for p in model.parameters())
+    counts = fabric.all_gather(torch.tensor(local))
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": steps})
+    return {
+        "local_counts": counts.tolist(),
+        "total": sum(p.numel() for p in _model().parameters()),
+        "momentum": _momentum(fabric, optimizer),
+    }
+
+
+def _momentum(fabric: Fabric, optimizer) -> float:
+    """The squared norm of every momentum buffer, over all shards."""
+    local = sum(
+        getattr(state["momentum_buffer"], "to_local", lambda: state["momentum_buffer"])().pow(2).sum()
+        for state in optimizer.state.values()
+    )
+    return fabric.all_reduce(torch.as_tensor(local, dtype=torch.float32), reduce_op="sum").item()
+
+
+def _fresh_optimizer_step(fabric: Fabric, path: str) -> dict:
+    model = fabric.setup(_model())
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    rest = fabric.load(path, state)
+    return {"step": state["step"], "rest": rest, "momentum": _momentum(fabric, optimizer)}
+
+
+def test_fsdp_training_matches_ddp_and_shards_the_parameters(tmp_path):
+    fsdp = Fabric(accelerator="cpu", devices=2, strategy="fsdp").launch(_train, str(tmp_path / "fsdp.ckpt"))
+    Fabric(accelerator="cpu", devices=2, strategy="ddp").launch(_train, str(tmp_path / "ddp.ckpt"))
+    sharded = torch.load(tmp_path / "fsdp.ckpt", weights_only=True)
+    replicated = torch.load(tmp_path / "ddp.ckpt", weights_only=True)
+    assert sharded["model"].keys() == replicated["model"].keys()
+    for name, tensor in replicated["model"].items():
+        torch.testing.assert_close(sharded["model"][name], tensor, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(replicated["model"]["0.weight"], _model().state_dict()["0.weight"])
+    assert sum(fsdp["local_counts"]) == fsdp["total"]
+    assert all(abs(count - fsdp["total"] / 2) <= 0.1 * fsdp["total"] for count in fsdp["local_counts"])
+    assert sharded["step"] == 4
+
+
+def test_a_sharded_checkpoint_from_two_ranks_loads_on_one_and_consolidates(tmp_path):
+    directory = tmp_path / "sharded"
+    Fabric(accelerator="cpu", devices=2, strategy=FSDP(layers={nn.Linear}, state_dict_type="sharded")).launch(
+        _train, str(directory)
+    )
+    assert directory.is_dir() and (directory / ".metadata").exists()
+    full = tmp_path / "full.ckpt"
+    Fabric(accelerator="cpu", devices=2, strategy="fsdp").launch(_train, str(full))
+    expected = torch.load(full, weights_only=True)["model"]
+
+    single = Fabric(accelerator="cpu", devices=1)
+    model = _model()
+    state = {"model": model, "step": 0}
+    single.load(directory, state)
+    assert state["step"] == 4
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name])
+
+    one_file = consolidate(directory, tmp_path / "consolidated.ckpt")
+    merged = torch.load(one_file, weights_only=True)
+    torch.testing.assert_close(merged["model"]["2.weight"], expected["2.weight"])
+    assert merged["step"] == 4
+
+
+def test_a_sharded_checkpoint_restores_model_and_optimizer_on_two_fsdp_ranks(tmp_path):
+    directory = tmp_path / "sharded"
+    options = FSDP(state_dict_type="sharded")
+    trained = Fabric(accelerator="cpu", devices=2, strategy=options).launch(_train, str(directory))
+    result = Fabric(accelerator="cpu", devices=2, strategy=options).launch(_fresh_optimizer_step, str(directory))
+    assert (result["step"], result["rest"]) == (4, {})
+    assert trained["momentum"] > 0
+    assert abs(result["momentum"] - trained["momentum"]) <= 1e-5 * trained["momentum"]
