@@ -121,7 +121,12 @@ class Fabric:
             raise RuntimeError("this Fabric is already launched; call launch() once per Fabric")
         if _started_by_launcher() or not self.config.distributed:
             self._become_rank()
-            return function(self, *args, **kwargs) if function is not None else None
+            if function is None:
+                return None
+            try:
+                return function(self, *args, **kwargs)
+            finally:
+                self._strategy.release()
         if function is None and _interactive():
             raise RuntimeError(
                 "fabric.launch() without a function cannot start ranks in a notebook; "

@@ -98,3 +98,12 @@ def test_a_sharded_checkpoint_restores_model_and_optimizer_on_two_fsdp_ranks(tmp
     assert (result["step"], result["rest"]) == (4, {})
     assert trained["momentum"] > 0
     assert abs(result["momentum"] - trained["momentum"]) <= 1e-5 * trained["momentum"]
+
+
+def test_ddp_and_fsdp_run_in_process_on_one_device():
+    def world(fabric: Fabric) -> tuple:
+        model = fabric.setup(torch.nn.Linear(3, 3))
+        return torch.distributed.get_world_size(), model(torch.ones(1, 3)).shape
+
+    for strategy in ("ddp", "fsdp"):
+        assert Fabric(accelerator="cpu", devices=1, strategy=strategy).launch(world) == (1, torch.Size([1, 3]))

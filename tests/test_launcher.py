@@ -230,3 +230,14 @@ def _wait_for(condition, timeout: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_fork_is_refused_while_a_process_group_is_active(no_leaks):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ForkUnsafeError, match="destroy_process_group"):
+            launch(lambda: None, nprocs=2, sink=Sink())
+    finally:
+        dist.destroy_process_group()

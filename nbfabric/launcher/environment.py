@@ -34,6 +34,12 @@ def check_fork_safe() -> None:
             "Restart the kernel and keep CUDA work inside the launched function or %%fabric cell, "
             "or launch with start_method='spawn' (--start-method=spawn)."
         )
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise ForkUnsafeError(
+            "a torch.distributed process group is active in this process, and forked ranks would inherit "
+            "it half-working. Call torch.distributed.destroy_process_group() first, or launch with "
+            "start_method='spawn'."
+        )
 
 
 def free_port(address: str = "127.0.0.1") -> int:

@@ -24,6 +24,7 @@ class DDPStrategy(SingleDeviceStrategy):
     def __init__(self, device: torch.device):
         super().__init__(device)
         self.backend = "nccl" if device.type == "cuda" else "gloo"
+        self._private_group = False
 
     def preload(self) -> None:
         """DistributedDataParallel imports torch._dynamo when first built (about 2 s): do it once, here."""
@@ -31,12 +32,23 @@ class DDPStrategy(SingleDeviceStrategy):
             import torch._dynamo  # noqa: F401
 
     def setup_environment(self, rank: int, world_size: int) -> None:
-        """Join the process group (the launcher's file rendezvous, else torchrun's env://)."""
+        """Join the process group: the launcher's file rendezvous, torchrun's env://, or, for a single
+        process of its own, an in-memory store."""
         super().setup_environment(rank, world_size)
         if dist.is_initialized():
             return
+        if world_size == 1 and "NBFABRIC_RENDEZVOUS" not in os.environ and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._private_group = True
+            return
         init_method = os.environ.get("NBFABRIC_RENDEZVOUS", "env://")
         dist.init_process_group(self.backend, init_method=init_method, rank=rank, world_size=world_size)
+
+    def release(self) -> None:
+        """End the single-process group this strategy made, so the process can fork ranks again."""
+        if self._private_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._private_group = False
 
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None

@@ -25,6 +25,9 @@ class SingleDeviceStrategy:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
+    def release(self) -> None:
+        """Undo what `setup_environment` set up in this process, if it must not outlive the run."""
+
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
 

@@ -1,0 +1,92 @@
+"""On a CUDA machine: NCCL, mixed precision with the gradient scaler, FSDP, and the fork check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nbfabric import Fabric
+from nbfabric.devices import detect_hardware
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(detect_hardware().cuda_count == 0, reason="needs a CUDA GPU"),
+]
+
+
+def _steps(fabric: Fabric, poison_step: int | None = None) -> dict:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    applied = []
+    for step in range(4):
+        x = torch.randn(8, 32, device=fabric.device)
+        output = model(x)
+        loss = F.mse_loss(output.float(), torch.zeros_like(output.float()))
+        if step == poison_step:
+            loss = loss * float("inf")
+        before = next(iter(model.parameters())).detach().clone()
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+        applied.append(not torch.equal(before, next(iter(model.parameters())).detach()))
+    return {
+        "device": str(fabric.device),
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "param_dtype": str(next(iter(model.parameters())).dtype),
+        "output_dtype": str(output.dtype),
+        "applied": applied,
+    }
+
+
+def test_ddp_on_nccl_with_one_rank():
+    result = Fabric(accelerator="cuda", devices=1, strategy="ddp").launch(_steps)
+    assert result["device"] == "cuda:0" and result["backend"] == "nccl"
+    assert all(result["applied"])
+
+
+def test_bf16_mixed_keeps_float32_parameters():
+    result = Fabric(accelerator="cuda", devices=1, precision="bf16-mixed").launch(_steps)
+    assert result["param_dtype"] == "torch.float32" and all(result["applied"])
+
+
+def test_16_mixed_skips_the_step_with_infinite_gradients():
+    result = Fabric(accelerator="cuda", devices=1, precision="16-mixed").launch(_steps, 2)
+    assert result["applied"][2] is False
+    assert result["applied"][3] is True
+
+
+def test_fsdp_on_one_gpu():
+    result = Fabric(accelerator="cuda", devices=1, strategy="fsdp").launch(_steps)
+    assert result["device"] == "cuda:0" and all(result["applied"])
+
+
+def test_fork_is_refused_after_cuda_init_and_spawn_works(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from nbfabric import Fabric, ForkUnsafeError
+
+            def device(fabric):
+                return str(torch.ones(1, device=fabric.device).device)
+
+            if __name__ == "__main__":
+                torch.ones(1, device="cuda")
+                try:
+                    Fabric(accelerator="cuda", devices=1, strategy="ddp").start_ranks(device)
+                except ForkUnsafeError as error:
+                    print("refused:", error)
+                print("spawned:", Fabric(accelerator="cuda", devices=1, strategy="ddp", start_method="spawn").start_ranks(device))
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "refused: CUDA is already initialised" in done.stdout
+    assert "spawned: cuda:0" in done.stdout
