@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 from nbfabric import channel
 from nbfabric.channel import Metrics
 
-STREAM_INTERVAL = 0.05  # seconds between two sends of a rank's new values
+STREAM_INTERVAL = 0.02  # seconds between two sends of a rank's new values
 
 
 class MetricPoint(NamedTuple):

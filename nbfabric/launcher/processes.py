@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -55,7 +56,10 @@ def fork_rank(target: Callable[[], Any] | None, spec: RankSpec, close_in_child: 
     (out_r, out_w), (err_r, err_w), (chan_r, chan_w) = _pipes()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    gc.freeze()  # the rank's garbage collector then skips (and does not copy) the inherited objects
     pid = os.fork()
+    if pid != 0:
+        gc.unfreeze()
     if pid == 0:
         try:
             for fd in (*close_in_child, out_r, err_r, chan_r):
