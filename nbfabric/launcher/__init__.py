@@ -12,13 +12,12 @@ from typing import Any, Callable
 
 from nbfabric.config import START_METHODS
 from nbfabric.launcher.environment import (
-    ForkUnsafeError,
     check_fork_safe,
     free_port,
     rank_environment,
     threads_per_rank,
 )
-from nbfabric.launcher.errors import RankError, RankTimeoutError, raise_for_outcome
+from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper
 from nbfabric.launcher.supervisor import Supervisor

@@ -8,6 +8,8 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+from nbfabric.launcher.errors import ForkUnsafeError
+
 
 @contextmanager
 def preserved_environment() -> Iterator[None]:
@@ -19,10 +21,6 @@ def preserved_environment() -> Iterator[None]:
         if dict(os.environ) != saved:
             os.environ.clear()
             os.environ.update(saved)
-
-
-class ForkUnsafeError(RuntimeError):
-    """Forking now would hand the ranks a broken CUDA context."""
 
 
 def check_fork_safe() -> None:

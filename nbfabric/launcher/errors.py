@@ -21,7 +21,14 @@ class RankFailure:
     distributed: bool = False
 
 
-class RankError(RuntimeError):
+class _ShortInIPython:
+    """In IPython, show the message only: the launcher's frames say nothing to the user."""
+
+    def _render_traceback_(self) -> list[str]:
+        return f"{type(self).__name__}: {self}".splitlines()
+
+
+class RankError(_ShortInIPython, RuntimeError):
     """A rank failed; the other ranks were stopped. Names the rank that failed first."""
 
     def __init__(self, cause: RankFailure, also_failed: list[RankFailure], stopped: list[int]):
@@ -32,10 +39,6 @@ class RankError(RuntimeError):
         self.also_failed = also_failed
         self.stopped = stopped
         super().__init__(self._message(cause, also_failed, stopped))
-
-    def _render_traceback_(self) -> list[str]:
-        """In IPython: the rank's own traceback, not the launcher's frames."""
-        return f"{type(self).__name__}: {self}".splitlines()
 
     @staticmethod
     def _message(cause: RankFailure, also_failed: list[RankFailure], stopped: list[int]) -> str:
@@ -51,8 +54,12 @@ class RankError(RuntimeError):
         return "\n".join(lines)
 
 
-class RankTimeoutError(TimeoutError):
+class RankTimeoutError(_ShortInIPython, TimeoutError):
     """The run did not finish within its timeout; every rank was stopped."""
+
+
+class ForkUnsafeError(_ShortInIPython, RuntimeError):
+    """Forking now would hand the ranks a broken CUDA context or process group."""
 
 
 def rank_failures(outcome: Outcome) -> list[RankFailure]:
