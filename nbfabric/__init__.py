@@ -13,5 +13,13 @@ def load_ipython_extension(ipython) -> None:
     load(ipython)
 
 
-__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "load_ipython_extension"]
+def picker(config=None):
+    """Show the hardware picker; its choices become the defaults of later `%%fabric` cells, and its
+    Save button writes them to `config` (default: `$NBFABRIC_CONFIG`, else the user's config directory)."""
+    from nbfabric.notebook.picker import picker as show
+
+    return show(config)
+
+
+__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "load_ipython_extension", "picker"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import threading
@@ -13,12 +14,13 @@ from jupyter_client.manager import start_new_kernel
 
 
 class Kernel:
-    """Runs code in one kernel and returns what the cell showed."""
+    """Runs code in one kernel (text output, no saved settings) and returns what the cell showed."""
 
-    def __init__(self):
-        self.manager, self.client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"])
+    def __init__(self, settings_file):
+        env = {**os.environ, "NBFABRIC_CONFIG": str(settings_file)}
+        self.manager, self.client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"], env=env)
         self.pid = self.manager.provisioner.pid
-        self.run("%load_ext nbfabric\nimport torch")
+        self.run("%load_ext nbfabric\n%fabric --no-widgets\nimport torch")
 
     def run(self, code: str, timeout: float = 120) -> dict:
         outputs = {"stdout": "", "stderr": "", "result": None, "error": None}
@@ -47,8 +49,8 @@ class Kernel:
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    kernel = Kernel()
+def kernel(tmp_path_factory):
+    kernel = Kernel(tmp_path_factory.mktemp("settings") / "none.json")
     yield kernel
     kernel.close()
 

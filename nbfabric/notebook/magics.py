@@ -1,25 +1,31 @@
-"""`%%fabric` runs a cell on N ranks; `%fabric` shows or sets the defaults for later cells."""
+"""`%%fabric` runs a cell on N ranks; `%fabric` shows or sets the defaults for later cells,
+shows the hardware picker, and stops or waits for a background run."""
 
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from typing import Any
 
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import display
 
 from nbfabric.config import START_METHODS
-from nbfabric.devices import detect_hardware
 from nbfabric.fabric import Fabric
 from nbfabric.launcher.output import TextSink
+from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.cell import compile_cell, run_in_rank, shippable_namespace
+from nbfabric.notebook.picker import describe_hardware, picker
 from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.record import RecordingSink, RunRecord
+from nbfabric.user_config import load_defaults
 
-SETTINGS = ("accelerator", "devices", "strategy", "precision", "num_nodes", "start_method", "timeout", "ranks")
-PER_CELL = ("return_names", "no_return", "out")
+SETTINGS = ("accelerator", "devices", "strategy", "precision", "num_nodes", "start_method", "timeout", "ranks", "widgets")
+PER_CELL = ("return_names", "no_return", "out", "background")
+LINE_ONLY = ("picker", "config", "action")
 
 
 @magics_class
@@ -29,11 +35,12 @@ class FabricMagics(Magics):
     def __init__(self, shell: Any):
         super().__init__(shell)
         self.defaults: dict[str, Any] = {}
+        self.background: BackgroundRun | None = None
 
     @magic_arguments.magic_arguments()
     @magic_arguments.argument("--devices", help="number of ranks, or GPU indices such as 0,2 (default: auto)")
     @magic_arguments.argument("--accelerator", help="auto, cpu, cuda, gpu or mps (default: auto)")
-    @magic_arguments.argument("--strategy", help="auto, ddp, ddp_notebook, ddp_fork or single_device")
+    @magic_arguments.argument("--strategy", help="auto, ddp, ddp_notebook, ddp_fork, fsdp or single_device")
     @magic_arguments.argument("--precision", help="32-true, 16-mixed, bf16-mixed, bf16-true, 16-true, 64-true")
     @magic_arguments.argument("--num-nodes", dest="num_nodes", help="number of machines (default: 1)")
     @magic_arguments.argument("--start-method", dest="start_method", help=f"{' or '.join(START_METHODS)} (default: fork)")
@@ -42,25 +49,42 @@ class FabricMagics(Magics):
     @magic_arguments.argument("--return", dest="return_names", help="bring back only these names, e.g. model,losses")
     @magic_arguments.argument("--no-return", dest="no_return", action="store_true", help="bring back no names")
     @magic_arguments.argument("--out", help="store the run record (output, metrics, exit codes) under this name")
+    @magic_arguments.argument("--no-widgets", dest="widgets", action="store_const", const="off", help="show the run as text lines, not as a dashboard")
+    @magic_arguments.argument("--widgets", dest="widgets", action="store_const", const="on", help="show a live dashboard where widgets can render (the default)")
+    @magic_arguments.argument("--background", action="store_true", help="return at once while the run goes on; see %%fabric wait and %%fabric stop")
+    @magic_arguments.argument("--picker", action="store_true", help="(%%fabric only) show the hardware picker, whose choices become the defaults")
+    @magic_arguments.argument("--config", help="(with --picker) the settings file its Save button writes")
+    @magic_arguments.argument("action", nargs="?", choices=("stop", "wait"), help="(%%fabric only) stop the background run, or wait for it and bring back its names")
     @line_cell_magic
     def fabric(self, line: str, cell: str | None = None) -> Any:
         """Run the cell on every rank, with `fabric` (a launched Fabric) and the notebook's variables.
 
-        Output streams back tagged "[rank N]"; the names the cell binds on rank 0 and its last
-        expression come back into the notebook. As a line magic: with flags, set the defaults
-        for later cells; without, show the defaults and the hardware found.
+        A live dashboard shows the ranks, their output and the logged metrics (as text where
+        widgets cannot render); the names the cell binds on rank 0 and its last expression come
+        back into the notebook. Settings come from the cell's flags, then the `%fabric` defaults,
+        then the saved defaults (the picker's Save button). As a line magic: with flags, set the
+        defaults for later cells; without, show the defaults and the hardware found.
         """
         args = magic_arguments.parse_argstring(self.fabric, line)
         given = {name: value for name, value in vars(args).items() if value not in (None, False)}
         if cell is None:
-            return self._set_or_show_defaults(given)
-        settings = {**self.defaults, **{k: v for k, v in given.items() if k in SETTINGS}}
+            return self._line(args, given)
+        line_only = [_flag(name) for name in LINE_ONLY if name in given]
+        if line_only:
+            raise UsageError(f"{', '.join(line_only)} belongs on a %fabric line, not on a %%fabric cell")
+        self._refuse_while_running()
+        settings = {**self._saved_defaults(), **self.defaults, **{k: v for k, v in given.items() if k in SETTINGS}}
         fabric = _make_fabric(settings)
         ranks = _parse_ranks(settings.get("ranks", "all"), fabric.config.world_size)
         names = _wanted_names(args)
         compiled = compile_cell(self.shell, cell)
         record = RunRecord(fabric.config)
-        sink = RecordingSink(record, TextSink(ranks=ranks, in_place_progress=True))
+        dashboard = _dashboard(fabric.config, ranks) if settings.get("widgets") != "off" and widgets_can_render(self.shell) else None
+        if dashboard is not None:
+            view = dashboard
+        else:
+            view = (StoppableTextSink if args.background else TextSink)(ranks=ranks, in_place_progress=True)
+        sink = RecordingSink(record, view)
         if args.out:
             self.shell.user_ns[args.out] = record
         namespace = self.shell.user_ns
@@ -68,13 +92,26 @@ class FabricMagics(Magics):
             namespace, left = shippable_namespace(compiled, namespace)
             if left:
                 print(f"not sent to the spawned ranks (dill cannot pickle them): {', '.join(left)}", file=sys.stderr)
+        launch = partial(fabric.start_ranks, run_in_rank, (compiled, namespace, names), sink=sink)
+        if dashboard is not None:
+            dashboard.show()
+        if args.background:
+            return self._start_background(launch, record, view, dashboard)
         try:
-            returned = fabric.start_ranks(run_in_rank, (compiled, namespace, names), sink=sink)
+            returned = launch()
         except BaseException as error:
             record.error = error
             raise
         finally:
             record.duration = time.time() - record.started
+            if dashboard is not None:
+                dashboard.finish(record.error)
+                dashboard.freeze()
+                dashboard.show_static()
+        return self._bring_back(returned)
+
+    def _bring_back(self, returned: Any) -> Any:
+        """Put the names rank 0 sent into the notebook; return the cell's last value."""
         values = returned.load() if returned is not None else {}
         last_value = values.pop(LAST_VALUE, None)
         self.shell.user_ns.update(values)
@@ -83,29 +120,111 @@ class FabricMagics(Magics):
             print(f"not brought back from rank 0: {skipped}", file=sys.stderr)
         return last_value
 
-    def _set_or_show_defaults(self, given: dict[str, Any]) -> None:
-        per_cell = [f"--{name.replace('_names', '').replace('_', '-')}" for name in PER_CELL if name in given]
+    def _line(self, args: Any, given: dict[str, Any]) -> Any:
+        per_cell = [_flag(name) for name in PER_CELL if name in given]
         if per_cell:
             raise UsageError(f"{', '.join(per_cell)} belongs on a %%fabric cell, not in the defaults")
+        if args.action and len(given) > 1:
+            raise UsageError(f"%fabric {args.action} takes no flags")
+        if args.action == "stop":
+            return self._stop_background()
+        if args.action == "wait":
+            return self._wait_background()
+        if args.config and not args.picker:
+            raise UsageError("--config names the file the picker saves to; use it with --picker")
+        if args.picker:
+            if len(given) > 1 + ("config" in given):
+                raise UsageError("%fabric --picker takes no other flag than --config")
+            display(picker(args.config))
+            return None
+        return self._set_or_show_defaults(given)
+
+    def _set_or_show_defaults(self, given: dict[str, Any]) -> None:
+        saved = self._saved_defaults()
         if given:
             settings = {**self.defaults, **given}
-            _parse_ranks(settings.get("ranks", "all"), _make_fabric(settings).config.world_size)
+            _parse_ranks({**saved, **settings}.get("ranks", "all"), _make_fabric({**saved, **settings}).config.world_size)
             self.defaults = settings
-        config = _make_fabric(self.defaults).config
-        print(f"%%fabric defaults: {config.as_flags()}" + _extra_flags(self.defaults))
+        settings = {**saved, **self.defaults}
+        config = _make_fabric(settings).config
+        print(f"%%fabric defaults: {config.as_flags()}" + _extra_flags(settings))
         print(f"hardware: {describe_hardware()}")
 
+    def _saved_defaults(self) -> dict[str, Any]:
+        """The user's saved settings (the lowest layer, under the `%fabric` defaults and the cell's flags)."""
+        try:
+            return load_defaults()
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
-def describe_hardware() -> str:
-    hardware = detect_hardware()
-    gpus = ", ".join(
-        f"cuda:{gpu.index} {gpu.name or 'GPU'}" + (f" ({gpu.memory_bytes / 1024**3:.0f} GiB)" if gpu.memory_bytes else "")
-        for gpu in hardware.gpus
-    )
-    parts = [f"{hardware.cpu_count} CPU cores", gpus or "no CUDA GPU"]
-    if hardware.mps:
-        parts.append("Apple MPS")
-    return "; ".join(parts)
+    # ----------------------------------------------------------------- background runs
+    def _refuse_while_running(self) -> None:
+        run = self.background
+        if run is not None and run.running:
+            raise UsageError(
+                f"the background run {run.label} is still running; "
+                "%fabric wait waits for it, %fabric stop ends it"
+            )
+        if run is not None:
+            print(f"dropping the unwaited result of the background run {run.label}", file=sys.stderr)
+            self.background = None
+
+    def _start_background(self, launch: Any, record: RunRecord, view: Any, dashboard: Any) -> None:
+        label = f"of cell [{_cell_number(self.shell)}] ({record.config.as_flags()})"
+        finish = dashboard.finish if dashboard is not None else (lambda error: None)
+        self.background = BackgroundRun(label, launch, record, view, finish)
+        if dashboard is None:
+            print(f"running in the background: %fabric wait brings back its names, %fabric stop ends it", file=sys.stderr)
+
+    def _background_run(self) -> BackgroundRun:
+        if self.background is None:
+            raise UsageError("there is no background run; start one with %%fabric --background")
+        return self.background
+
+    def _stop_background(self) -> None:
+        run = self._background_run()
+        run.stop()
+        self.background = None
+        print(f"stopped the background run {run.label}")
+
+    def _wait_background(self) -> Any:
+        run = self._background_run()
+        try:
+            returned = run.wait()
+        finally:
+            if not run.running:
+                self.background = None
+                if hasattr(run.view, "freeze"):
+                    run.view.freeze(close=False)
+                    run.view.show_static()
+        return self._bring_back(returned)
+
+
+def widgets_can_render(shell: Any) -> bool:
+    """In a Jupyter kernel (not a terminal IPython) with ipywidgets installed."""
+    if getattr(shell, "kernel", None) is None:
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cell_number(shell: Any) -> int:
+    """The running cell's number, as its In [n] prompt shows it."""
+    result = getattr(shell.displayhook, "exec_result", None)
+    return result.execution_count if result is not None else shell.execution_count
+
+
+def _dashboard(config: Any, ranks: set[int] | None) -> Any:
+    from nbfabric.notebook.dashboard import Dashboard
+
+    return Dashboard(config, ranks)
+
+
+def _flag(name: str) -> str:
+    return "stop or wait" if name == "action" else f"--{name.replace('_names', '').replace('_', '-')}"
 
 
 def _make_fabric(settings: dict[str, Any]) -> Fabric:
@@ -119,6 +238,8 @@ def _make_fabric(settings: dict[str, Any]) -> Fabric:
 
 def _extra_flags(settings: dict[str, Any]) -> str:
     extra = [f"--{name}={settings[name]}" for name in ("timeout", "ranks") if name in settings]
+    if settings.get("widgets") == "off":
+        extra.append("--no-widgets")
     return " " + " ".join(extra) if extra else ""
 
 

@@ -1,0 +1,277 @@
+"""The live run dashboard of a `%%fabric` cell: rank status, log, metrics chart, Stop button."""
+
+from __future__ import annotations
+
+import html
+import signal
+import time
+from collections import deque
+from typing import Any
+
+from IPython.display import Image, display
+
+from nbfabric.channel import Metrics
+from nbfabric.config import RunConfig
+from nbfabric.launcher import RankError, RankTimeoutError
+from nbfabric.launcher.output import Sink
+from nbfabric.notebook import chart
+from nbfabric.notebook.comms import handle_widget_messages
+
+LOG_LINES = 300  # lines the log widget keeps (the run record keeps them all)
+SUMMARY_LINES = 3  # last lines of each rank quoted in the static summary
+RENDER_EVERY = 0.25  # seconds between two updates of the status and the log
+CHART_EVERY = 0.5  # seconds between two redraws of the chart
+_COLORS = {"starting": "#888", "running": "#1a73e8", "done": "#188038", "failed": "#c5221f", "stopped": "#b06000", "not started": "#888"}
+
+
+class Dashboard(Sink):
+    """A Sink that shows a run as widgets, updated in batches at most every RENDER_EVERY seconds.
+
+    At the end, `freeze()` removes it from the notebook and `show_static()` leaves its summary
+    as text and its chart as a PNG.
+    """
+
+    def __init__(self, config: RunConfig, ranks: set[int] | None = None):
+        import ipywidgets as widgets
+
+        self.config = config
+        self.ranks = ranks
+        self.started = time.monotonic()
+        self.duration: float | None = None
+        self.state = "starting"
+        self.stop_requested = False
+        self.metric_series = chart.MetricSeries()
+        self._status = {rank: ("starting", "") for rank in range(config.num_processes)}
+        self._line_counts: dict[int, int] = {}
+        self._progress: dict[int, str] = {}
+        self._tail: deque[tuple[int, str, str]] = deque(maxlen=LOG_LINES)
+        self._rank_tails: dict[int, deque[tuple[int, str, str]]] = {}
+        self._dirty = self._chart_dirty = False
+        self._rendered = self._charted = 0.0
+        self._shown_second = -1
+        self._handle: Any = None
+
+        self.header = widgets.HTML()
+        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", tooltip="stop every rank")
+        self.stop_button.on_click(lambda _: self.request_stop())
+        self.status = widgets.HTML()
+        shown = sorted(ranks) if ranks is not None else sorted(self._status)
+        self.log_filter = widgets.Dropdown(
+            options=[("all ranks", None)] + [(f"rank {rank}", rank) for rank in shown],
+            value=shown[0] if ranks is not None and len(ranks) == 1 else None,
+            description="log",
+            layout=widgets.Layout(width="180px"),
+        )
+        self.chart_ranks = widgets.ToggleButtons(options=[("rank 0", False), ("all ranks", True)], description="chart")
+        self.chart_ranks.style.button_width = "80px"
+        for control in (self.log_filter, self.chart_ranks):
+            control.observe(self._on_view_change, names="value")
+        self.log = widgets.HTML()
+        self.chart = widgets.Image(format="png", layout=widgets.Layout(display="none", max_width="100%"))
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.header, self.stop_button], layout=widgets.Layout(justify_content="space-between", align_items="center")),
+                self.status,
+                widgets.HBox([self.log_filter, self.chart_ranks]),
+                self.log,
+                self.chart,
+            ],
+            layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px"),
+        )
+        self._render(charts=False)
+
+    # ----------------------------------------------------------------- display
+    def show(self) -> None:
+        """Display the dashboard in the current cell, replaceable later through its display id.
+
+        Its text form is empty, and so is what replaces it: the notebook then reads the same
+        whether or not a frontend applied the update (nbval does not), and keeps no widget state.
+        """
+        bundle = {
+            "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0, "model_id": self.widget.model_id},
+            "text/plain": "",
+        }
+        self._handle = display(bundle, raw=True, display_id=True)
+
+    def freeze(self, close: bool = True) -> None:
+        """Remove the live dashboard from the notebook; `close` also drops its widgets (a frontend
+        that cannot apply the update, to a cell that has finished, keeps showing them)."""
+        if self._handle is not None:
+            self._handle.update({"text/plain": ""}, raw=True)
+        if close:
+            _close_tree(self.widget)
+
+    def show_static(self) -> None:
+        """Display the text summary and the chart (a PNG) in the current cell."""
+        display({"text/plain": self.summary()}, raw=True)
+        png = self.chart_png()
+        if png is not None:
+            display(Image(png))
+
+    def chart_png(self) -> bytes | None:
+        return chart.draw(self.metric_series.shown(self.chart_ranks.value)) if self.metric_series else None
+
+    # ----------------------------------------------------------------- Sink
+    def line(self, rank: int, stream: str, text: str) -> None:
+        self._line_counts[rank] = self._line_counts.get(rank, 0) + 1
+        if self.ranks is None or rank in self.ranks:
+            entry = (rank, stream, text)
+            self._tail.append(entry)
+            tail = self._rank_tails.get(rank)
+            if tail is None:
+                tail = self._rank_tails[rank] = deque(maxlen=LOG_LINES)
+            tail.append(entry)
+        self._dirty = True
+
+    def progress(self, rank: int, stream: str, text: str) -> None:
+        self._progress[rank] = text
+        self._dirty = True
+
+    def metrics(self, event: Metrics) -> None:
+        self.metric_series.add(event.rank, event.points)
+        self._chart_dirty = True
+
+    def rank_exited(self, rank: int, returncode: int) -> None:
+        self._status[rank] = ("done", "") if returncode == 0 else ("failed", describe_exit(returncode))
+        self._dirty = True
+
+    def tick(self) -> bool:
+        handle_widget_messages()
+        if self.state == "starting":
+            self.state = "running"
+            self._status = {rank: ("running", "") if status == "starting" else (status, why) for rank, (status, why) in self._status.items()}
+            self._dirty = True
+        now = time.monotonic()
+        if now - self._rendered >= RENDER_EVERY or int(now - self.started) != self._shown_second:
+            self._render(charts=now - self._charted >= CHART_EVERY)
+        return self.stop_requested
+
+    @property
+    def rank_status(self) -> dict[int, tuple[str, str]]:
+        """Each rank's status ("starting", "running", "done", "failed", "stopped", "not started") and its reason."""
+        return dict(self._status)
+
+    # ----------------------------------------------------------------- control
+    def request_stop(self) -> None:
+        """Ask the supervisor to stop every rank (at its next tick)."""
+        self.stop_requested = True
+        self.stop_button.disabled = True
+        self.stop_button.description = "Stopping…"
+
+    def finish(self, error: BaseException | None) -> None:
+        """The run ended (with `error`, or None): show how each rank ended and the final chart."""
+        self.duration = time.monotonic() - self.started
+        self.state = run_state(error)
+        self._status = {rank: rank_outcome(rank, status, why, error) for rank, (status, why) in self._status.items()}
+        self.stop_button.layout.display = "none"
+        self._dirty = self._chart_dirty = True
+        self._render(charts=True)
+
+    def summary(self) -> str:
+        """Duration, each rank's end, the last metric values and the last lines, as text."""
+        elapsed = self.duration if self.duration is not None else time.monotonic() - self.started
+        lines = [f"nbfabric {self.config.as_flags()}: {self.state} after {elapsed:.1f} s"]
+        for rank, (status, why) in sorted(self._status.items()):
+            lines.append(f"  rank {rank}: {status}{': ' + why if why else ''} ({self._line_counts.get(rank, 0)} lines)")
+        last = self.metric_series.last_values()
+        if last:
+            lines.append("  last values: " + ", ".join(f"{name}={value:.4g} (step {step:g})" for name, (step, value) in last.items()))
+        if self._rank_tails:
+            lines.append("  last lines:")
+            for rank, tail in sorted(self._rank_tails.items()):
+                lines += [f"    [rank {rank}] {text}" for _, _, text in list(tail)[-SUMMARY_LINES:]]
+        return "\n".join(lines)
+
+    # ----------------------------------------------------------------- rendering
+    def _on_view_change(self, change: Any) -> None:
+        self._dirty = self._chart_dirty = True
+        if self.duration is not None:  # no more ticks: redraw now
+            self._render(charts=True)
+
+    def _render(self, charts: bool) -> None:
+        now = time.monotonic()
+        elapsed = (self.duration if self.duration is not None else now - self.started)
+        self._shown_second = int(elapsed)
+        color = _COLORS.get(self.state, "#333")
+        self.header.value = (
+            f"<b>nbfabric</b> <code>{html.escape(self.config.as_flags())}</code> "
+            f"<span style='color:{color};font-weight:bold'>{self.state}</span> · {elapsed:.0f} s"
+        )
+        if self._dirty:
+            self._dirty = False
+            self._rendered = now
+            self.status.value = self._status_html()
+            self.log.value = self._log_html()
+        if charts and self._chart_dirty and self.metric_series:
+            self._chart_dirty = False
+            self._charted = now
+            self.chart.value = self.chart_png()
+            self.chart.layout.display = None
+
+    def _status_html(self) -> str:
+        cells = []
+        for rank, (status, why) in sorted(self._status.items()):
+            detail = why or self._progress.get(rank, "")
+            cells.append(
+                f"<tr><td>rank {rank}</td><td style='color:{_COLORS[status]};font-weight:bold'>{status}</td>"
+                f"<td>{self._line_counts.get(rank, 0)} lines</td><td><code>{html.escape(detail)}</code></td></tr>"
+            )
+        return "<table style='border-spacing:12px 0'>" + "".join(cells) + "</table>"
+
+    def _log_html(self) -> str:
+        rank = self.log_filter.value
+        entries = self._tail if rank is None else self._rank_tails.get(rank, ())
+        text = "\n".join(
+            f"<span style='color:{'#c5221f' if stream == 'stderr' else '#5f6368'}'>[rank {r}]</span> {html.escape(line)}"
+            for r, stream, line in entries
+        )
+        # column-reverse keeps the box scrolled to its newest line
+        return (
+            "<div style='max-height:16em;overflow-y:auto;display:flex;flex-direction:column-reverse;"
+            "border:1px solid #eee;background:#fafafa'>"
+            f"<pre style='margin:2px 6px;font-size:12px;line-height:1.3'>{text or '(no output yet)'}</pre></div>"
+        )
+
+
+def _close_tree(widget: Any) -> None:
+    """Close a widget with its children, layout and style (closing a box leaves them open)."""
+    for child in (*getattr(widget, "children", ()), getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if child is not None:
+            _close_tree(child)
+    widget.close()
+
+
+def run_state(error: BaseException | None) -> str:
+    if error is None:
+        return "done"
+    if isinstance(error, KeyboardInterrupt):
+        return "stopped"
+    if isinstance(error, RankTimeoutError):
+        return "timed out"
+    return "failed"
+
+
+def rank_outcome(rank: int, status: str, why: str, error: BaseException | None) -> tuple[str, str]:
+    """How one rank ended, given what the run raised: the failing ranks get the reason."""
+    if isinstance(error, RankError):
+        reasons = {error.rank: error.summary, **{failure.rank: failure.summary for failure in error.also_failed}}
+        if rank in reasons:
+            return "failed", reasons[rank]
+        if rank in error.stopped:
+            return "stopped", ""
+    if isinstance(error, (KeyboardInterrupt, RankTimeoutError)) and status != "done":
+        return "stopped", ""
+    if status == "starting":
+        return "not started", ""
+    if status == "running":
+        return "stopped", ""
+    return status, why
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"

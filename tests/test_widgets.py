@@ -1,0 +1,443 @@
+"""The hardware picker and the run dashboard: their logic in this process, then in a real kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import threading
+import time
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+from nbfabric import Fabric, RankError
+from nbfabric.channel import Metrics
+from nbfabric.devices import GpuInfo, Hardware, detect_hardware
+from nbfabric.notebook import chart
+from nbfabric.notebook.dashboard import LOG_LINES, Dashboard
+from nbfabric.notebook.picker import Picker
+from nbfabric.user_config import load_defaults
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+# ----------------------------------------------------------------- in this process
+@pytest.fixture(scope="module")
+def fonts_loaded():
+    """matplotlib keeps the font files it opened; open them before a test counts file descriptors."""
+    series = chart.MetricSeries()
+    series.add(0, [("loss", 1.0, 0, 0.0)])
+    chart.draw(series.series)
+
+
+def _train(fabric):
+    for step in range(5):
+        fabric.log("loss", 1.0 / (step + 1) + fabric.global_rank, step=step)
+    for i in range(LOG_LINES + 50):
+        print(f"<line {i}> from {fabric.global_rank}")
+    return fabric.world_size
+
+
+def test_the_dashboard_shows_status_a_capped_log_and_a_chart(fonts_loaded, no_leaks):
+    fabric = Fabric(accelerator="cpu", devices=2)
+    dashboard = Dashboard(fabric.config)
+    assert dashboard.rank_status == {0: ("starting", ""), 1: ("starting", "")}
+    assert fabric.start_ranks(_train, sink=dashboard) == 2
+    dashboard.finish(None)
+    assert dashboard.state == "done"
+    assert dashboard.rank_status == {0: ("done", ""), 1: ("done", "")}
+    log = dashboard.log.value
+    assert log.count("[rank ") == LOG_LINES
+    assert f"&lt;line {LOG_LINES + 49}&gt; from " in log and "<line" not in log
+    dashboard.log_filter.value = 1
+    assert dashboard.log.value.count("[rank 1]") == LOG_LINES and "[rank 0]" not in dashboard.log.value
+    assert f"&lt;line {LOG_LINES + 49}&gt; from 1" in dashboard.log.value
+    rank_zero_chart = dashboard.chart.value
+    assert png_size(rank_zero_chart) == (304, 200)
+    dashboard.chart_ranks.value = True
+    assert dashboard.chart.value != rank_zero_chart
+    summary = dashboard.summary()
+    assert "--devices=2" in summary and ": done after " in summary
+    assert "rank 1: done (350 lines)" in summary and "loss=0.2 (step 4)" in summary
+    assert f"[rank 0] <line {LOG_LINES + 49}> from 0" in summary and f"[rank 1] <line {LOG_LINES + 49}> from 1" in summary
+
+
+def _fail_on_rank_one(fabric):
+    if fabric.global_rank == 1:
+        raise ValueError("broken on purpose")
+    time.sleep(60)
+
+
+def test_a_failed_rank_shows_its_reason_and_the_stopped_one(fonts_loaded, no_leaks):
+    fabric = Fabric(accelerator="cpu", devices=2)
+    dashboard = Dashboard(fabric.config)
+    with pytest.raises(RankError) as raised:
+        fabric.start_ranks(_fail_on_rank_one, sink=dashboard)
+    dashboard.finish(raised.value)
+    assert dashboard.state == "failed"
+    assert dashboard.rank_status == {0: ("stopped", ""), 1: ("failed", "ValueError: broken on purpose")}
+    assert "ValueError: broken on purpose" in dashboard.status.value
+    assert "rank 1: failed: ValueError: broken on purpose" in dashboard.summary()
+
+
+def _sleep(fabric):
+    print("working", flush=True)
+    time.sleep(60)
+
+
+def test_a_stop_request_ends_every_rank_like_an_interrupt(fonts_loaded, no_leaks):
+    fabric = Fabric(accelerator="cpu", devices=2)
+    dashboard = Dashboard(fabric.config)
+    timer = threading.Timer(1.0, dashboard.request_stop)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fabric.start_ranks(_sleep, sink=dashboard)
+    finally:
+        timer.cancel()
+        timer.join()
+    assert time.monotonic() - started < 15
+    assert dashboard.stop_button.disabled
+    dashboard.finish(KeyboardInterrupt())
+    assert dashboard.state == "stopped"
+    assert dashboard.rank_status == {0: ("stopped", ""), 1: ("stopped", "")}
+
+
+def test_the_chart_has_one_panel_per_metric_and_skips_what_is_not_a_number():
+    series = chart.MetricSeries()
+    series.add(1, [("loss", 2.0, None, 0.0), ("loss", 1.5, None, 0.0), ("note", "text", 0, 0.0)])
+    series.add(0, [("loss", 1.0, 10, 0.0), ("acc", 0.5, 10, 0.0)])
+    assert series.series["loss"][1] == ([0, 1], [2.0, 1.5]) and "note" not in series.series
+    assert series.shown(False) == {"loss": {0: ([10], [1.0])}, "acc": {0: ([10], [0.5])}}
+    assert series.last_values() == {"loss": (10, 1.0), "acc": (10, 0.5)}
+    assert png_size(chart.draw(series.shown(True))) == (608, 200)
+    series.add(0, [("lr", 0.1, 1, 0.0), ("grad", 3.0, 1, 0.0)])
+    assert png_size(chart.draw(series.shown(True))) == (912, 400)
+
+
+GPUS = Hardware(cpu_count=8, gpus=(GpuInfo(0, "NVIDIA H100", 80 << 30), GpuInfo(1, "NVIDIA H100", 80 << 30)), mps=False)
+
+
+def test_the_picker_offers_what_the_machine_has_and_applies_valid_choices(tmp_path):
+    magics = SimpleNamespace(defaults={"timeout": 60})
+    picker = Picker(magics, tmp_path / "defaults.json", hardware=GPUS)
+    assert [value for _, value in picker.accelerator.options] == ["cuda", "cpu"]
+    assert "NVIDIA H100 (80 GiB)" in picker.accelerator.options[0][0]
+    assert picker.devices.value == "2" and "16-mixed" in picker.precision.options
+    picker.devices.value = "1,"
+    assert "<code>%%fabric --accelerator=cuda --devices=1, --strategy=single_device" in picker.magic_line.value
+    assert "nbfabric run train.py --accelerator=cuda --devices=1," in picker.command.value
+    assert magics.defaults == {"timeout": 60, "accelerator": "cuda", "devices": [1], "strategy": "auto", "precision": "32-true", "num_nodes": 1}
+    picker.precision.value = "16-mixed"
+    picker.accelerator.value = "cpu"
+    assert "16-mixed" not in picker.precision.options and picker.precision.value == "32-true"
+    assert "16-mixed&#x27; is not available on CPU" in picker.precision_note.value
+    assert "lists GPU indices" in picker.error and picker.save_button.disabled
+    assert magics.defaults["accelerator"] == "cuda"  # an invalid combination changes nothing
+    picker.devices.value = "4"
+    assert picker.error is None and magics.defaults["devices"] == 4 and magics.defaults["accelerator"] == "cpu"
+
+
+def test_the_picker_saves_its_choice_and_keeps_other_saved_settings(tmp_path):
+    path = tmp_path / "defaults.json"
+    path.write_text(json.dumps({"start_method": "spawn"}))
+    picker = Picker(None, path)
+    picker.accelerator.value = "cpu"
+    picker.devices.value = "2"
+    picker.num_nodes.value = 2
+    picker.save()
+    assert f"saved to <code>{path}</code>" in picker.save_status.value
+    assert load_defaults(path) == {
+        "start_method": "spawn", "accelerator": "cpu", "devices": 2, "strategy": "auto", "precision": "32-true", "num_nodes": 2
+    }
+    picker.strategy.value = "ddp_fork"  # the saved start method is spawn
+    assert "conflicts with start_method='spawn'" in picker.error and picker.save_button.disabled
+    picker.strategy.value = "ddp"
+    picker.config_path = tmp_path / "new" / "defaults.json"
+    picker.save()
+    assert load_defaults(picker.config_path)["strategy"] == "ddp"
+
+
+def test_a_choice_this_machine_cannot_run_is_not_saved(tmp_path):
+    if detect_hardware().cuda_count:
+        pytest.skip("this machine has a CUDA GPU")
+    picker = Picker(None, tmp_path / "defaults.json", hardware=GPUS)
+    picker.save()
+    assert "not saved: accelerator=&#x27;cuda&#x27; needs a CUDA GPU" in picker.save_status.value
+    assert not (tmp_path / "defaults.json").exists()
+
+
+# ----------------------------------------------------------------- in a kernel
+class Kernel:
+    """One kernel whose settings file is `config`; `run` returns every message the cell caused."""
+
+    def __init__(self, config):
+        env = {**os.environ, "NBFABRIC_CONFIG": str(config)}
+        self.manager, self.client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"], env=env)
+        self.pid = self.manager.provisioner.pid
+        self.run("%load_ext nbfabric\nimport nbfabric\n_magics = get_ipython().magics_manager.registry['FabricMagics']")
+
+    def run(self, code: str, timeout: float = 120, on_message=None, stop_on_error: bool = True) -> Cell:
+        messages = []
+
+        def collect(message):
+            messages.append(message)
+            if on_message is not None:
+                on_message(message)
+
+        reply = self.client.execute_interactive(textwrap.dedent(code), output_hook=collect, timeout=timeout, stop_on_error=stop_on_error)
+        return Cell(messages, reply["content"])
+
+    def value(self, expression: str) -> str:
+        cell = self.run(expression)
+        assert cell.error is None, cell.error
+        return cell.result
+
+    def click(self, comm_id: str) -> None:
+        """What a browser sends when a button is clicked."""
+        content = {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}
+        self.client.shell_channel.send(self.client.session.msg("comm_msg", content))
+
+    def children(self) -> list[int]:
+        return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+
+    def close(self):
+        for pid in self.children():
+            psutil.Process(pid).kill()
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+class Cell:
+    def __init__(self, messages: list[dict], reply: dict):
+        self.messages = messages
+        self.execution_count = reply.get("execution_count")
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [m["content"] for m in self.messages if m["msg_type"] == kind]
+
+    def stream(self, name: str) -> str:
+        return "".join(c["text"] for c in self.of_type("stream") if c["name"] == name)
+
+    @property
+    def result(self) -> str | None:
+        results = self.of_type("execute_result")
+        return results[0]["data"]["text/plain"] if results else None
+
+    @property
+    def error(self) -> dict | None:
+        errors = self.of_type("error")
+        return errors[0] if errors else None
+
+    def shown(self) -> list[dict]:
+        """The data of each display, after the updates to it."""
+        return [c["data"] for c in self.of_type("display_data")]
+
+    def updates(self) -> list[dict]:
+        return [c["data"] for c in self.of_type("update_display_data")]
+
+    def stop_button(self) -> str:
+        for content in self.of_type("comm_open"):
+            state = content["data"].get("state", {})
+            if state.get("_model_name") == "ButtonModel" and state.get("description") == "Stop":
+                return content["comm_id"]
+        raise AssertionError("no Stop button was shown")
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("settings") / "defaults.json"
+
+
+@pytest.fixture(scope="module")
+def kernel(config_file):
+    kernel = Kernel(config_file)
+    yield kernel
+    kernel.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_defaults(request, config_file):
+    """Each kernel test starts with no saved or %fabric defaults, and leaves no rank behind."""
+    if "kernel" not in request.fixturenames:
+        yield
+        return
+    kernel = request.getfixturevalue("kernel")
+    config_file.unlink(missing_ok=True)
+    kernel.run("_magics.defaults.clear()")
+    yield
+    deadline = time.monotonic() + 5
+    while kernel.children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kernel.children() == []
+
+
+CPU2 = "%%fabric --accelerator=cpu --devices=2"
+
+
+def test_the_picker_in_a_kernel_sets_the_next_cells_defaults_and_saves_them(kernel, config_file):
+    shown = kernel.run("p = nbfabric.picker()\np")
+    assert "application/vnd.jupyter.widget-view+json" in shown.of_type("execute_result")[0]["data"]
+    assert shown.result.startswith("nbfabric picker (") and "CPU cores" in shown.result
+    assert kernel.value("[value for _, value in p.accelerator.options]") == repr(list(detect_hardware().accelerators()))
+    kernel.run("p.accelerator.value = 'cpu'; p.devices.value = '2'")
+    assert kernel.value("p.error is None") == "True"
+    assert kernel.value("%%fabric --no-widgets\nfabric.world_size") == "2"
+    kernel.run("p.strategy.value = 'single_device'")
+    assert "runs one process" in kernel.value("p.error") and "✗" in kernel.value("p.message.value")
+    assert kernel.value("%%fabric --no-widgets\nfabric.world_size") == "2"
+    kernel.run("p.strategy.value = 'auto'; p.save()")
+    assert load_defaults(config_file) == {"accelerator": "cpu", "devices": 2, "strategy": "auto", "precision": "32-true", "num_nodes": 1}
+    kernel.run("_magics.defaults.clear()")
+    assert kernel.value("%%fabric --no-widgets\nfabric.world_size") == "2"
+    assert "--accelerator=cpu --devices=2 --strategy=ddp" in kernel.run("%fabric").stream("stdout")
+    assert "widget-view" in json.dumps(kernel.run("%fabric --picker").shown())
+
+
+def test_saved_defaults_are_the_lowest_layer(kernel, config_file):
+    config_file.write_text(json.dumps({"accelerator": "cpu", "devices": 2, "precision": "bf16-mixed"}))
+    assert kernel.value("%%fabric --no-widgets\n(fabric.world_size, fabric.config.precision)") == "(2, 'bf16-mixed')"
+    kernel.run("%fabric --devices=1")
+    assert kernel.value("%%fabric --no-widgets\n(fabric.world_size, fabric.config.precision)") == "(1, 'bf16-mixed')"
+    assert kernel.value("%%fabric --no-widgets --precision=32\n(fabric.world_size, fabric.config.precision)") == "(1, '32-true')"
+    config_file.write_text("{broken")
+    assert "cannot read the nbfabric settings file" in kernel.run("%%fabric\n1").stream("stderr")
+
+
+def test_a_run_shows_a_dashboard_then_leaves_a_text_summary_and_a_png(kernel):
+    cell = kernel.run(
+        f"""
+        {CPU2}
+        for step in range(10):
+            fabric.log("loss", 1.0 / (step + 1), step=step)
+            print(f"step {{step}} on {{fabric.global_rank}}")
+        fabric.world_size
+        """
+    )
+    assert cell.error is None, cell.error
+    assert cell.result == "2"
+    assert cell.stream("stdout") == ""
+    live, summary, chart_png = cell.shown()
+    assert "application/vnd.jupyter.widget-view+json" in live
+    # the dashboard's text form and its replacement are both empty, so nbval (which applies no
+    # update) and a saved notebook see the same outputs
+    assert live["text/plain"] == "" and cell.updates() == [{"text/plain": ""}]
+    assert set(summary) == {"text/plain"}
+    text = summary["text/plain"]
+    assert ": done after " in text and "rank 0: done (10 lines)" in text and "rank 1: done (10 lines)" in text
+    assert "loss=0.1 (step 9)" in text and "[rank 0] step 9 on 0\n    [rank 1] step 7 on 1" in text
+    assert set(chart_png) == {"image/png", "text/plain"}
+    assert len(chart_png["image/png"]) < 100_000
+    assert len(cell.of_type("comm_open")) == len(cell.of_type("comm_close"))  # no widget state is left
+
+
+def test_no_widgets_shows_tagged_text_lines(kernel):
+    cell = kernel.run(f"{CPU2} --no-widgets\nprint('hello from', fabric.global_rank)")
+    assert "[rank 0] hello from 0\n" in cell.stream("stdout") and "[rank 1] hello from 1\n" in cell.stream("stdout")
+    assert cell.shown() == [] and cell.of_type("comm_open") == []
+
+
+def test_the_stop_button_ends_a_running_cell_and_requests_sent_meanwhile_run_after_it(kernel):
+    seen, clicked = [], []
+
+    def click_once_working(message):
+        seen.append(message)
+        value = message["content"].get("data", {}).get("state", {}).get("value")
+        if not clicked and isinstance(value, str) and "working" in value:
+            clicked.append(time.monotonic())
+            kernel.client.execute("seen_duration = run.duration")  # queued while the cell runs
+            kernel.click(Cell(seen, {}).stop_button())
+
+    code = f"{CPU2} --out run\nimport time\nprint('working', flush=True)\ntime.sleep(120)"
+    cell = kernel.run(code, timeout=60, on_message=click_once_working, stop_on_error=False)
+    assert clicked, "the dashboard never showed the rank's line"
+    assert time.monotonic() - clicked[0] < 15
+    assert cell.error["ename"] == "KeyboardInterrupt"
+    assert ": stopped after " in cell.shown()[1]["text/plain"]
+    assert kernel.value("type(seen_duration).__name__") == "'float'"  # ran after the cell, not during it
+
+
+def test_a_background_run_returns_at_once_and_wait_brings_back_its_names(kernel):
+    started = time.monotonic()
+    launched = kernel.run(
+        f"""
+        {CPU2} --background
+        import time
+        for step in range(8):
+            fabric.log("loss", 1.0 / (step + 1), step=step)
+            print("step", step, flush=True)
+            time.sleep(0.3)
+        answer = 40 + fabric.world_size
+        answer
+        """
+    )
+    assert time.monotonic() - started < 2.5
+    assert launched.error is None and launched.result is None
+    assert "widget-view" in json.dumps(launched.shown())
+    refused = kernel.run(f"{CPU2}\nprint('second')")
+    assert f"the background run of cell [{launched.execution_count}]" in refused.stream("stderr")
+    assert "is still running; %fabric wait waits for it, %fabric stop ends it" in refused.stream("stderr")
+    deadline = time.monotonic() + 20
+    while "step 1" not in kernel.value("_magics.background.view.log.value") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kernel.value("_magics.background.view.state") == "'running'"  # updated from the run's thread
+    assert kernel.value("_magics.background.view.rank_status") == "{0: ('running', ''), 1: ('running', '')}"
+    waited = kernel.run("%fabric wait")
+    assert waited.error is None, waited.error
+    assert waited.result == "42"
+    assert kernel.value("answer") == "42"
+    summary, png = waited.shown()
+    assert ": done after " in summary["text/plain"] and "image/png" in png
+    assert waited.updates() == [{"text/plain": ""}]
+    assert "no background run" in kernel.run("%fabric wait").stream("stderr")
+
+
+def test_a_background_run_ends_by_its_stop_button_or_by_fabric_stop(kernel):
+    long_run = f"{CPU2} --background\nimport time\nprint('working', flush=True)\ntime.sleep(120)"
+    launched = kernel.run(long_run)
+    time.sleep(1)
+    kernel.click(launched.stop_button())
+    waited = kernel.run("%fabric wait", timeout=30)
+    assert waited.error["ename"] == "KeyboardInterrupt"
+    assert ": stopped after " in waited.shown()[0]["text/plain"]
+    kernel.run(f"{long_run.splitlines()[0]} --no-widgets\nimport time\ntime.sleep(120)")
+    deadline = time.monotonic() + 10
+    while len(kernel.children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(kernel.children()) >= 2
+    stopped = kernel.run("%fabric stop", timeout=30)
+    assert "stopped the background run of cell [" in stopped.stream("stdout")
+    assert kernel.children() == []
+    assert "no background run" in kernel.run("%fabric stop").stream("stderr")
+
+
+def test_two_ranks_printing_100k_lines_each_are_all_delivered_quickly(kernel):
+    code = f"{CPU2} --out run{{}}\nfor i in range(100_000):\n    print('line', i)"
+    timings = {}
+    for flags in ("", " --no-widgets"):
+        started = time.monotonic()
+        cell = kernel.run(code.format(flags))
+        timings[flags] = time.monotonic() - started
+        assert cell.error is None, cell.error
+        assert kernel.value("len(run.lines)") == "200000"
+    assert timings[""] < 1.5 * timings[" --no-widgets"] + 1.0, timings
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("%%fabric --picker\n1", "--picker belongs on a %fabric line"),
+        ("%fabric --background", "--background belongs on a %%fabric cell"),
+        ("%fabric wait --devices=2", "%fabric wait takes no flags"),
+        ("%fabric --config=x.json", "use it with --picker"),
+    ],
+)
+def test_misplaced_flags_are_refused(kernel, code, message):
+    assert message in kernel.run(code).stream("stderr")
