@@ -9,8 +9,8 @@ from test_magic import Kernel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    kernel = Kernel()
+def kernel(tmp_path_factory):
+    kernel = Kernel(tmp_path_factory.mktemp("settings") / "none.json")
     yield kernel
     kernel.close()
 
