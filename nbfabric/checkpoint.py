@@ -9,15 +9,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from nbfabric.wrappers import unwrap
 
@@ -36,6 +27,8 @@ def to_state(state: dict[str, Any]) -> dict[str, Any]:
 def distributed_state(state: dict[str, Any], *, full: bool) -> dict[str, Any]:
     """Like `to_state`, through torch.distributed.checkpoint's state-dict functions, which also
     understand sharded modules: full tensors on the CPU (`full=True`, a collective) or local shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
     options = StateDictOptions(full_state_dict=full, cpu_offload=full)
     modules = _modules(state)
     converted = {}
@@ -68,6 +61,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 def save_sharded(path: str | os.PathLike, state: dict[str, Any], is_global_zero: bool, barrier: Callable[[], None]) -> None:
     """Every rank writes its shards into a temporary directory; rank 0 then puts it in place of `path`."""
+    import torch.distributed.checkpoint as dcp
+
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     objects, extras = _split(state)
@@ -95,6 +90,8 @@ def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: 
         return checkpoint
     _check_keys(path, state, checkpoint, strict)
     modules = _modules(state)
+    if any(isinstance(unwrap(value), (torch.nn.Module, torch.optim.Optimizer)) for value in state.values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     for key in [key for key in state if key in checkpoint]:
         target = unwrap(state[key])
         if isinstance(target, torch.nn.Module):
@@ -111,6 +108,10 @@ def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: 
 
 
 def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_only: bool) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     objects, extras = _split(state)
     if objects:
         loaded = distributed_state(objects, full=False)

@@ -99,9 +99,12 @@ def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, int, in
         os._exit(code)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
 
@@ -112,13 +115,14 @@ def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
     for source, target in ((devnull, 0), (stdout_fd, 1), (stderr_fd, 2)):
         os.dup2(source, target)
         os.close(source)
-    inherited = {id(stream): name for name in ("stdout", "stderr") for stream in (getattr(sys, name), getattr(sys, f"__{name}__"))}
+    inherited = [(getattr(sys, name), name) for name in ("stdout", "stderr", "__stdout__", "__stderr__")]
     sys.stdin = open(0, closefd=False, encoding="utf-8")  # noqa: SIM115
     sys.stdout = sys.__stdout__ = _text_stream(1)
     sys.stderr = sys.__stderr__ = _text_stream(2)
     for handler in _stream_handlers():
-        if id(handler.stream) in inherited:
-            handler.setStream(getattr(sys, inherited[id(handler.stream)]))
+        for stream, name in inherited:  # the old streams stay referenced here, so identity is safe
+            if handler.stream is stream:
+                handler.setStream(getattr(sys, name.strip("_")))
 
 
 def _stream_handlers() -> list[logging.StreamHandler]:

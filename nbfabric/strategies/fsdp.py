@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from nbfabric import checkpoint
+from nbfabric.launcher.environment import preserved_environment
 from nbfabric.strategies.ddp import DDPStrategy
 
 STATE_DICT_TYPES = ("full", "sharded")
@@ -52,6 +51,13 @@ class FSDPStrategy(DDPStrategy):
         self.precision = precision
         self._sharded_parameters: dict[int, torch.nn.Parameter] = {}  # id(original) -> its sharded successor
 
+    def preload(self) -> None:
+        """FSDP and its checkpoint functions take about a second to import: once, before forking."""
+        super().preload()
+        with preserved_environment():
+            import torch.distributed.checkpoint.state_dict  # noqa: F401
+            import torch.distributed.fsdp  # noqa: F401
+
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Shard `module` in place; `fully_shard` gives it new (sharded) parameter objects."""
         originals = dict(module.named_parameters())
@@ -66,6 +72,9 @@ class FSDPStrategy(DDPStrategy):
         return optimizer
 
     def _shard(self, module: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
         mesh = init_device_mesh(self.device.type, (torch.distributed.get_world_size(),))
         settings = {"mesh": mesh, "reshard_after_forward": self.options.reshard_after_forward}
         if self.precision in _MIXED_DTYPES:
