@@ -12,11 +12,13 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -118,7 +120,9 @@ def handwritten_train(rank: int, store: str, report: str) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD_SIZE)
-    summary = ddp_loop(rank)  # the DDP model is freed here, before the group (as in nbfabric)
+    # The DDP model dies with ddp_loop, before the group is destroyed, as in nbfabric: a DDP
+    # Reducer that holds the last reference to a gloo group can hang in its destructor at exit.
+    summary = ddp_loop(rank)
     if rank == 0:
         Path(report).write_text(json.dumps(summary))
     dist.destroy_process_group()
@@ -173,14 +177,27 @@ def run_handwritten_train() -> dict:
 # ----------------------------------------------------------------------------- measuring
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    """Wall-clock milliseconds of `fn()` in this process, and what it returned."""
-    start = time.perf_counter()
+@dataclass
+class Sample:
+    """One run: wall clock in this process, and CPU time (user + system) its reaped ranks used."""
+
+    wall_ms: float
+    rank_cpu_ms: float
+
+
+def children_cpu_ms() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * 1e3
+
+
+def timed(fn: Callable[[], object]) -> tuple[Sample, object]:
+    """Run `fn()`; what it cost, and what it returned."""
+    cpu, start = children_cpu_ms(), time.perf_counter()
     value = fn()
-    return (time.perf_counter() - start) * 1e3, value
+    return Sample((time.perf_counter() - start) * 1e3, children_cpu_ms() - cpu), value
 
 
-def attempt(name: str, fn: Callable[[], object], failures: dict[str, list[str]]) -> tuple[float, object]:
+def attempt(name: str, fn: Callable[[], object], failures: dict[str, list[str]]) -> tuple[Sample, object]:
     """`timed(fn)`, run again when it raises; each failure is recorded under `name`."""
     for _ in range(ATTEMPTS):
         try:
@@ -194,16 +211,24 @@ def measure(contenders: dict[str, Callable[[], object]], runs: int):
     """One warm-up call each, then `runs` rounds; each round calls every contender once,
     in an order that reverses every other round so drift hits all of them alike.
 
-    Returns the times (ms), each contender's last return value, and its failed attempts."""
+    Returns the samples, each contender's last return value, and its failed attempts."""
     names = list(contenders)
     failures: dict[str, list[str]] = {name: [] for name in names}
     last = {name: attempt(name, contenders[name], failures)[1] for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
     for round_index in range(runs):
         for name in names if round_index % 2 == 0 else reversed(names):
-            elapsed, last[name] = attempt(name, contenders[name], failures)
-            times[name].append(elapsed)
-    return times, last, failures
+            sample, last[name] = attempt(name, contenders[name], failures)
+            samples[name].append(sample)
+    return samples, last, failures
+
+
+def wall(samples: dict[str, list[Sample]]) -> dict[str, list[float]]:
+    return {name: [s.wall_ms for s in runs] for name, runs in samples.items()}
+
+
+def rank_cpu(samples: dict[str, list[Sample]]) -> dict[str, list[float]]:
+    return {name: [s.rank_cpu_ms for s in runs] for name, runs in samples.items()}
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
@@ -222,13 +247,16 @@ def describe_paired(paired: dict[str, float]) -> str:
     return f"per-round ratio median {paired['median']:.3f} (quartiles {paired['q1']:.3f}-{paired['q3']:.3f})"
 
 
-def print_table(title: str, times: dict[str, list[float]], failures: dict[str, list[str]]) -> None:
+def print_table(title: str, samples: dict[str, list[Sample]], failures: dict[str, list[str]]) -> None:
+    """Wall clock statistics per contender, the median CPU time of its ranks, and failed runs."""
     print(f"\n{title}")
-    print(f"  {'contender':<42}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'max/med':>9}{'failed':>8}")
-    for name, samples in times.items():
-        s = summarize(samples)
+    print(f"  {'contender':<42}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'max/med':>9}"
+          f"{'rank CPU ms':>13}{'failed':>8}")
+    cpu = rank_cpu(samples)
+    for name, times in wall(samples).items():
+        s = summarize(times)
         print(f"  {name:<42}{s['median_ms']:>11.1f}{s['min_ms']:>9.1f}{s['max_ms']:>9.1f}"
-              f"{s['max_over_median']:>9.2f}{len(failures[name]):>8}")
+              f"{s['max_over_median']:>9.2f}{statistics.median(cpu[name]):>13.1f}{len(failures[name]):>8}")
     for name, messages in failures.items():
         for message in messages:
             print(f"  failed run of {name}: {message[:160]}")
@@ -253,8 +281,9 @@ def report_launch(times: dict[str, list[float]]) -> dict:
             "median_bar_ok": median_ok, "spread_bar_ok": spread_ok}
 
 
-def report_train(times: dict[str, list[float]], results: dict[str, dict]) -> dict:
+def report_train(times: dict[str, list[float]], cpu: dict[str, list[float]], results: dict[str, dict]) -> dict:
     fabric, hand = summarize(times["nbfabric DDP loop"]), summarize(times["hand-written DDP loop"])
+    cpu_ratio = statistics.median(cpu["nbfabric DDP loop"]) / statistics.median(cpu["hand-written DDP loop"])
     ratio = fabric["median_ms"] / hand["median_ms"]
     paired = paired_ratios(times["nbfabric DDP loop"], times["hand-written DDP loop"])
     losses = {name: result["loss"] for name, result in results.items()}
@@ -263,12 +292,14 @@ def report_train(times: dict[str, list[float]], results: dict[str, dict]) -> dic
     same_threads = len({r["threads"] for r in results.values()}) == 1
     print(f"  ratio nbfabric/hand-written (medians): {ratio:.3f}; bar <= {TRAIN_RATIO_BAR}: "
           f"{verdict(ratio <= TRAIN_RATIO_BAR)}; {describe_paired(paired)}")
+    print(f"  ratio of the ranks' median CPU time (less sensitive to other load): {cpu_ratio:.3f}")
     for name, result in results.items():
         print(f"  {name}: final loss {result['loss']:.6f}, {result['steps']} steps/rank, "
               f"{result['threads']} intra-op thread(s)/rank")
     print(f"  same work (|loss difference| {difference:.1e} <= {LOSS_TOLERANCE:.0e}, equal steps): {verdict(same_work)}; "
           f"equal threads: {verdict(same_threads)}")
-    return {"ratio": ratio, "paired_ratio": paired, "ratio_bar_ok": ratio <= TRAIN_RATIO_BAR, "loss_difference": difference,
+    return {"ratio": ratio, "paired_ratio": paired, "rank_cpu_ratio": cpu_ratio, "ratio_bar_ok": ratio <= TRAIN_RATIO_BAR,
+            "loss_difference": difference,
             "same_work": same_work, "same_threads": same_threads, "final": results}
 
 
@@ -307,8 +338,8 @@ def train_contenders() -> dict[str, Callable[[], object]]:
 def main() -> None:
     global DATASET, EPOCHS
     args = parse_args()
-    if args.runs < 1:
-        sys.exit("--runs must be at least 1")
+    if args.runs < 2 or args.epochs < 1:
+        sys.exit("--runs must be at least 2 and --epochs at least 1")
     DATASET, EPOCHS = make_dataset(), args.epochs
     threads = baseline_threads()
     thread_rule = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} set by the user: both contenders keep it"
@@ -321,14 +352,14 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     print(f"1-minute load average before: {load_before:.2f} (other work on these cores skews the timings)")
 
-    launch_times, _, launch_failures = measure(launch_contenders(), args.runs)
-    print_table("1. empty 2-rank launch (wall clock in the parent)", launch_times, launch_failures)
-    launch_report = report_launch(launch_times)
+    launch_samples, _, launch_failures = measure(launch_contenders(), args.runs)
+    print_table("1. empty 2-rank launch (wall clock in the parent)", launch_samples, launch_failures)
+    launch_report = report_launch(wall(launch_samples))
 
-    train_times, train_results, train_failures = measure(train_contenders(), args.runs)
+    train_samples, train_results, train_failures = measure(train_contenders(), args.runs)
     print_table(f"2. DDP loop: MLP {FEATURES}-{HIDDEN}-{HIDDEN}-{CLASSES}, {SAMPLES} samples, batch {BATCH_SIZE}, "
-                f"{EPOCHS} epochs, SGD (launch to return)", train_times, train_failures)
-    train_report = report_train(train_times, train_results)
+                f"{EPOCHS} epochs, SGD (launch to return)", train_samples, train_failures)
+    train_report = report_train(wall(train_samples), rank_cpu(train_samples), train_results)
     load_after = os.getloadavg()[0]
     print(f"\n1-minute load average after: {load_after:.2f}")
 
@@ -338,13 +369,15 @@ def main() -> None:
                         "load_average_1min": {"before": load_before, "after": load_after}},
         "runs": args.runs,
         "epochs": EPOCHS,
-        "launch": {"times_ms": launch_times, "failures": launch_failures,
-                   "summary": {n: summarize(t) for n, t in launch_times.items()},
-                   **launch_report},
-        "train": {"times_ms": train_times, "failures": train_failures,
-                  "summary": {n: summarize(t) for n, t in train_times.items()},
-                  **train_report},
+        "launch": section_results(launch_samples, launch_failures, launch_report),
+        "train": section_results(train_samples, train_failures, train_report),
     })
+
+
+def section_results(samples: dict[str, list[Sample]], failures: dict[str, list[str]], report: dict) -> dict:
+    times = wall(samples)
+    return {"times_ms": times, "rank_cpu_ms": rank_cpu(samples), "failures": failures,
+            "summary": {name: summarize(t) for name, t in times.items()}, **report}
 
 
 if __name__ == "__main__":
