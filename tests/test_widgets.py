@@ -360,6 +360,7 @@ def test_the_stop_button_ends_a_running_cell_and_requests_sent_meanwhile_run_aft
     assert clicked, "the dashboard never showed the rank's line"
     assert time.monotonic() - clicked[0] < 15
     assert cell.error["ename"] == "KeyboardInterrupt"
+    assert cell.error["traceback"] == ["KeyboardInterrupt: every rank was stopped"]  # not the launcher's frames
     assert ": stopped after " in cell.shown()[1]["text/plain"]
     assert kernel.value("type(seen_duration).__name__") == "'float'"  # ran after the cell, not during it
 

@@ -21,6 +21,7 @@ LOG_LINES = 300  # lines the log widget keeps (the run record keeps them all)
 SUMMARY_LINES = 3  # last lines of each rank quoted in the static summary
 RENDER_EVERY = 0.25  # seconds between two updates of the status and the log
 CHART_EVERY = 0.5  # seconds between two redraws of the chart
+ALL = "all"  # the log filter's value for every rank
 _COLORS = {"starting": "#888", "running": "#1a73e8", "done": "#188038", "failed": "#c5221f", "stopped": "#b06000", "not started": "#888"}
 
 
@@ -57,22 +58,27 @@ class Dashboard(Sink):
         self.status = widgets.HTML()
         shown = sorted(ranks) if ranks is not None else sorted(self._status)
         self.log_filter = widgets.Dropdown(
-            options=[("all ranks", None)] + [(f"rank {rank}", rank) for rank in shown],
-            value=shown[0] if ranks is not None and len(ranks) == 1 else None,
+            options=[("all ranks", ALL)] + [(f"rank {rank}", rank) for rank in shown],
+            value=shown[0] if ranks is not None and len(ranks) == 1 else ALL,
             description="log",
-            layout=widgets.Layout(width="180px"),
+            style={"description_width": "30px"},
+            layout=widgets.Layout(width="170px"),
         )
-        self.chart_ranks = widgets.ToggleButtons(options=[("rank 0", False), ("all ranks", True)], description="chart")
-        self.chart_ranks.style.button_width = "80px"
+        self.chart_ranks = widgets.ToggleButtons(
+            options=[("rank 0", False), ("all ranks", True)],
+            description="chart",
+            style={"button_width": "80px", "description_width": "50px"},
+            layout=widgets.Layout(width="auto"),
+        )
         for control in (self.log_filter, self.chart_ranks):
             control.observe(self._on_view_change, names="value")
         self.log = widgets.HTML()
-        self.chart = widgets.Image(format="png", layout=widgets.Layout(display="none", max_width="100%"))
+        self.chart = widgets.Image(format="png", layout=widgets.Layout(display="none", width="auto", max_width="100%", align_self="flex-start"))
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.header, self.stop_button], layout=widgets.Layout(justify_content="space-between", align_items="center")),
                 self.status,
-                widgets.HBox([self.log_filter, self.chart_ranks]),
+                widgets.HBox([self.log_filter, self.chart_ranks], layout=widgets.Layout(align_items="center")),
                 self.log,
                 self.chart,
             ],
@@ -220,7 +226,7 @@ class Dashboard(Sink):
 
     def _log_html(self) -> str:
         rank = self.log_filter.value
-        entries = self._tail if rank is None else self._rank_tails.get(rank, ())
+        entries = self._tail if rank == ALL else self._rank_tails.get(rank, ())
         text = "\n".join(
             f"<span style='color:{'#c5221f' if stream == 'stderr' else '#5f6368'}'>[rank {r}]</span> {html.escape(line)}"
             for r, stream, line in entries

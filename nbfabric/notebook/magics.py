@@ -100,7 +100,7 @@ class FabricMagics(Magics):
         try:
             returned = launch()
         except BaseException as error:
-            record.error = error
+            record.error = _shown_briefly(error)
             raise
         finally:
             record.duration = time.time() - record.started
@@ -191,6 +191,8 @@ class FabricMagics(Magics):
         run = self._background_run()
         try:
             returned = run.wait()
+        except BaseException as error:
+            raise _shown_briefly(error)
         finally:
             if not run.running:
                 self.background = None
@@ -209,6 +211,13 @@ def widgets_can_render(shell: Any) -> bool:
     except ImportError:
         return False
     return True
+
+
+def _shown_briefly(error: BaseException) -> BaseException:
+    """A stop (Stop button, interrupt) shows in IPython as one line, not as the launcher's frames."""
+    if isinstance(error, KeyboardInterrupt):
+        error._render_traceback_ = lambda: [f"KeyboardInterrupt: {error}"]
+    return error
 
 
 def _cell_number(shell: Any) -> int:

@@ -61,7 +61,9 @@ class Picker:
         self.message = widgets.HTML()
         self.magic_line = widgets.HTML()
         self.command = widgets.HTML()
-        self.save_button = widgets.Button(description="Save as my default", icon="save", tooltip="write these settings to the nbfabric settings file")
+        self.save_button = widgets.Button(
+            description="Save as default", icon="save", tooltip="write these settings to the nbfabric settings file", layout=widgets.Layout(width="auto")
+        )
         self.save_status = widgets.HTML()
         self._set_precision_options(start["precision"])
         self.save_button.on_click(lambda _: self.save())
