@@ -1,0 +1,406 @@
+"""The `nbfabric` command run as a real process: `run` on one node and on two, `env`, `install-kernel`."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+import nbfabric
+from nbfabric import cli
+
+NBFABRIC = [sys.executable, "-m", "nbfabric"]
+CPU2 = ["--accelerator=cpu", "--devices=2"]
+MARKER = "NBFABRIC_CLI_TEST_RUN"
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    """Every process whose environment carries this test's marker (ranks and torchrun's workers included)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(MARKER) == marker:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+@pytest.fixture
+def env(tmp_path):
+    """The command's environment: no settings file, no rank variables; a marker to find what it started."""
+    skipped = ("NBFABRIC_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "NODE_RANK", "GROUP_RANK", "TORCHELASTIC_")
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(skipped)}
+    environment["NBFABRIC_CONFIG"] = str(tmp_path / "no-settings.json")
+    environment[MARKER] = uuid.uuid4().hex
+    yield environment
+    deadline = time.monotonic() + 10
+    while _marked(environment[MARKER]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _marked(environment[MARKER])
+    for process in left:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, f"processes left running: {[p.pid for p in left]}"
+
+
+def nbfabric_command(*args: str, env: dict, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*NBFABRIC, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def write(path: Path, source: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ----------------------------------------------------------------- one node
+def test_each_rank_runs_the_script_as_python_would_with_tagged_output(tmp_path, env):
+    write(tmp_path / "job" / "helper.py", "VALUE = 42\n")
+    script = write(
+        tmp_path / "job" / "train.py",
+        """
+        import os, sys
+        import helper
+        print("args", sys.argv[1:], __name__, helper.VALUE, "rank", os.environ["RANK"])
+        print("warning from", os.environ["RANK"], file=sys.stderr)
+        os.write(1, b"raw write\\n")
+        """,
+    )
+    (tmp_path / "elsewhere").mkdir()
+    done = nbfabric_command("run", *CPU2, str(script), "--lr", "3", "x", env=env, cwd=tmp_path / "elsewhere")
+    assert done.returncode == 0, done.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] args ['--lr', '3', 'x'] __main__ 42 rank {rank}\n" in done.stdout
+        assert f"[rank {rank}] warning from {rank}\n" in done.stderr
+    assert done.stdout.count("] raw write\n") == 2
+
+
+def test_fabric_takes_its_settings_from_the_flags_over_the_settings_file(tmp_path, env):
+    settings = write(tmp_path / "settings.json", json.dumps({"accelerator": "cpu", "devices": 2, "precision": "64"}))
+    script = write(
+        tmp_path / "train.py",
+        """
+        from nbfabric import Fabric
+        fabric = Fabric()
+        fabric.launch()
+        total = fabric.all_reduce(fabric.global_rank + 1, reduce_op="sum")
+        print("world", fabric.world_size, fabric.config.accelerator, fabric.config.precision, "sum", int(total))
+        """,
+    )
+    done = nbfabric_command("run", "--config", str(settings), "--precision=bf16", str(script), env=env)
+    assert done.returncode == 0, done.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] world 2 cpu bf16-mixed sum 3\n" in done.stdout
+
+
+def test_a_fabric_argument_that_conflicts_with_a_flag_is_an_error(tmp_path, env):
+    script = write(tmp_path / "train.py", "from nbfabric import Fabric\nFabric(accelerator='cpu', devices=3)\n")
+    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    assert done.returncode == 1
+    assert "Fabric(devices=3) conflicts with `nbfabric run --devices=2`" in done.stderr
+
+
+def test_a_bad_flag_exits_2_naming_the_choices_and_starts_nothing(tmp_path, env):
+    script = write(tmp_path / "train.py", f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    done = nbfabric_command("run", "--accelerator=cpu", "--precision=17", str(script), env=env)
+    assert done.returncode == 2
+    assert "precision='17' is not valid; choose one of 32-true, 16-mixed, bf16-mixed" in done.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--accelerator=tpu"], "accelerator='tpu' is not valid; choose one of auto, cpu, cuda, gpu, mps"),
+        (["--devices=0"], "devices='0' is not valid"),
+        (["--num-nodes=2"], "--num-nodes=2 needs --main-address"),
+        (["--num-nodes=2", "--node-rank=2", "--main-address=h"], "--node-rank=2 is not valid with --num-nodes=2; choose 0 to 1"),
+        (["--ranks=2"], "--ranks='2' is not valid; use all, or ranks from 0 to 1"),
+        (["--timeout=0"], "--timeout=0 is not valid"),
+        (["--main-port=70000"], "--main-port=70000 is not valid"),
+        (["--config=BROKEN"], "cannot read the nbfabric settings file"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys, no_leaks, flags, message):
+    (tmp_path / "BROKEN").write_text("{not json")
+    script = write(tmp_path / "train.py", "")
+    flags = [flag.replace("BROKEN", str(tmp_path / "BROKEN")) for flag in flags]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", *CPU2, *flags, str(script)])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_script_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", *CPU2, str(tmp_path / "nowhere.py")])
+    assert exited.value.code == 2
+    assert "nowhere.py' does not exist" in capsys.readouterr().err
+
+
+def test_a_script_written_for_torchrun_runs_unchanged(tmp_path, env):
+    script = write(
+        tmp_path / "train.py",
+        """
+        import os, torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        total = torch.tensor([dist.get_rank() + 1.0])
+        dist.all_reduce(total)
+        print("rank", dist.get_rank(), "of", dist.get_world_size(), "local", os.environ["LOCAL_RANK"], "sum", int(total))
+        dist.destroy_process_group()
+        """,
+    )
+    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    assert done.returncode == 0, done.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] rank {rank} of 2 local {rank} sum 3\n" in done.stdout
+
+
+def test_a_script_written_for_accelerate_runs_unchanged(tmp_path, env):
+    pytest.importorskip("accelerate")
+    script = write(
+        tmp_path / "train.py",
+        """
+        import torch
+        from accelerate import Accelerator
+        accelerator = Accelerator(cpu=True)
+        total = accelerator.reduce(torch.tensor([accelerator.process_index + 1.0]), reduction="sum")
+        print("process", accelerator.process_index, "of", accelerator.num_processes, "sum", int(total))
+        """,
+    )
+    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    assert done.returncode == 0, done.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] process {rank} of 2 sum 3\n" in done.stdout
+
+
+FAILING = """
+import sys, time
+
+def step(rank):
+    if rank == 1:
+        {failure}
+    time.sleep(60)
+    print("rank", rank, "finished")
+
+from nbfabric import Fabric
+fabric = Fabric()
+fabric.launch()
+step(fabric.global_rank)
+"""
+
+
+@pytest.mark.parametrize(
+    "failure, status, message",
+    [
+        ("raise ValueError('bad batch 7')", 1, "rank 1 failed: ValueError: bad batch 7"),
+        ("sys.exit(3)", 3, "rank 1 failed: exited with code 3"),
+    ],
+)
+def test_a_failing_rank_stops_the_others_and_sets_the_exit_status(tmp_path, env, failure, status, message):
+    script = write(tmp_path / "train.py", FAILING.format(failure=failure))
+    started = time.monotonic()
+    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    assert time.monotonic() - started < 30
+    assert done.returncode == status
+    assert message in done.stderr
+    assert "stopped: rank 0" in done.stderr
+    assert "finished" not in done.stdout
+    if status == 1:  # the rank's own traceback, down to the line that raised
+        assert "Traceback from rank 1:" in done.stderr
+        assert f'File "{script}", line 6, in step\n    {failure}\n' in done.stderr
+
+
+def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
+    script = write(tmp_path / "train.py", "import time\ntime.sleep(60)\nprint('finished')\n")
+    started = time.monotonic()
+    done = nbfabric_command("run", *CPU2, "--timeout=1", str(script), env=env)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 124
+    assert "did not finish within timeout=1 s" in done.stderr
+    assert "finished" not in done.stdout
+
+
+def test_an_interrupt_stops_every_rank_with_status_130(tmp_path, env):
+    script = write(
+        tmp_path / "train.py",
+        f"""
+        import os, pathlib, time
+        pathlib.Path({str(tmp_path)!r}, "ready-" + os.environ["RANK"]).write_text(str(os.getpid()))
+        time.sleep(60)
+        """,
+    )
+    command = subprocess.Popen([*NBFABRIC, "run", *CPU2, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = [tmp_path / "ready-0", tmp_path / "ready-1"]
+        deadline = time.monotonic() + 30
+        while not all(path.exists() and path.read_text() for path in ready) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rank_pids = [int(path.read_text()) for path in ready]
+        command.send_signal(signal.SIGINT)
+        _, stderr = command.communicate(timeout=30)
+    finally:
+        command.kill()
+        command.wait()
+    assert command.returncode == 130
+    assert "interrupted; every rank was stopped" in stderr
+    assert not [pid for pid in rank_pids if psutil.pid_exists(pid)]
+
+
+# ----------------------------------------------------------------- two nodes on this machine
+TWO_NODES = """
+import sys
+from nbfabric import Fabric
+fabric = Fabric()
+fabric.launch()
+total = fabric.all_reduce(fabric.global_rank + 1, reduce_op="sum")
+print("rank", fabric.global_rank, "of", fabric.world_size, "on node", fabric.node_rank, "sum", int(total))
+if fabric.global_rank == int(sys.argv[1]):
+    raise ValueError("bad batch on rank " + sys.argv[1])
+fabric.barrier()
+print("rank", fabric.global_rank, "finished")
+"""
+
+
+def run_two_nodes(tmp_path: Path, env: dict, failing_rank: int) -> list[subprocess.CompletedProcess]:
+    """Two `nbfabric run` processes on loopback, 2 ranks each; returns each node's result."""
+    script = write(tmp_path / "train.py", TWO_NODES)
+    flags = [*CPU2, "--num-nodes=2", "--main-address=127.0.0.1", f"--main-port={free_port()}"]
+    env = {**env, "GLOO_SOCKET_IFNAME": "lo"}
+    nodes = [
+        subprocess.Popen(
+            [*NBFABRIC, "run", *flags, f"--node-rank={node}", str(script), str(failing_rank)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=90) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()
+    return [subprocess.CompletedProcess(node.args, node.returncode, *out) for node, out in zip(nodes, outputs)]
+
+
+def test_two_nodes_all_reduce_over_four_ranks(tmp_path, env):
+    nodes = run_two_nodes(tmp_path, env, failing_rank=-1)
+    for node, ranks in zip(nodes, ((0, 1), (2, 3))):
+        assert node.returncode == 0, node.stderr
+        for rank in ranks:
+            assert f"[rank {rank}] rank {rank} of 4 on node {rank // 2} sum 10\n" in node.stdout
+            assert f"[rank {rank}] rank {rank} finished\n" in node.stdout
+
+
+def test_a_failure_on_one_node_stops_the_other(tmp_path, env):
+    started = time.monotonic()
+    nodes = run_two_nodes(tmp_path, env, failing_rank=3)
+    assert time.monotonic() - started < 60
+    assert [node.returncode for node in nodes] == [1, 1]
+    assert "[rank 3]" in nodes[1].stderr and "ValueError: bad batch on rank 3" in nodes[1].stderr
+    assert all("finished" not in node.stdout for node in nodes)
+
+
+def test_a_node_waiting_for_the_others_stops_at_the_timeout(tmp_path, env):
+    script = write(tmp_path / "train.py", "print('started')\n")
+    flags = [*CPU2, "--num-nodes=2", "--main-address=127.0.0.1", f"--main-port={free_port()}", "--timeout=3"]
+    started = time.monotonic()
+    done = nbfabric_command("run", *flags, str(script), env=env)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 124
+    assert "did not finish within --timeout=3 s" in done.stderr
+    assert "started" not in done.stdout
+
+
+def test_torchrun_arguments_show_only_this_nodes_chosen_ranks(tmp_path):
+    config = nbfabric.RunConfig.resolve(accelerator="cpu", devices=2, num_nodes=2)
+    args = cli._parser().parse_args(["run", "--node-rank=1", "--main-address=h", "--main-port=7", "s.py", "-x"])
+    assert cli.torchrun_argv(args, config, {0, 3}, "logs")[3:] == [
+        "--rdzv-backend=static", "--master-addr=h", "--master-port=7", "--log-dir=logs",
+        "--tee=3", "--local-ranks-filter=1", "s.py", "-x",
+    ]
+    assert cli.torchrun_argv(args, config, {0}, "logs")[7] == "--redirects=3"
+
+
+# ----------------------------------------------------------------- env and install-kernel
+def test_env_reports_versions_hardware_and_settings(tmp_path, env):
+    import ipykernel
+    import ipywidgets
+    import torch
+
+    settings = write(tmp_path / "settings.json", json.dumps({"accelerator": "cpu", "devices": 2}))
+    console_script = Path(sys.executable).with_name("nbfabric")
+    done = subprocess.run([str(console_script), "env"], env={**env, "NBFABRIC_CONFIG": str(settings)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for expected in (
+        f"python: {platform.python_version()} ({console_script.with_name('python3')})",
+        f"nbfabric: {nbfabric.__version__}",
+        f"torch: {torch.__version__}",
+        f"ipykernel: {ipykernel.__version__}",
+        f"ipywidgets: {ipywidgets.__version__}",
+        f"settings file: {settings} ({json.dumps({'accelerator': 'cpu', 'devices': 2})})",
+        "settings in effect: --accelerator=cpu --devices=2 --strategy=ddp --precision=32-true",
+        f"NBFABRIC_CONFIG={settings}",
+    ):
+        assert expected in lines
+    assert any(line.startswith(f"hardware: {len(os.sched_getaffinity(0))} CPU cores") for line in lines)
+
+
+def test_installed_kernel_runs_a_fabric_cell_without_load_ext(tmp_path, env):
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    prefix = tmp_path / "prefix"
+    done = nbfabric_command("install-kernel", "--name=nbfabric-test", f"--prefix={prefix}", env=env)
+    assert done.returncode == 0, done.stderr
+    kernels = prefix / "share" / "jupyter" / "kernels"
+    assert json.loads((kernels / "nbfabric-test" / "kernel.json").read_text())["display_name"] == "Python (nbfabric)"
+
+    specs = KernelSpecManager(kernel_dirs=[str(kernels)])
+    manager = KernelManager(kernel_name="nbfabric-test", kernel_spec_manager=specs)
+    manager.start_kernel(env=env)
+    client = manager.client()
+    shown: list[str] = []  # streamed text, and the plain-text form of what the cell displayed
+    errors: list[dict] = []
+
+    def collect(message):
+        content = message["content"]
+        if message["msg_type"] == "stream":
+            shown.append(content["text"])
+        elif message["msg_type"] == "display_data":
+            shown.append(content["data"].get("text/plain", "") + "\n")
+        elif message["msg_type"] == "error":
+            errors.append(content)
+
+    try:
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        cell = '%%fabric --accelerator=cpu --devices=2\nimport os\nprint("hello", fabric.global_rank, os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"])\n'
+        client.execute_interactive(cell, output_hook=collect, timeout=120)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert errors == []
+    assert "[rank 0] hello 0 1\n" in "".join(shown)
+    assert "[rank 1] hello 1 1\n" in "".join(shown)
