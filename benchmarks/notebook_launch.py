@@ -32,6 +32,7 @@ def timed(run):
 
 CONTENDERS = {
     "nbfabric %%fabric": "timed(lambda: get_ipython().run_cell_magic('fabric', '--accelerator=cpu --devices=2 --no-return', 'pass'))",
+    "nbfabric %%fabric --no-widgets": "timed(lambda: get_ipython().run_cell_magic('fabric', '--accelerator=cpu --devices=2 --no-return --no-widgets', 'pass'))",
     "Lightning ddp_notebook": "timed(lambda: L.Fabric(accelerator='cpu', devices=2, strategy='ddp_notebook').launch(nothing))",
     "Accelerate notebook_launcher": "timed(lambda: notebook_launcher(nothing, num_processes=2))",
 }
