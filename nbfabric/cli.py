@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import runpy
 import signal
-import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -15,7 +15,7 @@ from functools import partial
 from importlib import metadata
 from typing import Any, Iterator
 
-from nbfabric.config import START_METHODS, RunConfig
+from nbfabric.config import ACCELERATORS, PRECISIONS, START_METHODS, STRATEGIES, RunConfig
 from nbfabric.fabric import LAUNCHER_FLAGS_ENV
 from nbfabric.launcher import RankError, RankTimeoutError, TextSink, launch
 from nbfabric.launcher.environment import threads_per_rank
@@ -32,12 +32,14 @@ for torchrun or `accelerate launch` run unchanged.
 
 Several machines: run the same command on each, changing only --node-rank, e.g.
   nbfabric run --num-nodes=2 --node-rank=0 --main-address=10.0.0.1 --devices=8 train.py
-The nodes start their ranks with torch.distributed.run (static rendezvous through a TCP store that
-node 0 hosts at --main-address:--main-port), and torchrun's --tee tags each line with its global rank.
-When a rank fails, its node stops its other ranks; the other nodes stop when their collectives fail.
+Each node starts its ranks with torch.distributed.run, as fresh interpreters (`python -u SCRIPT`):
+the nodes meet through its static rendezvous, a TCP store that node 0 hosts at --main-address:
+--main-port, and its --tee tags each line with the global rank. When a rank fails, its node stops
+its other ranks; the other nodes stop when their next collective fails for want of that peer.
 
-Exit status: 0 on success; a failed rank's exit status (1 for an exception, 128+N for signal N);
-124 on --timeout; 130 when interrupted; 2 for bad flags (nothing is started)."""
+Exit status: 0 on success; on one node, the failed rank's status (1 for an exception, 128+N for
+signal N), on several, 1 when a rank failed; 124 after --timeout; 130 when interrupted; 2 for bad
+flags (nothing is started)."""
 
 _TORCHRUN_PORT = 29500
 _AGENT_GRACE_SECONDS = 10
@@ -71,11 +73,11 @@ def _add_run_command(commands: Any, settings_file: argparse.ArgumentParser) -> N
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--devices", help="number of ranks per node, or GPU indices such as 0,2 (default: auto)")
-    run.add_argument("--accelerator", help="auto, cpu, cuda, gpu or mps (default: auto)")
-    run.add_argument("--strategy", help="auto, ddp, ddp_notebook, ddp_fork, fsdp or single_device (default: auto)")
-    run.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed, bf16-true, 16-true or 64-true (default: 32-true)")
+    run.add_argument("--accelerator", help=f"{', '.join(ACCELERATORS)} (default: auto)")
+    run.add_argument("--strategy", help=f"{', '.join(STRATEGIES)} (default: auto)")
+    run.add_argument("--precision", help=f"{', '.join(PRECISIONS)} (default: 32-true)")
     run.add_argument("--num-nodes", dest="num_nodes", help="number of machines (default: 1)")
-    run.add_argument("--start-method", dest="start_method", help=f"{' or '.join(START_METHODS)} (default: fork; one node only)")
+    run.add_argument("--start-method", dest="start_method", help=f"{', '.join(START_METHODS)} (default: fork; one node only)")
     run.add_argument("--timeout", type=float, help="stop every rank after this many seconds")
     run.add_argument("--ranks", default="all", help="whose output to show: all, 0, or a list such as 0,2 (default: all)")
     run.add_argument("--node-rank", dest="node_rank", type=int, default=0, help="this machine's index, 0 to num-nodes - 1")
@@ -145,10 +147,15 @@ def _parse_ranks(parser: argparse.ArgumentParser, value: str, world_size: int) -
 
 def launcher_flags(config: RunConfig) -> dict[str, Any]:
     """The settings every rank's `Fabric()` takes from `nbfabric run`."""
-    n = config.num_processes
-    devices = n if config.device_ids == tuple(range(n)) else list(config.device_ids)
-    flags = {"accelerator": config.accelerator, "devices": devices, "strategy": config.strategy}
-    return {**flags, "precision": config.precision, "num_nodes": config.num_nodes, "start_method": config.start_method}
+    count = config.num_processes
+    return {
+        "accelerator": config.accelerator,
+        "devices": count if config.device_ids == tuple(range(count)) else list(config.device_ids),
+        "strategy": config.strategy,
+        "precision": config.precision,
+        "num_nodes": config.num_nodes,
+        "start_method": config.start_method,
+    }
 
 
 def _run_on_this_node(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None) -> int:
@@ -165,7 +172,7 @@ def _run_on_this_node(args: argparse.Namespace, config: RunConfig, ranks: set[in
         )
     except RankError as error:
         print(f"nbfabric run: {error}", file=sys.stderr)
-        return exit_status(sink.returncodes.get(error.rank)) or 1
+        return exit_status(sink.returncodes.get(error.rank)) or 1  # a failure never reads as success
     except RankTimeoutError as error:
         print(f"nbfabric run: {error}", file=sys.stderr)
         return 124
@@ -178,7 +185,7 @@ def _run_on_this_node(args: argparse.Namespace, config: RunConfig, ranks: set[in
 def run_script(script: str, args: list[str]) -> None:
     """In a rank: run `script` as `python script args...` would."""
     path = os.path.abspath(script)
-    sys.argv = [script, *args]
+    sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(path)
     runpy.run_path(path, run_name="__main__")
 
@@ -203,26 +210,30 @@ def exit_status(returncode: int | None) -> int:
 
 # ----------------------------------------------------------------- several nodes
 def _run_on_nodes(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None) -> int:
-    """This node's part: torch.distributed.run starts its ranks and stops them all when one fails. It runs
-    as a child process, so that an interrupt or --timeout stops it even while it waits for the other nodes."""
-    env = {**os.environ, "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank ${rank}] "}
+    """This node's part: torch.distributed.run starts its ranks and stops them all when one fails. It runs in
+    a forked child, so that an interrupt or --timeout stops it even while it waits for the other nodes."""
+    from torch.distributed.run import main as torchrun
+
+    os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = "[rank ${rank}] "
     threads = threads_per_rank(config.num_processes)
     if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory(prefix="nbfabric-") as log_dir:
-        command = [sys.executable, "-m", "torch.distributed.run", *torchrun_argv(args, config, ranks, log_dir)]
-        agent = subprocess.Popen(command, env=env)
+        argv = torchrun_argv(args, config, ranks, log_dir)
+        agent = multiprocessing.get_context("fork").Process(target=torchrun, args=(argv,), name="torchrun")
+        agent.start()
         try:
             with _stop_signals_raised():
-                return exit_status(agent.wait(timeout=args.timeout))
-        except subprocess.TimeoutExpired:
-            print(f"nbfabric run: the run did not finish within --timeout={args.timeout:g} s; stopping this node's ranks", file=sys.stderr)
-            _stop(agent)
-            return 124
+                agent.join(args.timeout)
         except _Stopped as stopped:
             print("nbfabric run: interrupted; stopping this node's ranks", file=sys.stderr)
             _stop(agent)
             return 128 + stopped.signum
+        if agent.exitcode is None:
+            print(f"nbfabric run: the run did not finish within --timeout={args.timeout:g} s; stopping this node's ranks", file=sys.stderr)
+            _stop(agent)
+            return 124
+        return exit_status(agent.exitcode)
 
 
 def torchrun_argv(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None, log_dir: str) -> list[str]:
@@ -268,14 +279,13 @@ def _stop_signals_raised() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _stop(agent: subprocess.Popen) -> None:
+def _stop(agent: multiprocessing.Process) -> None:
     """SIGTERM: torch.distributed.run stops its ranks and exits; SIGKILL if it takes too long."""
     agent.terminate()
-    try:
-        agent.wait(timeout=_AGENT_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
+    agent.join(_AGENT_GRACE_SECONDS)
+    if agent.exitcode is None:
         agent.kill()
-        agent.wait()
+        agent.join()
 
 
 # ----------------------------------------------------------------- env and install-kernel

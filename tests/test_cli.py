@@ -198,6 +198,7 @@ FAILING = """
 import sys, time
 
 def step(rank):
+    print("rank", rank, "started")
     if rank == 1:
         {failure}
     time.sleep(60)
@@ -220,15 +221,15 @@ step(fabric.global_rank)
 def test_a_failing_rank_stops_the_others_and_sets_the_exit_status(tmp_path, env, failure, status, message):
     script = write(tmp_path / "train.py", FAILING.format(failure=failure))
     started = time.monotonic()
-    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    done = nbfabric_command("run", *CPU2, "--ranks=0", str(script), env=env)
     assert time.monotonic() - started < 30
     assert done.returncode == status
     assert message in done.stderr
     assert "stopped: rank 0" in done.stderr
-    assert "finished" not in done.stdout
+    assert done.stdout == "[rank 0] rank 0 started\n"  # --ranks=0 hides rank 1's output, not its failure
     if status == 1:  # the rank's own traceback, down to the line that raised
         assert "Traceback from rank 1:" in done.stderr
-        assert f'File "{script}", line 6, in step\n    {failure}\n' in done.stderr
+        assert f'File "{script}", line 7, in step\n    {failure}\n' in done.stderr
 
 
 def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
