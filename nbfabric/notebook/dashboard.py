@@ -21,6 +21,7 @@ LOG_LINES = 300  # lines the log widget keeps (the run record keeps them all)
 SUMMARY_LINES = 3  # last lines of each rank quoted in the static summary
 RENDER_EVERY = 0.25  # seconds between two updates of the status and the log
 CHART_EVERY = 0.5  # seconds between two redraws of the chart
+PUMP_EVERY = 0.1  # seconds between two looks for widget messages (a Stop click)
 ALL = "all"  # the log filter's value for every rank
 _COLORS = {"starting": "#888", "running": "#1a73e8", "done": "#188038", "failed": "#c5221f", "stopped": "#b06000", "not started": "#888"}
 
@@ -48,7 +49,7 @@ class Dashboard(Sink):
         self._tail: deque[tuple[int, str, str]] = deque(maxlen=LOG_LINES)
         self._rank_tails: dict[int, deque[tuple[int, str, str]]] = {}
         self._dirty = self._chart_dirty = False
-        self._rendered = self._charted = 0.0
+        self._rendered = self._charted = self._pumped = 0.0
         self._shown_second = -1
         self._handle: Any = None
 
@@ -142,12 +143,14 @@ class Dashboard(Sink):
         self._dirty = True
 
     def tick(self) -> bool:
-        handle_widget_messages()
+        now = time.monotonic()
+        if now - self._pumped >= PUMP_EVERY:
+            self._pumped = now
+            handle_widget_messages()
         if self.state == "starting":
             self.state = "running"
             self._status = {rank: ("running", "") if status == "starting" else (status, why) for rank, (status, why) in self._status.items()}
             self._dirty = True
-        now = time.monotonic()
         if now - self._rendered >= RENDER_EVERY or int(now - self.started) != self._shown_second:
             self._render(charts=now - self._charted >= CHART_EVERY)
         return self.stop_requested
