@@ -37,9 +37,8 @@ the nodes meet through its static rendezvous, a TCP store that node 0 hosts at -
 --main-port, and its --tee tags each line with the global rank. When a rank fails, its node stops
 its other ranks; the other nodes stop when their next collective fails for want of that peer.
 
-Exit status: 0 on success; on one node, the failed rank's status (1 for an exception, 128+N for
-signal N), on several, 1 when a rank failed; 124 after --timeout; 130 when interrupted; 2 for bad
-flags (nothing is started)."""
+Exit status: 0 on success; the failed rank's status (1 for an exception, 128+N for signal N);
+124 after --timeout; 130 when interrupted; 2 for bad flags (nothing is started)."""
 
 _TORCHRUN_PORT = 29500
 _AGENT_GRACE_SECONDS = 10
@@ -212,15 +211,13 @@ def exit_status(returncode: int | None) -> int:
 def _run_on_nodes(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None) -> int:
     """This node's part: torch.distributed.run starts its ranks and stops them all when one fails. It runs in
     a forked child, so that an interrupt or --timeout stops it even while it waits for the other nodes."""
-    from torch.distributed.run import main as torchrun
-
     os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = "[rank ${rank}] "
     threads = threads_per_rank(config.num_processes)
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory(prefix="nbfabric-") as log_dir:
         argv = torchrun_argv(args, config, ranks, log_dir)
-        agent = multiprocessing.get_context("fork").Process(target=torchrun, args=(argv,), name="torchrun")
+        agent = multiprocessing.get_context("fork").Process(target=_agent, args=(argv,), name="torchrun")
         agent.start()
         try:
             with _stop_signals_raised():
@@ -234,6 +231,20 @@ def _run_on_nodes(args: argparse.Namespace, config: RunConfig, ranks: set[int] |
             _stop(agent)
             return 124
         return exit_status(agent.exitcode)
+
+
+def _agent(argv: list[str]) -> None:
+    """In the forked child: torch.distributed.run for this node; exits with the status of its first failed rank."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"killed by {failure.signal_name()}"
+        print(f"nbfabric run: rank {rank} failed first on this node ({how}); its other ranks were stopped", file=sys.stderr)
+        sys.exit(exit_status(failure.exitcode))
 
 
 def torchrun_argv(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None, log_dir: str) -> list[str]:

@@ -199,6 +199,7 @@ import sys, time
 
 def step(rank):
     print("rank", rank, "started")
+    fabric.barrier()
     if rank == 1:
         {failure}
     time.sleep(60)
@@ -229,7 +230,7 @@ def test_a_failing_rank_stops_the_others_and_sets_the_exit_status(tmp_path, env,
     assert done.stdout == "[rank 0] rank 0 started\n"  # --ranks=0 hides rank 1's output, not its failure
     if status == 1:  # the rank's own traceback, down to the line that raised
         assert "Traceback from rank 1:" in done.stderr
-        assert f'File "{script}", line 7, in step\n    {failure}\n' in done.stderr
+        assert f'File "{script}", line 8, in step\n    {failure}\n' in done.stderr
 
 
 def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
@@ -319,6 +320,7 @@ def test_a_failure_on_one_node_stops_the_other(tmp_path, env):
     assert time.monotonic() - started < 60
     assert [node.returncode for node in nodes] == [1, 1]
     assert "[rank 3]" in nodes[1].stderr and "ValueError: bad batch on rank 3" in nodes[1].stderr
+    assert "rank 3 failed first on this node (exit code 1); its other ranks were stopped" in nodes[1].stderr
     assert all("finished" not in node.stdout for node in nodes)
 
 
