@@ -138,9 +138,19 @@ class Fabric:
         return result
 
     def start_ranks(
-        self, function: Callable[..., Any] | None, args: tuple = (), kwargs: dict | None = None, sink: Any = None
+        self,
+        function: Callable[..., Any] | None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        sink: Any = None,
+        *,
+        node_rank: int = 0,
+        main_address: str = "127.0.0.1",
+        main_port: int | None = None,
     ) -> Any:
-        """Start this node's ranks as new processes, even for one device; `sink` receives their output."""
+        """Start this node's ranks as new processes, even for one device; `sink` receives their output.
+        With several nodes, node 0 hosts the rendezvous at `main_address:main_port`."""
+        self.check_node_settings(node_rank, main_port)
         target = None if function is None else partial(self._run_rank, function, args, kwargs or {})
         if self.config.start_method == "fork":
             self._strategy.preload()
@@ -149,9 +159,22 @@ class Fabric:
             nprocs=self.config.num_processes,
             start_method=self.config.start_method,
             num_nodes=self.config.num_nodes,
+            node_rank=node_rank,
+            main_address=main_address,
+            main_port=main_port,
             timeout=self.timeout,
             sink=sink,
         )
+
+    def check_node_settings(self, node_rank: int = 0, main_port: int | None = None) -> None:
+        """Raise ValueError, before anything starts, for a node rank or port that cannot work."""
+        if not 0 <= node_rank < self.config.num_nodes:
+            raise ValueError(
+                f"node_rank={node_rank} is not valid with num_nodes={self.config.num_nodes}; "
+                f"use 0 to {self.config.num_nodes - 1}"
+            )
+        if self.config.num_nodes > 1 and main_port is None:
+            raise ValueError("several nodes need main_port (--main-port), the same on every node")
 
     def _run_rank(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """In a rank the launcher started. The process ends right after, which ends its process group

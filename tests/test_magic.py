@@ -218,3 +218,35 @@ def test_spawn_ships_the_values_the_cell_reads(kernel):
     assert out["error"] is None, out["error"]
     assert out["result"] == "12.0"
     assert kernel.run("total")["result"] == "6.0"
+
+
+def test_two_notebooks_join_as_two_nodes(kernel, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    other = Kernel(tmp_path / "none.json")
+    cell = (
+        "%%fabric --accelerator=cpu --devices=2 --num-nodes=2 --node-rank={node} --main-address=127.0.0.1 "
+        f"--main-port={port} --timeout=120\n"
+        "total = fabric.all_reduce(torch.tensor(fabric.global_rank + 1.0), reduce_op='sum').item()\n"
+        "(fabric.node_rank, fabric.world_size, total)"
+    )
+    results = {}
+    try:
+        worker = threading.Thread(target=lambda: results.update(second=other.run(cell.format(node=1))))
+        worker.start()
+        results["first"] = kernel.run(cell.format(node=0))
+        worker.join(180)
+    finally:
+        other.close()
+    assert results["first"]["result"] == "(0, 4, 10.0)", results["first"]
+    assert results["second"]["error"] is None, results["second"]["error"]
+    assert results["second"]["result"] is None  # values come back from global rank 0 only
+    assert kernel.run("total")["result"] == "10.0"
+
+
+def test_a_node_rank_outside_the_nodes_is_refused(kernel):
+    out = kernel.run("%%fabric --accelerator=cpu --devices=2 --num-nodes=2 --node-rank=2 --main-port=1234\nprint('ran')")
+    assert "ran" not in out["stdout"] and "node_rank=2 is not valid with num_nodes=2" in out["stderr"]

@@ -23,7 +23,10 @@ from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.record import RecordingSink, RunRecord
 from nbfabric.user_config import load_defaults
 
-SETTINGS = ("accelerator", "devices", "strategy", "precision", "num_nodes", "start_method", "timeout", "ranks", "widgets")
+SETTINGS = (
+    "accelerator", "devices", "strategy", "precision", "num_nodes", "start_method",
+    "node_rank", "main_address", "main_port", "timeout", "ranks", "widgets",
+)
 PER_CELL = ("return_names", "no_return", "out", "background")
 LINE_ONLY = ("picker", "config", "action")
 
@@ -43,6 +46,9 @@ class FabricMagics(Magics):
     @magic_arguments.argument("--strategy", help="auto, ddp, ddp_notebook, ddp_fork, fsdp or single_device")
     @magic_arguments.argument("--precision", help="32-true, 16-mixed, bf16-mixed, bf16-true, 16-true, 64-true")
     @magic_arguments.argument("--num-nodes", dest="num_nodes", help="number of machines (default: 1)")
+    @magic_arguments.argument("--node-rank", dest="node_rank", type=int, help="this machine's place among --num-nodes (default: 0)")
+    @magic_arguments.argument("--main-address", dest="main_address", help="address of node 0, which hosts the rendezvous (several nodes)")
+    @magic_arguments.argument("--main-port", dest="main_port", type=int, help="port of the rendezvous on node 0 (several nodes)")
     @magic_arguments.argument("--start-method", dest="start_method", help=f"{' or '.join(START_METHODS)} (default: fork)")
     @magic_arguments.argument("--timeout", type=float, help="stop every rank after this many seconds")
     @magic_arguments.argument("--ranks", help="whose output to show: all, 0, or a list such as 0,2 (default: all)")
@@ -92,7 +98,12 @@ class FabricMagics(Magics):
             namespace, left = shippable_namespace(compiled, namespace)
             if left:
                 print(f"not sent to the spawned ranks (dill cannot pickle them): {', '.join(left)}", file=sys.stderr)
-        launch = partial(fabric.start_ranks, run_in_rank, (compiled, namespace, names), sink=sink)
+        nodes = {name: settings[name] for name in ("node_rank", "main_address", "main_port") if name in settings}
+        try:
+            fabric.check_node_settings(nodes.get("node_rank", 0), nodes.get("main_port"))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        launch = partial(fabric.start_ranks, run_in_rank, (compiled, namespace, names), sink=sink, **nodes)
         if dashboard is not None:
             dashboard.show()
         if args.background:
