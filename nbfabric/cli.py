@@ -218,9 +218,9 @@ def _run_on_nodes(args: argparse.Namespace, config: RunConfig, ranks: set[int] |
     with tempfile.TemporaryDirectory(prefix="nbfabric-") as log_dir:
         argv = torchrun_argv(args, config, ranks, log_dir)
         agent = multiprocessing.get_context("fork").Process(target=_agent, args=(argv,), name="torchrun")
-        agent.start()
         try:
             with _stop_signals_raised():
+                agent.start()
                 agent.join(args.timeout)
         except _Stopped as stopped:
             print("nbfabric run: interrupted; stopping this node's ranks", file=sys.stderr)
@@ -238,6 +238,8 @@ def _agent(argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ends it even while it waits for the other nodes
     try:
         torchrun(argv)
     except ChildFailedError as error:
@@ -250,8 +252,7 @@ def _agent(argv: list[str]) -> None:
 def torchrun_argv(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None, log_dir: str) -> list[str]:
     """torch.distributed.run's arguments for this node, with its ranks' output tagged through --tee."""
     first = args.node_rank * config.num_processes
-    local = range(config.num_processes)
-    shown = [rank - first for rank in sorted(ranks or range(first, first + len(local))) if rank - first in local]
+    shown = [rank - first for rank in range(first, first + config.num_processes) if ranks is None or rank in ranks]
     output = ["--tee=3", f"--local-ranks-filter={','.join(map(str, shown))}"] if shown else ["--redirects=3"]
     return [
         f"--nnodes={config.num_nodes}",

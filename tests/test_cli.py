@@ -335,6 +335,37 @@ def test_a_node_waiting_for_the_others_stops_at_the_timeout(tmp_path, env):
     assert "started" not in done.stdout
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether a process started by `pid` listens on `port` (node 0 waiting in the rendezvous)."""
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in process.net_connections("tcp")):
+                return True
+        except psutil.NoSuchProcess:
+            pass
+    return False
+
+
+def test_an_interrupt_stops_a_node_waiting_for_the_others(tmp_path, env):
+    script = write(tmp_path / "train.py", "print('started')\n")
+    port = free_port()
+    flags = [*CPU2, "--num-nodes=2", "--main-address=127.0.0.1", f"--main-port={port}"]
+    command = subprocess.Popen([*NBFABRIC, "run", *flags, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _listens(command.pid, port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _listens(command.pid, port), "node 0 never began to wait for node 1"
+        command.send_signal(signal.SIGINT)
+        stdout, stderr = command.communicate(timeout=30)
+    finally:
+        command.kill()
+        command.wait()
+    assert command.returncode == 130
+    assert "interrupted; stopping this node's ranks" in stderr
+    assert "started" not in stdout
+
+
 def test_torchrun_arguments_show_only_this_nodes_chosen_ranks(tmp_path):
     config = nbfabric.RunConfig.resolve(accelerator="cpu", devices=2, num_nodes=2)
     args = cli._parser().parse_args(["run", "--node-rank=1", "--main-address=h", "--main-port=7", "s.py", "-x"])
