@@ -1,24 +1,22 @@
-"""The `nbfabric` command: `run` a script on N ranks, print the `env` for a bug report, `install-kernel`."""
+"""The `nbfabric` command: `run` a script on N ranks, print the `env` for a bug report, `install-kernel`, `consolidate` a sharded checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import runpy
-import signal
 import sys
-import tempfile
-from contextlib import contextmanager
 from functools import partial
-from importlib import metadata
-from typing import Any, Iterator
+from typing import Any
 
 from nbfabric.config import ACCELERATORS, PRECISIONS, START_METHODS, STRATEGIES, RunConfig
 from nbfabric.fabric import LAUNCHER_FLAGS_ENV
 from nbfabric.launcher import RankError, RankTimeoutError, TextSink, launch
-from nbfabric.launcher.environment import threads_per_rank
+from nbfabric.launcher.output import parse_rank_filter
+from nbfabric.launcher.processes import exit_status
+from nbfabric.nodes import TORCHRUN_PORT, run_on_nodes
+from nbfabric.report import environment_report
 from nbfabric.user_config import CONFIG_ENV, SETTING_NAMES, config_path, load_defaults
 
 RUN_DESCRIPTION = """\
@@ -40,10 +38,6 @@ its other ranks; the other nodes stop when their next collective fails for want 
 Exit status: 0 on success; the failed rank's status (1 for an exception, 128+N for signal N);
 124 after --timeout; 130 when interrupted; 2 for bad flags (nothing is started)."""
 
-_TORCHRUN_PORT = 29500
-_AGENT_GRACE_SECONDS = 10
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `nbfabric` and `python -m nbfabric`; returns the exit status."""
     parser = _parser()
@@ -60,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", parents=[settings_file], help="print versions, hardware and settings for a bug report")
     env.set_defaults(handler=_env, parser=env)
     _add_install_kernel_command(commands)
+    consolidate = commands.add_parser("consolidate", help="turn a sharded checkpoint directory into one file")
+    consolidate.add_argument("checkpoint", help="directory written by fabric.save with FSDP(state_dict_type='sharded')")
+    consolidate.add_argument("output", help="the file to write (torch.load and fabric.load read it)")
+    consolidate.set_defaults(handler=_consolidate, parser=consolidate)
     return parser
 
 
@@ -81,7 +79,7 @@ def _add_run_command(commands: Any, settings_file: argparse.ArgumentParser) -> N
     run.add_argument("--ranks", default="all", help="whose output to show: all, 0, or a list such as 0,2 (default: all)")
     run.add_argument("--node-rank", dest="node_rank", type=int, default=0, help="this machine's index, 0 to num-nodes - 1")
     run.add_argument("--main-address", dest="main_address", help="address of node 0 (needed with --num-nodes > 1)")
-    run.add_argument("--main-port", dest="main_port", type=int, help=f"port on node 0 (default: a free port; {_TORCHRUN_PORT} on several nodes)")
+    run.add_argument("--main-port", dest="main_port", type=int, help=f"port on node 0 (default: a free port; {TORCHRUN_PORT} on several nodes)")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(handler=_run, parser=run)
@@ -103,7 +101,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     ranks = _check_run_flags(parser, args, config)
     os.environ[LAUNCHER_FLAGS_ENV] = json.dumps(launcher_flags(config))
     if config.num_nodes > 1:
-        return _run_on_nodes(args, config, ranks)
+        return run_on_nodes(args, config, ranks)
     return _run_on_this_node(args, config, ranks)
 
 
@@ -133,15 +131,10 @@ def _check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
 
 def _parse_ranks(parser: argparse.ArgumentParser, value: str, world_size: int) -> set[int] | None:
-    if value == "all":
-        return None
     try:
-        ranks = {int(part) for part in value.split(",") if part.strip()}
-    except ValueError:
-        ranks = set()
-    if not ranks or not all(0 <= rank < world_size for rank in ranks):
-        parser.error(f"--ranks={value!r} is not valid; use all, or ranks from 0 to {world_size - 1} such as 0 or 0,1")
-    return ranks
+        return parse_rank_filter(value, world_size)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def launcher_flags(config: RunConfig) -> dict[str, Any]:
@@ -200,148 +193,21 @@ class _ExitCodeSink(TextSink):
         self.returncodes[rank] = returncode
 
 
-def exit_status(returncode: int | None) -> int:
-    """A process's exit code as a shell reports it: 128+N for signal N, 1 when unknown."""
-    if returncode is None:
-        return 1
-    return returncode if returncode >= 0 else 128 - returncode
-
-
-# ----------------------------------------------------------------- several nodes
-def _run_on_nodes(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None) -> int:
-    """This node's part: torch.distributed.run starts its ranks and stops them all when one fails. It runs in
-    a forked child, so that an interrupt or --timeout stops it even while it waits for the other nodes."""
-    os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = "[rank ${rank}] "
-    threads = threads_per_rank(config.num_processes)
-    if threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    with tempfile.TemporaryDirectory(prefix="nbfabric-") as log_dir:
-        argv = torchrun_argv(args, config, ranks, log_dir)
-        agent = multiprocessing.get_context("fork").Process(target=_agent, args=(argv,), name="torchrun")
-        try:
-            with _stop_signals_raised():
-                agent.start()
-                agent.join(args.timeout)
-        except _Stopped as stopped:
-            print("nbfabric run: interrupted; stopping this node's ranks", file=sys.stderr)
-            _stop(agent)
-            return 128 + stopped.signum
-        if agent.exitcode is None:
-            print(f"nbfabric run: the run did not finish within --timeout={args.timeout:g} s; stopping this node's ranks", file=sys.stderr)
-            _stop(agent)
-            return 124
-        return exit_status(agent.exitcode)
-
-
-def _agent(argv: list[str]) -> None:
-    """In the forked child: torch.distributed.run for this node; exits with the status of its first failed rank."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ends it even while it waits for the other nodes
-    try:
-        torchrun(argv)
-    except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
-        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"killed by {failure.signal_name()}"
-        print(f"nbfabric run: rank {rank} failed first on this node ({how}); its other ranks were stopped", file=sys.stderr)
-        sys.exit(exit_status(failure.exitcode))
-
-
-def torchrun_argv(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None, log_dir: str) -> list[str]:
-    """torch.distributed.run's arguments for this node, with its ranks' output tagged through --tee."""
-    first = args.node_rank * config.num_processes
-    shown = [rank - first for rank in range(first, first + config.num_processes) if ranks is None or rank in ranks]
-    output = ["--tee=3", f"--local-ranks-filter={','.join(map(str, shown))}"] if shown else ["--redirects=3"]
-    return [
-        f"--nnodes={config.num_nodes}",
-        f"--nproc-per-node={config.num_processes}",
-        f"--node-rank={args.node_rank}",
-        "--rdzv-backend=static",
-        f"--master-addr={args.main_address}",
-        f"--master-port={args.main_port or _TORCHRUN_PORT}",
-        f"--log-dir={log_dir}",
-        *output,
-        args.script,
-        *args.script_args,
-    ]
-
-
-class _Stopped(Exception):
-    """This process received SIGINT or SIGTERM."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stopped(signum: int, frame: Any) -> None:
-    raise _Stopped(signum)
-
-
-@contextmanager
-def _stop_signals_raised() -> Iterator[None]:
-    """Inside the block, SIGINT and SIGTERM raise _Stopped."""
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _stop(agent: multiprocessing.Process) -> None:
-    """SIGTERM: torch.distributed.run stops its ranks and exits; SIGKILL if it takes too long."""
-    agent.terminate()
-    agent.join(_AGENT_GRACE_SECONDS)
-    if agent.exitcode is None:
-        agent.kill()
-        agent.join()
-
-
 # ----------------------------------------------------------------- env and install-kernel
-_REPORTED_VARIABLES = ("CUDA_", "NCCL_", "GLOO_", "PYTORCH_", "TORCH_", "NBFABRIC_", "OMP_")
-
-
 def _env(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print("\n".join(environment_report(args.config)))
     return 0
 
 
-def environment_report(config_file: str | None = None) -> list[str]:
-    """What a bug report needs: versions, the hardware found (CUDA left uninitialised), the settings in effect."""
-    import platform
+def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from nbfabric.checkpoint import consolidate
 
-    import torch
-
-    from nbfabric.notebook.magics import describe_hardware
-
-    lines = [f"python: {sys.version.split()[0]} ({sys.executable})", f"platform: {platform.platform()}"]
-    lines += [f"{package}: {_version(package)}" for package in ("nbfabric", "torch", "ipykernel", "ipywidgets")]
-    lines.append(f"torch built for CUDA: {torch.version.cuda or 'no'}")
-    lines.append(f"hardware: {describe_hardware()}")
-    lines += _settings_report(config_file)
-    variables = sorted(name for name in os.environ if name.startswith(_REPORTED_VARIABLES))
-    lines += [f"{name}={os.environ[name]}" for name in variables]
-    return lines
-
-
-def _version(package: str) -> str:
     try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _settings_report(config_file: str | None) -> list[str]:
-    path = config_file or config_path()
-    try:
-        saved = load_defaults(path)
-        flags = RunConfig.resolve(**saved).as_flags()
+        written = consolidate(args.checkpoint, args.output)
     except ValueError as error:
-        return [f"settings file: {path}", f"settings in effect: none, the file is broken: {error}"]
-    return [f"settings file: {path} ({json.dumps(saved) if saved else 'none saved'})", f"settings in effect: {flags}"]
+        parser.error(str(error))
+    print(f"wrote {written}")
+    return 0
 
 
 def _install_kernel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -149,8 +150,12 @@ class Fabric:
         main_port: int | None = None,
     ) -> Any:
         """Start this node's ranks as new processes, even for one device; `sink` receives their output.
-        With several nodes, node 0 hosts the rendezvous at `main_address:main_port`."""
-        self.check_node_settings(node_rank, main_port)
+        With several nodes, node 0 hosts the rendezvous at `main_address:main_port` (29500 by default).
+        Every node of one run must start this way (a `%%fabric` cell or `Fabric.start_ranks`);
+        nodes started by `nbfabric run` meet through torch.distributed.run instead."""
+        self.check_node_settings(node_rank)
+        if main_port is None and self.config.num_nodes > 1:
+            main_port = MULTI_NODE_PORT
         target = None if function is None else partial(self._run_rank, function, args, kwargs or {})
         if self.config.start_method == "fork":
             self._strategy.preload()
@@ -166,15 +171,13 @@ class Fabric:
             sink=sink,
         )
 
-    def check_node_settings(self, node_rank: int = 0, main_port: int | None = None) -> None:
-        """Raise ValueError, before anything starts, for a node rank or port that cannot work."""
+    def check_node_settings(self, node_rank: int = 0) -> None:
+        """Raise ValueError, before anything starts, for a node rank outside the run."""
         if not 0 <= node_rank < self.config.num_nodes:
             raise ValueError(
                 f"node_rank={node_rank} is not valid with num_nodes={self.config.num_nodes}; "
                 f"use 0 to {self.config.num_nodes - 1}"
             )
-        if self.config.num_nodes > 1 and main_port is None:
-            raise ValueError("several nodes need main_port (--main-port), the same on every node")
 
     def _run_rank(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """In a rank the launcher started. The process ends right after, which ends its process group
@@ -391,20 +394,26 @@ def to_cpu(data: Any) -> Any:
 
 _DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": "32-true", "num_nodes": 1, "start_method": "fork"}
 LAUNCHER_FLAGS_ENV = "NBFABRIC_FLAGS"
+MULTI_NODE_PORT = 29500  # node 0's rendezvous port when none is given, as torchrun's
 
 
 def _with_launcher_flags(**given: Any) -> dict[str, Any]:
     """Settings from `nbfabric run` (passed in NBFABRIC_FLAGS) fill in what the code left at its
-    default; a value the code sets differently is an error, as with Lightning's `fabric run`."""
+    default; a value the code sets that resolves differently is an error, as with Lightning's `fabric run`."""
     flags = json.loads(os.environ.get(LAUNCHER_FLAGS_ENV, "{}"))
-    for name, value in flags.items():
-        if given[name] != _DEFAULTS[name] and str(given[name]) != str(value):
-            raise ValueError(
-                f"Fabric({name}={given[name]!r}) conflicts with `nbfabric run --{name.replace('_', '-')}={value}`; "
-                "set it in one place only."
-            )
-        given[name] = value
-    return given
+    if not flags:
+        return given
+    merged = {**given, **flags}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the comparison must not repeat resolve()'s warnings
+        expected = RunConfig.resolve(**merged)
+        for name, value in flags.items():
+            if given[name] != _DEFAULTS[name] and RunConfig.resolve(**{**merged, name: given[name]}) != expected:
+                raise ValueError(
+                    f"Fabric({name}={given[name]!r}) conflicts with `nbfabric run --{name.replace('_', '-')}={value}`; "
+                    "set it in one place only."
+                )
+    return merged
 
 
 def _plain(value: Any) -> Any:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import nbfabric
-from nbfabric import cli
+from nbfabric import cli, nodes
 
 NBFABRIC = [sys.executable, "-m", "nbfabric"]
 CPU2 = ["--accelerator=cpu", "--devices=2"]
@@ -369,11 +369,11 @@ def test_an_interrupt_stops_a_node_waiting_for_the_others(tmp_path, env):
 def test_torchrun_arguments_show_only_this_nodes_chosen_ranks(tmp_path):
     config = nbfabric.RunConfig.resolve(accelerator="cpu", devices=2, num_nodes=2)
     args = cli._parser().parse_args(["run", "--node-rank=1", "--main-address=h", "--main-port=7", "s.py", "-x"])
-    assert cli.torchrun_argv(args, config, {0, 3}, "logs")[3:] == [
+    assert nodes.torchrun_argv(args, config, {0, 3}, "logs")[3:] == [
         "--rdzv-backend=static", "--master-addr=h", "--master-port=7", "--log-dir=logs",
         "--tee=3", "--local-ranks-filter=1", "s.py", "-x",
     ]
-    assert cli.torchrun_argv(args, config, {0}, "logs")[7] == "--redirects=3"
+    assert nodes.torchrun_argv(args, config, {0}, "logs")[7] == "--redirects=3"
 
 
 # ----------------------------------------------------------------- env and install-kernel

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,6 +91,13 @@ def test_a_sharded_checkpoint_from_two_ranks_loads_on_one_and_consolidates(tmp_p
     merged = torch.load(one_file, weights_only=True)
     torch.testing.assert_close(merged["model"]["2.weight"], expected["2.weight"])
     assert merged["step"] == 4
+
+    command = [sys.executable, "-m", "nbfabric", "consolidate", str(directory), str(tmp_path / "by_command.ckpt")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "by_command.ckpt", weights_only=True)["model"]["2.weight"], expected["2.weight"])
+    refused = subprocess.run([*command[:4], str(tmp_path), str(tmp_path / "x.ckpt")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "is not a sharded checkpoint" in refused.stderr
 
 
 def test_a_sharded_checkpoint_restores_model_and_optimizer_on_two_fsdp_ranks(tmp_path):

@@ -55,6 +55,19 @@ def _next_break(text: str, start: int) -> int:
     return min(newline, carriage)
 
 
+def parse_rank_filter(value: str, world_size: int) -> set[int] | None:
+    """`--ranks`: "all" (None) or a comma list of ranks; ValueError naming the valid ones otherwise."""
+    if value == "all":
+        return None
+    try:
+        ranks = {int(part) for part in value.split(",") if part.strip()}
+    except ValueError:
+        ranks = set()
+    if not ranks or not all(0 <= rank < world_size for rank in ranks):
+        raise ValueError(f"--ranks={value!r} is not valid; use all, or ranks from 0 to {world_size - 1} such as 0 or 0,1")
+    return ranks
+
+
 class Sink:
     """Receives what ranks produce while they run; subclasses show it somewhere."""
 

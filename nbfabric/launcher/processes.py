@@ -136,3 +136,10 @@ def stop_spawn_helper() -> None:
     stop = getattr(getattr(tracker, "_resource_tracker", None), "_stop", None)
     if stop is not None:
         stop()
+
+
+def exit_status(returncode: int | None) -> int:
+    """A process's exit code as a shell reports it: 128+N for signal N, 1 when unknown."""
+    if returncode is None:
+        return 1
+    return returncode if returncode >= 0 else 128 - returncode

@@ -81,10 +81,15 @@ def format_user_traceback(exc: BaseException) -> str:
     """The traceback of `exc` without the frames of nbfabric that led into the user's code."""
     summary = traceback.TracebackException.from_exception(exc)
     frames = list(summary.stack)
-    while len(frames) > 1 and frames[0].filename.startswith(_PACKAGE_DIR):
+    while len(frames) > 1 and (frames[0].filename.startswith(_PACKAGE_DIR) or _is_runpy(frames[0].filename)):
         frames.pop(0)
     summary.stack = traceback.StackSummary.from_list(frames)
     return "".join(summary.format())
+
+
+def _is_runpy(filename: str) -> bool:
+    """Frames of runpy, which `nbfabric run` uses to start the user's script."""
+    return filename == "<frozen runpy>" or os.path.basename(filename) == "runpy.py"
 
 
 def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, int, int]) -> None:

@@ -15,7 +15,7 @@ from IPython.display import display
 
 from nbfabric.config import START_METHODS
 from nbfabric.fabric import Fabric
-from nbfabric.launcher.output import TextSink
+from nbfabric.launcher.output import TextSink, parse_rank_filter
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.cell import compile_cell, run_in_rank, shippable_namespace
 from nbfabric.notebook.picker import describe_hardware, picker
@@ -48,7 +48,7 @@ class FabricMagics(Magics):
     @magic_arguments.argument("--num-nodes", dest="num_nodes", help="number of machines (default: 1)")
     @magic_arguments.argument("--node-rank", dest="node_rank", type=int, help="this machine's place among --num-nodes (default: 0)")
     @magic_arguments.argument("--main-address", dest="main_address", help="address of node 0, which hosts the rendezvous (several nodes)")
-    @magic_arguments.argument("--main-port", dest="main_port", type=int, help="port of the rendezvous on node 0 (several nodes)")
+    @magic_arguments.argument("--main-port", dest="main_port", type=int, help="port of the rendezvous on node 0 (several nodes; default 29500). All nodes of a run use %%%%fabric, or all use nbfabric run")
     @magic_arguments.argument("--start-method", dest="start_method", help=f"{' or '.join(START_METHODS)} (default: fork)")
     @magic_arguments.argument("--timeout", type=float, help="stop every rank after this many seconds")
     @magic_arguments.argument("--ranks", help="whose output to show: all, 0, or a list such as 0,2 (default: all)")
@@ -100,7 +100,7 @@ class FabricMagics(Magics):
                 print(f"not sent to the spawned ranks (dill cannot pickle them): {', '.join(left)}", file=sys.stderr)
         nodes = {name: settings[name] for name in ("node_rank", "main_address", "main_port") if name in settings}
         try:
-            fabric.check_node_settings(nodes.get("node_rank", 0), nodes.get("main_port"))
+            fabric.check_node_settings(nodes.get("node_rank", 0))
         except ValueError as error:
             raise UsageError(str(error)) from None
         launch = partial(fabric.start_ranks, run_in_rank, (compiled, namespace, names), sink=sink, **nodes)
@@ -185,7 +185,7 @@ class FabricMagics(Magics):
         finish = dashboard.finish if dashboard is not None else (lambda error: None)
         self.background = BackgroundRun(label, launch, record, view, finish)
         if dashboard is None:
-            print(f"running in the background: %fabric wait brings back its names, %fabric stop ends it", file=sys.stderr)
+            print("running in the background: %fabric wait brings back its names, %fabric stop ends it", file=sys.stderr)
 
     def _background_run(self) -> BackgroundRun:
         if self.background is None:
@@ -264,15 +264,10 @@ def _extra_flags(settings: dict[str, Any]) -> str:
 
 
 def _parse_ranks(value: str, world_size: int) -> set[int] | None:
-    if value == "all":
-        return None
     try:
-        ranks = {int(part) for part in value.split(",") if part.strip()}
-    except ValueError:
-        ranks = set()
-    if not ranks or not all(0 <= rank < world_size for rank in ranks):
-        raise UsageError(f"--ranks={value!r} is not valid; use all, or ranks between 0 and {world_size - 1} such as 0 or 0,1")
-    return ranks
+        return parse_rank_filter(value, world_size)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _wanted_names(args: Any) -> list[str] | None:
