@@ -6,7 +6,6 @@ import os
 import pickle
 import time
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn

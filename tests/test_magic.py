@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import textwrap
 import threading
 import time
 
-import psutil
 import pytest
-from jupyter_client.manager import start_new_kernel
+from kernels import KernelProcess
 
 
-class Kernel:
+class Kernel(KernelProcess):
     """Runs code in one kernel (text output, no saved settings) and returns what the cell showed."""
 
     def __init__(self, settings_file):
-        env = {**os.environ, "NBFABRIC_CONFIG": str(settings_file)}
-        self.manager, self.client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"], env=env)
-        self.pid = self.manager.provisioner.pid
+        super().__init__(settings_file)
         self.run("%load_ext nbfabric\n%fabric --no-widgets\nimport torch")
 
     def run(self, code: str, timeout: float = 120) -> dict:
@@ -38,14 +33,6 @@ class Kernel:
         outputs["pages"] = "".join(p.get("data", {}).get("text/plain", "") for p in reply["content"].get("payload", []))
         return outputs
 
-    def children(self) -> list[int]:
-        return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
-
-    def close(self):
-        for pid in self.children():
-            psutil.Process(pid).kill()
-        self.client.stop_channels()
-        self.manager.shutdown_kernel(now=True)
 
 
 @pytest.fixture(scope="module")

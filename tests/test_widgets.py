@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import threading
 import time
 from types import SimpleNamespace
 
-import psutil
 import pytest
-from jupyter_client.manager import start_new_kernel
+from kernels import KernelProcess
 
 from nbfabric import Fabric, RankError
-from nbfabric.channel import Metrics
 from nbfabric.devices import GpuInfo, Hardware, detect_hardware
 from nbfabric.notebook import chart
 from nbfabric.notebook.dashboard import LOG_LINES, Dashboard
@@ -175,13 +172,11 @@ def test_a_choice_this_machine_cannot_run_is_not_saved(tmp_path):
 
 
 # ----------------------------------------------------------------- in a kernel
-class Kernel:
+class Kernel(KernelProcess):
     """One kernel whose settings file is `config`; `run` returns every message the cell caused."""
 
     def __init__(self, config):
-        env = {**os.environ, "NBFABRIC_CONFIG": str(config)}
-        self.manager, self.client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"], env=env)
-        self.pid = self.manager.provisioner.pid
+        super().__init__(config)
         self.run("%load_ext nbfabric\nimport nbfabric\n_magics = get_ipython().magics_manager.registry['FabricMagics']")
 
     def run(self, code: str, timeout: float = 120, on_message=None, stop_on_error: bool = True) -> Cell:
@@ -205,14 +200,6 @@ class Kernel:
         content = {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}
         self.client.shell_channel.send(self.client.session.msg("comm_msg", content))
 
-    def children(self) -> list[int]:
-        return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
-
-    def close(self):
-        for pid in self.children():
-            psutil.Process(pid).kill()
-        self.client.stop_channels()
-        self.manager.shutdown_kernel(now=True)
 
 
 class Cell:

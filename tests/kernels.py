@@ -1,0 +1,28 @@
+"""A real Jupyter kernel for tests: started with a private settings file, closed with its ranks."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+from jupyter_client.manager import start_new_kernel
+
+
+class KernelProcess:
+    """Starts a kernel whose nbfabric settings file is `settings_file`; `close` kills what it left."""
+
+    def __init__(self, settings_file):
+        env = {**os.environ, "NBFABRIC_CONFIG": str(settings_file)}
+        self.manager, self.client = start_new_kernel(
+            kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"], env=env
+        )
+        self.pid = self.manager.provisioner.pid
+
+    def children(self) -> list[int]:
+        return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+
+    def close(self) -> None:
+        for pid in self.children():
+            psutil.Process(pid).kill()
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
