@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import psutil
 from jupyter_client.manager import start_new_kernel
@@ -20,6 +21,13 @@ class KernelProcess:
 
     def children(self) -> list[int]:
         return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+
+    def assert_no_ranks_left(self, grace: float = 5) -> None:
+        """Fail unless every process the kernel started is gone within `grace` seconds."""
+        deadline = time.monotonic() + grace
+        while self.children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.children() == []
 
     def close(self) -> None:
         for pid in self.children():

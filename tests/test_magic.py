@@ -45,10 +45,7 @@ def kernel(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_rank_left(kernel):
     yield
-    deadline = time.monotonic() + 5
-    while kernel.children() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert kernel.children() == []
+    kernel.assert_no_ranks_left()
 
 
 CPU2 = "%%fabric --accelerator=cpu --devices=2"

@@ -260,10 +260,7 @@ def fresh_defaults(request, config_file):
     config_file.unlink(missing_ok=True)
     kernel.run("_magics.defaults.clear()")
     yield
-    deadline = time.monotonic() + 5
-    while kernel.children() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert kernel.children() == []
+    kernel.assert_no_ranks_left()
 
 
 CPU2 = "%%fabric --accelerator=cpu --devices=2"

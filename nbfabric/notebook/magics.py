@@ -21,10 +21,10 @@ from nbfabric.notebook.cell import compile_cell, run_in_rank, shippable_namespac
 from nbfabric.notebook.picker import describe_hardware, picker
 from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.record import RecordingSink, RunRecord
-from nbfabric.user_config import load_defaults
+from nbfabric.user_config import SETTING_NAMES, load_defaults
 
 SETTINGS = (
-    "accelerator", "devices", "strategy", "precision", "num_nodes", "start_method",
+    *SETTING_NAMES,
     "node_rank", "main_address", "main_port", "timeout", "ranks", "widgets",
 )
 PER_CELL = ("return_names", "no_return", "out", "background")
@@ -249,7 +249,7 @@ def _flag(name: str) -> str:
 
 def _make_fabric(settings: dict[str, Any]) -> Fabric:
     """A Fabric for these flag values; a bad value is a UsageError that lists the valid choices."""
-    options = {name: settings[name] for name in SETTINGS[:6] if name in settings}
+    options = {name: settings[name] for name in SETTING_NAMES if name in settings}
     try:
         return Fabric(**options, timeout=settings.get("timeout"))
     except ValueError as error:
