@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from nbfabric.config import RunConfig
 from nbfabric.fabric import MULTI_NODE_PORT as TORCHRUN_PORT
-from nbfabric.launcher.environment import threads_per_rank
+from nbfabric.launcher.environment import is_loopback, loopback_sockets, threads_per_rank
 from nbfabric.launcher.processes import exit_status
 
 _AGENT_GRACE_SECONDS = 10
@@ -23,6 +23,8 @@ def run_on_nodes(args: argparse.Namespace, config: RunConfig, ranks: set[int] | 
     """This node's part: torch.distributed.run starts its ranks and stops them all when one fails. It runs in
     a forked child, so that an interrupt or --timeout stops it even while it waits for the other nodes."""
     os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = "[rank ${rank}] "
+    if is_loopback(args.main_address):
+        os.environ.update(loopback_sockets())
     threads = threads_per_rank(config.num_processes)
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -271,12 +271,14 @@ def test_an_interrupt_stops_every_rank_with_status_130(tmp_path, env):
 
 # ----------------------------------------------------------------- two nodes on this machine
 TWO_NODES = """
+import os
 import sys
 from nbfabric import Fabric
 fabric = Fabric()
 fabric.launch()
 total = fabric.all_reduce(fabric.global_rank + 1, reduce_op="sum")
 print("rank", fabric.global_rank, "of", fabric.world_size, "on node", fabric.node_rank, "sum", int(total))
+print("rank", fabric.global_rank, "gloo on", os.environ.get("GLOO_SOCKET_IFNAME"))
 if fabric.global_rank == int(sys.argv[1]):
     raise ValueError("bad batch on rank " + sys.argv[1])
 fabric.barrier()
@@ -288,7 +290,6 @@ def run_two_nodes(tmp_path: Path, env: dict, failing_rank: int) -> list[subproce
     """Two `nbfabric run` processes on loopback, 2 ranks each; returns each node's result."""
     script = write(tmp_path / "train.py", TWO_NODES)
     flags = [*CPU2, "--num-nodes=2", "--main-address=127.0.0.1", f"--main-port={free_port()}"]
-    env = {**env, "GLOO_SOCKET_IFNAME": "lo"}
     nodes = [
         subprocess.Popen(
             [*NBFABRIC, "run", *flags, f"--node-rank={node}", str(script), str(failing_rank)],
@@ -312,6 +313,7 @@ def test_two_nodes_all_reduce_over_four_ranks(tmp_path, env):
         for rank in ranks:
             assert f"[rank {rank}] rank {rank} of 4 on node {rank // 2} sum 10\n" in node.stdout
             assert f"[rank {rank}] rank {rank} finished\n" in node.stdout
+            assert f"[rank {rank}] rank {rank} gloo on lo\n" in node.stdout
 
 
 def test_a_failure_on_one_node_stops_the_other(tmp_path, env):

@@ -109,6 +109,23 @@ def test_each_rank_sees_a_torchrun_environment_and_the_callers_is_unchanged(no_l
     assert dict(os.environ) == before
 
 
+@pytest.mark.parametrize(
+    ("nodes", "main_address", "chosen", "expected"),
+    [
+        (1, "127.0.0.1", None, "lo"),
+        (2, "localhost", None, "lo"),  # every node on this machine: its hostname's address must not matter
+        (2, "192.0.2.1", None, None),  # nodes on other machines: gloo picks the interface that reaches them
+        (1, "127.0.0.1", "eth7", "eth7"),
+    ],
+)
+def test_ranks_that_all_run_on_this_machine_talk_over_loopback(no_leaks, monkeypatch, nodes, main_address, chosen, expected):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    if chosen:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", chosen)
+    interface = launch(lambda: os.environ.get("GLOO_SOCKET_IFNAME"), nprocs=2, num_nodes=nodes, main_address=main_address, sink=Sink())
+    assert interface == expected
+
+
 def test_a_thread_count_the_user_set_is_kept(no_leaks, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launch(lambda: os.environ["OMP_NUM_THREADS"], nprocs=2, sink=Sink()) == "3"

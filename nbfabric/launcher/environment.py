@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -85,7 +86,20 @@ def rank_environment(
         env["OMP_NUM_THREADS"] = str(threads)
     if rendezvous is not None:
         env["NBFABRIC_RENDEZVOUS"] = rendezvous
-    if num_nodes == 1:
-        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-            env[name] = os.environ.get(name, "lo")
+    if num_nodes == 1 or is_loopback(main_address):
+        env.update(loopback_sockets())
     return env
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `address` names this machine's loopback, so every node of the run is on this machine."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(address)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def loopback_sockets() -> dict[str, str]:
+    """gloo and NCCL bound to loopback, unless the user chose interfaces: ranks that all run on this
+    machine must not depend on what its hostname resolves to."""
+    return {name: os.environ.get(name, "lo") for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
