@@ -41,7 +41,15 @@ class Failure:
     distributed: bool  # raised by torch.distributed (often a consequence of another rank dying)
 
 
-Event = Metrics | Result | Failure
+@dataclass(frozen=True)
+class Exiting:
+    """A rank's last message: it is done and exits with `code` as soon as its pipes are closed."""
+
+    rank: int
+    code: int
+
+
+Event = Metrics | Result | Failure | Exiting
 
 
 class ChannelWriter:

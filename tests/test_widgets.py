@@ -299,9 +299,11 @@ def test_a_run_shows_a_dashboard_then_leaves_a_text_summary_and_a_png(kernel):
     cell = kernel.run(
         f"""
         {CPU2}
+        import time
         for step in range(10):
             fabric.log("loss", 1.0 / (step + 1), step=step)
             print(f"step {{step}} on {{fabric.global_rank}}")
+        time.sleep(1.0)  # the dashboard appears after 0.5 s, with what came before
         fabric.world_size
         """
     )
@@ -320,6 +322,23 @@ def test_a_run_shows_a_dashboard_then_leaves_a_text_summary_and_a_png(kernel):
     assert set(chart_png) == {"image/png", "text/plain"}
     assert len(chart_png["image/png"]) < 100_000
     assert len(cell.of_type("comm_open")) == len(cell.of_type("comm_close"))  # no widget state is left
+
+
+def test_a_run_shorter_than_half_a_second_ends_as_text_with_no_widget(kernel):
+    cell = kernel.run(
+        f"""
+        {CPU2}
+        for step in range(3):
+            fabric.log("loss", 1.0 / (step + 1), step=step)
+        print("done on", fabric.global_rank)
+        """
+    )
+    assert cell.error is None, cell.error
+    assert "[rank 0] done on 0\n" in cell.stream("stdout") and "[rank 1] done on 1\n" in cell.stream("stdout")
+    assert cell.of_type("comm_open") == []
+    (chart_png,) = cell.shown()
+    assert set(chart_png) == {"image/png", "text/plain"}
+    assert kernel.run(f"{CPU2}\nprint('quiet')").shown() == []  # nothing logged: no chart
 
 
 def test_no_widgets_shows_tagged_text_lines(kernel):

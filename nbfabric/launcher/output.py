@@ -110,8 +110,10 @@ class TextSink(Sink):
         self.in_place_progress = in_place_progress
         self._streams = {"stdout": stdout, "stderr": stderr}
         self._mid_progress: set[str] = set()
+        self._written: set[str] = set()
 
     def _stream(self, name: str) -> TextIO:
+        self._written.add(name)
         return self._streams[name] or getattr(sys, name)
 
     def line(self, rank: int, stream: str, text: str) -> None:
@@ -130,5 +132,7 @@ class TextSink(Sink):
             out.write(f"\r\033[K[rank {rank}] {text}")
 
     def flush(self) -> None:
-        for name in self._streams:
+        """Flush the streams written since the last flush (in a kernel, each flush waits for its IO thread)."""
+        for name in sorted(self._written):
             self._stream(name).flush()
+        self._written.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import _thread
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -45,6 +46,19 @@ class RankProcess:
         except (ProcessLookupError, PermissionError):
             pass
         return self.returncode
+
+
+def reap_in_background(processes: list[RankProcess]) -> None:
+    """Reap ranks that are already exiting, on a thread, so that the caller goes on at once. A bare
+    thread: threading.Thread.start would wait until the new thread runs, while the exiting ranks
+    still hold the cores."""
+    if processes:
+        _thread.start_new_thread(_reap_all, (processes,))
+
+
+def _reap_all(processes: list[RankProcess]) -> None:
+    for process in processes:
+        process.reap()
 
 
 def _pipes() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:

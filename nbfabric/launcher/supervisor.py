@@ -9,9 +9,9 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from nbfabric.channel import Failure, FrameReader, Metrics, Result, now
+from nbfabric.channel import Exiting, Failure, FrameReader, Metrics, Result, now
 from nbfabric.launcher.output import LineSplitter, Sink
-from nbfabric.launcher.processes import RankProcess
+from nbfabric.launcher.processes import RankProcess, reap_in_background
 
 # After a stop request: SIGINT at once, SIGTERM after STOP_LADDER[1] s, SIGKILL after STOP_LADDER[2] s.
 STOP_LADDER = ((0.0, signal.SIGINT), (0.8, signal.SIGTERM), (1.5, signal.SIGKILL))
@@ -35,7 +35,10 @@ class Outcome:
 
 
 class Supervisor:
-    """Runs the event loop of one launch until every rank has exited and its output is drained."""
+    """Runs the event loop of one launch until every rank has ended and its output is drained.
+
+    A rank has ended once it exited, or once it announced its exit code and closed its pipes; such
+    a rank is reaped in the background, so the caller does not wait for the teardown of its memory."""
 
     def __init__(self, ranks: list[RankProcess], sink: Sink, timeout: float | None = None):
         self.ranks = {process.rank: process for process in ranks}
@@ -46,6 +49,8 @@ class Supervisor:
         self._stop_signals_sent = 0
         self._interrupts = 0
         self._drain_deadline: float | None = None
+        self._open_pipes = {p.rank: {p.stdout, p.stderr, p.channel} for p in ranks}
+        self._announced: dict[int, int] = {}  # rank -> exit code it announced
 
     def run(self) -> Outcome:
         try:
@@ -74,10 +79,12 @@ class Supervisor:
 
     def _step(self) -> None:
         for key, _ in self._selector.select(self._wait_time()):
+            if key.fd not in self._selector.get_map():
+                continue  # a rank that ended earlier in this batch took its sentinel with it
             rank, kind, reader = key.data
             if kind == "exit":
                 self._selector.unregister(key.fd)
-                self._on_exit(self.ranks[rank])
+                self._ended(rank, self.ranks[rank].reap())
             else:
                 self._read(key.fd, rank, kind, reader)
         self.sink.flush()
@@ -108,6 +115,10 @@ class Supervisor:
             os.close(fd)
             if kind != "channel":
                 self._emit_lines(rank, kind, reader.close())
+            self._open_pipes[rank].discard(fd)
+            if rank in self._announced and not self._open_pipes[rank] and rank not in self.outcome.returncodes:
+                self._selector.unregister(self.ranks[rank].sentinel)
+                self._ended(rank, self._announced[rank])
             return
         if kind == "channel":
             for event in reader.feed(chunk):
@@ -127,15 +138,16 @@ class Supervisor:
         elif isinstance(event, Failure):
             self.outcome.failures.setdefault(event.rank, event)
             self.stop()
+        elif isinstance(event, Exiting):
+            self._announced[event.rank] = event.code
 
-    def _on_exit(self, process: RankProcess) -> None:
-        code = process.reap()
-        self.outcome.returncodes[process.rank] = code
-        self.outcome.exit_times[process.rank] = now()
-        self.sink.rank_exited(process.rank, code)
+    def _ended(self, rank: int, code: int) -> None:
+        self.outcome.returncodes[rank] = code
+        self.outcome.exit_times[rank] = now()
+        self.sink.rank_exited(rank, code)
         if code != 0:
             self.stop()
-        if all(p.returncode is not None for p in self.ranks.values()):
+        if len(self.outcome.returncodes) == len(self.ranks):
             self._drain_deadline = now() + DRAIN_SECONDS
 
     def _escalate(self) -> None:
@@ -153,12 +165,18 @@ class Supervisor:
 
     def _abandon(self) -> None:
         """Kill whatever still runs, reap it, and close every pipe (used when done or on error)."""
+        exiting = []
         for process in self.ranks.values():
-            if process.returncode is None:
-                process.signal(signal.SIGKILL)
-                process.reap()
-                self.outcome.returncodes[process.rank] = process.returncode
-                self.outcome.exit_times[process.rank] = now()
+            if process.returncode is not None:
+                continue
+            if process.rank in self.outcome.returncodes and process.rank in self._announced:
+                exiting.append(process)
+                continue
+            process.signal(signal.SIGKILL)
+            process.reap()
+            self.outcome.returncodes[process.rank] = process.returncode
+            self.outcome.exit_times[process.rank] = now()
+        reap_in_background(exiting)
         for key in list(self._selector.get_map().values()):
             self._selector.unregister(key.fd)
             if key.data[1] != "exit":

@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from nbfabric.channel import ChannelWriter, Failure, Result, now, set_current
+from nbfabric.channel import ChannelWriter, Exiting, Failure, Result, now, set_current
 
 _PR_SET_PDEATHSIG = 1
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -94,14 +94,28 @@ def _is_runpy(filename: str) -> bool:
 
 def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, int, int]) -> None:
     """Entry point of a forked or spawned rank; never returns."""
-    code = 1
+    code, channel = 1, None
     try:
         channel = become_rank(spec, *fds)
         code = run_rank(target, spec, channel)
     except BaseException:  # noqa: BLE001 - the rank could not start: say why on its stderr
         traceback.print_exc()
     finally:
+        if channel is not None:
+            _announce_exit(channel, spec.rank, code)
         os._exit(code)
+
+
+def _announce_exit(channel: ChannelWriter, rank: int, code: int) -> None:
+    """Send the exit code and close every pipe to the parent, which then need not wait while the
+    operating system tears this process down (about 10 ms for a process that imported torch)."""
+    try:
+        channel.send(Exiting(rank, code))
+        channel.close()
+        os.close(1)
+        os.close(2)
+    except OSError:
+        pass
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

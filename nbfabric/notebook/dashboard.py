@@ -33,12 +33,12 @@ class Dashboard(Sink):
     as text and its chart as a PNG.
     """
 
-    def __init__(self, config: RunConfig, ranks: set[int] | None = None):
+    def __init__(self, config: RunConfig, ranks: set[int] | None = None, started: float | None = None):
         import ipywidgets as widgets
 
         self.config = config
         self.ranks = ranks
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started  # when the run began
         self.duration: float | None = None
         self.state = "starting"
         self.stop_requested = False

@@ -20,6 +20,7 @@ from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.cell import compile_cell, run_in_rank, shippable_namespace
 from nbfabric.notebook.picker import describe_hardware, picker
 from nbfabric.notebook.returns import LAST_VALUE
+from nbfabric.notebook.run_view import RunView
 from nbfabric.record import RecordingSink, RunRecord
 from nbfabric.user_config import SETTING_NAMES, load_defaults
 
@@ -56,7 +57,7 @@ class FabricMagics(Magics):
     @magic_arguments.argument("--no-return", dest="no_return", action="store_true", help="bring back no names")
     @magic_arguments.argument("--out", help="store the run record (output, metrics, exit codes) under this name")
     @magic_arguments.argument("--no-widgets", dest="widgets", action="store_const", const="off", help="show the run as text lines, not as a dashboard")
-    @magic_arguments.argument("--widgets", dest="widgets", action="store_const", const="on", help="show a live dashboard where widgets can render (the default)")
+    @magic_arguments.argument("--widgets", dest="widgets", action="store_const", const="on", help="show a live dashboard where widgets can render, once the run lasts 0.5 s (the default)")
     @magic_arguments.argument("--background", action="store_true", help="return at once while the run goes on; see %%fabric wait and %%fabric stop")
     @magic_arguments.argument("--picker", action="store_true", help="(%%fabric only) show the hardware picker, whose choices become the defaults")
     @magic_arguments.argument("--config", help="(with --picker) the settings file its Save button writes")
@@ -65,8 +66,9 @@ class FabricMagics(Magics):
     def fabric(self, line: str, cell: str | None = None) -> Any:
         """Run the cell on every rank, with `fabric` (a launched Fabric) and the notebook's variables.
 
-        A live dashboard shows the ranks, their output and the logged metrics (as text where
-        widgets cannot render); the names the cell binds on rank 0 and its last expression come
+        A live dashboard shows the ranks, their output and the logged metrics once the run has
+        lasted half a second (text lines where widgets cannot render, and for a shorter run);
+        the names the cell binds on rank 0 and its last expression come
         back into the notebook. Settings come from the cell's flags, then the `%fabric` defaults,
         then the saved defaults (the picker's Save button). As a line magic: with flags, set the
         defaults for later cells; without, show the defaults and the hardware found.
@@ -85,11 +87,13 @@ class FabricMagics(Magics):
         names = _wanted_names(args)
         compiled = compile_cell(self.shell, cell)
         record = RunRecord(fabric.config)
-        dashboard = _dashboard(fabric.config, ranks) if settings.get("widgets") != "off" and widgets_can_render(self.shell) else None
-        if dashboard is not None:
-            view = dashboard
-        else:
-            view = (StoppableTextSink if args.background else TextSink)(ranks=ranks, in_place_progress=True)
+        view = text = (StoppableTextSink if args.background else TextSink)(ranks=ranks, in_place_progress=True)
+        dashboard = None
+        if settings.get("widgets") != "off" and widgets_can_render(self.shell):
+            if args.background:  # the cell returns at once: show the dashboard now
+                view = dashboard = _dashboard(fabric.config, ranks)
+            else:
+                view = RunView(partial(_dashboard, fabric.config, ranks), text)
         sink = RecordingSink(record, view)
         if args.out:
             self.shell.user_ns[args.out] = record
@@ -104,9 +108,9 @@ class FabricMagics(Magics):
         except ValueError as error:
             raise UsageError(str(error)) from None
         launch = partial(fabric.start_ranks, run_in_rank, (compiled, namespace, names), sink=sink, **nodes)
-        if dashboard is not None:
-            dashboard.show()
         if args.background:
+            if dashboard is not None:
+                dashboard.show()
             return self._start_background(launch, record, view, dashboard)
         try:
             returned = launch()
@@ -115,10 +119,8 @@ class FabricMagics(Magics):
             raise
         finally:
             record.duration = time.time() - record.started
-            if dashboard is not None:
-                dashboard.finish(record.error)
-                dashboard.freeze()
-                dashboard.show_static()
+            if isinstance(view, RunView):
+                view.end(record.error)
         return self._bring_back(returned)
 
     def _bring_back(self, returned: Any) -> Any:
@@ -237,10 +239,10 @@ def _cell_number(shell: Any) -> int:
     return result.execution_count if result is not None else shell.execution_count
 
 
-def _dashboard(config: Any, ranks: set[int] | None) -> Any:
+def _dashboard(config: Any, ranks: set[int] | None, started: float | None = None) -> Any:
     from nbfabric.notebook.dashboard import Dashboard
 
-    return Dashboard(config, ranks)
+    return Dashboard(config, ranks, started)
 
 
 def _flag(name: str) -> str:
