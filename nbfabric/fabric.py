@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -121,9 +122,10 @@ class Fabric:
         if self._launched:
             raise RuntimeError("this Fabric is already launched; call launch() once per Fabric")
         if _started_by_launcher() or not self.config.distributed:
-            self._become_rank()
             if function is None:
+                self._continue_script_as_rank()
                 return None
+            self._become_rank()
             try:
                 return function(self, *args, **kwargs)
             finally:
@@ -135,8 +137,20 @@ class Fabric:
             )
         result = self.start_ranks(function, args, kwargs)
         if function is None:  # only a rank gets here: go on with the caller's script
-            self._become_rank()
+            self._continue_script_as_rank()
         return result
+
+    def _continue_script_as_rank(self) -> None:
+        """Join the run for the rest of the script, and leave its process group before Python's own
+        teardown, which can abort the process (SIGABRT) while a gloo group's threads still run."""
+        self._become_rank()
+        atexit.register(self._leave_after_script)
+
+    def _leave_after_script(self) -> None:
+        # After an uncaught exception the group stays: the peers must see this rank fail as it
+        # exits, not leave early and then fail (which would blame them first).
+        if getattr(sys, "last_value", None) is None:
+            self._strategy.leave()
 
     def start_ranks(
         self,
@@ -169,6 +183,7 @@ class Fabric:
             main_port=main_port,
             timeout=self.timeout,
             sink=sink,
+            wait_for_exit=self.config.accelerator != "cpu",
         )
 
     def check_node_settings(self, node_rank: int = 0) -> None:

@@ -11,6 +11,8 @@ import time
 import psutil
 import pytest
 
+from nbfabric.launcher.processes import wait_for_reaping
+
 
 def _snapshot(workdir: str) -> dict:
     me = psutil.Process()
@@ -28,6 +30,7 @@ def no_leaks(tmp_path_factory):
     """Fail the test if it leaves child processes, threads, open fds, env changes or work dirs."""
     workdir = str(tmp_path_factory.mktemp("launches"))
     saved_tempdir, tempfile.tempdir = tempfile.tempdir, workdir
+    assert wait_for_reaping(5), "the ranks of an earlier test are still exiting"
     before = _snapshot(workdir)
     try:
         yield

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pickle
-import shutil
-import tempfile
 import os
+import pickle
 import signal
-from pathlib import Path
+import sys
 from typing import Any, Callable
 
 from nbfabric.config import START_METHODS
@@ -19,12 +17,14 @@ from nbfabric.launcher.environment import (
 )
 from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
-from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper
+from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
+from nbfabric.launcher.rendezvous import StoreServer
 from nbfabric.launcher.supervisor import Supervisor
-from nbfabric.launcher.worker import RankSpec
+from nbfabric.launcher.worker import RankSpec, console_handlers
 
 __all__ = ["launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "Sink", "TextSink"]
 
+EXIT_WAIT = 10.0  # seconds to wait for ranks that announced their exit to be gone
 
 
 def launch(
@@ -38,8 +38,13 @@ def launch(
     main_port: int | None = None,
     timeout: float | None = None,
     sink: Sink | None = None,
+    wait_for_exit: bool = False,
 ) -> Any:
     """Run `target()` on `nprocs` new processes and return rank 0's return value.
+
+    It returns once every rank has finished and said so; the operating system's teardown of
+    their processes goes on in the background (about 10 ms each), unless `wait_for_exit` (ranks
+    that held a GPU: its memory is free when this returns) or the run failed.
 
     With `target=None` (fork only) the ranks return from this call and go on running the
     caller's script, while this process supervises them and never returns.
@@ -50,29 +55,29 @@ def launch(
         check_fork_safe()
     elif target is None:
         raise ValueError("continuing the calling script in each rank needs start_method='fork'")
-    workdir = tempfile.mkdtemp(prefix="nbfabric-")
-    try:
-        rendezvous = None if num_nodes > 1 else Path(workdir, "store").as_uri()
-        specs = _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port or free_port(), rendezvous)
-        ranks = _start(target, specs, start_method)
-    except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
+    specs = _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port or free_port())
+    ranks = _start(target, specs, start_method)
     if ranks is None:
-        return None  # this process is now a rank; the directory belongs to the launching process
+        return None  # this process is now a rank
+    store = StoreServer() if num_nodes == 1 else None
     try:
-        outcome = Supervisor(ranks, sink or TextSink(), timeout).run()
+        outcome = Supervisor(ranks, sink or TextSink(), timeout, store).run()
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
         if start_method == "spawn":
             stop_spawn_helper()
-    raise_for_outcome(outcome, timeout)
+    try:
+        raise_for_outcome(outcome, timeout)
+    except BaseException:
+        wait_for_reaping(EXIT_WAIT)  # after a failure or a stop, no rank is left when the error shows
+        raise
+    if wait_for_exit:
+        wait_for_reaping(EXIT_WAIT)
     if target is None:
         raise SystemExit(0)
     return pickle.loads(outcome.result.payload) if outcome.result is not None else None
 
 
-def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port, rendezvous) -> list[RankSpec]:
+def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port) -> list[RankSpec]:
     threads = threads_per_rank(nprocs)
     specs = []
     for local_rank in range(nprocs):
@@ -83,24 +88,27 @@ def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port, rendezvou
             num_nodes=num_nodes,
             main_address=main_address,
             main_port=main_port,
-            rendezvous=rendezvous,
             threads=threads,
         )
         rank = int(env["RANK"])
-        specs.append(RankSpec(rank=rank, env=env, send_result=rank == 0, threads=threads, parent_pid=os.getpid()))
+        specs.append(
+            RankSpec(rank=rank, env=env, send_result=rank == 0, threads=threads, parent_pid=os.getpid(), local_store=num_nodes == 1)
+        )
     return specs
 
 
 def _start(target, specs: list[RankSpec], start_method: str) -> list[RankProcess] | None:
     """Start every rank; if one cannot start, kill those already started."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # else a forked rank would write out the caller's pending output again
+    handlers = console_handlers() if start_method == "fork" else []
     started: list[RankProcess] = []
     try:
         for spec in specs:
             if start_method == "spawn":
                 started.append(spawn_rank(target, spec))
                 continue
-            parent_fds = [fd for p in started for fd in (p.stdout, p.stderr, p.channel, p.sentinel)]
-            process = fork_rank(target, spec, parent_fds)
+            process = fork_rank(target, spec, [fd for p in started for fd in p.fds], handlers)
             if process is None:
                 return None
             started.append(process)
@@ -108,7 +116,8 @@ def _start(target, specs: list[RankSpec], start_method: str) -> list[RankProcess
         for process in started:
             process.signal(signal.SIGKILL)
             process.reap()
-            for fd in (process.stdout, process.stderr, process.channel):
-                os.close(fd)
+            for fd in process.fds:
+                if fd != process.sentinel:  # reap() closed it
+                    os.close(fd)
         raise
     return started

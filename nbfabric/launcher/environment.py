@@ -67,10 +67,9 @@ def rank_environment(
     num_nodes: int,
     main_address: str,
     main_port: int,
-    rendezvous: str | None,
     threads: int | None,
 ) -> dict[str, str]:
-    """Variables torchrun would set for this rank, plus nbfabric's own rendezvous."""
+    """Variables torchrun would set for this rank."""
     env = {
         "MASTER_ADDR": main_address,
         "MASTER_PORT": str(main_port),
@@ -84,8 +83,6 @@ def rank_environment(
     }
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    if rendezvous is not None:
-        env["NBFABRIC_RENDEZVOUS"] = rendezvous
     if num_nodes == 1 or is_loopback(main_address):
         env.update(loopback_sockets())
     return env

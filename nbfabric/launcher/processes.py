@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import gc
 import os
 import signal
-import _thread
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,7 +26,13 @@ class RankProcess:
     channel: int
     sentinel: int  # readable once the process has exited
     _wait: Callable[[], int] = field(repr=False)
+    store: int | None = None  # the supervisor's end of the rank's socket to the rendezvous store
     returncode: int | None = None  # negative: killed by that signal
+
+    @property
+    def fds(self) -> list[int]:
+        """Every fd of this rank the parent holds."""
+        return [fd for fd in (self.stdout, self.stderr, self.channel, self.sentinel, self.store) if fd is not None]
 
     def signal(self, sig: int) -> None:
         """Send `sig` to the rank's process group (its own children included)."""
@@ -53,39 +61,65 @@ def reap_in_background(processes: list[RankProcess]) -> None:
     thread: threading.Thread.start would wait until the new thread runs, while the exiting ranks
     still hold the cores."""
     if processes:
-        _thread.start_new_thread(_reap_all, (processes,))
+        done = _thread.allocate_lock()
+        done.acquire()
+        _reaping.append(done)
+        _thread.start_new_thread(_reap_all, (processes, done))
 
 
-def _reap_all(processes: list[RankProcess]) -> None:
-    for process in processes:
-        process.reap()
+def wait_for_reaping(timeout: float) -> bool:
+    """Wait until the ranks handed to `reap_in_background` are gone; False if some are not yet."""
+    deadline = time.monotonic() + timeout
+    for done in list(_reaping):
+        if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        done.release()
+    return True
 
 
-def _pipes() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    return os.pipe(), os.pipe(), os.pipe()
+_reaping: list[Any] = []  # a lock per reaping thread, held until it has reaped its ranks
 
 
-def fork_rank(target: Callable[[], Any] | None, spec: RankSpec, close_in_child: list[int]) -> RankProcess | None:
-    """Fork one rank. With `target=None` the child returns None and goes on as the rank."""
-    (out_r, out_w), (err_r, err_w), (chan_r, chan_w) = _pipes()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+def _reap_all(processes: list[RankProcess], done: Any) -> None:
+    try:
+        for process in processes:
+            process.reap()
+    finally:
+        _reaping.remove(done)
+        done.release()
+
+
+def _links(spec: RankSpec) -> list[tuple[int, int]]:
+    """(parent's end, rank's end) of the stdout, stderr and event pipes, and of the store's socket."""
+    links = [os.pipe(), os.pipe(), os.pipe()]
+    if spec.local_store:
+        links.append(tuple(end.detach() for end in socket.socketpair()))
+    return links
+
+
+def fork_rank(
+    target: Callable[[], Any] | None, spec: RankSpec, close_in_child: list[int], handlers: list
+) -> RankProcess | None:
+    """Fork one rank. With `target=None` the child returns None and goes on as the rank.
+    `handlers`: the caller's `console_handlers()`."""
+    links = _links(spec)
+    parent_ends, rank_ends = [p for p, _ in links], tuple(r for _, r in links)
     gc.freeze()  # the rank's garbage collector then skips (and does not copy) the inherited objects
     pid = os.fork()
     if pid != 0:
         gc.unfreeze()
     if pid == 0:
         try:
-            for fd in (*close_in_child, out_r, err_r, chan_r):
+            for fd in (*close_in_child, *parent_ends):
                 os.close(fd)
             os.setpgid(0, 0)
             if target is None:
-                _continue_as_rank(spec, (out_w, err_w, chan_w))
+                _continue_as_rank(spec, rank_ends, handlers)
                 return None
         except BaseException:
             os._exit(1)
-        rank_main(target, spec, (out_w, err_w, chan_w))
-    for fd in (out_w, err_w, chan_w):
+        rank_main(target, spec, rank_ends, handlers)
+    for fd in rank_ends:
         os.close(fd)
     try:
         os.setpgid(pid, pid)
@@ -97,12 +131,12 @@ def fork_rank(target: Callable[[], Any] | None, spec: RankSpec, close_in_child: 
         os.close(pidfd)
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
-    return RankProcess(spec.rank, pid, out_r, err_r, chan_r, pidfd, wait)
+    return RankProcess(spec.rank, pid, *parent_ends[:3], pidfd, wait, *parent_ends[3:])
 
 
-def _continue_as_rank(spec: RankSpec, fds: tuple[int, int, int]) -> None:
+def _continue_as_rank(spec: RankSpec, fds: tuple[int, ...], handlers: list) -> None:
     """In a forked child that goes on running the caller's script: report an uncaught exception."""
-    channel = become_rank(spec, *fds)
+    channel = become_rank(spec, *fds, handlers=handlers)
 
     def excepthook(exc_type, exc, tb):
         report_failure(channel, spec.rank, exc)
@@ -115,8 +149,8 @@ def spawn_rank(target: Callable[[], Any], spec: RankSpec) -> RankProcess:
     import multiprocess
     from multiprocess.connection import Connection
 
-    pipes = _pipes()
-    ends = [Connection(w) for _, w in pipes]
+    links = _links(spec)
+    ends = [Connection(rank_end) for _, rank_end in links]
     process = multiprocess.get_context("spawn").Process(
         target=_spawned_main, args=(target, spec, ends), name=f"nbfabric-rank-{spec.rank}"
     )
@@ -125,7 +159,7 @@ def spawn_rank(target: Callable[[], Any], spec: RankSpec) -> RankProcess:
     finally:
         for end in ends:
             end.close()
-    (out_r, _), (err_r, _), (chan_r, _) = pipes
+    parent_ends = [parent_end for parent_end, _ in links]
 
     def wait() -> int:
         process.join()
@@ -133,7 +167,7 @@ def spawn_rank(target: Callable[[], Any], spec: RankSpec) -> RankProcess:
         process.close()
         return code
 
-    return RankProcess(spec.rank, process.pid, out_r, err_r, chan_r, process.sentinel, wait)
+    return RankProcess(spec.rank, process.pid, *parent_ends[:3], process.sentinel, wait, *parent_ends[3:])
 
 
 def _spawned_main(target: Callable[[], Any], spec: RankSpec, ends: list) -> None:

@@ -7,11 +7,13 @@ import selectors
 import signal
 import threading
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 
-from nbfabric.channel import Exiting, Failure, FrameReader, Metrics, Result, now
+from nbfabric.channel import ChannelWriter, Exiting, Failure, FrameReader, Metrics, Result, now
 from nbfabric.launcher.output import LineSplitter, Sink
 from nbfabric.launcher.processes import RankProcess, reap_in_background
+from nbfabric.launcher.rendezvous import StoreServer
 
 # After a stop request: SIGINT at once, SIGTERM after STOP_LADDER[1] s, SIGKILL after STOP_LADDER[2] s.
 STOP_LADDER = ((0.0, signal.SIGINT), (0.8, signal.SIGTERM), (1.5, signal.SIGKILL))
@@ -40,8 +42,9 @@ class Supervisor:
     A rank has ended once it exited, or once it announced its exit code and closed its pipes; such
     a rank is reaped in the background, so the caller does not wait for the teardown of its memory."""
 
-    def __init__(self, ranks: list[RankProcess], sink: Sink, timeout: float | None = None):
+    def __init__(self, ranks: list[RankProcess], sink: Sink, timeout: float | None = None, store: StoreServer | None = None):
         self.ranks = {process.rank: process for process in ranks}
+        self.store = store
         self.sink = sink
         self.deadline = None if timeout is None else now() + timeout
         self.outcome = Outcome()
@@ -76,6 +79,8 @@ class Supervisor:
             self._selector.register(fd, selectors.EVENT_READ, (process.rank, kind, LineSplitter()))
         self._selector.register(process.channel, selectors.EVENT_READ, (process.rank, "channel", FrameReader()))
         self._selector.register(process.sentinel, selectors.EVENT_READ, (process.rank, "exit", None))
+        if process.store is not None and self.store is not None:
+            self._selector.register(process.store, selectors.EVENT_READ, (process.rank, "store", FrameReader()))
 
     def _step(self) -> None:
         for key, _ in self._selector.select(self._wait_time()):
@@ -113,6 +118,9 @@ class Supervisor:
         if not chunk:
             self._selector.unregister(fd)
             os.close(fd)
+            if kind == "store":
+                self.store.forget(rank)
+                return
             if kind != "channel":
                 self._emit_lines(rank, kind, reader.close())
             self._open_pipes[rank].discard(fd)
@@ -123,6 +131,9 @@ class Supervisor:
         if kind == "channel":
             for event in reader.feed(chunk):
                 self._on_event(event)
+        elif kind == "store":
+            for request in reader.feed(chunk):
+                self.store.handle(rank, request, partial(_answer, ChannelWriter(fd)))
         else:
             self._emit_lines(rank, kind, reader.feed(chunk))
 
@@ -142,6 +153,11 @@ class Supervisor:
             self._announced[event.rank] = event.code
 
     def _ended(self, rank: int, code: int) -> None:
+        store = self.ranks[rank].store
+        if store is not None and store in self._selector.get_map():  # its children may still hold the socket
+            self._selector.unregister(store)
+            os.close(store)
+            self.store.forget(rank)
         self.outcome.returncodes[rank] = code
         self.outcome.exit_times[rank] = now()
         self.sink.rank_exited(rank, code)
@@ -197,3 +213,10 @@ class Supervisor:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def _answer(rank_socket: ChannelWriter, request_id: int, value) -> None:
+    try:
+        rank_socket.send((request_id, value))
+    except OSError:  # the rank is gone
+        pass

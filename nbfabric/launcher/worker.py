@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from nbfabric.channel import ChannelWriter, Exiting, Failure, Result, now, set_current
+from nbfabric.launcher.rendezvous import set_rank_socket
 
 _PR_SET_PDEATHSIG = 1
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -28,21 +29,32 @@ class RankSpec:
     send_result: bool
     threads: int | None  # torch intra-op threads; None keeps the user's setting
     parent_pid: int
+    local_store: bool = False  # the ranks meet through the supervisor's store (one machine)
 
 
-def become_rank(spec: RankSpec, stdout_fd: int, stderr_fd: int, channel_fd: int) -> ChannelWriter:
-    """Turn a just-started process into rank `spec.rank`: signals, output pipes, environment."""
+def become_rank(
+    spec: RankSpec,
+    stdout_fd: int,
+    stderr_fd: int,
+    channel_fd: int,
+    store_fd: int | None = None,
+    *,
+    handlers: list[tuple[logging.StreamHandler, str]] | None = None,
+) -> ChannelWriter:
+    """Turn a just-started process into rank `spec.rank`: signals, output pipes, environment.
+    `handlers`: `console_handlers()` as the forking process found them."""
     _die_with_parent(spec.parent_pid)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    _redirect_output(stdout_fd, stderr_fd)
+    _redirect_output(stdout_fd, stderr_fd, console_handlers() if handlers is None else handlers)
     _detach_from_kernel()
     os.environ.update(spec.env)
     if spec.threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(spec.threads)
     channel = ChannelWriter(channel_fd)
     set_current(channel)
+    set_rank_socket(store_fd)
     return channel
 
 
@@ -92,11 +104,11 @@ def _is_runpy(filename: str) -> bool:
     return filename == "<frozen runpy>" or os.path.basename(filename) == "runpy.py"
 
 
-def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, int, int]) -> None:
+def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, ...], handlers: list | None = None) -> None:
     """Entry point of a forked or spawned rank; never returns."""
     code, channel = 1, None
     try:
-        channel = become_rank(spec, *fds)
+        channel = become_rank(spec, *fds, handlers=handlers)
         code = run_rank(target, spec, channel)
     except BaseException:  # noqa: BLE001 - the rank could not start: say why on its stderr
         traceback.print_exc()
@@ -128,31 +140,33 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
-    """Point fd 0/1/2 and sys.std* at /dev/null and the rank's pipes, unbuffered."""
+def _redirect_output(stdout_fd: int, stderr_fd: int, handlers: list[tuple[logging.StreamHandler, str]]) -> None:
+    """Point fd 0/1/2, sys.std* and the console's logging handlers at /dev/null and the rank's
+    pipes, unbuffered."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     for source, target in ((devnull, 0), (stdout_fd, 1), (stderr_fd, 2)):
         os.dup2(source, target)
         os.close(source)
-    inherited = [(getattr(sys, name), name) for name in ("stdout", "stderr", "__stdout__", "__stderr__")]
     sys.stdin = open(0, closefd=False, encoding="utf-8")  # noqa: SIM115
     sys.stdout = sys.__stdout__ = _text_stream(1)
     sys.stderr = sys.__stderr__ = _text_stream(2)
-    for handler in _stream_handlers():
-        for stream, name in inherited:  # the old streams stay referenced here, so identity is safe
-            if handler.stream is stream:
-                handler.setStream(getattr(sys, name.strip("_")))
+    for handler, name in handlers:
+        handler.setStream(getattr(sys, name))
 
 
-def _stream_handlers() -> list[logging.StreamHandler]:
+def console_handlers() -> list[tuple[logging.StreamHandler, str]]:
+    """The logging handlers that write to this process's stdout or stderr, each with that
+    stream's name. Forking launches find them before they fork: walking every logger in a
+    forked rank would copy the memory pages they sit on (~3 ms with a kernel's 360 loggers)."""
+    streams = {id(getattr(sys, name)): name.strip("_") for name in ("stdout", "stderr", "__stdout__", "__stderr__")}
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     return [
-        handler
+        (handler, streams[id(handler.stream)])
         for logger in loggers
         for handler in getattr(logger, "handlers", ())
         if isinstance(handler, logging.StreamHandler)
-        and not isinstance(handler, logging.FileHandler)
         and not isinstance(getattr(type(handler), "stream", None), property)  # logging's last resort
+        and id(handler.stream) in streams
     ]
 
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nbfabric.launcher.environment import preserved_environment
+from nbfabric.launcher.store_client import supervisor_store
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
 REDUCE_OPS = ("mean", "sum", "min", "max", "product")
@@ -32,23 +33,30 @@ class DDPStrategy(SingleDeviceStrategy):
             import torch._dynamo  # noqa: F401
 
     def setup_environment(self, rank: int, world_size: int) -> None:
-        """Join the process group: the launcher's file rendezvous, torchrun's env://, or, for a single
+        """Join the process group: through the launcher's store, torchrun's env://, or, for a single
         process of its own, an in-memory store."""
         super().setup_environment(rank, world_size)
         if dist.is_initialized():
             return
-        if world_size == 1 and "NBFABRIC_RENDEZVOUS" not in os.environ and "MASTER_ADDR" not in os.environ:
+        store = supervisor_store()
+        if store is not None:
+            dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size)
+        elif world_size == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
             self._private_group = True
-            return
-        init_method = os.environ.get("NBFABRIC_RENDEZVOUS", "env://")
-        dist.init_process_group(self.backend, init_method=init_method, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(self.backend, init_method="env://", rank=rank, world_size=world_size)
 
     def release(self) -> None:
         """End the single-process group this strategy made, so the process can fork ranks again."""
         if self._private_group and dist.is_initialized():
             dist.destroy_process_group()
         self._private_group = False
+
+    def leave(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None

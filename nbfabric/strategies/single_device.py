@@ -28,6 +28,9 @@ class SingleDeviceStrategy:
     def release(self) -> None:
         """Undo what `setup_environment` set up in this process, if it must not outlive the run."""
 
+    def leave(self) -> None:
+        """At the end of a script's rank: undo all that `setup_environment` set up."""
+
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
 

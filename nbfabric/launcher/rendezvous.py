@@ -1,0 +1,83 @@
+"""The key-value store the ranks of one machine meet through, kept by the supervisor.
+
+Each rank reaches it over its own socket (`store_client.SupervisorStore` on the rank's side).
+A request is a frame `(request_id, op, args)`; the answer, `(request_id, value)`, is sent as soon
+as it is known: `get` and `wait` are answered the moment another rank sets the key, where a file
+store would look again every 10 ms and a TCP store would need a server thread and a free port.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+Reply = Callable[[int, Any], None]  # (request_id, value) back to the rank that asked
+
+_rank_socket: int | None = None
+
+
+def set_rank_socket(fd: int | None) -> None:
+    """In a rank: the socket to the supervisor's store (None where the nodes meet at node 0)."""
+    global _rank_socket
+    _rank_socket = fd
+
+
+def rank_socket() -> int | None:
+    """In a rank nbfabric started on one machine: its socket to the store; elsewhere None."""
+    return _rank_socket
+
+
+class StoreServer:
+    """The store's data, and the requests that wait for keys not yet set."""
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+        self._waiting: list[tuple[int, list[str], bool, int, Reply]] = []  # (rank, keys, is_get, id, reply)
+
+    def handle(self, rank: int, request: tuple[int, str, tuple], reply: Reply) -> None:
+        request_id, op, args = request
+        if op in ("get", "wait"):
+            keys = [args[0]] if op == "get" else list(args[0])
+            self._waiting.append((rank, keys, op == "get", request_id, reply))
+            self._answer_ready()
+            return
+        reply(request_id, self._apply(op, args))
+        if op in ("set", "add", "compare_set"):
+            self._answer_ready()
+
+    def forget(self, rank: int) -> None:
+        """Drop the waiting requests of a rank that is gone."""
+        self._waiting = [entry for entry in self._waiting if entry[0] != rank]
+
+    def _apply(self, op: str, args: tuple) -> Any:
+        data = self.data
+        if op == "set":
+            data[args[0]] = bytes(args[1])
+            return None
+        if op == "add":
+            value = int(data.get(args[0], b"0")) + int(args[1])
+            data[args[0]] = str(value).encode()
+            return value
+        if op == "compare_set":
+            key, expected, desired = args[0], bytes(args[1]), bytes(args[2])
+            current = data.get(key)
+            if (current is None and not expected) or current == expected:
+                data[key] = desired
+                return desired
+            return expected if current is None else current
+        if op == "check":
+            return all(key in data for key in args[0])
+        if op == "delete_key":
+            return data.pop(args[0], None) is not None
+        if op == "num_keys":
+            return len(data)
+        return ValueError(f"the rendezvous store has no operation {op!r}")
+
+    def _answer_ready(self) -> None:
+        still_waiting = []
+        for entry in self._waiting:
+            _, keys, is_get, request_id, reply = entry
+            if all(key in self.data for key in keys):
+                reply(request_id, self.data[keys[0]] if is_get else None)
+            else:
+                still_waiting.append(entry)
+        self._waiting = still_waiting

@@ -1,0 +1,104 @@
+"""A rank's side of the supervisor's rendezvous store (see `rendezvous`): a torch.distributed
+Store, so that `init_process_group(store=...)` and gloo or NCCL use it like any other."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from nbfabric.channel import ChannelWriter, FrameReader
+from nbfabric.launcher.rendezvous import rank_socket
+
+
+_stores: dict[tuple[int, int], "SupervisorStore"] = {}  # by (process id, socket fd)
+
+
+def supervisor_store() -> "SupervisorStore | None":
+    """The store of the launch that started this rank, or None outside such a rank. It is kept here
+    for the life of the process: torch.distributed holds only its C++ half, which needs the Python
+    object to answer calls."""
+    fd = rank_socket()
+    if fd is None:
+        return None
+    key = (os.getpid(), fd)
+    if key not in _stores:
+        _stores[key] = SupervisorStore(fd)
+    return _stores[key]
+
+
+class SupervisorStore(dist.Store):
+    """Each call is one request to the supervisor and waits for its answer; thread-safe."""
+
+    def __init__(self, fd: int, timeout: timedelta = timedelta(minutes=30)):
+        super().__init__()
+        self.set_timeout(timeout)
+        self._socket = socket.socket(fileno=os.dup(fd))
+        self._writer = ChannelWriter(self._socket.fileno())
+        self._reader = FrameReader()
+        self._answers: list[tuple[int, Any]] = []
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def set(self, key: str, value: Any) -> None:
+        self._call("set", key, _as_bytes(value))
+
+    def get(self, key: str) -> bytes:
+        return self._call("get", key)
+
+    def add(self, key: str, amount: int) -> int:
+        return self._call("add", key, amount)
+
+    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
+        return self._call("compare_set", key, _as_bytes(expected), _as_bytes(desired))
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        self._call("wait", list(keys), timeout=timeout)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._call("check", list(keys))
+
+    def delete_key(self, key: str) -> bool:
+        return self._call("delete_key", key)
+
+    def num_keys(self) -> int:
+        return self._call("num_keys")
+
+    def _call(self, op: str, *args: Any, timeout: timedelta | None = None) -> Any:
+        limit = (timeout or self.timeout).total_seconds()
+        with self._lock:
+            request_id = next(self._ids)
+            self._writer.send((request_id, op, args))
+            value = self._answer(request_id, time.monotonic() + limit if limit > 0 else None, op, args)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def _answer(self, request_id: int, deadline: float | None, op: str, args: tuple) -> Any:
+        """Read answers until the one to `request_id` (an earlier call that timed out may answer first)."""
+        while True:
+            for index, (answered, value) in enumerate(self._answers):
+                if answered == request_id:
+                    del self._answers[index]
+                    return value
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise dist.DistStoreError(f"the launcher's rendezvous store did not answer {op}{args!r} in time")
+            self._socket.settimeout(remaining)
+            try:
+                chunk = self._socket.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise dist.DistStoreError("the launcher's rendezvous store closed (the launching process ended)")
+            self._answers += self._reader.feed(chunk)
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
