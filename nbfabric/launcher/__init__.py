@@ -18,7 +18,6 @@ from nbfabric.launcher.environment import (
 from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
-from nbfabric.launcher.rendezvous import StoreServer
 from nbfabric.launcher.supervisor import Supervisor
 from nbfabric.launcher.worker import RankSpec, console_handlers
 
@@ -59,9 +58,8 @@ def launch(
     ranks = _start(target, specs, start_method)
     if ranks is None:
         return None  # this process is now a rank
-    store = StoreServer() if num_nodes == 1 else None
     try:
-        outcome = Supervisor(ranks, sink or TextSink(), timeout, store).run()
+        outcome = Supervisor(ranks, sink or TextSink(), timeout).run()
     finally:
         if start_method == "spawn":
             stop_spawn_helper()

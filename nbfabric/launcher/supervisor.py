@@ -42,9 +42,9 @@ class Supervisor:
     A rank has ended once it exited, or once it announced its exit code and closed its pipes; such
     a rank is reaped in the background, so the caller does not wait for the teardown of its memory."""
 
-    def __init__(self, ranks: list[RankProcess], sink: Sink, timeout: float | None = None, store: StoreServer | None = None):
+    def __init__(self, ranks: list[RankProcess], sink: Sink, timeout: float | None = None):
         self.ranks = {process.rank: process for process in ranks}
-        self.store = store
+        self.store = StoreServer()  # for the ranks that have a socket to it (those of one machine)
         self.sink = sink
         self.deadline = None if timeout is None else now() + timeout
         self.outcome = Outcome()
@@ -72,14 +72,14 @@ class Supervisor:
         self.outcome.interrupted |= interrupted
         if self.outcome.stop_time is None:
             self.outcome.stop_time = now()
-            self.outcome.still_running_at_stop = tuple(r for r, p in self.ranks.items() if p.returncode is None)
+            self.outcome.still_running_at_stop = tuple(r for r in self.ranks if r not in self.outcome.returncodes)
 
     def _watch(self, process: RankProcess) -> None:
         for fd, kind in ((process.stdout, "stdout"), (process.stderr, "stderr")):
             self._selector.register(fd, selectors.EVENT_READ, (process.rank, kind, LineSplitter()))
         self._selector.register(process.channel, selectors.EVENT_READ, (process.rank, "channel", FrameReader()))
         self._selector.register(process.sentinel, selectors.EVENT_READ, (process.rank, "exit", None))
-        if process.store is not None and self.store is not None:
+        if process.store is not None:
             self._selector.register(process.store, selectors.EVENT_READ, (process.rank, "store", FrameReader()))
 
     def _step(self) -> None:
