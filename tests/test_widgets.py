@@ -334,11 +334,18 @@ def test_a_run_shorter_than_half_a_second_ends_as_text_with_no_widget(kernel):
         """
     )
     assert cell.error is None, cell.error
-    assert "[rank 0] done on 0\n" in cell.stream("stdout") and "[rank 1] done on 1\n" in cell.stream("stdout")
+    stdout = cell.stream("stdout")
+    assert "[rank 0] done on 0\n" in stdout and "[rank 1] done on 1\n" in stdout
+    summary = stdout[stdout.index("nbfabric --accelerator=cpu --devices=2"):]
+    assert ": done after " in summary and "rank 0: done (1 lines)" in summary and "rank 1: done (1 lines)" in summary
+    assert "loss=0.3333 (step 2)" in summary and "last lines" not in summary  # the lines are just above
     assert cell.of_type("comm_open") == []
     (chart_png,) = cell.shown()
     assert set(chart_png) == {"image/png", "text/plain"}
     assert kernel.run(f"{CPU2}\nprint('quiet')").shown() == []  # nothing logged: no chart
+    failed = kernel.run(f"{CPU2}\nif fabric.global_rank == 1:\n    raise ValueError('broken on purpose')", stop_on_error=False)
+    assert failed.error["ename"] == "RankError"
+    assert "rank 1: failed: ValueError: broken on purpose" in failed.stream("stdout")
 
 
 def test_no_widgets_shows_tagged_text_lines(kernel):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import signal
 import time
 from collections import deque
 from typing import Any
@@ -12,13 +11,12 @@ from IPython.display import Image, display
 
 from nbfabric.channel import Metrics
 from nbfabric.config import RunConfig
-from nbfabric.launcher import RankError, RankTimeoutError
 from nbfabric.launcher.output import Sink
 from nbfabric.notebook import chart
 from nbfabric.notebook.comms import handle_widget_messages
+from nbfabric.notebook.summary import describe_exit, rank_outcome, run_state, run_summary
 
 LOG_LINES = 300  # lines the log widget keeps (the run record keeps them all)
-SUMMARY_LINES = 3  # last lines of each rank quoted in the static summary
 RENDER_EVERY = 0.25  # seconds between two updates of the status and the log
 CHART_EVERY = 0.5  # seconds between two redraws of the chart
 PUMP_EVERY = 0.1  # seconds between two looks for widget messages (a Stop click)
@@ -179,17 +177,8 @@ class Dashboard(Sink):
     def summary(self) -> str:
         """Duration, each rank's end, the last metric values and the last lines, as text."""
         elapsed = self.duration if self.duration is not None else time.monotonic() - self.started
-        lines = [f"nbfabric {self.config.as_flags()}: {self.state} after {elapsed:.1f} s"]
-        for rank, (status, why) in sorted(self._status.items()):
-            lines.append(f"  rank {rank}: {status}{': ' + why if why else ''} ({self._line_counts.get(rank, 0)} lines)")
-        last = self.metric_series.last_values()
-        if last:
-            lines.append("  last values: " + ", ".join(f"{name}={value:.4g} (step {step:g})" for name, (step, value) in last.items()))
-        if self._rank_tails:
-            lines.append("  last lines:")
-            for rank, tail in sorted(self._rank_tails.items()):
-                lines += [f"    [rank {rank}] {text}" for _, _, text in list(tail)[-SUMMARY_LINES:]]
-        return "\n".join(lines)
+        tails = {rank: [text for _, _, text in tail] for rank, tail in self._rank_tails.items()}
+        return run_summary(self.config, self.state, elapsed, self._status, self._line_counts, self.metric_series, tails)
 
     # ----------------------------------------------------------------- rendering
     def _on_view_change(self, change: Any) -> None:
@@ -248,39 +237,3 @@ def _close_tree(widget: Any) -> None:
         if child is not None:
             _close_tree(child)
     widget.close()
-
-
-def run_state(error: BaseException | None) -> str:
-    if error is None:
-        return "done"
-    if isinstance(error, KeyboardInterrupt):
-        return "stopped"
-    if isinstance(error, RankTimeoutError):
-        return "timed out"
-    return "failed"
-
-
-def rank_outcome(rank: int, status: str, why: str, error: BaseException | None) -> tuple[str, str]:
-    """How one rank ended, given what the run raised: the failing ranks get the reason."""
-    if isinstance(error, RankError):
-        reasons = {error.rank: error.summary, **{failure.rank: failure.summary for failure in error.also_failed}}
-        if rank in reasons:
-            return "failed", reasons[rank]
-        if rank in error.stopped:
-            return "stopped", ""
-    if isinstance(error, (KeyboardInterrupt, RankTimeoutError)) and status != "done":
-        return "stopped", ""
-    if status == "starting":
-        return "not started", ""
-    if status == "running":
-        return "stopped", ""
-    return status, why
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"

@@ -93,7 +93,7 @@ class FabricMagics(Magics):
             if args.background:  # the cell returns at once: show the dashboard now
                 view = dashboard = _dashboard(fabric.config, ranks)
             else:
-                view = RunView(partial(_dashboard, fabric.config, ranks), text)
+                view = RunView(fabric.config, partial(_dashboard, fabric.config, ranks), text)
         sink = RecordingSink(record, view)
         if args.out:
             self.shell.user_ns[args.out] = record

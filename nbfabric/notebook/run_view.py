@@ -10,7 +10,9 @@ from IPython.display import Image, display
 
 from nbfabric.channel import Metrics
 from nbfabric.launcher.output import Sink, TextSink
+from nbfabric.config import RunConfig
 from nbfabric.notebook import chart
+from nbfabric.notebook.summary import describe_exit, rank_outcome, run_state, run_summary
 
 DASHBOARD_AFTER = 0.5  # seconds; a widget that would vanish at once only flickers and costs ~40 ms
 
@@ -18,11 +20,13 @@ DASHBOARD_AFTER = 0.5  # seconds; a widget that would vanish at once only flicke
 class RunView(Sink):
     """Holds back what the ranks produce until the dashboard appears, which then receives all of it.
 
-    A run that ends first is shown as `--no-widgets` shows it: tagged lines, and the chart of its
+    A run that ends first is shown as `--no-widgets` shows it, tagged lines, followed by the
+    summary that the dashboard would leave (without the lines just shown), and the chart of its
     metrics as a PNG when it logged any.
     """
 
-    def __init__(self, make_dashboard: Callable[[float], Any], text: TextSink):
+    def __init__(self, config: RunConfig, make_dashboard: Callable[[float], Any], text: TextSink):
+        self.config = config
         self.started = time.monotonic()
         self.dashboard: Any = None
         self._make_dashboard = make_dashboard
@@ -60,10 +64,19 @@ class RunView(Sink):
             self.dashboard.show_static()
             return
         series = chart.MetricSeries()
+        statuses = {rank: ("starting", "") for rank in range(self.config.num_processes)}
+        line_counts: dict[int, int] = {}
         for kind, args in self._held:
             if kind == "metrics":
                 series.add(args[0].rank, args[0].points)
+            elif kind == "line":
+                line_counts[args[0]] = line_counts.get(args[0], 0) + 1
+            elif kind == "rank_exited":
+                statuses[args[0]] = ("done", "") if args[1] == 0 else ("failed", describe_exit(args[1]))
         self._replay(self._text)
+        statuses = {rank: rank_outcome(rank, status, why, error) for rank, (status, why) in statuses.items()}
+        elapsed = time.monotonic() - self.started
+        print(run_summary(self.config, run_state(error), elapsed, statuses, line_counts, series, {}))
         self._text.flush()
         if series:
             display(Image(chart.draw(series.shown(False))))
