@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import signal
@@ -98,7 +99,11 @@ def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port) -> list[R
 def _start(target, specs: list[RankSpec], start_method: str) -> list[RankProcess] | None:
     """Start every rank; if one cannot start, kill those already started."""
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()  # else a forked rank would write out the caller's pending output again
+        if isinstance(stream, io.TextIOWrapper):
+            # A rank would write its pending bytes out again when it drops the inherited stream. A
+            # kernel's streams keep theirs in order with the rank lines written after them, and
+            # their flush waits for the kernel's IO thread.
+            stream.flush()
     handlers = console_handlers() if start_method == "fork" else []
     started: list[RankProcess] = []
     try:
