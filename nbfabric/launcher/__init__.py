@@ -20,7 +20,7 @@ from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutErro
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
 from nbfabric.launcher.supervisor import Supervisor
-from nbfabric.launcher.worker import RankSpec, console_handlers
+from nbfabric.launcher.worker import RankSpec, find_inherited
 
 __all__ = ["launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "Sink", "TextSink"]
 
@@ -104,14 +104,14 @@ def _start(target, specs: list[RankSpec], start_method: str) -> list[RankProcess
             # kernel's streams keep theirs in order with the rank lines written after them, and
             # their flush waits for the kernel's IO thread.
             stream.flush()
-    handlers = console_handlers() if start_method == "fork" else []
+    inherited = find_inherited() if start_method == "fork" else None
     started: list[RankProcess] = []
     try:
         for spec in specs:
             if start_method == "spawn":
                 started.append(spawn_rank(target, spec))
                 continue
-            process = fork_rank(target, spec, [fd for p in started for fd in p.fds], handlers)
+            process = fork_rank(target, spec, [fd for p in started for fd in p.fds], inherited)
             if process is None:
                 return None
             started.append(process)

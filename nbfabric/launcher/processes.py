@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from nbfabric.launcher.worker import RankSpec, become_rank, rank_main, report_failure
+from nbfabric.launcher.worker import Inherited, RankSpec, become_rank, rank_main, report_failure
 
 
 @dataclass
@@ -98,10 +98,10 @@ def _links(spec: RankSpec) -> list[tuple[int, int]]:
 
 
 def fork_rank(
-    target: Callable[[], Any] | None, spec: RankSpec, close_in_child: list[int], handlers: list
+    target: Callable[[], Any] | None, spec: RankSpec, close_in_child: list[int], inherited: Inherited
 ) -> RankProcess | None:
     """Fork one rank. With `target=None` the child returns None and goes on as the rank.
-    `handlers`: the caller's `console_handlers()`."""
+    `inherited`: what the caller found with `find_inherited()`."""
     links = _links(spec)
     parent_ends, rank_ends = [p for p, _ in links], tuple(r for _, r in links)
     gc.freeze()  # the rank's garbage collector then skips (and does not copy) the inherited objects
@@ -114,11 +114,11 @@ def fork_rank(
                 os.close(fd)
             os.setpgid(0, 0)
             if target is None:
-                _continue_as_rank(spec, rank_ends, handlers)
+                _continue_as_rank(spec, rank_ends, inherited)
                 return None
         except BaseException:
             os._exit(1)
-        rank_main(target, spec, rank_ends, handlers)
+        rank_main(target, spec, rank_ends, inherited)
     for fd in rank_ends:
         os.close(fd)
     try:
@@ -134,9 +134,9 @@ def fork_rank(
     return RankProcess(spec.rank, pid, *parent_ends[:3], pidfd, wait, *parent_ends[3:])
 
 
-def _continue_as_rank(spec: RankSpec, fds: tuple[int, ...], handlers: list) -> None:
+def _continue_as_rank(spec: RankSpec, fds: tuple[int, ...], inherited: Inherited) -> None:
     """In a forked child that goes on running the caller's script: report an uncaught exception."""
-    channel = become_rank(spec, *fds, handlers=handlers)
+    channel = become_rank(spec, *fds, inherited=inherited)
 
     def excepthook(exc_type, exc, tb):
         report_failure(channel, spec.rank, exc)

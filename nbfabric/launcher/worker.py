@@ -39,16 +39,17 @@ def become_rank(
     channel_fd: int,
     store_fd: int | None = None,
     *,
-    handlers: list[tuple[logging.StreamHandler, str]] | None = None,
+    inherited: Inherited | None = None,
 ) -> ChannelWriter:
     """Turn a just-started process into rank `spec.rank`: signals, output pipes, environment.
-    `handlers`: `console_handlers()` as the forking process found them."""
+    `inherited`: what the forking process found for it, or None to look here."""
     _die_with_parent(spec.parent_pid)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    _redirect_output(stdout_fd, stderr_fd, console_handlers() if handlers is None else handlers)
-    _detach_from_kernel()
+    inherited = inherited or find_inherited()
+    _redirect_output(stdout_fd, stderr_fd, inherited.handlers)
+    _detach_from_kernel(inherited.display_publisher)
     os.environ.update(spec.env)
     if spec.threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(spec.threads)
@@ -104,11 +105,11 @@ def _is_runpy(filename: str) -> bool:
     return filename == "<frozen runpy>" or os.path.basename(filename) == "runpy.py"
 
 
-def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, ...], handlers: list | None = None) -> None:
+def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, ...], inherited: Inherited | None = None) -> None:
     """Entry point of a forked or spawned rank; never returns."""
     code, channel = 1, None
     try:
-        channel = become_rank(spec, *fds, handlers=handlers)
+        channel = become_rank(spec, *fds, inherited=inherited)
         code = run_rank(target, spec, channel)
     except BaseException:  # noqa: BLE001 - the rank could not start: say why on its stderr
         traceback.print_exc()
@@ -154,10 +155,23 @@ def _redirect_output(stdout_fd: int, stderr_fd: int, handlers: list[tuple[loggin
         handler.setStream(getattr(sys, name))
 
 
+@dataclass(frozen=True)
+class Inherited:
+    """What a forked rank takes over from the launching process. Forking launches find it before
+    they fork: in a rank, walking every logger or building a traitlets object would copy the
+    memory pages they touch (~4 ms in a kernel with 360 loggers)."""
+
+    handlers: list[tuple[logging.StreamHandler, str]]  # see console_handlers()
+    display_publisher: Any  # a plain-text one for the kernel's shell; None outside a kernel
+
+
+def find_inherited() -> Inherited:
+    return Inherited(console_handlers(), _plain_display_publisher())
+
+
 def console_handlers() -> list[tuple[logging.StreamHandler, str]]:
     """The logging handlers that write to this process's stdout or stderr, each with that
-    stream's name. Forking launches find them before they fork: walking every logger in a
-    forked rank would copy the memory pages they sit on (~3 ms with a kernel's 360 loggers)."""
+    stream's name."""
     streams = {id(getattr(sys, name)): name.strip("_") for name in ("stdout", "stderr", "__stdout__", "__stderr__")}
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     return [
@@ -170,16 +184,22 @@ def console_handlers() -> list[tuple[logging.StreamHandler, str]]:
     ]
 
 
-def _detach_from_kernel() -> None:
-    """In a rank forked from a Jupyter kernel, rich display output becomes plain text on stdout
-    (the kernel's sockets belong to the kernel)."""
+def _plain_display_publisher() -> Any:
+    """In a Jupyter kernel: a display publisher for its shell that writes plain text to stdout."""
     interactive = sys.modules.get("IPython.core.interactiveshell")
     if interactive is None or not interactive.InteractiveShell.initialized():
-        return
+        return None
     from IPython.core.displaypub import DisplayPublisher
 
-    shell = interactive.InteractiveShell.instance()
-    shell.display_pub = DisplayPublisher(shell=shell)
+    return DisplayPublisher(shell=interactive.InteractiveShell.instance())
+
+
+def _detach_from_kernel(display_publisher: Any) -> None:
+    """In a rank forked from a Jupyter kernel, rich display output becomes plain text on stdout
+    (the kernel's sockets belong to the kernel)."""
+    if display_publisher is None:
+        return
+    display_publisher.shell.display_pub = display_publisher
     for prompt in ("ps1", "ps2"):  # a rank is no interactive session (libraries check this)
         if hasattr(sys, prompt):
             delattr(sys, prompt)

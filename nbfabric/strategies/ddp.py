@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, ContextManager
 
 import torch
@@ -29,6 +30,8 @@ class DDPStrategy(SingleDeviceStrategy):
 
     def preload(self) -> None:
         """DistributedDataParallel imports torch._dynamo when first built (about 2 s): do it once, here."""
+        if "torch._dynamo" in sys.modules:
+            return
         with preserved_environment():
             import torch._dynamo  # noqa: F401
 
