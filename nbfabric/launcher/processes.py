@@ -105,9 +105,16 @@ def fork_rank(
     links = _links(spec)
     parent_ends, rank_ends = [p for p, _ in links], tuple(r for _, r in links)
     gc.freeze()  # the rank's garbage collector then skips (and does not copy) the inherited objects
-    pid = os.fork()
-    if pid != 0:
-        gc.unfreeze()
+    # SIGINT stays blocked in the child until it has its own handlers (become_rank): an interrupt
+    # before that must not raise into the caller's code, which the child would then go on running.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            gc.unfreeze()
     if pid == 0:
         try:
             for fd in (*close_in_child, *parent_ends):
@@ -116,9 +123,12 @@ def fork_rank(
             if target is None:
                 _continue_as_rank(spec, rank_ends, inherited)
                 return None
+            rank_main(target, spec, rank_ends, inherited)  # never returns
         except BaseException:
             os._exit(1)
-        rank_main(target, spec, rank_ends, inherited)
+        finally:
+            if target is not None:
+                os._exit(1)
     for fd in rank_ends:
         os.close(fd)
     try:

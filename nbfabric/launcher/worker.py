@@ -47,6 +47,7 @@ def become_rank(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # fork_rank blocked it
     inherited = inherited or find_inherited()
     _redirect_output(stdout_fd, stderr_fd, inherited.handlers)
     _detach_from_kernel(inherited.display_publisher)
@@ -114,9 +115,12 @@ def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, ...], i
     except BaseException:  # noqa: BLE001 - the rank could not start: say why on its stderr
         traceback.print_exc()
     finally:
-        if channel is not None:
-            _announce_exit(channel, spec.rank, code)
-        os._exit(code)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a stop request must not cut the exit short
+            if channel is not None:
+                _announce_exit(channel, spec.rank, code)
+        finally:
+            os._exit(code)  # whatever happened, this process never returns into the caller's code
 
 
 def _announce_exit(channel: ChannelWriter, rank: int, code: int) -> None:
