@@ -62,6 +62,11 @@ def rank_outcome(rank: int, status: str, why: str, error: BaseException | None) 
     return status, why
 
 
+def exit_status(returncode: int) -> tuple[str, str]:
+    """A rank's status and reason once its process has ended with `returncode`."""
+    return ("done", "") if returncode == 0 else ("failed", describe_exit(returncode))
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
