@@ -102,6 +102,27 @@ def test_names_and_the_last_expression_come_back_trained_and_on_cpu(kernel):
     assert check["result"] == "('Linear', 'cpu', True, True)"
 
 
+def test_an_unpicklable_name_is_named_and_every_other_name_comes_back_exactly(kernel):
+    out = kernel.run(
+        f"""
+        {CPU2}
+        import threading
+        shared = {{"k": "v"}}
+        first = [1, 2]
+        batches = (n for n in range(3))
+        pair = [shared, shared]
+        lock = threading.Lock()
+        last = "end"
+        (pair, fabric.world_size)
+        """
+    )
+    assert out["error"] is None, out["error"]
+    assert "batches (cannot be pickled" in out["stderr"] and "lock (cannot be pickled" in out["stderr"]
+    assert out["result"] == "([{'k': 'v'}, {'k': 'v'}], 2)"
+    check = kernel.run("(first, pair, pair[0] is pair[1] is shared, last)")
+    assert check["result"] == "([1, 2], [{'k': 'v'}, {'k': 'v'}], True, 'end')"
+
+
 def test_return_and_no_return_choose_what_comes_back(kernel):
     kernel.run("a = b = 0")
     kernel.run(f"{CPU2} --return a\na = 1\nb = 1")

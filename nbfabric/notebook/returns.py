@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,20 +29,76 @@ class Returned:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why
 
     def load(self) -> dict[str, Any]:
-        """The values, in the notebook process; a name that cannot be rebuilt here joins `skipped`."""
+        """The values, in the notebook process; a name that cannot be rebuilt here joins `skipped`,
+        and so does every later name that shares an object with it (never a wrong value)."""
         import importlib
 
-        stream = io.BytesIO(self.data)
-        unpickler = pickle.Unpickler(stream)
-        values = {}
-        for name, end in zip(self.names, self.ends):
-            try:
-                values[name] = unpickler.load()
-            except Exception as exc:  # noqa: BLE001 - only this name is lost
-                self.skipped[name] = f"cannot be loaded in the notebook: {type(exc).__name__}: {exc}"
-                stream.seek(end)
+        values = _Loader(self.data).load(self.names, self.ends, self.skipped)
         values.update({name: importlib.import_module(module) for name, module in self.modules.items()})
         return values
+
+
+class _Loader:
+    """One Unpickler over the names' pickles, which share one memo. After a name fails to load,
+    a later name that reads a memo slot of it is skipped rather than given another object."""
+
+    def __init__(self, data: bytes):
+        self.data = memoryview(data)
+        self.stream = io.BytesIO(data)
+        self.unpickler = pickle.Unpickler(self.stream)
+        self.lost_slots: dict[str, set[int]] = {}  # name that did not arrive -> its memo slots
+
+    def load(self, names: list[str], ends: list[int], skipped: dict[str, str]) -> dict[str, Any]:
+        values, start = {}, 0
+        for name, end in zip(names, ends):
+            try:
+                values[name] = self._load_one(start, end)
+            except Exception as exc:  # noqa: BLE001 - only this name (and those sharing with it) is lost
+                skipped[name] = str(exc) if isinstance(exc, _SharesLost) else f"cannot be loaded in the notebook: {type(exc).__name__}: {exc}"
+                self._forget(name, start, end)
+            start = end
+        return values
+
+    def _load_one(self, start: int, end: int) -> Any:
+        if self.lost_slots:
+            reads = memo_reads(self.data[start:end])
+            sources = [name for name, slots in self.lost_slots.items() if slots & reads]
+            if sources:
+                raise _SharesLost(f"shares objects with {', '.join(sources)}, which did not arrive")
+        self.stream.seek(start)
+        return self.unpickler.load()
+
+    def _forget(self, name: str, start: int, end: int) -> None:
+        """Go on with a new Unpickler whose memo has placeholders in `name`'s slots, so that later
+        slots keep the pickler's numbers."""
+        first = memo_count(self.data[:start])
+        slots = set(range(first, first + memo_count(self.data[start:end])))
+        memo = {slot: value for slot, value in self.unpickler.memo.copy().items() if slot < first}
+        memo.update(dict.fromkeys(slots))
+        # The old Unpickler may hold the rest of a frame; the C one's memo cannot be set from a dict.
+        self.unpickler = pickle._Unpickler(self.stream)
+        self.unpickler.memo = memo
+        self.lost_slots[name] = slots
+
+
+class _SharesLost(Exception):
+    """A name's pickle refers to an object of a name that did not arrive."""
+
+
+def memo_count(data: memoryview) -> int:
+    """How many objects the pickles in `data` (protocol 4+, back to back) put in the memo."""
+    return sum(1 for opcode, _, _ in _ops(data) if opcode.name == "MEMOIZE")
+
+
+def memo_reads(data: memoryview) -> set[int]:
+    """The memo slots the pickles in `data` read."""
+    return {arg for opcode, arg, _ in _ops(data) if opcode.name in ("GET", "BINGET", "LONG_BINGET")}
+
+
+def _ops(data: memoryview):
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        yield from pickletools.genops(stream)
 
 
 class _CellPickler(pickle.Pickler):
@@ -51,6 +108,12 @@ class _CellPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, known: dict[str, Any]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._known_ids = {id(value) for value in known.values()}
+
+    def forget_since(self, written: memoryview) -> None:
+        """Drop what a failed dump put in the memo: the memo again matches the pickles in `written`,
+        so the notebook's one Unpickler numbers every later object as this pickler does."""
+        kept = memo_count(written)
+        self.memo = {key: entry for key, entry in self.memo.copy().items() if entry[0] < kept}
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor) and obj.device.type not in ("cpu", "meta"):
@@ -78,7 +141,7 @@ def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], las
             pickler.dump(_on_cpu(value))
             why = "too large" if buffer.tell() - start > MAX_BYTES_PER_NAME else None
         except Exception as exc:  # noqa: BLE001 - any pickling failure only skips the name
-            why = f"cannot be pickled: {type(exc).__name__}"
+            why = f"cannot be pickled: {type(exc).__name__}: {exc}"
         if why is None:
             returned.names.append(name)
             returned.ends.append(buffer.tell())
@@ -86,7 +149,8 @@ def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], las
         returned.skipped[name] = why
         buffer.seek(start)
         buffer.truncate()
-        pickler.clear_memo()
+        with buffer.getbuffer() as written:
+            pickler.forget_since(written)
     returned.data = buffer.getvalue()
     return returned
 
