@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import functools
+import inspect
+import sys
+from types import MethodType
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._pytree import tree_map_only
@@ -16,10 +20,16 @@ def move_to_device(data: Any, device: torch.device) -> Any:
     return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), data)
 
 
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")  # forward methods from the start
+
+
 class FabricModule(torch.nn.Module):
     """Runs the forward pass of the strategy's wrapper under the precision setting.
 
     Attributes not found here come from the original module; `state_dict` is the original's.
+    A method of the original module other than `forward` runs through the strategy's wrapper once
+    marked with `mark_forward_method` (the step methods are marked from the start); an unmarked
+    one that runs a submodule raises, since it would bypass the wrapper (DDP's gradient sync).
     """
 
     def __init__(self, forward_module: torch.nn.Module, original_module: torch.nn.Module, precision: Precision):
@@ -27,6 +37,7 @@ class FabricModule(torch.nn.Module):
         self._forward_module = forward_module
         self.__dict__["_original_module"] = original_module
         self.__dict__["_precision"] = precision
+        self.__dict__["_forward_methods"] = set(STEP_METHODS)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -53,15 +64,86 @@ class FabricModule(torch.nn.Module):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         return self._original_module.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def mark_forward_method(self, method: MethodType | str) -> None:
+        """Run the original module's `method` (or method name) through the strategy's wrapper, as `forward` runs."""
+        if not isinstance(method, (MethodType, str)):
+            raise TypeError(f"mark_forward_method takes a method or its name, not {type(method).__name__}")
+        name = method if isinstance(method, str) else method.__name__
+        if name == "forward":
+            raise ValueError("forward already runs through the strategy's wrapper; mark other methods only")
+        if not isinstance(getattr(self._original_module, name, None), MethodType):
+            raise AttributeError(f"{type(self._original_module).__name__} has no method {name!r} to mark as a forward method")
+        self._forward_methods.add(name)
+        fsdp = sys.modules.get("torch.distributed.fsdp")
+        if fsdp is not None and isinstance(self._original_module, fsdp.FSDPModule):
+            fsdp.register_fsdp_forward_method(self._original_module, name)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_original_module"], name)
+            pass
+        original = self.__dict__["_original_module"]
+        wrapped = self._forward_module is not original
+        if wrapped and name in self.__dict__["_forward_methods"]:
+            return self._through_forward(name)
+        attribute = getattr(original, name)
+        if wrapped and inspect.ismethod(attribute):
+            return _refusing_submodule_calls(attribute, original)
+        return attribute
+
+    def _through_forward(self, name: str) -> Callable[..., Any]:
+        """`name` of the original module, called from inside the wrapper's forward (so DDP prepares
+        the gradient sync), under the precision setting."""
+        original = self._original_module
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            own_forward = original.__dict__.get("forward")
+
+            def redirected(*inner_args: Any, **inner_kwargs: Any) -> Any:
+                _restore_forward(original, own_forward)  # the method may call the real forward
+                return getattr(original, name)(*inner_args, **inner_kwargs)
+
+            original.__dict__["forward"] = redirected
+            try:
+                return self.forward(*args, **kwargs)
+            finally:
+                _restore_forward(original, own_forward)
+
+        return call
 
     def __reduce__(self):
         """Pickled, it is the original module: the wrappers belong to the rank that made them."""
         return _identity, (self._original_module,)
+
+
+def _restore_forward(module: torch.nn.Module, own_forward: Any) -> None:
+    if own_forward is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = own_forward
+
+
+def _refusing_submodule_calls(method: MethodType, original: torch.nn.Module) -> Callable[..., Any]:
+    """`method`, raising as soon as it runs the module or a submodule outside the strategy's wrapper."""
+    name = method.__name__
+
+    def refuse(*_: Any) -> None:
+        raise RuntimeError(
+            f"{type(original).__name__}.{name}() runs the model outside the strategy's wrapper, so its "
+            f"gradients would not be synchronised; call fabric_model.mark_forward_method({name!r}) after fabric.setup()."
+        )
+
+    @functools.wraps(method)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        handles = [module.register_forward_pre_hook(refuse) for module in original.modules()]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return guarded
 
 
 def _forwarded(name: str) -> property:
