@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import runpy
 import sys
 from functools import partial
 from typing import Any
 
-from nbfabric.config import ACCELERATORS, PRECISIONS, START_METHODS, STRATEGIES, RunConfig
-from nbfabric.fabric import LAUNCHER_FLAGS_ENV
 from nbfabric.launcher import RankError, RankTimeoutError, TextSink, launch
-from nbfabric.launcher.output import parse_rank_filter
 from nbfabric.launcher.processes import exit_status
-from nbfabric.nodes import TORCHRUN_PORT, run_on_nodes
+from nbfabric.nodes import run_on_nodes
 from nbfabric.report import environment_report
-from nbfabric.user_config import CONFIG_ENV, SETTING_NAMES, config_path, load_defaults
+from nbfabric.run_flags import RunPlan, add_run_flags, plan_run, run_command_environment
+from nbfabric.user_config import CONFIG_ENV, config_path, load_defaults
 
 RUN_DESCRIPTION = """\
 Run SCRIPT on every rank, as `python SCRIPT ARGS...` would, with each line of output tagged "[rank N]".
@@ -69,17 +66,7 @@ def _add_run_command(commands: Any, settings_file: argparse.ArgumentParser) -> N
         description=RUN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--devices", help="number of ranks per node, or GPU indices such as 0,2 (default: auto)")
-    run.add_argument("--accelerator", help=f"{', '.join(ACCELERATORS)} (default: auto)")
-    run.add_argument("--strategy", help=f"{', '.join(STRATEGIES)} (default: auto)")
-    run.add_argument("--precision", help=f"{', '.join(PRECISIONS)} (default: 32-true)")
-    run.add_argument("--num-nodes", dest="num_nodes", help="number of machines (default: 1)")
-    run.add_argument("--start-method", dest="start_method", help=f"{', '.join(START_METHODS)} (default: fork; one node only)")
-    run.add_argument("--timeout", type=float, help="stop every rank after this many seconds")
-    run.add_argument("--ranks", default="all", help="whose output to show: all, 0, or a list such as 0,2 (default: all)")
-    run.add_argument("--node-rank", dest="node_rank", type=int, default=0, help="this machine's index, 0 to num-nodes - 1")
-    run.add_argument("--main-address", dest="main_address", help="address of node 0 (needed with --num-nodes > 1)")
-    run.add_argument("--main-port", dest="main_port", type=int, help=f"port on node 0 (default: a free port; {TORCHRUN_PORT} on several nodes)")
+    add_run_flags(run.add_argument)
     run.add_argument("script", help="the Python script to run")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(handler=_run, parser=run)
@@ -97,69 +84,37 @@ def _add_install_kernel_command(commands: Any) -> None:
 
 # ----------------------------------------------------------------- run
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    config = _resolve(parser, args)
-    ranks = _check_run_flags(parser, args, config)
-    os.environ[LAUNCHER_FLAGS_ENV] = json.dumps(launcher_flags(config))
-    if config.num_nodes > 1:
-        return run_on_nodes(args, config, ranks)
-    return _run_on_this_node(args, config, ranks)
+    plan = _plan(parser, args)
+    os.environ.update(run_command_environment(plan.config))
+    if plan.config.num_nodes > 1:
+        return run_on_nodes(args, plan)
+    return _run_on_this_node(args, plan)
 
 
-def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:
-    """Built-in defaults < the settings file < the flags, validated as %%fabric validates them."""
-    try:
-        settings = load_defaults(args.config)
-        settings.update({name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name) is not None})
-        return RunConfig.resolve(**settings)
-    except ValueError as error:
-        parser.error(str(error))
-
-
-def _check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, config: RunConfig) -> set[int] | None:
-    """Check what RunConfig does not; return the ranks whose output to show (None: all)."""
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunPlan:
+    """Built-in defaults < the settings file < the flags, checked as %%fabric checks them, and
+    what only a script run needs."""
     if not os.path.isfile(args.script):
         parser.error(f"the script {args.script!r} does not exist")
-    if not 0 <= args.node_rank < config.num_nodes:
-        parser.error(f"--node-rank={args.node_rank} is not valid with --num-nodes={config.num_nodes}; choose 0 to {config.num_nodes - 1}")
-    if config.num_nodes > 1 and not args.main_address:
-        parser.error(f"--num-nodes={config.num_nodes} needs --main-address, the address of node 0 that every node can reach")
-    if args.main_port is not None and not 1 <= args.main_port <= 65535:
-        parser.error(f"--main-port={args.main_port} is not valid; choose a port from 1 to 65535")
-    if args.timeout is not None and not args.timeout > 0:
-        parser.error(f"--timeout={args.timeout:g} is not valid; give a number of seconds above 0")
-    return _parse_ranks(parser, args.ranks, config.world_size)
-
-
-def _parse_ranks(parser: argparse.ArgumentParser, value: str, world_size: int) -> set[int] | None:
     try:
-        return parse_rank_filter(value, world_size)
+        plan = plan_run({**load_defaults(args.config), **{name: value for name, value in vars(args).items() if value is not None}})
     except ValueError as error:
         parser.error(str(error))
+    if plan.config.num_nodes > 1 and not args.main_address:
+        parser.error(f"--num-nodes={plan.config.num_nodes} needs --main-address, the address of node 0 that every node can reach")
+    return plan
 
 
-def launcher_flags(config: RunConfig) -> dict[str, Any]:
-    """The settings every rank's `Fabric()` takes from `nbfabric run`."""
-    count = config.num_processes
-    return {
-        "accelerator": config.accelerator,
-        "devices": count if config.device_ids == tuple(range(count)) else list(config.device_ids),
-        "strategy": config.strategy,
-        "precision": config.precision,
-        "num_nodes": config.num_nodes,
-        "start_method": config.start_method,
-    }
-
-
-def _run_on_this_node(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None) -> int:
-    sink = _ExitCodeSink(ranks=ranks)
+def _run_on_this_node(args: argparse.Namespace, plan: RunPlan) -> int:
+    sink = _ExitCodeSink(ranks=plan.shown_ranks)
     try:
         launch(
             partial(run_script, args.script, args.script_args),
-            nprocs=config.num_processes,
-            start_method=config.start_method,
-            main_address=args.main_address or "127.0.0.1",
-            main_port=args.main_port,
-            timeout=args.timeout,
+            nprocs=plan.config.num_processes,
+            start_method=plan.config.start_method,
+            main_address=plan.place.main_address,
+            main_port=plan.place.main_port,
+            timeout=plan.timeout,
             sink=sink,
         )
     except RankError as error:

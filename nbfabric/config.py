@@ -82,11 +82,24 @@ class RunConfig:
         """A copy with some fields changed; the new values must be resolved ones, and are validated."""
         return dataclasses.replace(self, **changes)
 
+    def settings(self) -> dict[str, object]:
+        """The settings that resolve to this configuration: devices as a count where the indices
+        are 0 to N-1, else as a list of indices."""
+        counted = self.device_ids == tuple(range(self.num_processes))
+        return {
+            "accelerator": self.accelerator,
+            "devices": self.num_processes if counted else list(self.device_ids),
+            "strategy": self.strategy,
+            "precision": self.precision,
+            "num_nodes": self.num_nodes,
+            "start_method": self.start_method,
+        }
+
     def as_flags(self) -> str:
         """The equivalent `%%fabric` flags."""
         flags = {
             "accelerator": self.accelerator,
-            "devices": self._devices_flag(),
+            "devices": self.devices_flag,
             "strategy": self.strategy,
             "precision": self.precision,
         }
@@ -96,11 +109,14 @@ class RunConfig:
             flags["start-method"] = self.start_method
         return " ".join(f"--{name}={value}" for name, value in flags.items())
 
-    def _devices_flag(self) -> str:
-        if self.device_ids == tuple(range(self.num_processes)):
-            return str(self.num_processes)
-        indices = ",".join(str(index) for index in self.device_ids)
-        return indices + "," if self.num_processes == 1 else indices
+    @property
+    def devices_flag(self) -> str:
+        """--devices as typed: a count, or indices ("0," for the one GPU 0)."""
+        devices = self.settings()["devices"]
+        if isinstance(devices, int):
+            return str(devices)
+        indices = ",".join(str(index) for index in devices)
+        return indices + "," if len(devices) == 1 else indices
 
 
 def _check_resolved(config: RunConfig) -> None:
@@ -212,7 +228,7 @@ def _resolve_devices(devices: object, accelerator: str, hardware: Hardware) -> t
 
 def _parse_devices(devices: object) -> str | int | tuple[int, ...]:
     """'auto', -1 (all), a count of at least 1, or a tuple of indices."""
-    value = _devices_from_text(devices.strip().lower()) if isinstance(devices, str) else devices
+    value = devices_value(devices) if isinstance(devices, str) else devices
     if value == "auto":
         return value
     if isinstance(value, (list, tuple)) and value and all(_is_int(i) and i >= 0 for i in value):
@@ -225,7 +241,9 @@ def _parse_devices(devices: object) -> str | int | tuple[int, ...]:
     )
 
 
-def _devices_from_text(text: str) -> str | int | list[int]:
+def devices_value(text: str) -> str | int | list[int]:
+    """--devices text as a value: '2' -> 2, '0,2' -> [0, 2]; anything else as typed (resolve says what is wrong)."""
+    text = text.strip().lower()
     if "," not in text:
         return int(text) if _WHOLE_NUMBER.fullmatch(text) else text
     entries = [entry.strip() for entry in text.split(",")]

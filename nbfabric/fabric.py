@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
-import sys
-import warnings
+from datetime import timedelta
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader
 
-from nbfabric import checkpoint, launcher
+from nbfabric import checkpoint
 from nbfabric.config import RunConfig
 from nbfabric.dataloaders import shard
+from nbfabric.launcher.environment import RankInfo
+from nbfabric.launcher.launchers import select_launcher
 from nbfabric.metrics import MetricLog
 from nbfabric.precision import Precision
+from nbfabric.run_flags import check_timeout, with_run_command_settings
 from nbfabric.seeding import seed_everything
 from nbfabric.strategies import FSDP, REDUCE_OPS, make_strategy
 from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, move_to_device, unwrap
-
-_RANK_VARIABLES = ("RANK", "WORLD_SIZE")
-
 
 class Fabric:
     """Lightning Fabric's API on plain torch.distributed.
@@ -47,12 +43,12 @@ class Fabric:
         loggers: Any = None,
         *,
         start_method: str = "fork",
-        timeout: float | None = None,
+        timeout: float | timedelta | None = None,
     ):
         if plugins:
             raise ValueError("plugins are not supported; choose the precision with precision=...")
         fsdp_options = strategy if isinstance(strategy, FSDP) else None
-        settings = _with_launcher_flags(
+        settings = with_run_command_settings(
             accelerator=accelerator,
             devices=devices,
             strategy="fsdp" if fsdp_options else strategy,
@@ -61,10 +57,10 @@ class Fabric:
             start_method=start_method,
         )
         self.config = RunConfig.resolve(**settings)
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
-        self._ranks = (0, 0, 0, self.config.world_size)  # global, local, node rank; world size
+        self._ranks = RankInfo(world_size=self.config.world_size)
         self._launched = False
         self._strategy = make_strategy(self.config, fsdp_options)
         self._precision = Precision(self.config.precision, self.config.accelerator)
@@ -73,19 +69,19 @@ class Fabric:
     # ----------------------------------------------------------------- who am I
     @property
     def global_rank(self) -> int:
-        return self._ranks[0]
+        return self._ranks.global_rank
 
     @property
     def local_rank(self) -> int:
-        return self._ranks[1]
+        return self._ranks.local_rank
 
     @property
     def node_rank(self) -> int:
-        return self._ranks[2]
+        return self._ranks.node_rank
 
     @property
     def world_size(self) -> int:
-        return self._ranks[3]
+        return self._ranks.world_size
 
     @property
     def is_global_zero(self) -> bool:
@@ -121,105 +117,17 @@ class Fabric:
         """
         if self._launched:
             raise RuntimeError("this Fabric is already launched; call launch() once per Fabric")
-        if _started_by_launcher() or not self.config.distributed:
-            if function is None:
-                self._continue_script_as_rank()
-                return None
-            self._become_rank()
-            try:
-                return function(self, *args, **kwargs)
-            finally:
-                self._strategy.release()
-        if function is None and _interactive():
-            raise RuntimeError(
-                "fabric.launch() without a function cannot start ranks in a notebook; "
-                "use fabric.launch(train_fn) or a %%fabric cell."
-            )
-        result = self.start_ranks(function, args, kwargs)
-        if function is None:  # only a rank gets here: go on with the caller's script
-            self._continue_script_as_rank()
-        return result
+        return select_launcher(self.config, timeout=self.timeout).launch(self, function, args, kwargs)
 
-    def _continue_script_as_rank(self) -> None:
-        """Join the run for the rest of the script, and leave its process group before Python's own
-        teardown, which can abort the process (SIGABRT) while a gloo group's threads still run."""
-        self._become_rank()
-        atexit.register(self._leave_after_script)
-
-    def _leave_after_script(self) -> None:
-        # After an uncaught exception the group stays: the peers must see this rank fail as it
-        # exits, not leave early and then fail (which would blame them first).
-        if getattr(sys, "last_value", None) is None:
-            self._strategy.leave()
-
-    def start_ranks(
-        self,
-        function: Callable[..., Any] | None,
-        args: tuple = (),
-        kwargs: dict | None = None,
-        sink: Any = None,
-        *,
-        node_rank: int = 0,
-        main_address: str = "127.0.0.1",
-        main_port: int | None = None,
-    ) -> Any:
-        """Start this node's ranks as new processes, even for one device; `sink` receives their output.
-        With several nodes, node 0 hosts the rendezvous at `main_address:main_port` (29500 by default).
-        Every node of one run must start this way (a `%%fabric` cell or `Fabric.start_ranks`);
-        nodes started by `nbfabric run` meet through torch.distributed.run instead."""
-        self.check_node_settings(node_rank)
-        if main_port is None and self.config.num_nodes > 1:
-            main_port = MULTI_NODE_PORT
-        target = None if function is None else partial(self._run_rank, function, args, kwargs or {})
-        if self.config.start_method == "fork":
-            self._strategy.preload()
-        return launcher.launch(
-            target,
-            nprocs=self.config.num_processes,
-            start_method=self.config.start_method,
-            num_nodes=self.config.num_nodes,
-            node_rank=node_rank,
-            main_address=main_address,
-            main_port=main_port,
-            timeout=self.timeout,
-            sink=sink,
-            wait_for_exit=self.config.accelerator != "cpu",
-        )
-
-    def check_node_settings(self, node_rank: int = 0) -> None:
-        """Raise ValueError, before anything starts, for a node rank outside the run."""
-        if not 0 <= node_rank < self.config.num_nodes:
-            raise ValueError(
-                f"node_rank={node_rank} is not valid with num_nodes={self.config.num_nodes}; "
-                f"use 0 to {self.config.num_nodes - 1}"
-            )
-
-    def _run_rank(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        """In a rank the launcher started. The process ends right after, which ends its process group
-        too: a barrier keeps a rank from leaving while a peer still talks to it (destroying the group
-        would do the same in about 20 ms instead of 1)."""
-        self._become_rank()
-        try:
-            result = to_cpu(function(self, *args, **kwargs))
-            self._strategy.barrier()
-            return result
-        finally:
-            self._metrics.close()
-
-    def _become_rank(self) -> None:
-        env = os.environ
-        if _started_by_launcher():
-            self._ranks = (
-                int(env["RANK"]),
-                int(env.get("LOCAL_RANK", 0)),
-                int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))),
-                int(env["WORLD_SIZE"]),
-            )
-        index = self.config.device_ids[self.local_rank % self.config.num_processes]
-        device = torch.device(self.config.accelerator, index) if self.config.accelerator == "cuda" else self.device
-        self._strategy.device = device
-        self._strategy.setup_environment(self.global_rank, self.world_size)
+    def _join(self, ranks: RankInfo) -> None:
+        """In a rank, called by its launcher: who this rank is; its device and process group."""
+        self._ranks = ranks
+        self._strategy.setup_environment(ranks)
         self._launched = True
+
+    def _finish(self) -> None:
+        """In a rank, called by its launcher after the function: send what is still unsent."""
+        self._metrics.close()
 
     def _check_launched(self) -> None:
         if not self._launched and self.config.distributed:
@@ -399,38 +307,6 @@ class Fabric:
                 method(*args, **kwargs)
 
 
-def to_cpu(data: Any) -> Any:
-    """Tensors and modules moved to the CPU; Fabric wrappers replaced by the user's objects."""
-    data = unwrap(data)
-    if isinstance(data, torch.nn.Module):
-        return data.cpu()
-    return tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), data)
-
-
-_DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": "32-true", "num_nodes": 1, "start_method": "fork"}
-LAUNCHER_FLAGS_ENV = "NBFABRIC_FLAGS"
-MULTI_NODE_PORT = 29500  # node 0's rendezvous port when none is given, as torchrun's
-
-
-def _with_launcher_flags(**given: Any) -> dict[str, Any]:
-    """Settings from `nbfabric run` (passed in NBFABRIC_FLAGS) fill in what the code left at its
-    default; a value the code sets that resolves differently is an error, as with Lightning's `fabric run`."""
-    flags = json.loads(os.environ.get(LAUNCHER_FLAGS_ENV, "{}"))
-    if not flags:
-        return given
-    merged = {**given, **flags}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the comparison must not repeat resolve()'s warnings
-        expected = RunConfig.resolve(**merged)
-        for name, value in flags.items():
-            if given[name] != _DEFAULTS[name] and RunConfig.resolve(**{**merged, name: given[name]}) != expected:
-                raise ValueError(
-                    f"Fabric({name}={given[name]!r}) conflicts with `nbfabric run --{name.replace('_', '-')}={value}`; "
-                    "set it in one place only."
-                )
-    return merged
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
@@ -441,14 +317,6 @@ def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _started_by_launcher() -> bool:
-    return all(name in os.environ for name in _RANK_VARIABLES)
-
-
-def _interactive() -> bool:
-    return hasattr(sys, "ps1") or "ipykernel" in sys.modules
 
 
 @contextmanager

@@ -11,36 +11,36 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from nbfabric.config import RunConfig
-from nbfabric.fabric import MULTI_NODE_PORT as TORCHRUN_PORT
 from nbfabric.launcher.environment import is_loopback, loopback_sockets, threads_per_rank
+from nbfabric.launcher.launchers import MULTI_NODE_PORT
 from nbfabric.launcher.processes import exit_status
+from nbfabric.run_flags import RunPlan
 
 _AGENT_GRACE_SECONDS = 10
 
 
-def run_on_nodes(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None) -> int:
+def run_on_nodes(args: argparse.Namespace, plan: RunPlan) -> int:
     """This node's part: torch.distributed.run starts its ranks and stops them all when one fails. It runs in
     a forked child, so that an interrupt or --timeout stops it even while it waits for the other nodes."""
     os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = "[rank ${rank}] "
-    if is_loopback(args.main_address):
+    if is_loopback(plan.place.main_address):
         os.environ.update(loopback_sockets())
-    threads = threads_per_rank(config.num_processes)
+    threads = threads_per_rank(plan.config.num_processes)
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory(prefix="nbfabric-") as log_dir:
-        argv = torchrun_argv(args, config, ranks, log_dir)
+        argv = torchrun_argv(args, plan, log_dir)
         agent = multiprocessing.get_context("fork").Process(target=_agent, args=(argv,), name="torchrun")
         try:
             with _stop_signals_raised():
                 agent.start()
-                agent.join(args.timeout)
+                agent.join(plan.timeout)
         except _Stopped as stopped:
             print("nbfabric run: interrupted; stopping this node's ranks", file=sys.stderr)
             _stop(agent)
             return 128 + stopped.signum
         if agent.exitcode is None:
-            print(f"nbfabric run: the run did not finish within --timeout={args.timeout:g} s; stopping this node's ranks", file=sys.stderr)
+            print(f"nbfabric run: the run did not finish within --timeout={plan.timeout:g} s; stopping this node's ranks", file=sys.stderr)
             _stop(agent)
             return 124
         return exit_status(agent.exitcode)
@@ -62,18 +62,19 @@ def _agent(argv: list[str]) -> None:
         sys.exit(exit_status(failure.exitcode))
 
 
-def torchrun_argv(args: argparse.Namespace, config: RunConfig, ranks: set[int] | None, log_dir: str) -> list[str]:
+def torchrun_argv(args: argparse.Namespace, plan: RunPlan, log_dir: str) -> list[str]:
     """torch.distributed.run's arguments for this node, with its ranks' output tagged through --tee."""
-    first = args.node_rank * config.num_processes
+    config, place, ranks = plan.config, plan.place, plan.shown_ranks
+    first = place.node_rank * config.num_processes
     shown = [rank - first for rank in range(first, first + config.num_processes) if ranks is None or rank in ranks]
     output = ["--tee=3", f"--local-ranks-filter={','.join(map(str, shown))}"] if shown else ["--redirects=3"]
     return [
         f"--nnodes={config.num_nodes}",
         f"--nproc-per-node={config.num_processes}",
-        f"--node-rank={args.node_rank}",
+        f"--node-rank={place.node_rank}",
         "--rdzv-backend=static",
-        f"--master-addr={args.main_address}",
-        f"--master-port={args.main_port or TORCHRUN_PORT}",
+        f"--master-addr={place.main_address}",
+        f"--master-port={place.main_port or MULTI_NODE_PORT}",
         f"--log-dir={log_dir}",
         *output,
         args.script,

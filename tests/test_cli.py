@@ -19,6 +19,7 @@ import pytest
 
 import nbfabric
 from nbfabric import cli, nodes
+from nbfabric.run_flags import plan_run
 
 NBFABRIC = [sys.executable, "-m", "nbfabric"]
 CPU2 = ["--accelerator=cpu", "--devices=2"]
@@ -136,7 +137,7 @@ def test_a_bad_flag_exits_2_naming_the_choices_and_starts_nothing(tmp_path, env)
         (["--num-nodes=2"], "--num-nodes=2 needs --main-address"),
         (["--num-nodes=2", "--node-rank=2", "--main-address=h"], "--node-rank=2 is not valid with --num-nodes=2; choose 0 to 1"),
         (["--ranks=2"], "--ranks='2' is not valid; use all, or ranks from 0 to 1"),
-        (["--timeout=0"], "--timeout=0 is not valid"),
+        (["--timeout=0"], "timeout=0 is not valid; give a number of seconds above 0"),
         (["--main-port=70000"], "--main-port=70000 is not valid"),
         (["--config=BROKEN"], "cannot read the nbfabric settings file"),
     ],
@@ -369,13 +370,14 @@ def test_an_interrupt_stops_a_node_waiting_for_the_others(tmp_path, env):
 
 
 def test_torchrun_arguments_show_only_this_nodes_chosen_ranks(tmp_path):
-    config = nbfabric.RunConfig.resolve(accelerator="cpu", devices=2, num_nodes=2)
     args = cli._parser().parse_args(["run", "--node-rank=1", "--main-address=h", "--main-port=7", "s.py", "-x"])
-    assert nodes.torchrun_argv(args, config, {0, 3}, "logs")[3:] == [
+    settings = {"accelerator": "cpu", "devices": 2, "num_nodes": 2, "node_rank": 1, "main_address": "h", "main_port": 7}
+    plan = plan_run({**settings, "ranks": "0,3"})
+    assert nodes.torchrun_argv(args, plan, "logs")[3:] == [
         "--rdzv-backend=static", "--master-addr=h", "--master-port=7", "--log-dir=logs",
         "--tee=3", "--local-ranks-filter=1", "s.py", "-x",
     ]
-    assert nodes.torchrun_argv(args, config, {0}, "logs")[7] == "--redirects=3"
+    assert nodes.torchrun_argv(args, plan_run({**settings, "ranks": "0"}), "logs")[7] == "--redirects=3"
 
 
 # ----------------------------------------------------------------- env and install-kernel

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 
 import numpy
 import pytest
@@ -325,3 +326,10 @@ def test_call_runs_the_hook_on_each_callback_that_has_it_in_order():
     single = _fabric(callbacks=EpochEnd("solo"))
     single.call("on_train_epoch_end")
     assert events[-1] == ("solo", (), {})
+
+
+def test_a_timeout_is_checked_when_the_fabric_is_made_before_any_rank_starts(no_leaks):
+    assert Fabric(accelerator="cpu", devices=2, timeout=timedelta(seconds=5)).timeout == 5.0
+    for bad in ("5", -1, 0, float("nan"), True):
+        with pytest.raises(ValueError, match="is not valid; give a number of seconds above 0"):
+            Fabric(accelerator="cpu", devices=2, timeout=bad)

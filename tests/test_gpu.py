@@ -72,6 +72,7 @@ def test_fork_is_refused_after_cuda_init_and_spawn_works(tmp_path):
             """
             import torch
             from nbfabric import Fabric, ForkUnsafeError
+            from nbfabric.launcher.launchers import select_launcher
 
             def device(fabric):
                 return str(torch.ones(1, device=fabric.device).device)
@@ -79,10 +80,12 @@ def test_fork_is_refused_after_cuda_init_and_spawn_works(tmp_path):
             if __name__ == "__main__":
                 torch.ones(1, device="cuda")
                 try:
-                    Fabric(accelerator="cuda", devices=1, strategy="ddp").start_ranks(device)
+                    fabric = Fabric(accelerator="cuda", devices=1, strategy="ddp")
+                    select_launcher(fabric.config, new_processes=True).launch(fabric, device)
                 except ForkUnsafeError as error:
                     print("refused:", error)
-                print("spawned:", Fabric(accelerator="cuda", devices=1, strategy="ddp", start_method="spawn").start_ranks(device))
+                fabric = Fabric(accelerator="cuda", devices=1, strategy="ddp", start_method="spawn")
+                print("spawned:", select_launcher(fabric.config, new_processes=True).launch(fabric, device))
             """
         )
     )

@@ -252,6 +252,14 @@ def test_two_notebooks_join_as_two_nodes(kernel, tmp_path):
     assert kernel.run("total")["result"] == "10.0"
 
 
-def test_a_node_rank_outside_the_nodes_is_refused(kernel):
-    out = kernel.run("%%fabric --accelerator=cpu --devices=2 --num-nodes=2 --node-rank=2 --main-port=1234\nprint('ran')")
-    assert "ran" not in out["stdout"] and "node_rank=2 is not valid with num_nodes=2" in out["stderr"]
+def test_a_node_rank_outside_the_nodes_is_refused_and_changes_nothing(kernel):
+    out = kernel.run("%%fabric --accelerator=cpu --devices=2 --num-nodes=2 --node-rank=2 --main-port=1234 --out refused\nprint('ran')")
+    assert "ran" not in out["stdout"] and "--node-rank=2 is not valid with --num-nodes=2; choose 0 to 1" in out["stderr"]
+    assert kernel.run("'refused' in globals()")["result"] == "False"
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_before_any_rank_starts(kernel, timeout):
+    out = kernel.run(f"{CPU2} --timeout={timeout}\nprint('ran')")
+    assert "ran" not in out["stdout"]
+    assert f"timeout={timeout} is not valid; give a number of seconds above 0" in out["stderr"]

@@ -13,6 +13,7 @@ from kernels import KernelProcess
 
 from nbfabric import Fabric, RankError
 from nbfabric.devices import GpuInfo, Hardware, detect_hardware
+from nbfabric.launcher.launchers import select_launcher
 from nbfabric.notebook import chart
 from nbfabric.notebook.dashboard import LOG_LINES, Dashboard
 from nbfabric.notebook.picker import Picker
@@ -33,6 +34,11 @@ def fonts_loaded():
     chart.draw(series.series)
 
 
+def _start(fabric, function, dashboard):
+    """Run `function` on new rank processes, their output and events going to `dashboard`."""
+    return select_launcher(fabric.config, sink=dashboard, new_processes=True).launch(fabric, function)
+
+
 def _train(fabric):
     for step in range(5):
         fabric.log("loss", 1.0 / (step + 1) + fabric.global_rank, step=step)
@@ -45,7 +51,7 @@ def test_the_dashboard_shows_status_a_capped_log_and_a_chart(fonts_loaded, no_le
     fabric = Fabric(accelerator="cpu", devices=2)
     dashboard = Dashboard(fabric.config)
     assert dashboard.rank_status == {0: ("starting", ""), 1: ("starting", "")}
-    assert fabric.start_ranks(_train, sink=dashboard) == 2
+    assert _start(fabric, _train, dashboard) == 2
     dashboard.finish(None)
     assert dashboard.state == "done"
     assert dashboard.rank_status == {0: ("done", ""), 1: ("done", "")}
@@ -75,7 +81,7 @@ def test_a_failed_rank_shows_its_reason_and_the_stopped_one(fonts_loaded, no_lea
     fabric = Fabric(accelerator="cpu", devices=2)
     dashboard = Dashboard(fabric.config)
     with pytest.raises(RankError) as raised:
-        fabric.start_ranks(_fail_on_rank_one, sink=dashboard)
+        _start(fabric, _fail_on_rank_one, dashboard)
     dashboard.finish(raised.value)
     assert dashboard.state == "failed"
     assert dashboard.rank_status == {0: ("stopped", ""), 1: ("failed", "ValueError: broken on purpose")}
@@ -96,7 +102,7 @@ def test_a_stop_request_ends_every_rank_like_an_interrupt(fonts_loaded, no_leaks
     started = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            fabric.start_ranks(_sleep, sink=dashboard)
+            _start(fabric, _sleep, dashboard)
     finally:
         timer.cancel()
         timer.join()

@@ -7,21 +7,56 @@ import os
 import socket
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 from nbfabric.launcher.errors import ForkUnsafeError
 
 
+RANK_VARIABLES = ("RANK", "WORLD_SIZE")  # set in every rank that a launcher started
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Who a process is in its run."""
+
+    global_rank: int = 0
+    local_rank: int = 0
+    node_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environment(cls) -> RankInfo:
+        """This process's place as torchrun's variables give it (one process of its own without them)."""
+        env = os.environ
+        if not started_by_launcher():
+            return cls()
+        return cls(
+            global_rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            node_rank=int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))),
+            world_size=int(env["WORLD_SIZE"]),
+        )
+
+
+def started_by_launcher() -> bool:
+    """Whether a launcher (nbfabric, torchrun, ...) started this process as one rank of a run."""
+    return all(name in os.environ for name in RANK_VARIABLES)
+
+
 @contextmanager
 def preserved_environment() -> Iterator[None]:
-    """Undo whatever the block does to os.environ (some imports set variables as they load)."""
+    """Undo what the block does to os.environ (some imports set variables as they load), touching
+    only the variables it changed: other threads may use the environment meanwhile."""
     saved = dict(os.environ)
     try:
         yield
     finally:
-        if dict(os.environ) != saved:
-            os.environ.clear()
-            os.environ.update(saved)
+        for name in os.environ.keys() - saved.keys():
+            os.environ.pop(name, None)
+        for name, value in saved.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def check_fork_safe() -> None:

@@ -26,6 +26,9 @@ class StoppableTextSink(TextSink):
     def tick(self) -> bool:
         return self.stop_requested
 
+    def settle(self) -> None:
+        """After `%fabric wait`: the lines are already in the cell."""
+
 
 class BackgroundRun:
     """Runs `launch()` in a thread, in the launching cell's context (so its output stays there).

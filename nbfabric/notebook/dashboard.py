@@ -113,6 +113,11 @@ class Dashboard(Sink):
         if png is not None:
             display(Image(png))
 
+    def settle(self) -> None:
+        """After `%fabric wait`: the live dashboard gives way to its summary and chart."""
+        self.freeze(close=False)
+        self.show_static()
+
     def chart_png(self) -> bytes | None:
         return chart.draw(self.metric_series.shown(self.chart_ranks.value)) if self.metric_series else None
 

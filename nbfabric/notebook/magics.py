@@ -5,31 +5,49 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
-from nbfabric.config import START_METHODS
 from nbfabric.fabric import Fabric
-from nbfabric.launcher.output import TextSink, parse_rank_filter
+from nbfabric.launcher.launchers import select_launcher
+from nbfabric.launcher.output import TextSink
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.cell import compile_cell, run_in_rank, shippable_namespace
 from nbfabric.notebook.picker import describe_hardware, picker
 from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.notebook.run_view import RunView
 from nbfabric.record import RecordingSink, RunRecord
-from nbfabric.user_config import SETTING_NAMES, load_defaults
+from nbfabric.run_flags import RunPlan, add_run_flags, plan_run
+from nbfabric.user_config import load_defaults
 
-SETTINGS = (
-    *SETTING_NAMES,
-    "node_rank", "main_address", "main_port", "timeout", "ranks", "widgets",
-)
 PER_CELL = ("return_names", "no_return", "out", "background")
 LINE_ONLY = ("picker", "config", "action")
+
+
+@dataclass(frozen=True)
+class CellRequest:
+    """A `%%fabric` cell's checked flags: the run's plan and what happens around it."""
+
+    plan: RunPlan
+    names: list[str] | None  # what to bring back; None: every name the cell binds
+    out: str | None
+    background: bool
+    widgets: bool
+
+
+def _run_flag_arguments(function: Any) -> Any:
+    """The run flags (`run_flags.RUN_FLAGS`) as magic_arguments declarations."""
+    declared: list[Any] = []
+    add_run_flags(lambda *names, **options: declared.append(magic_arguments.argument(*names, **options)))
+    for declare in reversed(declared):
+        function = declare(function)
+    return function
 
 
 @magics_class
@@ -42,17 +60,7 @@ class FabricMagics(Magics):
         self.background: BackgroundRun | None = None
 
     @magic_arguments.magic_arguments()
-    @magic_arguments.argument("--devices", help="number of ranks, or GPU indices such as 0,2 (default: auto)")
-    @magic_arguments.argument("--accelerator", help="auto, cpu, cuda, gpu or mps (default: auto)")
-    @magic_arguments.argument("--strategy", help="auto, ddp, ddp_notebook, ddp_fork, fsdp or single_device")
-    @magic_arguments.argument("--precision", help="32-true, 16-mixed, bf16-mixed, bf16-true, 16-true, 64-true")
-    @magic_arguments.argument("--num-nodes", dest="num_nodes", help="number of machines (default: 1)")
-    @magic_arguments.argument("--node-rank", dest="node_rank", type=int, help="this machine's place among --num-nodes (default: 0)")
-    @magic_arguments.argument("--main-address", dest="main_address", help="address of node 0, which hosts the rendezvous (several nodes)")
-    @magic_arguments.argument("--main-port", dest="main_port", type=int, help="port of the rendezvous on node 0 (several nodes; default 29500). All nodes of a run use %%%%fabric, or all use nbfabric run")
-    @magic_arguments.argument("--start-method", dest="start_method", help=f"{' or '.join(START_METHODS)} (default: fork)")
-    @magic_arguments.argument("--timeout", type=float, help="stop every rank after this many seconds")
-    @magic_arguments.argument("--ranks", help="whose output to show: all, 0, or a list such as 0,2 (default: all)")
+    @_run_flag_arguments
     @magic_arguments.argument("--return", dest="return_names", help="bring back only these names, e.g. model,losses")
     @magic_arguments.argument("--no-return", dest="no_return", action="store_true", help="bring back no names")
     @magic_arguments.argument("--out", help="store the run record (output, metrics, exit codes) under this name")
@@ -74,41 +82,18 @@ class FabricMagics(Magics):
         defaults for later cells; without, show the defaults and the hardware found.
         """
         args = magic_arguments.parse_argstring(self.fabric, line)
-        given = {name: value for name, value in vars(args).items() if value not in (None, False)}
+        given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
         if cell is None:
             return self._line(args, given)
-        line_only = [_flag(name) for name in LINE_ONLY if name in given]
-        if line_only:
-            raise UsageError(f"{', '.join(line_only)} belongs on a %fabric line, not on a %%fabric cell")
-        self._refuse_while_running()
-        settings = {**self._saved_defaults(), **self.defaults, **{k: v for k, v in given.items() if k in SETTINGS}}
-        fabric = _make_fabric(settings)
-        ranks = _parse_ranks(settings.get("ranks", "all"), fabric.config.world_size)
-        names = _wanted_names(args)
+        request = self._check_cell(args, given)  # 1. check: nothing changes if this raises
         compiled = compile_cell(self.shell, cell)
-        record = RunRecord(fabric.config)
-        view = text = (StoppableTextSink if args.background else TextSink)(ranks=ranks, in_place_progress=True)
-        dashboard = None
-        if settings.get("widgets") != "off" and widgets_can_render(self.shell):
-            if args.background:  # the cell returns at once: show the dashboard now
-                view = dashboard = _dashboard(fabric.config, ranks)
-            else:
-                view = RunView(fabric.config, partial(_dashboard, fabric.config, ranks), text)
-        sink = RecordingSink(record, view)
-        if args.out:
-            self.shell.user_ns[args.out] = record
-        namespace = self.shell.user_ns
-        if fabric.config.start_method == "spawn":
-            namespace, left = shippable_namespace(compiled, namespace)
-            if left:
-                print(f"not sent to the spawned ranks (dill cannot pickle them): {', '.join(left)}", file=sys.stderr)
-        nodes = {name: settings[name] for name in ("node_rank", "main_address", "main_port") if name in settings}
-        try:
-            fabric.check_node_settings(nodes.get("node_rank", 0))
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        launch = partial(fabric.start_ranks, run_in_rank, (compiled, namespace, names), sink=sink, **nodes)
-        if args.background:
+        self._drop_finished_background()
+        record = RunRecord(request.plan.config)  # 2. the view
+        view, dashboard = self._make_view(request)
+        if request.out:
+            self.shell.user_ns[request.out] = record
+        launch = self._launcher_call(request, compiled, RecordingSink(record, view))  # 3. the run
+        if request.background:
             if dashboard is not None:
                 dashboard.show()
             return self._start_background(launch, record, view, dashboard)
@@ -122,6 +107,39 @@ class FabricMagics(Magics):
             if isinstance(view, RunView):
                 view.end(record.error)
         return self._bring_back(returned)
+
+    def _check_cell(self, args: Any, given: dict[str, Any]) -> CellRequest:
+        """Every flag of a cell checked, with the defaults under them; raises UsageError, changes nothing."""
+        line_only = [_flag(name) for name in LINE_ONLY if name in given]
+        if line_only:
+            raise UsageError(f"{', '.join(line_only)} belongs on a %fabric line, not on a %%fabric cell")
+        self._refuse_while_running()
+        settings = {**self._saved_defaults(), **self.defaults, **{k: v for k, v in given.items() if k not in PER_CELL}}
+        widgets = settings.pop("widgets", None) != "off"
+        return CellRequest(_plan(settings), _wanted_names(args), args.out, bool(args.background), widgets)
+
+    def _make_view(self, request: CellRequest) -> tuple[Any, Any]:
+        """The cell's view of the run (a Sink), and the dashboard when it shows one from the start."""
+        config, ranks = request.plan.config, request.plan.shown_ranks
+        text = (StoppableTextSink if request.background else TextSink)(ranks=ranks, in_place_progress=True)
+        if not (request.widgets and widgets_can_render(self.shell)):
+            return text, None
+        if request.background:  # the cell returns at once: show the dashboard now
+            dashboard = _dashboard(config, ranks)
+            return dashboard, dashboard
+        return RunView(config, partial(_dashboard, config, ranks), text), None
+
+    def _launcher_call(self, request: CellRequest, cell: Any, sink: Any) -> Callable[[], Any]:
+        """The run, ready to start: the cell on every rank, through the launcher for its settings."""
+        plan = request.plan
+        namespace = self.shell.user_ns
+        if plan.config.start_method == "spawn":
+            namespace, left = shippable_namespace(cell, namespace)
+            if left:
+                print(f"not sent to the spawned ranks (dill cannot pickle them): {', '.join(left)}", file=sys.stderr)
+        fabric = Fabric(**plan.config.settings(), timeout=plan.timeout)
+        launcher = select_launcher(plan.config, timeout=plan.timeout, sink=sink, place=plan.place, new_processes=True)
+        return partial(launcher.launch, fabric, run_in_rank, (cell, namespace, request.names))
 
     def _bring_back(self, returned: Any) -> Any:
         """Put the names rank 0 sent into the notebook; return the cell's last value."""
@@ -154,13 +172,12 @@ class FabricMagics(Magics):
 
     def _set_or_show_defaults(self, given: dict[str, Any]) -> None:
         saved = self._saved_defaults()
-        if given:
-            settings = {**self.defaults, **given}
-            _parse_ranks({**saved, **settings}.get("ranks", "all"), _make_fabric({**saved, **settings}).config.world_size)
-            self.defaults = settings
-        settings = {**saved, **self.defaults}
-        config = _make_fabric(settings).config
-        print(f"%%fabric defaults: {config.as_flags()}" + _extra_flags(settings))
+        settings = {**self.defaults, **given}
+        widgets = {**saved, **settings}.get("widgets") != "off"
+        plan = _plan({name: value for name, value in {**saved, **settings}.items() if name != "widgets"})
+        self.defaults = settings  # only once they passed the check
+        extra = " ".join(flag for flag in (plan.extra_flags, "" if widgets else "--no-widgets") if flag)
+        print(f"%%fabric defaults: {plan.config.as_flags()}" + (f" {extra}" if extra else ""))
         print(f"hardware: {describe_hardware()}")
 
     def _saved_defaults(self) -> dict[str, Any]:
@@ -178,8 +195,10 @@ class FabricMagics(Magics):
                 f"the background run {run.label} is still running; "
                 "%fabric wait waits for it, %fabric stop ends it"
             )
-        if run is not None:
-            print(f"dropping the unwaited result of the background run {run.label}", file=sys.stderr)
+
+    def _drop_finished_background(self) -> None:
+        if self.background is not None:
+            print(f"dropping the unwaited result of the background run {self.background.label}", file=sys.stderr)
             self.background = None
 
     def _start_background(self, launch: Any, record: RunRecord, view: Any, dashboard: Any) -> None:
@@ -209,9 +228,7 @@ class FabricMagics(Magics):
         finally:
             if not run.running:
                 self.background = None
-                if hasattr(run.view, "freeze"):
-                    run.view.freeze(close=False)
-                    run.view.show_static()
+                run.view.settle()
         return self._bring_back(returned)
 
 
@@ -249,25 +266,10 @@ def _flag(name: str) -> str:
     return "stop or wait" if name == "action" else f"--{name.replace('_names', '').replace('_', '-')}"
 
 
-def _make_fabric(settings: dict[str, Any]) -> Fabric:
-    """A Fabric for these flag values; a bad value is a UsageError that lists the valid choices."""
-    options = {name: settings[name] for name in SETTING_NAMES if name in settings}
+def _plan(settings: dict[str, Any]) -> RunPlan:
+    """The run's checked settings; a bad value is a UsageError that lists the valid choices."""
     try:
-        return Fabric(**options, timeout=settings.get("timeout"))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def _extra_flags(settings: dict[str, Any]) -> str:
-    extra = [f"--{name}={settings[name]}" for name in ("timeout", "ranks") if name in settings]
-    if settings.get("widgets") == "off":
-        extra.append("--no-widgets")
-    return " " + " ".join(extra) if extra else ""
-
-
-def _parse_ranks(value: str, world_size: int) -> set[int] | None:
-    try:
-        return parse_rank_filter(value, world_size)
+        return plan_run(settings)
     except ValueError as error:
         raise UsageError(str(error)) from None
 

@@ -7,7 +7,7 @@ import os
 import warnings
 from typing import Any
 
-from nbfabric.config import PRECISIONS, STRATEGIES, RunConfig
+from nbfabric.config import PRECISIONS, STRATEGIES, RunConfig, devices_value
 from nbfabric.devices import Hardware, detect_hardware
 from nbfabric.user_config import config_path, load_defaults, save_defaults
 
@@ -101,7 +101,7 @@ class Picker:
         """The form's values, as `%%fabric` and the settings file take them."""
         return {
             "accelerator": self.accelerator.value,
-            "devices": _devices_value(self.devices.value),
+            "devices": devices_value(self.devices.value),
             "strategy": self.strategy.value,
             "precision": self.precision.value,
             "num_nodes": self.num_nodes.value,
@@ -155,12 +155,10 @@ class Picker:
                 config = RunConfig.resolve(**known, hardware=self.hardware)
         except ValueError:
             config = RunConfig.resolve(hardware=self.hardware)
-        ids = config.device_ids
-        devices = str(len(ids)) if ids == tuple(range(len(ids))) else ",".join(map(str, ids))
         strategy = str(known.get("strategy", "auto")).lower()
         return {
             "accelerator": config.accelerator,
-            "devices": devices,
+            "devices": config.devices_flag,
             "strategy": strategy if strategy in STRATEGIES else config.strategy,
             "precision": config.precision,
             "num_nodes": config.num_nodes,
@@ -218,17 +216,6 @@ def _readable_defaults(path: str | os.PathLike | None) -> dict[str, Any]:
         return load_defaults(path)
     except ValueError:
         return {}
-
-
-def _devices_value(text: str) -> Any:
-    """'2' -> 2, '0,2' -> [0, 2]; anything else as typed (RunConfig.resolve says what is wrong)."""
-    text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if "," in text and parts and all(part.isdigit() for part in parts):
-        return [int(part) for part in parts]
-    return text
 
 
 def _gpu_name(gpu: Any) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nbfabric.launcher.environment import preserved_environment
+from nbfabric.launcher.environment import RankInfo, preserved_environment
 from nbfabric.launcher.store_client import supervisor_store
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
@@ -23,9 +23,9 @@ class DDPStrategy(SingleDeviceStrategy):
 
     name = "ddp"
 
-    def __init__(self, device: torch.device):
-        super().__init__(device)
-        self.backend = "nccl" if device.type == "cuda" else "gloo"
+    def __init__(self, accelerator: str, device_ids: tuple[int, ...] = (0,)):
+        super().__init__(accelerator, device_ids)
+        self.backend = "nccl" if accelerator == "cuda" else "gloo"
         self._private_group = False
 
     def preload(self) -> None:
@@ -35,12 +35,13 @@ class DDPStrategy(SingleDeviceStrategy):
         with preserved_environment():
             import torch._dynamo  # noqa: F401
 
-    def setup_environment(self, rank: int, world_size: int) -> None:
+    def setup_environment(self, ranks: RankInfo) -> None:
         """Join the process group: through the launcher's store, torchrun's env://, or, for a single
         process of its own, an in-memory store."""
-        super().setup_environment(rank, world_size)
+        super().setup_environment(ranks)
         if dist.is_initialized():
             return
+        rank, world_size = ranks.global_rank, ranks.world_size
         store = supervisor_store()
         if store is not None:
             dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size)

@@ -45,8 +45,8 @@ class FSDPStrategy(DDPStrategy):
 
     name = "fsdp"
 
-    def __init__(self, device: torch.device, options: FSDP | None = None, precision: str = "32-true"):
-        super().__init__(device)
+    def __init__(self, accelerator: str, device_ids: tuple[int, ...] = (0,), options: FSDP | None = None, precision: str = "32-true"):
+        super().__init__(accelerator, device_ids)
         self.options = options or FSDP()
         self.precision = precision
         self._sharded_parameters: dict[int, torch.nn.Parameter] = {}  # id(original) -> its sharded successor

@@ -8,21 +8,25 @@ from typing import Any, ContextManager
 import torch
 
 from nbfabric import checkpoint
+from nbfabric.launcher.environment import RankInfo
 
 
 class SingleDeviceStrategy:
-    """Runs everything on `device` in this process."""
+    """Runs everything on one device in this process: for a rank, the device of its local rank."""
 
     name = "single_device"
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, accelerator: str, device_ids: tuple[int, ...] = (0,)):
+        self.device = torch.device(accelerator)
+        self.device_ids = device_ids
 
     def preload(self) -> None:
         """Import, in the launching process, what each forked rank would otherwise import itself."""
 
-    def setup_environment(self, rank: int, world_size: int) -> None:
+    def setup_environment(self, ranks: RankInfo) -> None:
+        """In the rank: take its device (a GPU by its local rank), and join the run."""
         if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.device_ids[ranks.local_rank % len(self.device_ids)])
             torch.cuda.set_device(self.device)
 
     def release(self) -> None:

@@ -1,0 +1,131 @@
+"""The run flags of `%%fabric` and `nbfabric run`, declared once; one check of them all before
+anything starts; the settings `nbfabric run` hands to each rank's `Fabric()`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+from nbfabric.config import ACCELERATORS, PRECISIONS, START_METHODS, STRATEGIES, RunConfig
+from nbfabric.launcher.launchers import MULTI_NODE_PORT, NodePlace
+from nbfabric.launcher.output import parse_rank_filter
+from nbfabric.user_config import SETTING_NAMES
+
+RUN_COMMAND_ENV = "NBFABRIC_FLAGS"  # what `nbfabric run` resolved, for `Fabric()` in the script
+
+
+@dataclass(frozen=True)
+class RunFlag:
+    """One flag: `name` is the setting (num_nodes), the flag is --num-nodes."""
+
+    name: str
+    help: str
+    type: Callable[[str], Any] = str
+    default: str = ""  # as the help shows it; the parsers leave a flag not given as None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+RUN_FLAGS = (
+    RunFlag("devices", "number of ranks per node, or GPU indices such as 0,2", default="auto"),
+    RunFlag("accelerator", ", ".join(ACCELERATORS), default="auto"),
+    RunFlag("strategy", ", ".join(STRATEGIES), default="auto"),
+    RunFlag("precision", ", ".join(PRECISIONS), default="32-true"),
+    RunFlag("num_nodes", "number of machines", default="1"),
+    RunFlag("node_rank", "this machine's index among the nodes, 0 to num-nodes - 1", type=int, default="0"),
+    RunFlag("main_address", "address of node 0, which hosts the rendezvous (several nodes)"),
+    RunFlag("main_port", f"port of the rendezvous on node 0 (a free port on one node, {MULTI_NODE_PORT} on several)", type=int),
+    RunFlag("start_method", " or ".join(START_METHODS) + " (one node only)", default="fork"),
+    RunFlag("timeout", "stop every rank after this many seconds", type=float),
+    RunFlag("ranks", "whose output to show: all, 0, or a list such as 0,2", default="all"),
+)
+
+
+def add_run_flags(add_argument: Callable[..., Any]) -> None:
+    """Declare every run flag through `add_argument` (an argparse parser's, or a magic's)."""
+    for flag in RUN_FLAGS:
+        shown_default = f" (default: {flag.default})" if flag.default else ""
+        add_argument(flag.option, dest=flag.name, type=flag.type, help=flag.help + shown_default)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's checked settings: what runs, where this node sits, how long it may take, whose output shows."""
+
+    config: RunConfig
+    place: NodePlace = NodePlace()
+    timeout: float | None = None
+    shown_ranks: frozenset[int] | None = None  # None: all
+
+    @property
+    def extra_flags(self) -> str:
+        """The flags beyond `config.as_flags()` that differ from their defaults."""
+        extra = [f"--timeout={self.timeout:g}"] if self.timeout is not None else []
+        if self.shown_ranks is not None:
+            extra.append(f"--ranks={','.join(map(str, sorted(self.shown_ranks)))}")
+        return " ".join(extra)
+
+
+def plan_run(settings: dict[str, Any]) -> RunPlan:
+    """Check every run setting (None: not given); ValueError, naming the valid choices, for a bad one."""
+    config = RunConfig.resolve(**{name: settings[name] for name in SETTING_NAMES if settings.get(name) is not None})
+    node_rank = settings.get("node_rank")
+    node_rank = 0 if node_rank is None else node_rank
+    if not 0 <= node_rank < config.num_nodes:
+        raise ValueError(f"--node-rank={node_rank} is not valid with --num-nodes={config.num_nodes}; choose 0 to {config.num_nodes - 1}")
+    port = settings.get("main_port")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"--main-port={port} is not valid; choose a port from 1 to 65535")
+    shown = parse_rank_filter(settings.get("ranks") or "all", config.world_size)
+    return RunPlan(
+        config,
+        NodePlace(node_rank, settings.get("main_address") or "127.0.0.1", port),
+        check_timeout(settings.get("timeout")),
+        None if shown is None else frozenset(shown),
+    )
+
+
+def check_timeout(value: Any) -> float | None:
+    """A time limit in seconds (a number above 0, or a timedelta), or None for none."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if seconds is None:
+        return None
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) and seconds > 0:
+        return float(seconds)
+    shown = f"{value:g}" if isinstance(value, float) else repr(value)
+    raise ValueError(f"timeout={shown} is not valid; give a number of seconds above 0, or a timedelta")
+
+
+# ----------------------------------------------------------------- `nbfabric run` -> `Fabric()` in each rank
+_CODE_DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": "32-true", "num_nodes": 1, "start_method": "fork"}
+
+
+def run_command_environment(config: RunConfig) -> dict[str, str]:
+    """The variables through which `nbfabric run` hands its settings to each rank's `Fabric()`."""
+    return {RUN_COMMAND_ENV: json.dumps(config.settings())}
+
+
+def with_run_command_settings(**given: Any) -> dict[str, Any]:
+    """`Fabric(...)` arguments, with what `nbfabric run` resolved filling those left at their default;
+    an argument that resolves differently from the command's is an error, as with Lightning's `fabric run`."""
+    flags = json.loads(os.environ.get(RUN_COMMAND_ENV, "{}"))
+    if not flags:
+        return given
+    merged = {**given, **flags}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the comparison must not repeat resolve()'s warnings
+        expected = RunConfig.resolve(**merged)
+        for name, value in flags.items():
+            if given[name] != _CODE_DEFAULTS[name] and RunConfig.resolve(**{**merged, name: given[name]}) != expected:
+                raise ValueError(
+                    f"Fabric({name}={given[name]!r}) conflicts with `nbfabric run --{name.replace('_', '-')}={value}`; "
+                    "set it in one place only."
+                )
+    return merged
