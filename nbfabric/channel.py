@@ -94,20 +94,6 @@ class FrameReader:
         return bool(self._buffer)
 
 
-_current: ChannelWriter | None = None
-
-
-def set_current(channel: ChannelWriter | None) -> None:
-    """Make `channel` the one this rank's Fabric reports to."""
-    global _current
-    _current = channel
-
-
-def current() -> ChannelWriter | None:
-    """The channel to the launching process, in a rank started by nbfabric; else None."""
-    return _current
-
-
 def now() -> float:
     """A timestamp every process of this machine reads from the same clock."""
     return time.monotonic()

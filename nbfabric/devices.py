@@ -95,3 +95,18 @@ def _cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def describe_hardware(hardware: Hardware | None = None) -> str:
+    """One line: CPU cores, each CUDA GPU with its name and memory, Apple MPS."""
+    hardware = detect_hardware() if hardware is None else hardware
+    gpus = ", ".join(f"cuda:{gpu.index} {gpu_name(gpu)}" for gpu in hardware.gpus)
+    parts = [f"{hardware.cpu_count} CPU cores", gpus or "no CUDA GPU"]
+    if hardware.mps:
+        parts.append("Apple MPS")
+    return "; ".join(parts)
+
+
+def gpu_name(gpu: GpuInfo) -> str:
+    memory = f" ({gpu.memory_bytes / 1024**3:.0f} GiB)" if gpu.memory_bytes else ""
+    return f"{gpu.name or 'GPU'}{memory}"

@@ -122,6 +122,7 @@ class Fabric:
     def _join(self, ranks: RankInfo) -> None:
         """In a rank, called by its launcher: who this rank is; its device and process group."""
         self._ranks = ranks
+        self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)
         self._launched = True
 

@@ -6,8 +6,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
-from nbfabric import channel
-from nbfabric.channel import Metrics
+from nbfabric.channel import ChannelWriter, Metrics
 
 STREAM_INTERVAL = 0.02  # seconds between two sends of a rank's new values
 
@@ -24,12 +23,13 @@ class MetricLog:
     """Logged values in order. ``log["loss"]`` lists the values of the lowest rank that logged "loss"
     (rank 0 in a run record, the rank itself inside a rank); ``log.by_rank("loss")`` has them all.
 
-    Inside a rank started by nbfabric, new values also go to the launching process from a
-    background thread, so that `record` never waits on the pipe.
+    Inside a rank started by nbfabric (once `send_to` gave it the rank's channel), new values also
+    go to the launching process from a background thread, so that `record` never waits on the pipe.
     """
 
     def __init__(self):
         self.points: list[MetricPoint] = []
+        self._channel: ChannelWriter | None = None
         self._sent = 0
         self._sender: threading.Thread | None = None
         self._closing = threading.Event()
@@ -38,9 +38,13 @@ class MetricLog:
         stamp = time.monotonic()
         for name, value in metrics.items():
             self.points.append(MetricPoint(rank, name, value, step, stamp))
-        if self._sender is None and channel.current() is not None:
+        if self._sender is None and self._channel is not None:
             self._sender = threading.Thread(target=self._send_periodically, name="nbfabric-metrics", daemon=True)
             self._sender.start()
+
+    def send_to(self, channel: ChannelWriter | None) -> None:
+        """In a rank: stream new values over `channel` (None: keep them here only)."""
+        self._channel = channel
 
     def extend(self, event: Metrics) -> None:
         """Add the values a rank sent (parent side)."""
@@ -59,7 +63,7 @@ class MetricLog:
             self._send_new()
 
     def _send_new(self) -> None:
-        writer = channel.current()
+        writer = self._channel
         end = len(self.points)
         if writer is None or end == self._sent:
             return

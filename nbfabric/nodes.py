@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from nbfabric.launcher.environment import is_loopback, loopback_sockets, threads_per_rank
+from nbfabric.launcher.errors import describe_exit
 from nbfabric.launcher.launchers import MULTI_NODE_PORT
 from nbfabric.launcher.processes import exit_status
 from nbfabric.run_flags import RunPlan
@@ -57,8 +58,7 @@ def _agent(argv: list[str]) -> None:
         torchrun(argv)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
-        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"killed by {failure.signal_name()}"
-        print(f"nbfabric run: rank {rank} failed first on this node ({how}); its other ranks were stopped", file=sys.stderr)
+        print(f"nbfabric run: rank {rank} failed first on this node ({describe_exit(failure.exitcode)}); its other ranks were stopped", file=sys.stderr)
         sys.exit(exit_status(failure.exitcode))
 
 

@@ -8,6 +8,7 @@ import sys
 from importlib import metadata
 
 from nbfabric.config import RunConfig
+from nbfabric.devices import describe_hardware
 from nbfabric.user_config import config_path, load_defaults
 
 _REPORTED_VARIABLES = ("CUDA_", "NCCL_", "GLOO_", "PYTORCH_", "TORCH_", "NBFABRIC_", "OMP_")
@@ -19,7 +20,6 @@ def environment_report(config_file: str | None = None) -> list[str]:
 
     import torch
 
-    from nbfabric.notebook.picker import describe_hardware
 
     lines = [f"python: {sys.version.split()[0]} ({sys.executable})", f"platform: {platform.platform()}"]
     lines += [f"{package}: {_version(package)}" for package in ("nbfabric", "torch", "ipykernel", "ipywidgets")]

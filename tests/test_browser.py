@@ -21,7 +21,8 @@ import psutil
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from nbfabric.notebook.picker import Picker, describe_hardware
+from nbfabric.devices import describe_hardware
+from nbfabric.notebook.picker import Picker
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"]

@@ -323,7 +323,7 @@ def test_a_failure_on_one_node_stops_the_other(tmp_path, env):
     assert time.monotonic() - started < 60
     assert [node.returncode for node in nodes] == [1, 1]
     assert "[rank 3]" in nodes[1].stderr and "ValueError: bad batch on rank 3" in nodes[1].stderr
-    assert "rank 3 failed first on this node (exit code 1); its other ranks were stopped" in nodes[1].stderr
+    assert "rank 3 failed first on this node (exited with code 1); its other ranks were stopped" in nodes[1].stderr
     assert all("finished" not in node.stdout for node in nodes)
 
 

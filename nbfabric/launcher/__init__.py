@@ -20,7 +20,8 @@ from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutErro
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
 from nbfabric.launcher.supervisor import Supervisor
-from nbfabric.launcher.worker import RankSpec, find_inherited
+from nbfabric.launcher.inherited import find_inherited
+from nbfabric.launcher.worker import RankSpec
 
 __all__ = ["launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "Sink", "TextSink"]
 

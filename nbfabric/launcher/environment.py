@@ -7,10 +7,11 @@ import os
 import socket
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from nbfabric.launcher.errors import ForkUnsafeError
+from nbfabric.launcher.rank_links import RankLinks, rank_links
 
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE")  # set in every rank that a launcher started
@@ -18,24 +19,26 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE")  # set in every rank that a launcher sta
 
 @dataclass(frozen=True)
 class RankInfo:
-    """Who a process is in its run."""
+    """Who a process is in its run, and (in a rank nbfabric started) its links to the launcher."""
 
     global_rank: int = 0
     local_rank: int = 0
     node_rank: int = 0
     world_size: int = 1
+    links: RankLinks | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_environment(cls) -> RankInfo:
         """This process's place as torchrun's variables give it (one process of its own without them)."""
         env = os.environ
         if not started_by_launcher():
-            return cls()
+            return cls(links=rank_links())
         return cls(
             global_rank=int(env["RANK"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
             node_rank=int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))),
             world_size=int(env["WORLD_SIZE"]),
+            links=rank_links(),
         )
 
 

@@ -70,9 +70,9 @@ def rank_failures(outcome: Outcome) -> list[RankFailure]:
         if reported is not None:
             failures.append(_from_report(reported))
         elif code < 0:
-            failures.append(RankFailure(rank, outcome.exit_times[rank], "signal", f"killed by {_signal_name(-code)}"))
+            failures.append(RankFailure(rank, outcome.exit_times[rank], "signal", describe_exit(code)))
         elif code > 0:
-            failures.append(RankFailure(rank, outcome.exit_times[rank], "exit", f"exited with code {code}"))
+            failures.append(RankFailure(rank, outcome.exit_times[rank], "exit", describe_exit(code)))
     return failures
 
 
@@ -110,8 +110,11 @@ def _from_report(failure: Failure) -> RankFailure:
     return RankFailure(failure.rank, failure.time, "exception", summary, failure.traceback, failure.distributed)
 
 
-def _signal_name(number: int) -> str:
+def describe_exit(returncode: int) -> str:
+    """How a process ended, in words: "exited with code 1", "killed by SIGKILL"."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
     try:
-        return signal.Signals(number).name
+        return f"killed by {signal.Signals(-returncode).name}"
     except ValueError:
-        return f"signal {number}"
+        return f"killed by signal {-returncode}"

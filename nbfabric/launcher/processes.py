@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from nbfabric.launcher.worker import Inherited, RankSpec, become_rank, rank_main, report_failure
+from nbfabric.launcher.inherited import Inherited
+from nbfabric.launcher.worker import RankSpec, become_rank, rank_main, report_failure
 
 
 @dataclass

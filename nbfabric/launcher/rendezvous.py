@@ -12,20 +12,6 @@ from typing import Any, Callable
 
 Reply = Callable[[int, Any], None]  # (request_id, value) back to the rank that asked
 
-_rank_socket: int | None = None
-
-
-def set_rank_socket(fd: int | None) -> None:
-    """In a rank: the socket to the supervisor's store (None where the nodes meet at node 0)."""
-    global _rank_socket
-    _rank_socket = fd
-
-
-def rank_socket() -> int | None:
-    """In a rank nbfabric started on one machine: its socket to the store; elsewhere None."""
-    return _rank_socket
-
-
 class StoreServer:
     """The store's data, and the requests that wait for keys not yet set."""
 

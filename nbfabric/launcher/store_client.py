@@ -14,23 +14,6 @@ from typing import Any
 import torch.distributed as dist
 
 from nbfabric.channel import ChannelWriter, FrameReader
-from nbfabric.launcher.rendezvous import rank_socket
-
-
-_stores: dict[tuple[int, int], "SupervisorStore"] = {}  # by (process id, socket fd)
-
-
-def supervisor_store() -> "SupervisorStore | None":
-    """The store of the launch that started this rank, or None outside such a rank. It is kept here
-    for the life of the process: torch.distributed holds only its C++ half, which needs the Python
-    object to answer calls."""
-    fd = rank_socket()
-    if fd is None:
-        return None
-    key = (os.getpid(), fd)
-    if key not in _stores:
-        _stores[key] = SupervisorStore(fd)
-    return _stores[key]
 
 
 class SupervisorStore(dist.Store):

@@ -13,8 +13,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from nbfabric.channel import ChannelWriter, Exiting, Failure, Result, now, set_current
-from nbfabric.launcher.rendezvous import set_rank_socket
+from nbfabric.channel import ChannelWriter, Exiting, Failure, Result, now
+from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited
+from nbfabric.launcher.rank_links import RankLinks, set_rank_links
 
 _PR_SET_PDEATHSIG = 1
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -50,13 +51,12 @@ def become_rank(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # fork_rank blocked it
     inherited = inherited or find_inherited()
     _redirect_output(stdout_fd, stderr_fd, inherited.handlers)
-    _detach_from_kernel(inherited.display_publisher)
+    detach_from_kernel(inherited.display_publisher)
     os.environ.update(spec.env)
     if spec.threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(spec.threads)
     channel = ChannelWriter(channel_fd)
-    set_current(channel)
-    set_rank_socket(store_fd)
+    set_rank_links(RankLinks(channel, store_fd))
     return channel
 
 
@@ -157,56 +157,6 @@ def _redirect_output(stdout_fd: int, stderr_fd: int, handlers: list[tuple[loggin
     sys.stderr = sys.__stderr__ = _text_stream(2)
     for handler, name in handlers:
         handler.setStream(getattr(sys, name))
-
-
-@dataclass(frozen=True)
-class Inherited:
-    """What a forked rank takes over from the launching process. Forking launches find it before
-    they fork: in a rank, walking every logger or building a traitlets object would copy the
-    memory pages they touch (~4 ms in a kernel with 360 loggers)."""
-
-    handlers: list[tuple[logging.StreamHandler, str]]  # see console_handlers()
-    display_publisher: Any  # a plain-text one for the kernel's shell; None outside a kernel
-
-
-def find_inherited() -> Inherited:
-    return Inherited(console_handlers(), _plain_display_publisher())
-
-
-def console_handlers() -> list[tuple[logging.StreamHandler, str]]:
-    """The logging handlers that write to this process's stdout or stderr, each with that
-    stream's name."""
-    streams = {id(getattr(sys, name)): name.strip("_") for name in ("stdout", "stderr", "__stdout__", "__stderr__")}
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    return [
-        (handler, streams[id(handler.stream)])
-        for logger in loggers
-        for handler in getattr(logger, "handlers", ())
-        if isinstance(handler, logging.StreamHandler)
-        and not isinstance(getattr(type(handler), "stream", None), property)  # logging's last resort
-        and id(handler.stream) in streams
-    ]
-
-
-def _plain_display_publisher() -> Any:
-    """In a Jupyter kernel: a display publisher for its shell that writes plain text to stdout."""
-    interactive = sys.modules.get("IPython.core.interactiveshell")
-    if interactive is None or not interactive.InteractiveShell.initialized():
-        return None
-    from IPython.core.displaypub import DisplayPublisher
-
-    return DisplayPublisher(shell=interactive.InteractiveShell.instance())
-
-
-def _detach_from_kernel(display_publisher: Any) -> None:
-    """In a rank forked from a Jupyter kernel, rich display output becomes plain text on stdout
-    (the kernel's sockets belong to the kernel)."""
-    if display_publisher is None:
-        return
-    display_publisher.shell.display_pub = display_publisher
-    for prompt in ("ps1", "ps2"):  # a rank is no interactive session (libraries check this)
-        if hasattr(sys, prompt):
-            delattr(sys, prompt)
 
 
 def _text_stream(fd: int) -> io.TextIOWrapper:

@@ -14,7 +14,7 @@ from nbfabric.config import RunConfig
 from nbfabric.launcher.output import Sink
 from nbfabric.notebook import chart
 from nbfabric.notebook.comms import handle_widget_messages
-from nbfabric.notebook.summary import exit_status, rank_outcome, run_state, run_summary
+from nbfabric.notebook.summary import status_after_exit, rank_outcome, run_state, run_summary
 
 LOG_LINES = 300  # lines the log widget keeps (the run record keeps them all)
 RENDER_EVERY = 0.25  # seconds between two updates of the status and the log
@@ -142,7 +142,7 @@ class Dashboard(Sink):
         self._chart_dirty = True
 
     def rank_exited(self, rank: int, returncode: int) -> None:
-        self._status[rank] = exit_status(returncode)
+        self._status[rank] = status_after_exit(returncode)
         self._dirty = True
 
     def tick(self) -> bool:

@@ -14,12 +14,13 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
+from nbfabric.devices import describe_hardware
 from nbfabric.fabric import Fabric
 from nbfabric.launcher.launchers import select_launcher
 from nbfabric.launcher.output import TextSink
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.cell import compile_cell, run_in_rank, shippable_namespace
-from nbfabric.notebook.picker import describe_hardware, picker
+from nbfabric.notebook.picker import picker
 from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.notebook.run_view import RunView
 from nbfabric.record import RecordingSink, RunRecord

@@ -8,20 +8,10 @@ import warnings
 from typing import Any
 
 from nbfabric.config import PRECISIONS, STRATEGIES, RunConfig, devices_value
-from nbfabric.devices import Hardware, detect_hardware
+from nbfabric.devices import Hardware, describe_hardware, detect_hardware, gpu_name
 from nbfabric.user_config import config_path, load_defaults, save_defaults
 
 FORM_SETTINGS = ("accelerator", "devices", "strategy", "precision", "num_nodes")
-
-
-def describe_hardware(hardware: Hardware | None = None) -> str:
-    """One line: CPU cores, each CUDA GPU with its name and memory, Apple MPS."""
-    hardware = detect_hardware() if hardware is None else hardware
-    gpus = ", ".join(f"cuda:{gpu.index} {_gpu_name(gpu)}" for gpu in hardware.gpus)
-    parts = [f"{hardware.cpu_count} CPU cores", gpus or "no CUDA GPU"]
-    if hardware.mps:
-        parts.append("Apple MPS")
-    return "; ".join(parts)
 
 
 def unsupported_precisions(accelerator: str) -> dict[str, str]:
@@ -167,7 +157,7 @@ class Picker:
     def _accelerator_options(self) -> list[tuple[str, str]]:
         hardware = self.hardware
         labels = {
-            "cuda": "cuda · " + ", ".join(_gpu_name(gpu) for gpu in hardware.gpus),
+            "cuda": "cuda · " + ", ".join(gpu_name(gpu) for gpu in hardware.gpus),
             "mps": "mps · Apple GPU",
             "cpu": f"cpu · {hardware.cpu_count} cores",
         }
@@ -216,8 +206,3 @@ def _readable_defaults(path: str | os.PathLike | None) -> dict[str, Any]:
         return load_defaults(path)
     except ValueError:
         return {}
-
-
-def _gpu_name(gpu: Any) -> str:
-    memory = f" ({gpu.memory_bytes / 1024**3:.0f} GiB)" if gpu.memory_bytes else ""
-    return f"{gpu.name or 'GPU'}{memory}"

@@ -12,7 +12,7 @@ from nbfabric.channel import Metrics
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.config import RunConfig
 from nbfabric.notebook import chart
-from nbfabric.notebook.summary import exit_status, rank_outcome, run_state, run_summary
+from nbfabric.notebook.summary import status_after_exit, rank_outcome, run_state, run_summary
 
 DASHBOARD_AFTER = 0.5  # seconds; a widget that would vanish at once only flickers and costs ~40 ms
 
@@ -72,7 +72,7 @@ class RunView(Sink):
             elif kind == "line":
                 line_counts[args[0]] = line_counts.get(args[0], 0) + 1
             elif kind == "rank_exited":
-                statuses[args[0]] = exit_status(args[1])
+                statuses[args[0]] = status_after_exit(args[1])
         self._replay(self._text)
         statuses = {rank: rank_outcome(rank, status, why, error) for rank, (status, why) in statuses.items()}
         elapsed = time.monotonic() - self.started

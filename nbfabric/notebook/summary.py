@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import signal
-
 from nbfabric.config import RunConfig
 from nbfabric.launcher import RankError, RankTimeoutError
+from nbfabric.launcher.errors import describe_exit
 from nbfabric.notebook.chart import MetricSeries
 
 SUMMARY_LINES = 3  # last lines of each rank quoted in the summary
@@ -62,15 +61,6 @@ def rank_outcome(rank: int, status: str, why: str, error: BaseException | None) 
     return status, why
 
 
-def exit_status(returncode: int) -> tuple[str, str]:
+def status_after_exit(returncode: int) -> tuple[str, str]:
     """A rank's status and reason once its process has ended with `returncode`."""
     return ("done", "") if returncode == 0 else ("failed", describe_exit(returncode))
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"

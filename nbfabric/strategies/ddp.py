@@ -11,7 +11,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nbfabric.launcher.environment import RankInfo, preserved_environment
-from nbfabric.launcher.store_client import supervisor_store
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
 REDUCE_OPS = ("mean", "sum", "min", "max", "product")
@@ -42,7 +41,7 @@ class DDPStrategy(SingleDeviceStrategy):
         if dist.is_initialized():
             return
         rank, world_size = ranks.global_rank, ranks.world_size
-        store = supervisor_store()
+        store = ranks.links.store if ranks.links is not None else None
         if store is not None:
             dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size)
         elif world_size == 1 and "MASTER_ADDR" not in os.environ:
