@@ -15,7 +15,8 @@ from nbfabric import Fabric, RankError
 from nbfabric.devices import GpuInfo, Hardware, detect_hardware
 from nbfabric.launcher.launchers import select_launcher
 from nbfabric.notebook import chart
-from nbfabric.notebook.dashboard import LOG_LINES, Dashboard
+from nbfabric.notebook.dashboard import Dashboard
+from nbfabric.notebook.tally import LOG_LINES
 from nbfabric.notebook.picker import Picker
 from nbfabric.user_config import load_defaults
 

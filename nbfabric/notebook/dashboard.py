@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import time
-from collections import deque
 from typing import Any
 
 from IPython.display import Image, display
@@ -14,9 +13,8 @@ from nbfabric.config import RunConfig
 from nbfabric.launcher.output import Sink
 from nbfabric.notebook import chart
 from nbfabric.notebook.comms import handle_widget_messages
-from nbfabric.notebook.summary import status_after_exit, rank_outcome, run_state, run_summary
-
-LOG_LINES = 300  # lines the log widget keeps (the run record keeps them all)
+from nbfabric.notebook.summary import run_state
+from nbfabric.notebook.tally import RunTally
 RENDER_EVERY = 0.25  # seconds between two updates of the status and the log
 CHART_EVERY = 0.5  # seconds between two redraws of the chart
 PUMP_EVERY = 0.1  # seconds between two looks for widget messages (a Stop click)
@@ -40,12 +38,7 @@ class Dashboard(Sink):
         self.duration: float | None = None
         self.state = "starting"
         self.stop_requested = False
-        self.metric_series = chart.MetricSeries()
-        self._status = {rank: ("starting", "") for rank in range(config.num_processes)}
-        self._line_counts: dict[int, int] = {}
-        self._progress: dict[int, str] = {}
-        self._tail: deque[tuple[int, str, str]] = deque(maxlen=LOG_LINES)
-        self._rank_tails: dict[int, deque[tuple[int, str, str]]] = {}
+        self.tally = RunTally(config.num_processes, ranks)
         self._dirty = self._chart_dirty = False
         self._rendered = self._charted = self._pumped = 0.0
         self._shown_second = -1
@@ -55,7 +48,7 @@ class Dashboard(Sink):
         self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", tooltip="stop every rank")
         self.stop_button.on_click(lambda _: self.request_stop())
         self.status = widgets.HTML()
-        shown = sorted(ranks) if ranks is not None else sorted(self._status)
+        shown = sorted(ranks) if ranks is not None else sorted(self.tally.statuses)
         self.log_filter = widgets.Dropdown(
             options=[("all ranks", ALL)] + [(f"rank {rank}", rank) for rank in shown],
             value=shown[0] if ranks is not None and len(ranks) == 1 else ALL,
@@ -119,30 +112,23 @@ class Dashboard(Sink):
         self.show_static()
 
     def chart_png(self) -> bytes | None:
-        return chart.draw(self.metric_series.shown(self.chart_ranks.value)) if self.metric_series else None
+        return chart.draw(self.tally.metric_series.shown(self.chart_ranks.value)) if self.tally.metric_series else None
 
     # ----------------------------------------------------------------- Sink
     def line(self, rank: int, stream: str, text: str) -> None:
-        self._line_counts[rank] = self._line_counts.get(rank, 0) + 1
-        if self.ranks is None or rank in self.ranks:
-            entry = (rank, stream, text)
-            self._tail.append(entry)
-            tail = self._rank_tails.get(rank)
-            if tail is None:
-                tail = self._rank_tails[rank] = deque(maxlen=LOG_LINES)
-            tail.append(entry)
+        self.tally.line(rank, stream, text)
         self._dirty = True
 
     def progress(self, rank: int, stream: str, text: str) -> None:
-        self._progress[rank] = text
+        self.tally.progress(rank, stream, text)
         self._dirty = True
 
     def metrics(self, event: Metrics) -> None:
-        self.metric_series.add(event.rank, event.points)
+        self.tally.metrics(event)
         self._chart_dirty = True
 
     def rank_exited(self, rank: int, returncode: int) -> None:
-        self._status[rank] = status_after_exit(returncode)
+        self.tally.rank_exited(rank, returncode)
         self._dirty = True
 
     def tick(self) -> bool:
@@ -152,7 +138,7 @@ class Dashboard(Sink):
             handle_widget_messages()
         if self.state == "starting":
             self.state = "running"
-            self._status = {rank: ("running", "") if status == "starting" else (status, why) for rank, (status, why) in self._status.items()}
+            self.tally.begin()
             self._dirty = True
         if now - self._rendered >= RENDER_EVERY or int(now - self.started) != self._shown_second:
             self._render(charts=now - self._charted >= CHART_EVERY)
@@ -161,7 +147,7 @@ class Dashboard(Sink):
     @property
     def rank_status(self) -> dict[int, tuple[str, str]]:
         """Each rank's status ("starting", "running", "done", "failed", "stopped", "not started") and its reason."""
-        return dict(self._status)
+        return dict(self.tally.statuses)
 
     # ----------------------------------------------------------------- control
     def request_stop(self) -> None:
@@ -174,7 +160,7 @@ class Dashboard(Sink):
         """The run ended (with `error`, or None): show how each rank ended and the final chart."""
         self.duration = time.monotonic() - self.started
         self.state = run_state(error)
-        self._status = {rank: rank_outcome(rank, status, why, error) for rank, (status, why) in self._status.items()}
+        self.tally.finish(error)
         self.stop_button.layout.display = "none"
         self._dirty = self._chart_dirty = True
         self._render(charts=True)
@@ -182,8 +168,7 @@ class Dashboard(Sink):
     def summary(self) -> str:
         """Duration, each rank's end, the last metric values and the last lines, as text."""
         elapsed = self.duration if self.duration is not None else time.monotonic() - self.started
-        tails = {rank: [text for _, _, text in tail] for rank, tail in self._rank_tails.items()}
-        return run_summary(self.config, self.state, elapsed, self._status, self._line_counts, self.metric_series, tails)
+        return self.tally.summary(self.config, self.state, elapsed)
 
     # ----------------------------------------------------------------- rendering
     def _on_view_change(self, change: Any) -> None:
@@ -205,7 +190,7 @@ class Dashboard(Sink):
             self._rendered = now
             self.status.value = self._status_html()
             self.log.value = self._log_html()
-        if charts and self._chart_dirty and self.metric_series:
+        if charts and self._chart_dirty and self.tally.metric_series:
             self._chart_dirty = False
             self._charted = now
             self.chart.value = self.chart_png()
@@ -213,17 +198,17 @@ class Dashboard(Sink):
 
     def _status_html(self) -> str:
         cells = []
-        for rank, (status, why) in sorted(self._status.items()):
-            detail = why or self._progress.get(rank, "")
+        for rank, (status, why) in sorted(self.tally.statuses.items()):
+            detail = why or self.tally.progress_text.get(rank, "")
             cells.append(
                 f"<tr><td>rank {rank}</td><td style='color:{_COLORS[status]};font-weight:bold'>{status}</td>"
-                f"<td>{self._line_counts.get(rank, 0)} lines</td><td><code>{html.escape(detail)}</code></td></tr>"
+                f"<td>{self.tally.line_counts.get(rank, 0)} lines</td><td><code>{html.escape(detail)}</code></td></tr>"
             )
         return "<table style='border-spacing:12px 0'>" + "".join(cells) + "</table>"
 
     def _log_html(self) -> str:
         rank = self.log_filter.value
-        entries = self._tail if rank == ALL else self._rank_tails.get(rank, ())
+        entries = self.tally.tail if rank == ALL else self.tally.rank_tails.get(rank, ())
         text = "\n".join(
             f"<span style='color:{'#c5221f' if stream == 'stderr' else '#5f6368'}'>[rank {r}]</span> {html.escape(line)}"
             for r, stream, line in entries

@@ -12,7 +12,8 @@ from nbfabric.channel import Metrics
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.config import RunConfig
 from nbfabric.notebook import chart
-from nbfabric.notebook.summary import status_after_exit, rank_outcome, run_state, run_summary
+from nbfabric.notebook.summary import run_state
+from nbfabric.notebook.tally import RunTally
 
 DASHBOARD_AFTER = 0.5  # seconds; a widget that would vanish at once only flickers and costs ~40 ms
 
@@ -63,23 +64,16 @@ class RunView(Sink):
             self.dashboard.freeze()
             self.dashboard.show_static()
             return
-        series = chart.MetricSeries()
-        statuses = {rank: ("starting", "") for rank in range(self.config.num_processes)}
-        line_counts: dict[int, int] = {}
+        tally = RunTally(self.config.num_processes)
         for kind, args in self._held:
-            if kind == "metrics":
-                series.add(args[0].rank, args[0].points)
-            elif kind == "line":
-                line_counts[args[0]] = line_counts.get(args[0], 0) + 1
-            elif kind == "rank_exited":
-                statuses[args[0]] = status_after_exit(args[1])
+            getattr(tally, kind)(*args)
         self._replay(self._text)
-        statuses = {rank: rank_outcome(rank, status, why, error) for rank, (status, why) in statuses.items()}
+        tally.finish(error)
         elapsed = time.monotonic() - self.started
-        print(run_summary(self.config, run_state(error), elapsed, statuses, line_counts, series, {}))
+        print(tally.summary(self.config, run_state(error), elapsed, with_last_lines=False))
         self._text.flush()
-        if series:
-            display(Image(chart.draw(series.shown(False))))
+        if tally.metric_series:
+            display(Image(chart.draw(tally.metric_series.shown(False))))
 
     def _pass(self, kind: str, *args: Any) -> None:
         if self.dashboard is not None:

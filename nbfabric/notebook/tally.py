@@ -1,0 +1,57 @@
+"""One count of a run as it goes, for every view of it: each rank's status, its line count, last
+lines and progress text, and the metric series."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from nbfabric.channel import Metrics
+from nbfabric.config import RunConfig
+from nbfabric.launcher.output import Sink
+from nbfabric.notebook.chart import MetricSeries
+from nbfabric.notebook.summary import rank_outcome, run_summary, status_after_exit
+
+LOG_LINES = 300  # last lines kept of the shown ranks, all together and per rank
+
+
+class RunTally(Sink):
+    """A Sink that counts: `statuses` (rank -> (status, reason)), `line_counts`, `tail` (the last
+    lines of the shown ranks), `rank_tails`, `progress`, `metric_series`."""
+
+    def __init__(self, num_ranks: int, shown_ranks: set[int] | frozenset[int] | None = None, keep: int = LOG_LINES):
+        self.shown_ranks = shown_ranks
+        self.statuses = {rank: ("starting", "") for rank in range(num_ranks)}
+        self.line_counts: dict[int, int] = {}
+        self.tail: deque[tuple[int, str, str]] = deque(maxlen=keep)
+        self.rank_tails: dict[int, deque[tuple[int, str, str]]] = {}
+        self.progress_text: dict[int, str] = {}
+        self.metric_series = MetricSeries()
+        self._keep = keep
+
+    def line(self, rank: int, stream: str, text: str) -> None:
+        self.line_counts[rank] = self.line_counts.get(rank, 0) + 1
+        if self.shown_ranks is None or rank in self.shown_ranks:
+            entry = (rank, stream, text)
+            self.tail.append(entry)
+            self.rank_tails.setdefault(rank, deque(maxlen=self._keep)).append(entry)
+
+    def progress(self, rank: int, stream: str, text: str) -> None:
+        self.progress_text[rank] = text
+
+    def metrics(self, event: Metrics) -> None:
+        self.metric_series.add(event.rank, event.points)
+
+    def rank_exited(self, rank: int, returncode: int) -> None:
+        self.statuses[rank] = status_after_exit(returncode)
+
+    def begin(self) -> None:
+        """The ranks are running."""
+        self.statuses = {rank: ("running", "") if status == "starting" else (status, why) for rank, (status, why) in self.statuses.items()}
+
+    def finish(self, error: BaseException | None) -> None:
+        """The run ended with `error` (or None): each rank's final status and its reason."""
+        self.statuses = {rank: rank_outcome(rank, status, why, error) for rank, (status, why) in self.statuses.items()}
+
+    def summary(self, config: RunConfig, state: str, elapsed: float, with_last_lines: bool = True) -> str:
+        tails = {rank: [text for _, _, text in tail] for rank, tail in self.rank_tails.items()} if with_last_lines else {}
+        return run_summary(config, state, elapsed, self.statuses, self.line_counts, self.metric_series, tails)
