@@ -7,6 +7,7 @@ import os
 import runpy
 import sys
 from functools import partial
+from importlib import metadata
 from typing import Any
 
 from nbfabric.launcher import RankError, RankTimeoutError, TextSink, launch
@@ -39,12 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `nbfabric` and `python -m nbfabric`; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 0
     return args.handler(args.parser, args)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbfabric", description=__doc__.split(":")[0] + ".")
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"nbfabric {metadata.version('nbfabric')}")
+    commands = parser.add_subparsers(metavar="COMMAND")
     settings_file = argparse.ArgumentParser(add_help=False)
     settings_file.add_argument("--config", metavar="PATH", help=f"settings file (default: ${CONFIG_ENV}, else {config_path()})")
     _add_run_command(commands, settings_file)

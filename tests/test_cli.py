@@ -381,6 +381,13 @@ def test_torchrun_arguments_show_only_this_nodes_chosen_ranks(tmp_path):
 
 
 # ----------------------------------------------------------------- env and install-kernel
+def test_version_and_a_bare_command_answer_without_error(env):
+    version = nbfabric_command("--version", env=env)
+    assert version.returncode == 0 and version.stdout.strip() == f"nbfabric {nbfabric.__version__}"
+    bare = nbfabric_command(env=env)
+    assert bare.returncode == 0 and "usage: nbfabric" in bare.stdout and "run" in bare.stdout
+
+
 def test_env_reports_versions_hardware_and_settings(tmp_path, env):
     import ipykernel
     import ipywidgets
@@ -391,8 +398,9 @@ def test_env_reports_versions_hardware_and_settings(tmp_path, env):
     done = subprocess.run([str(console_script), "env"], env={**env, "NBFABRIC_CONFIG": str(settings)}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
+    python = next(line for line in lines if line.startswith(f"python: {platform.python_version()} ("))
+    assert Path(python.split("(", 1)[1].rstrip(")")).parent == console_script.parent  # the console script's own interpreter
     for expected in (
-        f"python: {platform.python_version()} ({console_script.with_name('python3')})",
         f"nbfabric: {nbfabric.__version__}",
         f"torch: {torch.__version__}",
         f"ipykernel: {ipykernel.__version__}",

@@ -123,6 +123,14 @@ def test_an_unpicklable_name_is_named_and_every_other_name_comes_back_exactly(ke
     assert check["result"] == "([1, 2], [{'k': 'v'}, {'k': 'v'}], True, 'end')"
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_run_flags_and_runs_nothing(kernel, flag):
+    for magic in (f"%fabric {flag}", f"%%fabric {flag}\nprint('the cell body ran')"):
+        out = kernel.run(magic)
+        assert out["error"] is None, out["error"]
+        assert "--devices DEVICES" in out["stdout"] and "--timeout TIMEOUT" in out["stdout"] and "the cell body ran" not in out["stdout"]
+
+
 def test_return_and_no_return_choose_what_comes_back(kernel):
     kernel.run("a = b = 0")
     kernel.run(f"{CPU2} --return a\na = 1\nb = 1")

@@ -68,6 +68,7 @@ class FabricMagics(Magics):
     @magic_arguments.argument("--no-widgets", dest="widgets", action="store_const", const="off", help="show the run as text lines, not as a dashboard")
     @magic_arguments.argument("--widgets", dest="widgets", action="store_const", const="on", help="show a live dashboard where widgets can render, once the run lasts 0.5 s (the default)")
     @magic_arguments.argument("--background", action="store_true", help="return at once while the run goes on; see %%fabric wait and %%fabric stop")
+    @magic_arguments.argument("-h", "--help", action="store_true", help="show this help")
     @magic_arguments.argument("--picker", action="store_true", help="(%%fabric only) show the hardware picker, whose choices become the defaults")
     @magic_arguments.argument("--config", help="(with --picker) the settings file its Save button writes")
     @magic_arguments.argument("action", nargs="?", choices=("stop", "wait"), help="(%%fabric only) stop the background run, or wait for it and bring back its names")
@@ -84,6 +85,9 @@ class FabricMagics(Magics):
         """
         args = magic_arguments.parse_argstring(self.fabric, line)
         given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
+        if args.help:
+            print(self.fabric.parser.format_help())
+            return None
         if cell is None:
             return self._line(args, given)
         request = self._check_cell(args, given)  # 1. check: nothing changes if this raises
