@@ -10,49 +10,58 @@ from nbfabric.channel import Metrics
 
 
 class LineSplitter:
-    """Turns the bytes of one stream into lines ending in "\\n", and progress updates ending in "\\r"."""
+    """Turns the bytes of one stream into lines ending in "\\n", and progress updates ending in "\\r".
+    Linear in what it is fed: each chunk is scanned once, and an unfinished line is joined once."""
 
     def __init__(self):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""
+        self._parts: list[str] = []  # the unfinished segment
+        self._carriage = False  # the segment ended in "\r" at the end of the last chunk: "\n" may follow
 
     def feed(self, chunk: bytes) -> list[tuple[str, bool]]:
         """Return (text, is_progress) for each segment completed by `chunk`."""
-        self._pending += self._decoder.decode(chunk)
-        segments = []
-        start = 0
-        text = self._pending
+        text = self._decoder.decode(chunk)
+        segments: list[tuple[str, bool]] = []
+        if self._carriage and text:
+            self._carriage = False
+            segments.append((self._take(""), not text.startswith("\n")))
+            text = text[1:] if text.startswith("\n") else text
+        start, end = 0, len(text)
+        newline, carriage = text.find("\n"), text.find("\r")
         while True:
-            cut = _next_break(text, start)
+            if 0 <= newline < start:
+                newline = text.find("\n", start)
+            if 0 <= carriage < start:
+                carriage = text.find("\r", start)
+            cut = min(newline, carriage) if newline >= 0 and carriage >= 0 else max(newline, carriage)
             if cut < 0:
                 break
-            if text[cut] == "\r":
-                if cut + 1 == len(text):
-                    break  # a "\n" may follow in the next chunk
-                if text[cut + 1] == "\n":
-                    segments.append((text[start:cut], False))
-                    start = cut + 2
-                    continue
-                segments.append((text[start:cut], True))
+            piece = text[start:cut]
+            if text[cut] == "\n" or text.startswith("\n", cut + 1):
+                segments.append((self._take(piece), False))
+                start = cut + (1 if text[cut] == "\n" else 2)
+            elif cut + 1 == end:
+                self._parts.append(piece)
+                self._carriage = True
+                start = end
             else:
-                segments.append((text[start:cut], False))
-            start = cut + 1
-        self._pending = text[start:]
+                segments.append((self._take(piece), True))
+                start = cut + 1
+        if start < end:
+            self._parts.append(text[start:])
         return [(segment, progress) for segment, progress in segments if segment or not progress]
 
     def close(self) -> list[tuple[str, bool]]:
         """The unterminated rest, as a final line."""
-        rest = self._pending + self._decoder.decode(b"", final=True)
-        self._pending = ""
-        rest = rest.rstrip("\r")
-        return [(rest.rsplit("\r", 1)[-1], False)] if rest else []
+        rest = self._take(self._decoder.decode(b"", final=True))
+        self._carriage = False
+        return [(rest, False)] if rest else []
 
-
-def _next_break(text: str, start: int) -> int:
-    newline, carriage = text.find("\n", start), text.find("\r", start)
-    if newline < 0 or carriage < 0:
-        return max(newline, carriage)
-    return min(newline, carriage)
+    def _take(self, last: str) -> str:
+        self._parts.append(last)
+        text = "".join(self._parts)
+        self._parts = []
+        return text
 
 
 def parse_rank_filter(value: str, world_size: int) -> set[int] | None:
