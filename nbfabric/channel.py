@@ -42,6 +42,16 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Left:
+    """The rank's code called sys.exit (`code`) at `where`, ending its part of the run."""
+
+    rank: int
+    code: int
+    where: str
+    time: float
+
+
+@dataclass(frozen=True)
 class Exiting:
     """A rank's last message: it is done and exits with `code` as soon as its pipes are closed."""
 
@@ -49,7 +59,7 @@ class Exiting:
     code: int
 
 
-Event = Metrics | Result | Failure | Exiting
+Event = Metrics | Result | Failure | Left | Exiting
 
 
 class ChannelWriter:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nbfabric import Fabric, RankError, RankTimeoutError, launch
+from nbfabric.launcher.launchers import select_launcher
 from nbfabric.launcher.output import Sink
 
 
@@ -111,3 +112,54 @@ def test_keyboard_interrupt_stops_every_rank_and_reraises(no_leaks):
             launch(lambda: (print("running"), time.sleep(60)), nprocs=2, sink=StartedSink())
     finally:
         interrupter.join()
+
+
+class _Lines(Sink):
+    def __init__(self):
+        self.lines = []
+
+    def line(self, rank, stream, text):
+        self.lines.append((rank, stream, text))
+
+
+def _rank_one_leaves(fabric):
+    if fabric.global_rank == 1:
+        sys.exit(0)
+    return 42
+
+
+def test_a_rank_that_leaves_with_sys_exit_0_is_named_and_rank_zeros_value_comes_back(no_leaks):
+    sink = _Lines()
+    fabric = Fabric(accelerator="cpu", devices=2)
+    assert select_launcher(fabric.config, sink=sink).launch(fabric, _rank_one_leaves) == 42
+    assert any(rank == 1 and "left the run: sys.exit(0) at" in text and "test_launcher_failures.py" in text for rank, _, text in sink.lines)
+
+
+def _rank_one_leaves_before_a_collective(fabric):
+    if fabric.global_rank == 1:
+        sys.exit(0)
+    return fabric.all_reduce(torch.ones(1), reduce_op="sum")
+
+
+def test_a_collective_that_a_rank_left_names_that_rank_as_the_cause(no_leaks):
+    with pytest.raises(RankError) as caught:
+        Fabric(accelerator="cpu", devices=2).launch(_rank_one_leaves_before_a_collective)
+    assert caught.value.rank == 1 and caught.value.how == "left"
+    assert "rank 1 failed: left the run early: sys.exit(0) at" in str(caught.value)
+    assert "rank 0:" in str(caught.value)
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text for this one")
+
+
+def _raise_unprintable():
+    raise _Unprintable()
+
+
+def test_an_exception_whose_str_fails_keeps_its_type_and_traceback(no_leaks):
+    with pytest.raises(RankError) as caught:
+        launch(lambda: _sleep_unless(1, _raise_unprintable), nprocs=2, sink=Sink())
+    assert caught.value.how == "exception" and "rank 1 failed: _Unprintable: <its message could not be made" in str(caught.value)
+    assert "raise _Unprintable()" in caught.value.rank_traceback

@@ -15,7 +15,7 @@ class RankFailure:
 
     rank: int
     time: float
-    how: str  # "exception" | "signal" | "exit"
+    how: str  # "exception" | "signal" | "exit" | "left" (sys.exit(0) while others went on)
     summary: str  # one line, e.g. "ValueError: bad batch" or "killed by SIGKILL"
     traceback: str = ""
     distributed: bool = False
@@ -66,9 +66,12 @@ def rank_failures(outcome: Outcome) -> list[RankFailure]:
     """Every rank that failed, from the exceptions they reported and the exit codes seen."""
     failures = []
     for rank, code in sorted(outcome.returncodes.items()):
-        reported = outcome.failures.get(rank)
+        reported, left = outcome.failures.get(rank), outcome.left.get(rank)
         if reported is not None:
             failures.append(_from_report(reported))
+        elif left is not None:
+            how, ended = ("left", "left the run early") if code == 0 else ("exit", describe_exit(code))
+            failures.append(RankFailure(rank, left.time, how, f"{ended}: sys.exit({left.code}) at {left.where}"))
         elif code < 0:
             failures.append(RankFailure(rank, outcome.exit_times[rank], "signal", describe_exit(code)))
         elif code > 0:
@@ -88,6 +91,8 @@ def root_cause(failures: list[RankFailure], stop_time: float | None) -> RankFail
 def raise_for_outcome(outcome: Outcome, timeout: float | None) -> None:
     """Raise the one exception that describes a failed launch; return if every rank succeeded."""
     failures = rank_failures(outcome)
+    if all(failure.how == "left" for failure in failures):
+        failures = []  # ranks that ended with sys.exit(0) while no other rank failed: a success
     if outcome.interrupted:
         raise KeyboardInterrupt("every rank was stopped")
     if outcome.timed_out:

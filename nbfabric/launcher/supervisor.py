@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, field
 
-from nbfabric.channel import ChannelWriter, Exiting, Failure, FrameReader, Metrics, Result, now
+from nbfabric.channel import ChannelWriter, Exiting, Failure, FrameReader, Left, Metrics, Result, now
 from nbfabric.launcher.output import LineSplitter, Sink
 from nbfabric.launcher.processes import RankProcess, reap_in_background
 from nbfabric.launcher.rendezvous import StoreServer
@@ -29,6 +29,7 @@ class Outcome:
     returncodes: dict[int, int] = field(default_factory=dict)
     exit_times: dict[int, float] = field(default_factory=dict)
     failures: dict[int, Failure] = field(default_factory=dict)
+    left: dict[int, Left] = field(default_factory=dict)  # ranks whose code called sys.exit
     result: Result | None = None
     stop_time: float | None = None  # when the supervisor began stopping ranks
     interrupted: bool = False
@@ -149,6 +150,9 @@ class Supervisor:
         elif isinstance(event, Failure):
             self.outcome.failures.setdefault(event.rank, event)
             self.stop()
+        elif isinstance(event, Left):
+            self.outcome.left[event.rank] = event
+            self.sink.line(event.rank, "stderr", f"left the run: sys.exit({event.code}) at {event.where}")
         elif isinstance(event, Exiting):
             self._announced[event.rank] = event.code
 

@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from nbfabric.channel import ChannelWriter, Exiting, Failure, Result, now
+from nbfabric.channel import ChannelWriter, Exiting, Failure, Left, Result, now
 from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited
 from nbfabric.launcher.rank_links import RankLinks, set_rank_links
 
@@ -68,7 +68,9 @@ def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) 
             channel.send(Result(spec.rank, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
         return 0
     except SystemExit as exc:
-        return _exit_code(exc)
+        code = _exit_code(exc)
+        channel.send(Left(spec.rank, code, _where(exc), now()))
+        return code
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a stop request must not cut the report short
         report_failure(channel, spec.rank, exc)
@@ -83,7 +85,7 @@ def report_failure(channel: ChannelWriter, rank: int, exc: BaseException) -> Non
         Failure(
             rank=rank,
             exc_type=type(exc).__qualname__,
-            message=str(exc),
+            message=_message(exc),
             traceback=format_user_traceback(exc),
             time=now(),
             distributed=_raised_by_torch_distributed(exc),
@@ -112,6 +114,8 @@ def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, ...], i
     try:
         channel = become_rank(spec, *fds, inherited=inherited)
         code = run_rank(target, spec, channel)
+    except KeyboardInterrupt:  # stopped while it was starting: nothing of nbfabric's to show
+        code = 130
     except BaseException:  # noqa: BLE001 - the rank could not start: say why on its stderr
         traceback.print_exc()
     finally:
@@ -172,6 +176,20 @@ def _flush_output() -> None:
             pass
 
 
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as error:  # noqa: BLE001 - the exception's own __str__ failed
+        return f"<its message could not be made: {type(error).__name__} in __str__>"
+
+
+def _where(exc: BaseException) -> str:
+    """The user's line that raised `exc`, as "file, line N"."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [frame for frame in frames if not frame.filename.startswith(_PACKAGE_DIR)] or frames
+    return f"{user[-1].filename}, line {user[-1].lineno}" if user else "an unknown place"
+
+
 def _exit_code(exc: SystemExit) -> int:
     if exc.code is None or isinstance(exc.code, int):
         return exc.code or 0
@@ -181,4 +199,4 @@ def _exit_code(exc: SystemExit) -> int:
 
 def _raised_by_torch_distributed(exc: BaseException) -> bool:
     module = type(exc).__module__ or ""
-    return module.startswith("torch.distributed") or "Connection closed by peer" in str(exc)
+    return module.startswith("torch.distributed") or "Connection closed by peer" in _message(exc)
