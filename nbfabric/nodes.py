@@ -26,9 +26,7 @@ def run_on_nodes(args: argparse.Namespace, plan: RunPlan) -> int:
     os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = "[rank ${rank}] "
     if is_loopback(plan.place.main_address):
         os.environ.update(loopback_sockets())
-    threads = threads_per_rank(plan.config.num_processes)
-    if threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(plan.config.num_processes))
     with tempfile.TemporaryDirectory(prefix="nbfabric-") as log_dir:
         argv = torchrun_argv(args, plan, log_dir)
         agent = multiprocessing.get_context("fork").Process(target=_agent, args=(argv,), name="torchrun")

@@ -364,8 +364,9 @@ def test_each_rank_sees_a_torchrun_environment_and_the_parent_environment_is_unc
     assert views[0]["pid"] != views[1]["pid"]
 
 
-def test_a_thread_count_the_user_set_reaches_every_rank(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+def test_a_thread_count_the_user_set_after_importing_torch_reaches_every_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # torch, imported already, no longer reads it
     _two_ranks().launch(_environment, tmp_path)
     assert [view["env"]["OMP_NUM_THREADS"] for view in _reports(tmp_path)] == ["3", "3"]
+    assert [view["threads"] for view in _reports(tmp_path)] == [3, 3]
     assert os.environ["OMP_NUM_THREADS"] == "3"

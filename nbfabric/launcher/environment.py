@@ -90,10 +90,12 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def threads_per_rank(local_world_size: int) -> int | None:
-    """Intra-op threads for each rank: the cores shared out, unless the user set OMP_NUM_THREADS."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return None
+def threads_per_rank(local_world_size: int) -> int:
+    """Intra-op threads for each rank: OMP_NUM_THREADS where the user set it (also after torch was
+    imported, when torch no longer reads it), else the cores shared out."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     return max(1, cpu_cores() // local_world_size)
 
 
