@@ -1,9 +1,12 @@
 """Save and load checkpoints: written atomically, read with `weights_only` by default; one file
-(full state) or a directory of shards (torch.distributed.checkpoint) that loads on any number of ranks."""
+(full state) or a directory of shards (torch.distributed.checkpoint) that loads on any number of ranks.
+No load runs code from a file unless the caller says it is trusted (`weights_only=False`): a sharded
+checkpoint's metadata is read with an unpickler that builds only checkpoint-metadata types."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +70,7 @@ def save_sharded(path: str | os.PathLike, state: dict[str, Any], is_global_zero:
     partial = path.with_name(f".{path.name}.partial")
     objects, extras = _split(state)
     if is_global_zero:
+        _recover_replaced(path)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
@@ -81,8 +85,18 @@ def save_sharded(path: str | os.PathLike, state: dict[str, Any], is_global_zero:
     barrier()
 
 
+def _recover_replaced(path: Path) -> None:
+    """A sharded save stopped between moving the old checkpoint aside and moving the new one in
+    leaves only `.NAME.previous`: put it back."""
+    previous = path.with_name(f".{path.name}.previous")
+    if previous.is_dir() and not path.exists():
+        os.replace(previous, path)
+
+
 def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
     """Load `path`; restore each object in `state` in place and return what the checkpoint had besides."""
+    if not Path(path).exists():
+        _recover_replaced(Path(path))
     if Path(path).is_dir():
         return _load_sharded(Path(path), state or {}, strict=strict, weights_only=weights_only)
     checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
@@ -117,7 +131,7 @@ def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_on
         loaded = distributed_state(objects, full=False)
         dcp.load(
             loaded,
-            checkpoint_id=path,
+            storage_reader=shard_reader(path, trusted=not weights_only),
             planner=DefaultLoadPlanner(allow_partial_load=not strict),
             no_dist=not torch.distributed.is_initialized(),
         )
@@ -171,17 +185,67 @@ def _keyed_by_name(optimizer_state: Any) -> bool:
     return isinstance(optimizer_state, dict) and any(isinstance(k, str) for k in optimizer_state.get("state", {}))
 
 
-def consolidate(directory: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Turn a sharded checkpoint directory into one file that `torch.load` (and `fabric.load`) reads."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+def consolidate(directory: str | os.PathLike, output: str | os.PathLike, *, trusted: bool = False) -> Path:
+    """Turn a sharded checkpoint directory into one file that `torch.load` (and `fabric.load`) reads.
+    `trusted`: the checkpoint's files may hold arbitrary Python objects (runs code from them)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     directory, output = Path(directory), Path(output)
     if not (directory / ".metadata").exists():
         raise ValueError(f"{directory} is not a sharded checkpoint (no .metadata file in it)")
-    partial = output.with_name(f".{output.name}.shards")
-    dcp_to_torch_save(directory, partial)
-    merged = torch.load(partial, map_location="cpu", weights_only=True)
-    partial.unlink()
-    merged.update(torch.load(directory / EXTRAS_FILE, map_location="cpu", weights_only=False))
+    merged: dict[str, Any] = {}
+    # as torch's own dcp_to_torch_save does, with the reader chosen here
+    _load_state_dict(merged, storage_reader=shard_reader(directory, trusted=trusted), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    merged.update(torch.load(directory / EXTRAS_FILE, map_location="cpu", weights_only=not trusted))
     atomic_save(merged, output)
     return output
+
+
+def shard_reader(path: Path, *, trusted: bool) -> Any:
+    """torch.distributed.checkpoint's file reader for `path`; unless `trusted`, its metadata is read
+    with `MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    if trusted:
+        return FileSystemReader(path)
+
+    with open(Path(path) / ".metadata", "rb") as file:
+        metadata = MetadataUnpickler(file).load()  # here, so that a refusal is not wrapped in a CheckpointException
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+_PLAIN_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Builds what a sharded checkpoint's metadata holds (the dataclasses of
+    torch.distributed.checkpoint.metadata, sizes, dtypes, paths) and refuses any other global,
+    which could run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PLAIN_GLOBALS:
+            return super().find_class(module, name)
+        if module in ("torch", "torch.distributed.checkpoint.metadata") and not name.startswith("_"):
+            found = super().find_class(module, name)
+            if isinstance(found, torch.dtype) or (module != "torch" and isinstance(found, type)):
+                return found
+        if (module, name) == ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"the checkpoint's metadata asks for {module}.{name}, which checkpoint metadata never holds, "
+            "so it is not loaded (it could run code). Load with weights_only=False only if you trust the file."
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import runpy
 import sys
 from functools import partial
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     consolidate = commands.add_parser("consolidate", help="turn a sharded checkpoint directory into one file")
     consolidate.add_argument("checkpoint", help="directory written by fabric.save with FSDP(state_dict_type='sharded')")
     consolidate.add_argument("output", help="the file to write (torch.load and fabric.load read it)")
+    consolidate.add_argument("--trusted", action="store_true", help="the checkpoint may hold arbitrary Python objects: load them (runs code from its files)")
     consolidate.set_defaults(handler=_consolidate, parser=consolidate)
     return parser
 
@@ -163,9 +165,12 @@ def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     from nbfabric.checkpoint import consolidate
 
     try:
-        written = consolidate(args.checkpoint, args.output)
+        written = consolidate(args.checkpoint, args.output, trusted=args.trusted)
     except ValueError as error:
         parser.error(str(error))
+    except pickle.UnpicklingError as error:
+        print(f"nbfabric consolidate: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {written}")
     return 0
 

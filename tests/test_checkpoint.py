@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -285,3 +287,66 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
     expected = nn.Linear(3, 2).state_dict()
     assert checkpoint["step"] == 1
     _assert_same_state(checkpoint["model"], expected)
+    leftover = path.with_name(f".{path.name}.partial")
+    assert leftover.exists()  # what the killed save was writing
+    _fabric().save(path, {"step": 2})
+    assert not leftover.exists() and torch.load(path, weights_only=True) == {"step": 2}
+
+
+class _RunsCode:
+    """A pickle that would create `marker` when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _sharded_checkpoint(directory):
+    """A sharded checkpoint as fabric.save writes one (torch.distributed.checkpoint shards and extras)."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(3)
+    model = nn.Linear(3, 2)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=directory, no_dist=True)
+    torch.save({"step": 7}, directory / "extras.pt")
+    return model
+
+
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path):
+    from nbfabric.checkpoint import consolidate
+
+    directory, marker = tmp_path / "sharded", tmp_path / "ran"
+    model = _sharded_checkpoint(directory)
+    torch.testing.assert_close(consolidate(directory, tmp_path / "good.pt") and torch.load(tmp_path / "good.pt")["model"]["weight"], model.weight)
+    (directory / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(pickle.UnpicklingError, match="posix.mkdir, which checkpoint metadata never holds"):
+        _fabric().load(directory, {"model": nn.Linear(3, 2)})
+    with pytest.raises(pickle.UnpicklingError, match="could run code"):
+        consolidate(directory, tmp_path / "one.pt")
+    command = subprocess.run([sys.executable, "-m", "nbfabric", "consolidate", str(directory), str(tmp_path / "one.pt")], capture_output=True, text=True)
+    assert command.returncode == 1 and "could run code" in command.stderr
+    assert not marker.exists() and not (tmp_path / "one.pt").exists()
+
+
+def test_consolidate_loads_extras_that_hold_objects_only_when_trusted(tmp_path):
+    from nbfabric.checkpoint import consolidate
+
+    directory, marker = tmp_path / "sharded", tmp_path / "ran"
+    _sharded_checkpoint(directory)
+    torch.save({"step": 7, "hook": _RunsCode(marker)}, directory / "extras.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        consolidate(directory, tmp_path / "one.pt")
+    assert not marker.exists()
+    consolidate(directory, tmp_path / "one.pt", trusted=True)
+    assert marker.exists()
+
+
+def test_a_sharded_save_stopped_between_its_two_renames_is_found_again(tmp_path):
+    directory = tmp_path / "sharded"
+    model = _sharded_checkpoint(directory)
+    os.replace(directory, tmp_path / ".sharded.previous")  # where the save had moved it when it stopped
+    restored = nn.Linear(3, 2)
+    assert _fabric().load(directory, {"model": restored}) == {"step": 7}
+    torch.testing.assert_close(restored.weight, model.weight)
