@@ -370,3 +370,32 @@ def test_a_thread_count_the_user_set_after_importing_torch_reaches_every_rank(tm
     assert [view["env"]["OMP_NUM_THREADS"] for view in _reports(tmp_path)] == ["3", "3"]
     assert [view["threads"] for view in _reports(tmp_path)] == [3, 3]
     assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def _listening_addresses(fabric) -> list:
+    """Where this rank's process listens for TCP connections (rank 0 serves the run's store)."""
+    import psutil
+
+    fabric.barrier()
+    return sorted({c.laddr.ip for c in psutil.Process().net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port == int(os.environ["MASTER_PORT"])})
+
+
+def test_on_several_nodes_the_store_listens_on_the_main_address_only(no_leaks):
+    import threading
+
+    from nbfabric.launcher.environment import free_port
+    from nbfabric.launcher.launchers import NodePlace, select_launcher
+    from nbfabric.launcher.output import Sink
+
+    port, results = free_port(), {}
+
+    def node(node_rank):
+        fabric = Fabric(accelerator="cpu", devices=1, num_nodes=2)
+        place = NodePlace(node_rank, "127.0.0.1", port)
+        results[node_rank] = select_launcher(fabric.config, sink=Sink(), place=place, timeout=60).launch(fabric, _listening_addresses)
+
+    other = threading.Thread(target=node, args=(1,))
+    other.start()
+    node(0)
+    other.join()
+    assert results == {0: ["127.0.0.1"], 1: None}  # a value comes back from global rank 0 only

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+from datetime import timedelta
 from typing import Any, ContextManager
 
 import torch
@@ -26,6 +28,7 @@ class DDPStrategy(SingleDeviceStrategy):
         super().__init__(accelerator, device_ids)
         self.backend = "nccl" if accelerator == "cuda" else "gloo"
         self._private_group = False
+        self._listener: socket.socket | None = None  # global rank 0's listening socket, on several nodes
 
     def preload(self) -> None:
         """DistributedDataParallel imports torch._dynamo when first built (about 2 s): do it once, here."""
@@ -42,6 +45,8 @@ class DDPStrategy(SingleDeviceStrategy):
             return
         rank, world_size = ranks.global_rank, ranks.world_size
         store = ranks.links.store if ranks.links is not None else None
+        if store is None and ranks.links is not None and world_size > 1:
+            store = self._node_zero_store(rank, world_size)  # ranks nbfabric started on several nodes
         if store is not None:
             dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size)
         elif world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -49,6 +54,20 @@ class DDPStrategy(SingleDeviceStrategy):
             self._private_group = True
         else:
             dist.init_process_group(self.backend, init_method="env://", rank=rank, world_size=world_size)
+
+    def _node_zero_store(self, rank: int, world_size: int) -> dist.TCPStore:
+        """The run's store at MASTER_ADDR:MASTER_PORT, which global rank 0 serves. It listens on
+        that address only where the address is this machine's (torch's own listens on all)."""
+        address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        timeout = timedelta(minutes=30)
+        if rank != 0:
+            return dist.TCPStore(address, port, world_size, False, timeout)
+        try:
+            family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+            self._listener = socket.create_server((address, port), family=family)
+        except OSError:  # not an address of this machine: listen as torch does
+            return dist.TCPStore(address, port, world_size, True, timeout, wait_for_workers=False)
+        return dist.TCPStore(address, port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=self._listener.fileno())
 
     def release(self) -> None:
         """End the single-process group this strategy made, so the process can fork ranks again."""
