@@ -31,7 +31,16 @@ class Precision:
         self.device_type = device_type
         self.autocast_dtype = _MIXED.get(name)
         self.param_dtype = _TRUE.get(name)
-        self.scaler = torch.amp.GradScaler("cuda") if name == "16-mixed" and device_type == "cuda" else None
+        self._scales_gradients = name == "16-mixed" and device_type == "cuda"
+        self._scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The gradient scaler of 16-mixed on CUDA, made at first use: in a rank, never in the
+        process that forks the ranks (making one there asks CUDA whether it is available)."""
+        if self._scales_gradients and self._scaler is None:
+            self._scaler = torch.amp.GradScaler("cuda")
+        return self._scaler
 
     def forward_context(self) -> ContextManager:
         """Around the model's forward pass (and `fabric.autocast()`)."""

@@ -148,3 +148,33 @@ def _summary(result: dict) -> list[int]:
 
 def _summary_of_expected(precision: str) -> list[int]:
     return [_dtype_code(dtype) for dtype in EXPECTED[precision]]
+
+
+CUDA_ENTRY_POINTS = (
+    "is_available", "device_count", "init", "_lazy_init", "current_device", "set_device", "get_device_properties",
+    "get_device_capability", "is_bf16_supported", "synchronize", "mem_get_info", "memory_allocated",
+)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp", "single_device"])
+def test_making_a_fabric_and_preparing_to_fork_never_touch_cuda(monkeypatch, strategy):
+    from nbfabric import config
+    from nbfabric.devices import GpuInfo, Hardware
+    from nbfabric.launcher.environment import check_fork_safe
+    from nbfabric.launcher.launchers import select_launcher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("CUDA was touched in the process that forks the ranks")
+
+    for name in CUDA_ENTRY_POINTS:
+        monkeypatch.setattr(torch.cuda, name, refuse)
+    monkeypatch.setattr(config, "detect_hardware", lambda: Hardware(cpu_count=8, gpus=(GpuInfo(0, "GPU", 1 << 34), GpuInfo(1, "GPU", 1 << 34)), mps=False))
+    devices = 1 if strategy == "single_device" else 2
+    for accelerator in ("cuda", "cpu"):
+        for precision in ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true"):
+            if accelerator == "cpu" and precision in ("16-true",):
+                continue
+            fabric = Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+            select_launcher(fabric.config, new_processes=True)
+            fabric.strategy.preload()
+            check_fork_safe()
