@@ -114,6 +114,14 @@ def test_fabric_takes_its_settings_from_the_flags_over_the_settings_file(tmp_pat
         assert f"[rank {rank}] world 2 cpu bf16-mixed sum 3\n" in done.stdout
 
 
+def test_a_null_in_the_settings_file_means_not_set_as_in_the_magic(tmp_path, env):
+    settings = write(tmp_path / "settings.json", json.dumps({"accelerator": "cpu", "devices": 2, "precision": None}))
+    script = write(tmp_path / "train.py", "from nbfabric import Fabric\nprint(Fabric().config.precision)\n")
+    done = nbfabric_command("run", "--config", str(settings), "--ranks=0", str(script), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "[rank 0] 32-true\n" in done.stdout
+
+
 def test_a_fabric_argument_that_conflicts_with_a_flag_is_an_error(tmp_path, env):
     script = write(tmp_path / "train.py", "from nbfabric import Fabric\nFabric(accelerator='cpu', devices=3)\n")
     done = nbfabric_command("run", *CPU2, str(script), env=env)
