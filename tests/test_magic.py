@@ -168,8 +168,9 @@ def test_a_failing_rank_shows_its_cell_line_and_the_next_cell_runs(kernel):
     assert error["ename"] == "RankError"
     traceback = "\n".join(error["traceback"])
     assert "rank 1 failed: ValueError: broken on purpose" in traceback
-    assert "raise ValueError('broken on purpose')" in traceback and "line 3" in traceback
-    assert "nbfabric/launcher" not in traceback
+    assert "raise ValueError('broken on purpose')" in traceback
+    assert "Cell In[" in traceback and ", line 4, in <module>" in traceback  # the %%fabric line counts, as in IPython
+    assert "nbfabric/launcher" not in traceback and "ipykernel_" not in traceback
     assert kernel.run(f"{CPU2}\nfabric.world_size")["result"] == "2"
 
 
@@ -221,6 +222,42 @@ def test_line_magic_sets_defaults_for_later_cells_and_shows_them(kernel):
 def test_help_is_generated_from_the_flags(kernel):
     text = kernel.run("%%fabric?")["pages"]
     assert "--devices" in text and "--no-return" in text and "--out" in text
+
+
+def test_spawn_ships_notebook_functions_with_the_globals_they_reach(kernel):
+    kernel.run(
+        """
+        HIDDEN, SCALE = 3, 2.0
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(HIDDEN, 1)
+        def make_model():
+            return Net()
+        class Doubled(torch.utils.data.Dataset):
+            def __len__(self):
+                return 4
+            def __getitem__(self, index):
+                return index * SCALE
+        class Ambiguous:  # like a pandas Series: no truth value, == is elementwise
+            def __bool__(self):
+                raise ValueError("The truth value of a Series is ambiguous")
+            def __eq__(self, other):
+                return self
+            __hash__ = object.__hash__
+        frame = Ambiguous()
+        """
+    )
+    out = kernel.run(f"{CPU2} --start-method=spawn\n(make_model().layer.in_features, Doubled()[3], type(frame).__name__)")
+    assert out["error"] is None, out["error"]
+    assert out["result"] == "(3, 6.0, 'Ambiguous')"
+
+
+def test_spawn_refuses_a_name_it_cannot_send_before_any_rank_starts(kernel):
+    kernel.run("import threading\nlock = threading.Lock()")
+    out = kernel.run(f"{CPU2} --start-method=spawn --out refused\nprint('ran', lock)")
+    assert "ran" not in out["stdout"] and "refused" not in kernel.run("dir()")["result"]
+    assert "cannot send to the spawned ranks: lock" in out["stderr"] and "cannot pickle '_thread.lock' object" in out["stderr"]
 
 
 def test_spawn_ships_the_values_the_cell_reads(kernel):

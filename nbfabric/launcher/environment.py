@@ -68,8 +68,10 @@ def check_fork_safe() -> None:
     if torch is not None and torch.cuda.is_initialized():
         raise ForkUnsafeError(
             "CUDA is already initialised in this process, so ranks cannot be forked from it. "
-            "Restart the kernel and keep CUDA work inside the launched function or %%fabric cell, "
-            "or launch with start_method='spawn' (--start-method=spawn)."
+            "Without a restart: start a rank pool with %fabric start --engines=local (or "
+            "nbfabric.RankPool(...)) and run the cell again, or launch with start_method='spawn' "
+            "(--start-method=spawn). Or restart the kernel and keep CUDA work inside the launched "
+            "function or %%fabric cell."
         )
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         raise ForkUnsafeError(

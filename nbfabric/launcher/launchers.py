@@ -20,8 +20,10 @@ from torch.utils._pytree import tree_map_only
 
 from nbfabric.config import RunConfig
 from nbfabric.launcher import launch
+from nbfabric.launcher.cell_labels import label_error_cells
 from nbfabric.launcher.environment import RankInfo, started_by_launcher
 from nbfabric.launcher.output import Sink
+from nbfabric.launcher.pool import active_pool
 from nbfabric.wrappers import unwrap
 
 MULTI_NODE_PORT = 29500  # node 0's rendezvous port when none is given, as torchrun's
@@ -82,18 +84,22 @@ class ProcessLauncher:
         port = self.place.main_port
         if port is None and self.config.num_nodes > 1:
             port = MULTI_NODE_PORT
-        return launch(
-            target,
-            nprocs=self.config.num_processes,
-            start_method=self.start_method,
-            num_nodes=self.config.num_nodes,
-            node_rank=self.place.node_rank,
-            main_address=self.place.main_address,
-            main_port=port,
-            timeout=self.timeout,
-            sink=self.sink,
-            wait_for_exit=self.config.accelerator != "cpu",
-        )
+        try:
+            return launch(
+                target,
+                nprocs=self.config.num_processes,
+                start_method=self.start_method,
+                num_nodes=self.config.num_nodes,
+                node_rank=self.place.node_rank,
+                main_address=self.place.main_address,
+                main_port=port,
+                timeout=self.timeout,
+                sink=self.sink,
+                wait_for_exit=self.config.accelerator != "cpu",
+            )
+        except BaseException as error:
+            label_error_cells(error)
+            raise
 
 
 class SpawnLauncher(ProcessLauncher):
@@ -135,9 +141,15 @@ def select_launcher(
     new_processes: bool = False,
 ) -> Launcher:
     """The launcher for these settings: join ranks that exist, run a single process here (unless
-    `new_processes`), else start the ranks by the configured start method."""
+    `new_processes`), run on the rank pool while one is up, else start the ranks by the configured
+    start method."""
     if started_by_launcher() or not (config.distributed or new_processes):
         return JoinLauncher()
+    pool = active_pool()
+    if pool is not None:
+        from nbfabric.launcher.pool_launcher import PoolLauncher
+
+        return PoolLauncher(pool, timeout=timeout, sink=sink)
     launcher = ForkLauncher if config.start_method == "fork" else SpawnLauncher
     return launcher(config, timeout=timeout, sink=sink, place=place)
 

@@ -3,51 +3,76 @@
 from __future__ import annotations
 
 import ast
+import builtins
 import linecache
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any
 
+from nbfabric.launcher.shipping import Shipment, ship
 from nbfabric.notebook.returns import Returned, pack
 
 
 @dataclass(frozen=True)
 class Cell:
-    """The cell's statements, its final expression (the cell's result) and the names it binds and reads."""
+    """The cell's statements, its final expression (the cell's result) and the names it binds and reads.
 
-    body: CodeType
-    last_expression: CodeType | None
-    bound_names: tuple[str, ...]
-    read_names: frozenset[str]
+    `text` is the cell as the notebook shows it, its `%%fabric` line first, so that line numbers in
+    tracebacks are the cell's own. It travels as text and is compiled again where it arrives."""
+
+    text: str
     filename: str
-    source: str
+    flags: int = 0
+    body: CodeType = field(init=False, repr=False, compare=False)
+    last_expression: CodeType | None = field(init=False, repr=False, compare=False)
+    bound_names: tuple[str, ...] = field(init=False, compare=False)
+    read_names: frozenset[str] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        code = "\n" + self.text.split("\n", 1)[1]  # the magic line stays out, its line number in
+        tree = ast.parse(code, self.filename)
+        set_ = object.__setattr__
+        set_(self, "read_names", frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)))
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
+            last = compile(ast.Expression(tree.body.pop().value), self.filename, "eval", flags=self.flags)
+        set_(self, "last_expression", last)
+        set_(self, "bound_names", tuple(bound_names(tree)))
+        set_(self, "body", compile(tree, self.filename, "exec", flags=self.flags))
+
+    def __reduce__(self) -> tuple:
+        return Cell, (self.text, self.filename, self.flags)
 
 
-def compile_cell(shell: Any, source: str) -> Cell:
+def compile_cell(shell: Any, source: str, magic_line: str = "") -> Cell:
     """Compile like IPython does, under a file name that tracebacks can show source lines for."""
-    code = shell.transform_cell(source)
-    filename = shell.compile.cache(code, shell.execution_count, raw_code=source)
-    tree = ast.parse(code, filename)
-    read = frozenset(node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load))
-    last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr) and not source.rstrip().endswith(";"):
-        last = compile(ast.Expression(tree.body.pop().value), filename, "eval", flags=shell.compile.flags)
-    names = tuple(bound_names(tree))
-    body = compile(tree, filename, "exec", flags=shell.compile.flags)
-    return Cell(body, last, names, read, filename, code)
+    text = f"%%fabric {magic_line}".rstrip() + "\n" + shell.transform_cell(source)
+    filename = shell.compile.cache(text, shell.execution_count, raw_code=f"%%fabric {magic_line}\n{source}")
+    return Cell(text, filename, shell.compile.flags)
 
 
-def shippable_namespace(cell: Cell, namespace: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """For a spawned rank: the notebook values the cell reads that dill can pickle, and those it cannot."""
-    import dill
+def values_for_ranks(cell: Cell, namespace: dict[str, Any], *, forked: bool, held: dict[str, Any] | None = None) -> dict[str, Any] | Shipment:
+    """What the ranks get of the notebook's names: a forked rank has them all already; a rank in
+    another interpreter gets those the cell reads, pickled, except names it holds (`held`: name ->
+    the notebook's object when the rank last bound it, still current if the notebook kept it)."""
+    if forked:
+        return namespace
+    held = held or {}
+    wanted = {
+        name: namespace[name]
+        for name in sorted(cell.read_names & namespace.keys())
+        if name not in held or namespace[name] is not held[name]
+    }
+    return ship(wanted, _notebook_sources())
 
-    shipped, left = {}, []
-    for name in sorted(cell.read_names & namespace.keys()):
-        if dill.pickles(namespace[name]):
-            shipped[name] = namespace[name]
-        else:
-            left.append(name)
-    return shipped, left
+
+def _notebook_sources() -> list[str]:
+    """The files of this kernel's cells (IPython's compile cache), for tracebacks in the ranks."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    names = getattr(getattr(shell, "compile", None), "_filename_map", {})
+    return [name for name in names if name in linecache.cache]
 
 
 def bound_names(tree: ast.Module) -> list[str]:
@@ -79,12 +104,28 @@ def bound_names(tree: ast.Module) -> list[str]:
     return list(names)
 
 
-def run_in_rank(fabric: Any, cell: Cell, namespace: dict[str, Any], names: list[str] | None) -> Returned | None:
-    """Run the cell with `fabric` in the (forked) notebook namespace; rank 0 packs what goes back.
+_rank_namespace: dict[str, Any] = {}
+
+
+def rank_namespace() -> dict[str, Any]:
+    """The namespace cells share in a rank of another interpreter (a pool's ranks keep it between cells)."""
+    if not _rank_namespace:
+        _rank_namespace.update(__name__="__main__", __builtins__=builtins)
+    return _rank_namespace
+
+
+def run_in_rank(fabric: Any, cell: Cell, values: dict[str, Any] | Shipment, names: list[str] | None) -> Returned | None:
+    """Run the cell with `fabric` in the notebook's namespace (forked) or in this process's own,
+    with the values shipped; rank 0 packs what goes back.
 
     `names`: what to bring back; None means every name the cell binds.
     """
-    linecache.cache.setdefault(cell.filename, (len(cell.source), None, cell.source.splitlines(True), cell.filename))
+    if isinstance(values, Shipment):
+        namespace = rank_namespace()
+        namespace.update(values.unpack())
+    else:
+        namespace = values
+    linecache.cache.setdefault(cell.filename, (len(cell.text), None, cell.text.splitlines(True), cell.filename))
     known = dict(namespace)
     namespace["fabric"] = fabric
     exec(cell.body, namespace)  # noqa: S102 - the user's own cell

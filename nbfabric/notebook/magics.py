@@ -18,8 +18,11 @@ from nbfabric.devices import describe_hardware
 from nbfabric.fabric import Fabric
 from nbfabric.launcher.launchers import select_launcher
 from nbfabric.launcher.output import TextSink
+from nbfabric.launcher.pool import PoolError, RankPool, active_pool
+from nbfabric.launcher.shipping import Shipment
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
-from nbfabric.notebook.cell import compile_cell, run_in_rank, shippable_namespace
+from nbfabric.notebook.cell import Cell, compile_cell, run_in_rank, values_for_ranks
+from nbfabric.notebook.pool_magics import POOL_COMMANDS, POOL_HELP, pool_command
 from nbfabric.notebook.picker import picker
 from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.notebook.run_view import RunView
@@ -29,6 +32,7 @@ from nbfabric.user_config import load_defaults
 
 PER_CELL = ("return_names", "no_return", "out", "background")
 LINE_ONLY = ("picker", "config", "action")
+_ABSENT = object()  # a name the notebook does not have
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class CellRequest:
     out: str | None
     background: bool
     widgets: bool
+    pool: RankPool | None  # the rank pool it runs on, if one is up
 
 
 def _run_flag_arguments(function: Any) -> Any:
@@ -81,23 +86,28 @@ class FabricMagics(Magics):
         the names the cell binds on rank 0 and its last expression come
         back into the notebook. Settings come from the cell's flags, then the `%fabric` defaults,
         then the saved defaults (the picker's Save button). As a line magic: with flags, set the
-        defaults for later cells; without, show the defaults and the hardware found.
+        defaults for later cells; without, show the defaults and the hardware found; `%fabric start`
+        and its companions (below) manage a rank pool.
         """
+        if cell is None and line.split(None, 1)[:1] and line.split()[0] in POOL_COMMANDS:
+            return pool_command(self.shell, line)
         args = magic_arguments.parse_argstring(self.fabric, line)
         given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
         if args.help:
             print(self.fabric.parser.format_help())
+            print(POOL_HELP)
             return None
         if cell is None:
             return self._line(args, given)
         request = self._check_cell(args, given)  # 1. check: nothing changes if this raises
-        compiled = compile_cell(self.shell, cell)
+        compiled = compile_cell(self.shell, cell, line)
+        values = self._values_for_ranks(request, compiled)
         self._drop_finished_background()
         record = RunRecord(request.plan.config)  # 2. the view
         view, dashboard = self._make_view(request)
         if request.out:
             self.shell.user_ns[request.out] = record
-        launch = self._launcher_call(request, compiled, RecordingSink(record, view))  # 3. the run
+        launch = self._launcher_call(request, compiled, values, RecordingSink(record, view))  # 3. the run
         if request.background:
             if dashboard is not None:
                 dashboard.show()
@@ -106,12 +116,18 @@ class FabricMagics(Magics):
             returned = launch()
         except BaseException as error:
             record.error = _shown_briefly(error)
+            if request.pool is not None:
+                self._remember_rank_names(request.pool, compiled)
             raise
         finally:
             record.duration = time.time() - record.started
             if isinstance(view, RunView):
                 view.end(record.error)
-        return self._bring_back(returned)
+        try:
+            return self._bring_back(returned)
+        finally:
+            if request.pool is not None:
+                self._remember_rank_names(request.pool, compiled)
 
     def _check_cell(self, args: Any, given: dict[str, Any]) -> CellRequest:
         """Every flag of a cell checked, with the defaults under them; raises UsageError, changes nothing."""
@@ -119,9 +135,40 @@ class FabricMagics(Magics):
         if line_only:
             raise UsageError(f"{', '.join(line_only)} belongs on a %fabric line, not on a %%fabric cell")
         self._refuse_while_running()
-        settings = {**self._saved_defaults(), **self.defaults, **{k: v for k, v in given.items() if k not in PER_CELL}}
+        pool = active_pool()
+        cell_flags = {k: v for k, v in given.items() if k not in PER_CELL}
+        if pool is not None:
+            try:
+                pool.check_usable()
+            except PoolError as error:
+                raise UsageError(str(error)) from None
+            settings = {**self._saved_defaults(), **self.defaults, **pool.settings, **cell_flags}
+            settings.pop("start_method", None)
+        else:
+            settings = {**self._saved_defaults(), **self.defaults, **cell_flags}
         widgets = settings.pop("widgets", None) != "off"
-        return CellRequest(_plan(settings), _wanted_names(args), args.out, bool(args.background), widgets)
+        plan = _plan(settings)
+        if pool is not None and (plan.config.accelerator, plan.config.world_size) != (pool.config.accelerator, pool.world_size):
+            raise UsageError(
+                f"this cell asks for {plan.config.world_size} rank(s) on {plan.config.accelerator}, but the rank pool has "
+                f"{pool.world_size} on {pool.config.accelerator}; drop those flags, or %fabric stop-pool first"
+            )
+        return CellRequest(plan, _wanted_names(args), args.out, bool(args.background), widgets, pool)
+
+    def _values_for_ranks(self, request: CellRequest, cell: Cell) -> dict[str, Any] | Shipment:
+        """The notebook's names as the ranks get them; a name that cannot be sent is a UsageError."""
+        forked = request.pool is None and request.plan.config.start_method == "fork"
+        held = request.pool.names_on_ranks if request.pool is not None else None
+        values = values_for_ranks(cell, self.shell.user_ns, forked=forked, held=held)
+        if isinstance(values, Shipment) and values.left:
+            raise UsageError(values.refusal("the rank pool" if request.pool is not None else "the spawned ranks"))
+        return values
+
+    def _remember_rank_names(self, pool: RankPool, cell: Cell) -> None:
+        """The names the cell bound live on the ranks; the notebook's object for each, now, marks the
+        ranks' copy as current until the notebook binds the name anew."""
+        for name in cell.bound_names:
+            pool.names_on_ranks[name] = self.shell.user_ns.get(name, _ABSENT)
 
     def _make_view(self, request: CellRequest) -> tuple[Any, Any]:
         """The cell's view of the run (a Sink), and the dashboard when it shows one from the start."""
@@ -134,17 +181,12 @@ class FabricMagics(Magics):
             return dashboard, dashboard
         return RunView(config, partial(_dashboard, config, ranks), text), None
 
-    def _launcher_call(self, request: CellRequest, cell: Any, sink: Any) -> Callable[[], Any]:
+    def _launcher_call(self, request: CellRequest, cell: Cell, values: Any, sink: Any) -> Callable[[], Any]:
         """The run, ready to start: the cell on every rank, through the launcher for its settings."""
         plan = request.plan
-        namespace = self.shell.user_ns
-        if plan.config.start_method == "spawn":
-            namespace, left = shippable_namespace(cell, namespace)
-            if left:
-                print(f"not sent to the spawned ranks (dill cannot pickle them): {', '.join(left)}", file=sys.stderr)
         fabric = Fabric(**plan.config.settings(), timeout=plan.timeout)
         launcher = select_launcher(plan.config, timeout=plan.timeout, sink=sink, place=plan.place, new_processes=True)
-        return partial(launcher.launch, fabric, run_in_rank, (cell, namespace, request.names))
+        return partial(launcher.launch, fabric, run_in_rank, (cell, values, request.names))
 
     def _bring_back(self, returned: Any) -> Any:
         """Put the names rank 0 sent into the notebook; return the cell's last value."""

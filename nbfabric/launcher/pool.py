@@ -1,0 +1,299 @@
+"""A rank pool: ranks that outlive a run, as ipyparallel engines started on this machine or by
+ipyparallel's Slurm, MPI or SSH launchers, made one process group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from nbfabric.config import RunConfig
+from nbfabric.launcher import pool_rank
+from nbfabric.launcher.environment import rank_environment
+
+ENGINE_KINDS = ("local", "slurm", "mpi", "ssh")
+START_TIMEOUT = 300.0  # seconds to wait for every engine to register (a Slurm job may queue)
+# The controller unregisters an engine that missed this many heartbeats of this period (ms).
+HEARTBEAT = ["--HeartMonitor.period=1000", "--HeartMonitor.max_heartmonitor_misses=3"]
+
+
+class PoolError(RuntimeError):
+    """The pool cannot be started, used, or is broken; says what to do."""
+
+    def _render_traceback_(self) -> list[str]:
+        return f"{type(self).__name__}: {self}".splitlines()
+
+
+@dataclass(frozen=True)
+class PoolRank:
+    """One rank of the pool: where it runs and which engine it is."""
+
+    rank: int
+    local_rank: int
+    node_rank: int
+    node: str
+    address: str
+    pid: int
+    engine: int
+
+    @property
+    def here(self) -> bool:
+        """Whether the rank's engine runs on this machine (so its process can be watched)."""
+        return self.node == socket.gethostname() or self.address.startswith("127.")
+
+
+class RankPool:
+    """Ranks that keep their state between runs. ``RankPool(devices=2)`` starts two local engines;
+    ``engines="slurm"`` asks Slurm for them (``partition``, ``time``); ``RankPool.attach(profile=...)``
+    takes engines started with ``ipcluster``. ``pool.launch(fn)`` runs ``fn(fabric)`` on every rank."""
+
+    def __init__(
+        self,
+        devices: int | str = 2,
+        *,
+        num_nodes: int = 1,
+        accelerator: str = "cpu",
+        engines: str = "local",
+        partition: str | None = None,
+        time: str | None = None,
+        profile: str | None = None,
+        controller_ip: str | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ):
+        self.config = _check(devices, num_nodes, accelerator, engines, partition, time)
+        self.kind, self.attached, self.broken = engines, False, ""
+        self.names_on_ranks: dict[str, Any] = {}  # name a run bound -> the notebook's object then
+        import ipyparallel as ipp
+
+        options = {"profile": profile} if profile else {}
+        if engines == "slurm":
+            options["config"] = _slurm_config(self.config, partition, time)
+        self.cluster = ipp.Cluster(
+            n=self.config.world_size,
+            engines=engines,
+            controller_ip=controller_ip or ("127.0.0.1" if engines in ("local", "mpi") else "*"),
+            controller_args=HEARTBEAT,
+            log_level=logging.WARNING,
+            **options,
+        )
+        self.client = None
+        try:
+            self.client = self.cluster.start_and_connect_sync()
+            self.client.wait_for_engines(self.config.world_size, timeout=start_timeout)
+            self.ranks = self._assign_ranks()
+        except BaseException as error:
+            self._end()
+            if isinstance(error, (KeyboardInterrupt, PoolError)):
+                raise
+            raise PoolError(f"the {engines} engines did not start: {type(error).__name__}: {error}") from None
+
+    @classmethod
+    def attach(cls, *, profile: str | None = None, cluster_id: str = "", accelerator: str = "cpu", timeout: float = 30) -> RankPool:
+        """The engines of a cluster started with ``ipcluster start`` (its profile, or its cluster id)."""
+        import ipyparallel as ipp
+
+        pool = cls.__new__(cls)
+        pool.kind, pool.attached, pool.broken, pool.names_on_ranks = "attached", True, "", {}
+        try:
+            pool.cluster = ipp.Cluster.from_file(profile=profile, cluster_id=cluster_id)
+            pool.client = pool.cluster.connect_client_sync()
+            pool.client.wait_for_engines(1, timeout=timeout)
+        except Exception as error:  # noqa: BLE001 - said in one sentence
+            raise PoolError(
+                f"no running cluster to attach to (profile={profile or 'default'!r}, cluster id={cluster_id!r}): {error}. "
+                "Start one with `ipcluster start -n 2`, or use %fabric start."
+            ) from None
+        nodes = {info["node"] for info in pool.client[:].apply_sync(pool_rank.describe)}
+        per_node, extra = divmod(len(pool.client.ids), len(nodes))
+        if extra:
+            pool.client.close()
+            raise PoolError(f"the cluster's {len(pool.client.ids)} engines are not spread evenly over its {len(nodes)} nodes")
+        pool.config = RunConfig.resolve(accelerator=accelerator, devices=per_node, num_nodes=len(nodes), strategy="ddp")
+        pool.ranks = pool._assign_ranks()
+        return pool
+
+    # ----------------------------------------------------------------- what it is
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The run settings its ranks fix: accelerator, devices per node, nodes."""
+        settings = self.config.settings()
+        return {name: settings[name] for name in ("accelerator", "devices", "num_nodes")}
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None and not self.broken
+
+    def describe(self) -> str:
+        """The ranks, their nodes, addresses and processes, as `%fabric pool` shows them."""
+        if not self.up:
+            return f"no rank pool: {self.broken}" if self.broken else "no rank pool"
+        lines = [f"rank pool of {self.world_size} ranks ({self.kind} engines, {self.config.as_flags()}):"]
+        for r in self.ranks:
+            device = f"{self.config.accelerator}:{r.local_rank}" if self.config.accelerator == "cuda" else "cpu"
+            lines.append(f"  rank {r.rank}: node {r.node} ({r.address}), local rank {r.local_rank}, {device}, engine {r.engine}, pid {r.pid}")
+        return "\n".join(lines)
+
+    def check_usable(self) -> None:
+        if self.broken:
+            raise PoolError(f"the rank pool is broken: {self.broken}. %fabric start makes a new one.")
+        if self.client is None:
+            raise PoolError("the rank pool was stopped; %fabric start makes a new one.")
+
+    # ----------------------------------------------------------------- running
+    def launch(self, function: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run ``function(fabric, *args, **kwargs)`` on every rank (a Fabric of the pool's settings);
+        return rank 0's value."""
+        from nbfabric.fabric import Fabric
+        from nbfabric.launcher.pool_launcher import PoolLauncher
+
+        fabric = Fabric(**self.config.settings(), timeout=timeout)
+        return PoolLauncher(self, timeout=timeout).launch(fabric, function, args, kwargs)
+
+    def engine(self, rank: int) -> Any:
+        return self.client[self.ranks[rank].engine]
+
+    def interrupt(self, ranks: list[int]) -> None:
+        """SIGINT to these ranks' engines (directly where they run here, else through their launcher)."""
+        remote = False
+        for rank in ranks:
+            place = self.ranks[rank]
+            if place.here:
+                try:
+                    os.kill(place.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+            else:
+                remote = True
+        if remote:
+            self.cluster.signal_engines_sync(signal.SIGINT)
+
+    def dead_ranks(self) -> list[int]:
+        """Ranks whose engine is gone: its process ended (engines here) or the controller dropped it."""
+        registered = set(self.client.ids)
+        return [r.rank for r in self.ranks if r.engine not in registered or (r.here and not _alive(r.pid))]
+
+    def regroup(self) -> None:
+        """After the ranks left their process group: the next one meets on a fresh port."""
+        port = self.engine(0).apply_sync(pool_rank.free_port)
+        self.client[[r.engine for r in self.ranks]].apply_sync(pool_rank.set_main_port, port)
+
+    def mark_broken(self, why: str) -> None:
+        """A rank is lost: end the rest of the pool, whose process group cannot go on."""
+        self.broken = why
+        self._end()
+
+    def stop(self) -> None:
+        """End every engine (cancelling the Slurm job), or detach from engines it attached to."""
+        self._end()
+
+    def _end(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+        if not self.attached:
+            self.cluster.stop_cluster_sync()
+
+    # ----------------------------------------------------------------- starting
+    def _assign_ranks(self) -> list[PoolRank]:
+        """Number the engines node by node, give each torchrun's variables, and check the nodes."""
+        engines = sorted(self.client.ids)
+        infos = dict(zip(engines, self.client[engines].apply_sync(pool_rank.describe)))
+        nodes = sorted({info["node"] for info in infos.values()}, key=lambda node: min(e for e, i in infos.items() if i["node"] == node))
+        per_node = self.config.num_processes
+        if len(nodes) != self.config.num_nodes or any(sum(i["node"] == n for i in infos.values()) != per_node for n in nodes):
+            found = ", ".join(f"{n}: {sum(i['node'] == n for i in infos.values())}" for n in nodes)
+            raise PoolError(f"expected {per_node} engines on each of {self.config.num_nodes} nodes, found {found}")
+        ranks = []
+        for node_rank, node in enumerate(nodes):
+            mine = [e for e in engines if infos[e]["node"] == node]
+            for local_rank, engine in enumerate(mine):
+                info = infos[engine]
+                ranks.append(PoolRank(len(ranks), local_rank, node_rank, node, info["address"], info["pid"], engine))
+        one_host = len({infos[r.engine]["host"] for r in ranks}) == 1
+        main_address = "127.0.0.1" if one_host else ranks[0].address
+        port = self.client[ranks[0].engine].apply_sync(pool_rank.free_port)
+        for r in ranks:
+            env = rank_environment(
+                local_rank=r.local_rank,
+                local_world_size=per_node,
+                node_rank=r.node_rank,
+                num_nodes=self.config.num_nodes,
+                main_address=main_address,
+                main_port=port,
+                threads=None,
+            )
+            self.client[r.engine].apply_sync(pool_rank.join, env, per_node)
+        return ranks
+
+
+def _check(devices: Any, num_nodes: int, accelerator: str, engines: str, partition: str | None, time: str | None) -> RunConfig:
+    """The pool's settings, checked before anything starts."""
+    if engines not in ENGINE_KINDS:
+        raise ValueError(f"engines={engines!r} is not valid; choose one of {', '.join(ENGINE_KINDS)}")
+    if (partition or time) and engines != "slurm":
+        raise ValueError("--partition and --time are Slurm's; use them with --engines=slurm")
+    config = RunConfig.resolve(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    if engines == "local" and config.num_nodes > 1:
+        raise ValueError(f"--num-nodes={config.num_nodes} needs engines on several machines: --engines=slurm, mpi or ssh")
+    if engines == "slurm" and _missing("sbatch"):
+        raise ValueError("--engines=slurm needs Slurm's sbatch, which is not on PATH here")
+    return config
+
+
+def _slurm_config(config: RunConfig, partition: str | None, time: str | None) -> Any:
+    """ipyparallel's settings for its Slurm engine launcher: one job, one task per rank."""
+    from traitlets.config import Config
+
+    settings = Config()
+    settings.SlurmEngineSetLauncher.batch_template = (
+        "#!/bin/sh\n"
+        "#SBATCH --job-name=nbfabric-{cluster_id}\n"
+        f"#SBATCH --nodes={config.num_nodes}\n"
+        f"#SBATCH --ntasks-per-node={config.num_processes}\n"
+        "#SBATCH --export=ALL\n"
+        + (f"#SBATCH --partition={partition}\n" if partition else "")
+        + (f"#SBATCH --time={time}\n" if time else "")
+        + "srun {program_and_args}\n"
+    )
+    return settings
+
+
+def _missing(program: str) -> bool:
+    import shutil
+
+    return shutil.which(program) is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+_active: RankPool | None = None
+
+
+def active_pool() -> RankPool | None:
+    """The pool that runs cells and launches now (set by %fabric start / attach, or `use_pool`)."""
+    return _active
+
+
+def use_pool(pool: RankPool | None) -> None:
+    global _active
+    _active = pool
+

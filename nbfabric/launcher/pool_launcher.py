@@ -1,0 +1,218 @@
+"""Run a function on a rank pool's engines: their output and events go to the run's Sink, and a
+failure, interrupt or timeout ends as for ranks started per run, with the pool still usable."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from nbfabric.channel import Failure, Metrics, now
+from nbfabric.launcher import pool_rank
+from nbfabric.launcher.cell_labels import label_error_cells
+from nbfabric.launcher.errors import raise_for_outcome
+from nbfabric.launcher.output import LineSplitter, Sink, TextSink
+from nbfabric.launcher.pool import RankPool
+from nbfabric.launcher.shipping import dumps
+from nbfabric.launcher.supervisor import Outcome
+
+STOP_GRACE = 3.0  # seconds ranks get to stop after SIGINT, and again after their peers left the group
+_TICK = 0.05
+_DEAD_CHECK = 0.5  # seconds between two looks for engines that are gone
+
+
+class PoolLauncher:
+    """Runs ``function(fabric, *args, **kwargs)`` on every rank of `pool`; returns rank 0's value."""
+
+    interactive = True
+
+    def __init__(self, pool: RankPool, *, timeout: float | None = None, sink: Sink | None = None):
+        self.pool = pool
+        self.timeout = timeout
+        self.sink = sink or TextSink()
+
+    def launch(self, fabric: Any, function: Callable[..., Any] | None, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if function is None:
+            raise ValueError("a rank pool runs a function: fabric.launch(fn), pool.launch(fn) or a %%fabric cell")
+        self.pool.check_usable()
+        if (fabric.config.accelerator, fabric.world_size) != (self.pool.config.accelerator, self.pool.world_size):
+            raise ValueError(
+                f"this Fabric runs {fabric.world_size} rank(s) on {fabric.config.accelerator}, but the rank pool has "
+                f"{self.pool.world_size} on {self.pool.config.accelerator}; use {self.pool.config.as_flags()} "
+                "or %fabric stop-pool first"
+            )
+        import dill
+
+        payload = pickle.dumps((dill.dumps(fabric), dumps((function, args, kwargs or {}))))
+        try:
+            outcome = _PoolRun(self.pool, self.sink, self.timeout).run(payload)
+            raise_for_outcome(outcome, self.timeout)
+        except BaseException as error:
+            label_error_cells(error)
+            raise
+        return pickle.loads(outcome.result) if outcome.result is not None else None
+
+
+class _PoolRun:
+    """One run on the pool: the loop that replays the ranks' events and watches for the end."""
+
+    def __init__(self, pool: RankPool, sink: Sink, timeout: float | None):
+        self.pool, self.sink = pool, sink
+        self.deadline = None if timeout is None else now() + timeout
+        self.outcome = Outcome()
+        self.pending: dict[int, Any] = {}
+        self.splitters: dict[tuple[int, str], LineSplitter] = {}
+        self.sequence: dict[int, int] = {}
+        self._interrupts = 0
+        self._left_group = False
+        self._next_dead_check = 0.0
+
+    def run(self, payload: bytes) -> Outcome:
+        with self._sigint_as_stop_request():
+            self.pending = {r.rank: self.pool.engine(r.rank).apply_async(pool_rank.run, payload) for r in self.pool.ranks}
+            self.results = dict(self.pending)
+            self.sequence = dict.fromkeys(self.pending, 0)
+            while self.pending:
+                self._step()
+        self._drain_final()
+        if self._left_group and not self.pool.broken:
+            self.pool.regroup()
+            print("the ranks left their process group to stop; objects set up before (fabric.setup) need setting up again", file=sys.stderr)
+        return self.outcome
+
+    def _step(self) -> None:
+        next(iter(self.pending.values())).wait(_TICK)
+        for rank in list(self.pending):
+            if self.pending[rank].ready():
+                self._finished(rank, self.pending.pop(rank))
+        for rank in self.results:
+            self._replay(rank)
+        self.sink.flush()
+        if self.sink.tick():
+            self._interrupts = max(self._interrupts, 1)
+        if self._interrupts:
+            self._stop(interrupted=True)
+        if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:
+            self.outcome.timed_out = True
+            self._stop()
+        if self.pending and now() >= self._next_dead_check:
+            self._next_dead_check = now() + _DEAD_CHECK
+            self._look_for_dead_ranks()
+        self._escalate()
+
+    def _finished(self, rank: int, result: Any) -> None:
+        try:
+            status, value = result.get(0)
+        except Exception as error:  # noqa: BLE001 - ipyparallel's word that the engine is gone
+            self._lost(rank, f"{type(error).__name__}: {error}")
+            return
+        if status == "done":
+            self.outcome.returncodes[rank] = 0
+            if value is not None:
+                self.outcome.result = value
+        else:
+            self.outcome.failures.setdefault(rank, value)
+            self.outcome.returncodes[rank] = 130 if value.exc_type == "KeyboardInterrupt" else 1
+            self._stop()
+        self.outcome.exit_times[rank] = now()
+        self.sink.rank_exited(rank, self.outcome.returncodes[rank])
+
+    def _look_for_dead_ranks(self) -> None:
+        dead = [rank for rank in self.pool.dead_ranks() if rank in self.pending]
+        for rank in dead:
+            self.pending.pop(rank)
+            place = self.pool.ranks[rank]
+            self._lost(rank, f"pid {place.pid} on {place.node} ended while the run went on")
+
+    def _lost(self, rank: int, why: str) -> None:
+        self.outcome.failures.setdefault(rank, Failure(rank, "engine lost", why, "", now(), False))
+        self.outcome.returncodes[rank] = 1
+        self.outcome.exit_times[rank] = now()
+        self.sink.rank_exited(rank, 1)
+        if not self.pool.broken:
+            self._end_pool(f"rank {rank}'s engine is gone ({why})")
+
+    def _stop(self, *, interrupted: bool = False) -> None:
+        """Begin stopping the ranks still running: SIGINT now (see `_escalate` for the rest)."""
+        self.outcome.interrupted |= interrupted
+        if self.outcome.stop_time is None:
+            self.outcome.stop_time = now()
+            self.outcome.still_running_at_stop = tuple(sorted(self.pending))
+            if self.pending and not self.pool.broken:
+                self.pool.interrupt(list(self.pending))
+
+    def _escalate(self) -> None:
+        """Ranks that do not stop are mostly waiting in a collective for a peer that left it: the
+        stopped ranks leave the process group, which fails that collective; if that does not end
+        them either (or on a second interrupt), the pool ends."""
+        if self.outcome.stop_time is None or not self.pending or self.pool.broken:
+            return
+        waited = now() - self.outcome.stop_time
+        if not self._left_group and waited >= STOP_GRACE:
+            self._left_group = True
+            idle = [self.pool.ranks[r].engine for r in range(len(self.pool.ranks)) if r not in self.pending]
+            if idle:
+                self.pool.client[idle].apply_sync(pool_rank.leave_group)
+            self.pool.interrupt(list(self.pending))
+        if waited >= 2 * STOP_GRACE or self._interrupts > 1:
+            stuck = ", ".join(map(str, sorted(self.pending)))
+            self.pending.clear()
+            self._end_pool(f"rank {stuck} did not stop within {2 * STOP_GRACE:g} s")
+
+    def _end_pool(self, why: str) -> None:
+        print(f"the rank pool was ended: {why}; %fabric start makes a new one", file=sys.stderr)
+        self.pending.clear()
+        self.pool.mark_broken(why)
+
+    def _replay(self, rank: int) -> None:
+        """Pass on, in order, the events rank `rank` published so far."""
+        data = self.results[rank]["data"]  # the very dict the client fills as messages arrive
+        key = str(self.sequence[rank])
+        while key in data:
+            event = data.pop(key)
+            self.sequence[rank] += 1
+            key = str(self.sequence[rank])
+            if isinstance(event, Metrics):
+                self.sink.metrics(event)
+            else:
+                _, stream, text = event
+                splitter = self.splitters.setdefault((rank, stream), LineSplitter())
+                self._emit(rank, stream, splitter.feed(text.encode()))
+
+    def _emit(self, rank: int, stream: str, segments: list[tuple[str, bool]]) -> None:
+        for text, is_progress in segments:
+            (self.sink.progress if is_progress else self.sink.line)(rank, stream, text)
+
+    def _drain_final(self) -> None:
+        """The events that arrived after the runs' results, and each stream's unterminated rest."""
+        if not self.pool.broken:
+            for result in self.results.values():
+                try:
+                    result.wait_for_output(2.0)
+                except Exception:  # noqa: BLE001 - a lost engine sends nothing more
+                    pass
+        for rank in self.results:
+            self._replay(rank)
+        for (rank, stream), splitter in self.splitters.items():
+            self._emit(rank, stream, splitter.close())
+        self.sink.flush()
+
+    @contextmanager
+    def _sigint_as_stop_request(self) -> Iterator[None]:
+        """While the run goes on, the notebook's interrupt asks the ranks to stop instead of raising."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            self._interrupts += 1
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+

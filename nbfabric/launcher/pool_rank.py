@@ -1,0 +1,209 @@
+"""The rank side of a pool: functions that run in an ipyparallel engine, which stays up between runs.
+
+Output and events of a run travel on the engine's IOPub socket as ipyparallel data messages, keyed
+by a sequence number, so that the notebook replays them in order into its Sink."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from nbfabric.channel import Failure, now
+
+_OUTPUT_FLUSH = 0.05  # seconds a partial line may wait before it is sent anyway
+
+
+def describe() -> dict[str, Any]:
+    """Where this engine runs: its node (Slurm's name for it, else the host name), address and pid."""
+    host = socket.gethostname()
+    return {
+        "node": os.environ.get("SLURMD_NODENAME", host),
+        "host": host,
+        "address": _address(host),
+        "pid": os.getpid(),
+    }
+
+
+def free_port() -> int:
+    from nbfabric.launcher.environment import free_port as find
+
+    return find("")
+
+
+def join(env: dict[str, str], local_world_size: int) -> str:
+    """Take this rank's place: torchrun's variables and the intra-op threads; returns its device."""
+    from nbfabric.launcher.environment import threads_per_rank
+
+    threads = threads_per_rank(local_world_size)
+    os.environ.update(env)
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt counts only while a run goes on
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+def set_main_port(port: int) -> None:
+    """The port the next process group meets on (after the last one was left)."""
+    os.environ["MASTER_PORT"] = str(port)
+
+
+def leave_group() -> bool:
+    """Leave the process group, so that peers stuck in a collective with this rank fail at once."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        return True
+    return False
+
+
+def run(payload: bytes) -> tuple[str, Any]:
+    """Run a launcher's function in this rank: ("done", rank 0's pickled value or None) or
+    ("failed", Failure). Output and metrics stream meanwhile."""
+    from nbfabric.launcher.environment import RankInfo
+    from nbfabric.launcher.launchers import to_cpu
+    from nbfabric.launcher.rank_links import RankLinks
+    from nbfabric.launcher.worker import format_user_traceback
+
+    rank = int(os.environ["RANK"])
+    channel = EngineChannel()
+    with _output_to(channel), _interruptible():
+        try:
+            fabric, function, args, kwargs = _load(payload)
+            env = os.environ
+            place = RankInfo(rank, int(env["LOCAL_RANK"]), int(env["NODE_RANK"]), int(env["WORLD_SIZE"]), RankLinks(channel))
+            fabric._join(place)
+            try:
+                value = to_cpu(function(fabric, *args, **kwargs))
+            finally:
+                fabric._finish()
+            return "done", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else None
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the notebook
+            return "failed", Failure(rank, type(exc).__qualname__, _message(exc), format_user_traceback(exc), now(), _distributed(exc))
+
+
+def pull(name: str) -> Any:
+    """One name of this rank's namespace, packed as a cell's names come back."""
+    from nbfabric.notebook.cell import rank_namespace
+    from nbfabric.notebook.returns import pack
+
+    return pack(rank_namespace(), [name], {})
+
+
+def _load(payload: bytes) -> Any:
+    import dill
+
+    fabric, rest = pickle.loads(payload)
+    return (dill.loads(fabric), *pickle.loads(rest))
+
+
+class EngineChannel:
+    """A rank's event channel on a pool engine: each event is one data message, keyed by its number."""
+
+    def __init__(self):
+        from ipykernel.zmqshell import ZMQInteractiveShell
+        from jupyter_client.session import extract_header
+
+        shell = ZMQInteractiveShell.instance()
+        self._session, self._socket = shell.data_pub.session, shell.data_pub.pub_socket
+        self._parent = extract_header(shell.kernel.get_parent("shell"))  # this run's request, for every thread
+        self._lock = threading.Lock()
+        self._sequence = 0
+
+    def send(self, event: Any) -> None:
+        from ipyparallel.serialize import serialize_object
+
+        with self._lock:
+            key = str(self._sequence)
+            self._sequence += 1
+            buffers = serialize_object({key: event})
+            self._session.send(self._socket, "data_message", content={"keys": [key]}, parent=self._parent, buffers=buffers, ident=b"datapub")
+
+    def close(self) -> None:
+        """Nothing to close: the engine's socket outlives the run."""
+
+
+class _OutputStream:
+    """sys.stdout / sys.stderr during a run: text goes out as ("output", stream, text) events,
+    a line at a time (a partial line after at most _OUTPUT_FLUSH s)."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, channel: EngineChannel, name: str):
+        self._channel, self.name = channel, name
+        self._pending: list[str] = []
+        self._since = 0.0
+
+    def write(self, text: str) -> int:
+        if not self._pending:
+            self._since = time.monotonic()
+        self._pending.append(text)
+        if "\n" in text or "\r" in text or time.monotonic() - self._since > _OUTPUT_FLUSH:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            self._channel.send(("output", self.name, text))
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        raise OSError("a pool rank's output stream has no file descriptor")
+
+
+@contextmanager
+def _output_to(channel: EngineChannel) -> Iterator[None]:
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _OutputStream(channel, "stdout"), _OutputStream(channel, "stderr")
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt while the run goes on (the notebook's stop), and only then."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails keeps its type
+        return ""
+
+
+def _distributed(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.startswith("torch.distributed") or "Connection closed by peer" in _message(exc)
+
+
+def _address(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,113 @@
+"""`%fabric start | attach | pool | stop-pool | pull`: the rank pool that later `%%fabric` cells run on."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from nbfabric.launcher.pool import ENGINE_KINDS, PoolError, RankPool, active_pool, use_pool
+from nbfabric.launcher import pool_rank
+
+POOL_COMMANDS = ("start", "attach", "pool", "stop-pool", "pull")
+POOL_HELP = """\
+rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it):
+  %fabric start --devices=N [--num-nodes=M] [--accelerator=cpu|cuda] [--engines=local|slurm|mpi|ssh]
+                [--partition=P] [--time=T] [--profile=NAME] [--controller-ip=ADDRESS]
+  %fabric attach --profile=NAME | --cluster-id=ID    use engines started with ipcluster
+  %fabric pool                                       show the ranks, their nodes and devices
+  %fabric pull NAME [--rank=N]                       bring one name back from a rank
+  %fabric stop-pool                                  end every engine (and the Slurm job)"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser(command: str) -> _Parser:
+    parser = _Parser(prog=f"%fabric {command}", add_help=False)
+    if command == "start":
+        parser.add_argument("--devices", default="2")
+        parser.add_argument("--num-nodes", dest="num_nodes", type=int, default=1)
+        parser.add_argument("--accelerator", default="cpu")
+        parser.add_argument("--engines", default="local", choices=ENGINE_KINDS)
+        parser.add_argument("--partition")
+        parser.add_argument("--time")
+        parser.add_argument("--profile")
+        parser.add_argument("--controller-ip", dest="controller_ip")
+    elif command == "attach":
+        parser.add_argument("--profile")
+        parser.add_argument("--cluster-id", dest="cluster_id", default="")
+        parser.add_argument("--accelerator", default="cpu")
+    elif command == "pull":
+        parser.add_argument("name")
+        parser.add_argument("--rank", type=int, default=0)
+    return parser
+
+
+def pool_command(shell: Any, line: str) -> Any:
+    """Run one pool command line (its first word is in POOL_COMMANDS)."""
+    command, *rest = shlex.split(line)
+    args = _parser(command).parse_args(rest)
+    try:
+        if command == "start":
+            return _start(args)
+        if command == "attach":
+            return _attach(args)
+        if command == "pull":
+            return _pull(shell, args)
+        pool = active_pool()
+        if command == "stop-pool":
+            if pool is None:
+                raise UsageError("there is no rank pool to stop")
+            use_pool(None)
+            pool.stop()
+            print("the rank pool was detached; its engines keep running" if pool.attached else "the rank pool was stopped: no engine is left")
+            return None
+        print(pool.describe() if pool is not None else "no rank pool; %fabric start makes one")
+    except (ValueError, PoolError) as error:
+        raise UsageError(str(error)) from None
+    return None
+
+
+def _start(args: argparse.Namespace) -> None:
+    pool = active_pool()
+    if pool is not None and pool.up:
+        raise UsageError("a rank pool is already up (%fabric pool shows it); %fabric stop-pool ends it")
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    options = {name: value for name, value in vars(args).items() if value is not None}
+    options["devices"] = devices
+    use_pool(RankPool(**options))
+    print(active_pool().describe())
+
+
+def _attach(args: argparse.Namespace) -> None:
+    pool = active_pool()
+    if pool is not None and pool.up:
+        raise UsageError("a rank pool is already up; %fabric stop-pool ends it first")
+    if not args.profile and not args.cluster_id:
+        raise UsageError("%fabric attach needs --profile=NAME or --cluster-id=ID (as given to ipcluster start)")
+    use_pool(RankPool.attach(profile=args.profile, cluster_id=args.cluster_id, accelerator=args.accelerator))
+    print(active_pool().describe())
+
+
+def _pull(shell: Any, args: argparse.Namespace) -> Any:
+    pool = active_pool()
+    if pool is None:
+        raise UsageError("there is no rank pool; %fabric start makes one")
+    pool.check_usable()
+    if not 0 <= args.rank < pool.world_size:
+        raise UsageError(f"--rank={args.rank} is not valid; choose 0 to {pool.world_size - 1}")
+    returned = pool.engine(args.rank).apply_sync(pool_rank.pull, args.name)
+    values = returned.load()
+    if args.name not in values:
+        why = returned.skipped.get(args.name, "not defined")
+        print(f"{args.name} was not brought back from rank {args.rank}: {why}", file=sys.stderr)
+        return None
+    shell.user_ns[args.name] = values[args.name]
+    pool.names_on_ranks[args.name] = values[args.name]  # the ranks keep their own in later cells
+    return None

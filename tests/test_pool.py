@@ -1,0 +1,139 @@
+"""A rank pool of local ipyparallel engines, driven from a real kernel: state kept across cells,
+failures, interrupts, timeouts, a lost rank, names that cannot be sent, and nothing left after."""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+from test_magic import Kernel
+
+POOL = "%%fabric --no-widgets"
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    kernel = Kernel(tmp_path_factory.mktemp("settings") / "none.json")
+    out = kernel.run("%fabric start --devices=2 --engines=local", timeout=180)
+    assert out["error"] is None, out["error"]
+    yield kernel
+    kernel.run("%fabric stop-pool")
+    kernel.close()
+
+
+def engines(kernel) -> list[int]:
+    return [p.pid for p in psutil.Process(kernel.pid).children(recursive=True)]
+
+
+def test_a_model_set_up_in_one_cell_trains_on_in_the_next_two(kernel):
+    assert "rank 1: node" in kernel.run("%fabric pool")["stdout"]
+    kernel.run("torch.manual_seed(0)\nnet = torch.nn.Linear(4, 1)\nx, y = torch.randn(64, 4), torch.randn(64, 1)")
+    out = kernel.run(
+        f"""
+        {POOL}
+        import os
+        model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+        engine = os.getpid()
+        losses = []
+        """
+    )
+    assert out["error"] is None, out["error"]
+    step = textwrap.dedent(f"""
+        {POOL}
+        for _ in range(5):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad(); fabric.backward(loss); optimizer.step()
+        losses.append(loss.item())
+        print("same process:", engine == os.getpid(), len(losses))
+        fabric.log("loss", loss.item(), step=len(losses))
+        """)
+    second, third = kernel.run(step), kernel.run(step + "\nlosses")
+    assert second["error"] is None and third["error"] is None, (second["error"], third["error"])
+    assert "[rank 1] same process: True 2" in third["stdout"] and "[rank 0] same process: True 2" in third["stdout"]
+    first_loss, last_loss = eval(third["result"])
+    assert last_loss < first_loss
+    out = kernel.run(f"{POOL} --out run\nfabric.log('seen', float(fabric.global_rank))\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum').item()")
+    assert out["result"] == "2.0"
+    assert kernel.run("run.metrics.by_rank('seen')")["result"] == "{0: [0.0], 1: [1.0]}"
+    kernel.run("%fabric pull engine --rank=1")
+    assert kernel.run("engine != os.getpid() if 'os' in dir() else engine > 0")["result"] == "True"
+
+
+def test_notebook_functions_reach_their_globals_on_the_ranks(kernel):
+    kernel.run("HIDDEN = 5\ndef width():\n    return HIDDEN * 2")
+    assert kernel.run(f"{POOL}\nwidth()")["result"] == "10"
+
+
+def test_a_failing_rank_names_its_cell_line_and_the_pool_runs_the_next_cell(kernel):
+    out = kernel.run(f"{POOL}\nx = 1\nif fabric.global_rank == 1:\n    raise ValueError('broken on purpose')")
+    error = "\n".join(out["error"]["traceback"])
+    assert out["error"]["ename"] == "RankError"
+    assert "rank 1 failed: ValueError: broken on purpose" in error and "Cell In[" in error and "line 4" in error
+    assert kernel.run(f"{POOL}\nfabric.world_size")["result"] == "2"
+
+
+def test_interrupt_stops_the_cell_on_every_rank_and_the_pool_stays(kernel):
+    def interrupt_soon():
+        time.sleep(3)
+        kernel.manager.interrupt_kernel()
+
+    interrupter = threading.Thread(target=interrupt_soon)
+    interrupter.start()
+    try:
+        started = time.monotonic()
+        out = kernel.run(f"{POOL}\nimport time\nprint('working', flush=True)\ntime.sleep(60)")
+        assert time.monotonic() - started < 30
+    finally:
+        interrupter.join()
+    assert out["error"]["ename"] == "KeyboardInterrupt"
+    assert "[rank 0] working" in out["stdout"]
+    assert kernel.run(f"{POOL}\nfabric.all_reduce(torch.tensor(2.0), reduce_op='sum').item()")["result"] == "4.0"
+
+
+def test_a_timeout_stops_the_cell_and_the_pool_stays(kernel):
+    out = kernel.run(f"{POOL} --timeout=2\nimport time\ntime.sleep(60)")
+    assert out["error"]["ename"] == "RankTimeoutError"
+    assert kernel.run(f"{POOL}\nfabric.global_rank")["result"] == "0"
+
+
+def test_a_name_that_cannot_be_sent_is_named_before_anything_runs(kernel):
+    kernel.run("import threading\nguard = threading.Lock()")
+    out = kernel.run(f"{POOL}\nprint('ran', guard)")
+    assert "ran" not in out["stdout"]
+    assert "cannot send to the rank pool: guard" in out["stderr"]
+
+
+def test_cells_that_ask_for_other_ranks_than_the_pool_are_refused(kernel):
+    out = kernel.run("%%fabric --devices=3 --accelerator=cpu\nprint('ran')")
+    assert "ran" not in out["stdout"] and "the rank pool has 2 on cpu" in out["stderr"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("%fabric start --engines=bogus", "choose from 'local', 'slurm', 'mpi', 'ssh'"),
+        ("%fabric start --devices=2", "a rank pool is already up"),
+        ("%fabric pull nothing_here --rank=7", "--rank=7 is not valid; choose 0 to 1"),
+    ],
+)
+def test_bad_pool_commands_are_refused_and_start_nothing(kernel, line, message):
+    before = set(engines(kernel))
+    out = kernel.run(line)
+    assert message in out["stderr"], out
+    assert set(engines(kernel)) == before
+
+
+def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel):
+    out = kernel.run(f"{POOL}\nimport os, signal, time\nif fabric.global_rank == 1:\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(30)")
+    error = "\n".join(out["error"]["traceback"])
+    assert "rank 1 failed: engine lost" in error
+    assert "the rank pool was ended" in out["stderr"]
+    refused = kernel.run(f"{POOL}\nprint('ran')")
+    assert "ran" not in refused["stdout"] and "the rank pool is broken" in refused["stderr"]
+    assert kernel.run("%fabric start --devices=2", timeout=180)["error"] is None
+    assert kernel.run(f"{POOL}\nfabric.world_size")["result"] == "2"
+    assert "stopped: no engine is left" in kernel.run("%fabric stop-pool")["stdout"]
+    kernel.assert_no_ranks_left(grace=15)
