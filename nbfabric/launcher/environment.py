@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from nbfabric.launcher.errors import ForkUnsafeError
 from nbfabric.launcher.rank_links import RankLinks, rank_links
@@ -29,8 +30,11 @@ class RankInfo:
 
     @classmethod
     def from_environment(cls) -> RankInfo:
-        """This process's place as torchrun's variables give it (one process of its own without them)."""
+        """This process's place as torchrun's variables give it, or Slurm's in a task of `srun`
+        (which then become torchrun's); one process of its own without them."""
         env = os.environ
+        if not any(name in env for name in RANK_VARIABLES) and in_slurm_step():
+            env.update(slurm_rank_environment(env))
         if not started_by_launcher():
             return cls(links=rank_links())
         return cls(
@@ -43,8 +47,48 @@ class RankInfo:
 
 
 def started_by_launcher() -> bool:
-    """Whether a launcher (nbfabric, torchrun, ...) started this process as one rank of a run."""
-    return all(name in os.environ for name in RANK_VARIABLES)
+    """Whether a launcher (nbfabric, torchrun, srun, ...) started this process as one rank of a run."""
+    return all(name in os.environ for name in RANK_VARIABLES) or in_slurm_step()
+
+
+def in_slurm_step() -> bool:
+    """Whether this process is one of several tasks of an `srun` step (not a lone task, nor a
+    batch script itself)."""
+    env = os.environ
+    return "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1
+
+
+def slurm_rank_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables from Slurm's, as Lightning's SLURM environment reads them: the first
+    node of the step hosts the rendezvous, on a port derived from the job id unless MASTER_PORT is set."""
+    nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    world_size = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": world_size,
+        "LOCAL_WORLD_SIZE": _tasks_here(env),
+        "NODE_RANK": env.get("SLURM_NODEID", "0"),
+        "GROUP_RANK": env.get("SLURM_NODEID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR", first_node(nodes)),
+        "MASTER_PORT": env.get("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")[-4:] or 0))),
+    }
+
+
+def _tasks_here(env: Mapping[str, str]) -> str:
+    """This node's task count, from SLURM_STEP_TASKS_PER_NODE ("2(x3),1": 2 on each of 3 nodes, then 1)."""
+    counts = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1")).split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [count] * int(repeat.rstrip(")") or 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def first_node(nodelist: str) -> str:
+    """The first host of a Slurm node list: "n[3-5,9],m1" -> "n3"."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]\-,]+))?", nodelist)
+    return match.group(1) + (match.group(2) or "") if match else nodelist
 
 
 @contextmanager

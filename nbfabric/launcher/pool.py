@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,7 @@ from nbfabric.launcher.environment import rank_environment
 
 ENGINE_KINDS = ("local", "slurm", "mpi", "ssh")
 START_TIMEOUT = 300.0  # seconds to wait for every engine to register (a Slurm job may queue)
+JOB_END_WAIT = 60.0  # seconds to wait for a cancelled Slurm job to leave the queue
 # The controller unregisters an engine that missed this many heartbeats of this period (ms).
 HEARTBEAT = ["--HeartMonitor.period=1000", "--HeartMonitor.max_heartmonitor_misses=3"]
 
@@ -198,7 +201,9 @@ class RankPool:
         if client is not None:
             client.close()
         if not self.attached:
+            jobs = [job for job in (getattr(engines, "job_id", "") for engines in self.cluster.engines.values()) if job]
             self.cluster.stop_cluster_sync()
+            _wait_until_gone(jobs)
 
     # ----------------------------------------------------------------- starting
     def _assign_ranks(self) -> list[PoolRank]:
@@ -263,6 +268,16 @@ def _slurm_config(config: RunConfig, partition: str | None, time: str | None) ->
         + "srun {program_and_args}\n"
     )
     return settings
+
+
+def _wait_until_gone(jobs: list[str], timeout: float = JOB_END_WAIT) -> None:
+    """Wait until the cancelled Slurm jobs have left the queue (they pass through COMPLETING)."""
+    deadline = time.monotonic() + timeout
+    while jobs and time.monotonic() < deadline:
+        listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True, text=True)
+        if listed.returncode != 0 or not listed.stdout.strip():
+            return
+        time.sleep(0.5)
 
 
 def _missing(program: str) -> bool:

@@ -1,0 +1,102 @@
+"""The rank pool and scripts on a real two-node Slurm cluster (nodes n1 and n2 on this machine:
+../shared/cluster/start-local-slurm, which CI runs as root); skipped where none can run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_magic import Kernel
+
+START_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "cluster" / "start-local-slurm"
+
+
+def _idle_nodes() -> int:
+    try:
+        listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return len(set(listed.stdout.split())) if listed.returncode == 0 else 0
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A Slurm cluster of two nodes: the running one, or one this module starts (as root) and stops."""
+    started = False
+    if _idle_nodes() < 2:
+        if os.geteuid() != 0 or not START_SCRIPT.exists():
+            pytest.skip("no Slurm cluster of two nodes here, and none can be started (needs root and start-local-slurm)")
+        done = subprocess.run([str(START_SCRIPT)], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or _idle_nodes() < 2:
+            pytest.skip(f"start-local-slurm could not start a cluster: {done.stderr.strip()[-300:]}")
+        started = True
+    yield
+    if started:
+        subprocess.run([str(START_SCRIPT.with_name("stop-local-slurm"))], capture_output=True, timeout=120)
+
+
+def our_jobs(name_prefix: str) -> list[str]:
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True)
+    return [line for line in listed.stdout.splitlines() if line.split()[1].startswith(name_prefix)]
+
+
+def test_a_pool_on_two_slurm_nodes_reduces_across_both_and_stops_clean(slurm, tmp_path):
+    kernel = Kernel(tmp_path / "none.json")
+    try:
+        out = kernel.run("%fabric start --engines=slurm --num-nodes=2 --devices=1 --controller-ip=127.0.0.1", timeout=240)
+        assert out["error"] is None, out
+        assert "node n1" in out["stdout"] and "node n2" in out["stdout"]
+        assert len(our_jobs("nbfabric-")) == 1
+        out = kernel.run(
+            "%%fabric --no-widgets\nimport os\n"
+            "print('on', os.environ['SLURMD_NODENAME'])\n"
+            "fabric.all_reduce(torch.tensor(fabric.global_rank + 1.0), reduce_op='sum').item()"
+        )
+        assert out["error"] is None, out["error"]
+        assert out["result"] == "3.0"
+        assert "[rank 0] on n1" in out["stdout"] and "[rank 1] on n2" in out["stdout"]
+        assert "stopped: no engine is left" in kernel.run("%fabric stop-pool", timeout=120)["stdout"]
+        assert our_jobs("nbfabric-") == []
+        kernel.assert_no_ranks_left(grace=15)
+    finally:
+        kernel.close()
+
+
+def test_srun_tasks_join_one_run_from_slurms_variables(slurm, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from nbfabric import Fabric
+            fabric = Fabric(accelerator="cpu", devices=1, num_nodes=2)
+            fabric.launch()
+            total = fabric.all_reduce(torch.tensor(fabric.global_rank + 1.0), reduce_op="sum").item()
+            print(f"rank {fabric.global_rank} of {fabric.world_size} on node {fabric.node_rank}: {total}")
+            """
+        )
+    )
+    done = subprocess.run(
+        [shutil.which("srun"), "-N", "2", "-n", "2", "--job-name=nbfabric-test-srun", sys.executable, str(script)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "rank 0 of 2 on node 0: 3.0" in done.stdout and "rank 1 of 2 on node 1: 3.0" in done.stdout
+
+
+def test_bad_slurm_options_are_refused_before_any_job(tmp_path):
+    kernel = Kernel(tmp_path / "none.json")
+    try:
+        out = kernel.run("%fabric start --engines=local --partition=debug")
+        assert "--partition and --time are Slurm's; use them with --engines=slurm" in out["stderr"]
+        out = kernel.run("%fabric start --engines=local --num-nodes=2 --devices=1")
+        assert "needs engines on several machines" in out["stderr"]
+        assert kernel.children() == []
+        assert shutil.which("squeue") is None or our_jobs("nbfabric-") == []
+    finally:
+        kernel.close()
