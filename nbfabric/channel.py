@@ -42,6 +42,15 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Display:
+    """Rich output a rank displayed (a figure, a table): a MIME bundle, as IPython's display makes it."""
+
+    rank: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Left:
     """The rank's code called sys.exit (`code`) at `where`, ending its part of the run."""
 
@@ -59,7 +68,7 @@ class Exiting:
     code: int
 
 
-Event = Metrics | Result | Failure | Left | Exiting
+Event = Metrics | Result | Failure | Display | Left | Exiting
 
 
 class ChannelWriter:

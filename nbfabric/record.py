@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from nbfabric.channel import Metrics
+from nbfabric.channel import Display, Metrics
 from nbfabric.config import RunConfig
 from nbfabric.launcher.output import Sink
 from nbfabric.metrics import MetricLog
@@ -58,9 +58,15 @@ class RecordingSink(Sink):
         self.record.metrics.extend(event)
         self.inner.metrics(event)
 
+    def display(self, event: Display) -> None:
+        self.inner.display(event)
+
     def rank_exited(self, rank: int, returncode: int) -> None:
         self.record.returncodes[rank] = returncode
         self.inner.rank_exited(rank, returncode)
+
+    def close(self) -> None:
+        self.inner.close()
 
     def flush(self) -> None:
         self.inner.flush()

@@ -316,7 +316,10 @@ def test_a_run_shows_a_dashboard_then_leaves_a_text_summary_and_a_png(kernel):
     )
     assert cell.error is None, cell.error
     assert cell.result == "2"
-    assert cell.stream("stdout") == ""
+    for rank in (0, 1):  # every line stays in the cell, as in a plain cell
+        assert "".join(f"[rank {rank}] step {step} on {rank}\n" for step in range(10)) in "".join(
+            line + "\n" for line in cell.stream("stdout").splitlines() if line.startswith(f"[rank {rank}]")
+        )
     live, summary, chart_png = cell.shown()
     assert "application/vnd.jupyter.widget-view+json" in live
     # the dashboard's text form and its replacement are both empty, so nbval (which applies no
@@ -325,7 +328,7 @@ def test_a_run_shows_a_dashboard_then_leaves_a_text_summary_and_a_png(kernel):
     assert set(summary) == {"text/plain"}
     text = summary["text/plain"]
     assert ": done after " in text and "rank 0: done (10 lines)" in text and "rank 1: done (10 lines)" in text
-    assert "loss=0.1 (step 9)" in text and "[rank 0] step 9 on 0\n    [rank 1] step 7 on 1" in text
+    assert "loss=0.1 (step 9)" in text and "last lines" not in text  # the lines are just above
     assert set(chart_png) == {"image/png", "text/plain"}
     assert len(chart_png["image/png"]) < 100_000
     assert len(cell.of_type("comm_open")) == len(cell.of_type("comm_close"))  # no widget state is left
@@ -459,3 +462,48 @@ def test_two_ranks_printing_100k_lines_each_are_all_delivered_quickly(kernel):
 )
 def test_misplaced_flags_are_refused(kernel, code, message):
     assert message in kernel.run(code).stream("stderr")
+
+
+RICH_CELL = """
+import matplotlib.pyplot as plt
+from IPython.display import HTML, display
+print("before", fabric.global_rank)
+display(HTML(f"<b>table of rank {fabric.global_rank}</b>"))
+plt.plot([1, 2, 3])
+plt.show()
+print("after", fabric.global_rank)
+"""
+
+
+def test_rich_output_of_the_ranks_renders_as_in_a_plain_cell(kernel):
+    cell = kernel.run(f"{CPU2} --no-widgets\n{RICH_CELL}")
+    assert cell.error is None, cell.error
+    shown = cell.shown()
+    assert [data.get("text/html") for data in shown if "text/html" in data] == ["<b>table of rank 0</b>", "<b>table of rank 1</b>"]
+    assert sum("image/png" in data for data in shown) == 2  # each rank's figure, not "<Figure size ...>"
+    assert "Figure size" not in cell.stream("stdout") and "[rank 1] \n" in cell.stream("stdout")  # rank 1's tag
+
+
+def test_a_dashboard_run_leaves_every_line_and_display_in_order(kernel):
+    cell = kernel.run(f"{CPU2} --ranks 0\nimport time\ntime.sleep(0.8)\n{RICH_CELL}")
+    assert cell.error is None, cell.error
+    kinds = [("html" if "text/html" in c["data"] else "png" if "image/png" in c["data"] else "other") if m == "display_data" else c["text"]
+             for m, c in ((m["msg_type"], m["content"]) for m in cell.messages) if m in ("display_data", "stream")]
+    text = [k for k in kinds if k not in ("html", "png", "other")]
+    assert "[rank 0] before 0\n" in "".join(text) and "[rank 0] after 0\n" in "".join(text)
+    assert kinds.index("html") < kinds.index("png")
+    assert "rank 1" not in "".join(text)
+
+
+def test_tqdm_bars_of_the_ranks_move_one_line_per_rank(kernel):
+    cell = kernel.run(f"{CPU2} --no-widgets\nimport time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(40)):\n    time.sleep(0.02)")
+    assert cell.error is None, cell.error
+    assert not [c for c in cell.of_type("comm_open")]  # no widget from a rank
+    final = {}
+    for message in cell.messages:
+        if message["msg_type"] in ("display_data", "update_display_data"):
+            text = message["content"]["data"].get("text/plain", "")
+            final[text.split("]")[0]] = text
+    assert set(final) == {"[rank 0", "[rank 1"}
+    assert all("40/40" in text for text in final.values())
+    assert "\x1b[K" not in cell.stream("stderr")

@@ -1,13 +1,19 @@
 """What a forked rank takes over from the process that forked it: the logging handlers of its
-console, and (in a Jupyter kernel) a display publisher that writes plain text instead of using
-the kernel's sockets. Found before forking; applied in the rank."""
+console and, in a Jupyter kernel, a display publisher that sends rich output to the launching
+process instead of using the kernel's sockets, and tqdm's notebook bars turned into text bars.
+Found before forking; applied in the rank."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
+
+from nbfabric.channel import Display
+from nbfabric.launcher.rank_links import rank_links
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,10 @@ class Inherited:
 
 
 def find_inherited() -> Inherited:
-    return Inherited(console_handlers(), _plain_display_publisher())
+    publisher = _forwarding_display_publisher()
+    if publisher is not None and importlib.util.find_spec("tqdm") is not None:
+        import tqdm.notebook  # noqa: F401 - in the rank, its bars become text bars (see detach_from_kernel)
+    return Inherited(console_handlers(), publisher)
 
 
 def console_handlers() -> list[tuple[logging.StreamHandler, str]]:
@@ -39,22 +48,43 @@ def console_handlers() -> list[tuple[logging.StreamHandler, str]]:
     ]
 
 
-def _plain_display_publisher() -> Any:
-    """In a Jupyter kernel: a display publisher for its shell that writes plain text to stdout."""
+def _forwarding_display_publisher() -> Any:
+    """In a Jupyter kernel: a display publisher for its shell that, in a rank, sends each display
+    to the launching process as a `Display` event (plain text on stdout where there is no channel)."""
     interactive = sys.modules.get("IPython.core.interactiveshell")
     if interactive is None or not interactive.InteractiveShell.initialized():
         return None
     from IPython.core.displaypub import DisplayPublisher
 
-    return DisplayPublisher(shell=interactive.InteractiveShell.instance())
+    class ForwardingDisplayPublisher(DisplayPublisher):
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs):  # noqa: ANN001
+            links = rank_links()
+            if links is None:
+                return super().publish(data, metadata, source, transient=transient, update=update, **kwargs)
+            links.channel.send(Display(int(os.environ.get("RANK", 0)), dict(data), dict(metadata or {})))
+            return None
+
+        def clear_output(self, wait: bool = False) -> None:
+            """A rank cannot clear the cell's output."""
+
+    return ForwardingDisplayPublisher(shell=interactive.InteractiveShell.instance())
+
+
+_TQDM_NOTEBOOK_METHODS = ("__init__", "__iter__", "status_printer", "display", "colour", "update", "close", "clear", "reset")
 
 
 def detach_from_kernel(display_publisher: Any) -> None:
-    """In a rank forked from a Jupyter kernel, rich display output becomes plain text on stdout
-    (the kernel's sockets belong to the kernel)."""
+    """In a rank forked from a Jupyter kernel (whose sockets belong to the kernel): displays go to
+    the launching process, and tqdm's notebook bars (ipywidgets) fall back to its text bars, which
+    reach the notebook as progress lines."""
     if display_publisher is None:
         return
     display_publisher.shell.display_pub = display_publisher
     for prompt in ("ps1", "ps2"):  # a rank is no interactive session (libraries check this)
         if hasattr(sys, prompt):
             delattr(sys, prompt)
+    notebook_bars = sys.modules.get("tqdm.notebook")
+    if notebook_bars is not None:  # subclasses made before the fork (Hugging Face's) follow too
+        for name in _TQDM_NOTEBOOK_METHODS:
+            if name in vars(notebook_bars.tqdm_notebook):
+                delattr(notebook_bars.tqdm_notebook, name)

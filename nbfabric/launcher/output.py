@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import codecs
 import sys
-from typing import TextIO
+import time
+from typing import Any, TextIO
 
-from nbfabric.channel import Metrics
+from nbfabric.channel import Display, Metrics
 
 
 class LineSplitter:
@@ -89,6 +90,9 @@ class Sink:
     def metrics(self, event: Metrics) -> None:
         """Values the rank logged."""
 
+    def display(self, event: Display) -> None:
+        """Rich output the rank displayed (a figure, a table)."""
+
     def rank_exited(self, rank: int, returncode: int) -> None:
         """The rank's process ended."""
 
@@ -100,12 +104,17 @@ class Sink:
         return True to stop every rank, as an interrupt would."""
         return False
 
+    def close(self) -> None:
+        """Every rank has ended: show what is still held back."""
+
 
 class TextSink(Sink):
     """Writes "[rank N] ..." lines to this process's stdout and stderr.
 
-    Progress redraws replace the previous one where the stream understands "\r" (a terminal,
-    or a notebook with `in_place_progress=True`) and are dropped elsewhere.
+    Progress redraws replace the previous one where the stream understands "\r" (a terminal), show
+    as one line per rank updated in place in a Jupyter kernel (with `in_place_progress=True`), and
+    are dropped elsewhere. Rich output shows as in a plain cell in IPython (after a "[rank N]" line
+    for ranks other than 0), as its text elsewhere.
     """
 
     def __init__(
@@ -120,6 +129,7 @@ class TextSink(Sink):
         self._streams = {"stdout": stdout, "stderr": stderr}
         self._mid_progress: set[str] = set()
         self._written: set[str] = set()
+        self._bars: RankBars | None = None
 
     def _stream(self, name: str) -> TextIO:
         self._written.add(name)
@@ -134,14 +144,84 @@ class TextSink(Sink):
             out.write(f"[rank {rank}] {text}\n")
 
     def progress(self, rank: int, stream: str, text: str) -> None:
+        if self.ranks is not None and rank not in self.ranks:
+            return
         out = self._stream(stream)
-        in_place = out.isatty() if self.in_place_progress is None else self.in_place_progress
-        if (self.ranks is None or rank in self.ranks) and in_place:
+        if self.in_place_progress and _kernel_stream(out):
+            self._bars = self._bars or RankBars()
+            self._bars.set(rank, text)
+        elif out.isatty() if self.in_place_progress is None else self.in_place_progress:
             self._mid_progress.add(stream)
             out.write(f"\r\033[K[rank {rank}] {text}")
+
+    def display(self, event: Display) -> None:
+        if self.ranks is not None and event.rank not in self.ranks:
+            return
+        if event.rank != 0:
+            self.line(event.rank, "stdout", "")
+        self.flush()  # the lines before it show before it
+        shell = _ipython_shell()
+        if shell is not None:
+            shell.display_pub.publish(data=event.data, metadata=event.metadata)
+        else:
+            for text in str(event.data.get("text/plain", "")).splitlines() or [""]:
+                self.line(event.rank, "stdout", text)
 
     def flush(self) -> None:
         """Flush the streams written since the last flush (in a kernel, each flush waits for its IO thread)."""
         for name in sorted(self._written):
             self._stream(name).flush()
         self._written.clear()
+        if self._bars is not None:
+            self._bars.show()
+
+    def close(self) -> None:
+        self.flush()
+        if self._bars is not None:
+            self._bars.show(final=True)
+
+
+class RankBars:
+    """In a Jupyter kernel: each rank's latest progress line in a display of its own, updated in
+    place at most every BAR_EVERY seconds."""
+
+    def __init__(self):
+        self._latest: dict[int, str] = {}
+        self._shown: dict[int, str] = {}
+        self._handles: dict[int, Any] = {}
+        self._updated = 0.0
+
+    def set(self, rank: int, text: str) -> None:
+        self._latest[rank] = text
+
+    def show(self, final: bool = False) -> None:
+        from IPython.display import display
+
+        now = time.monotonic()
+        if not final and now - self._updated < BAR_EVERY:
+            return
+        self._updated = now
+        for rank, text in sorted(self._latest.items()):
+            if self._shown.get(rank) == text:
+                continue
+            bundle = {"text/plain": f"[rank {rank}] {text}"}
+            if rank in self._handles:
+                self._handles[rank].update(bundle, raw=True)
+            else:
+                self._handles[rank] = display(bundle, raw=True, display_id=True)
+            self._shown[rank] = text
+
+
+BAR_EVERY = 0.25  # seconds between two updates of the progress displays
+
+
+def _ipython_shell() -> Any:
+    interactive = sys.modules.get("IPython.core.interactiveshell")
+    if interactive is None or not interactive.InteractiveShell.initialized():
+        return None
+    return interactive.InteractiveShell.instance()
+
+
+def _kernel_stream(stream: TextIO) -> bool:
+    """Whether `stream` sends to a Jupyter frontend (ipykernel's OutStream)."""
+    return type(stream).__module__.startswith("ipykernel")

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, field
 
-from nbfabric.channel import ChannelWriter, Exiting, Failure, FrameReader, Left, Metrics, Result, now
+from nbfabric.channel import ChannelWriter, Display, Exiting, Failure, FrameReader, Left, Metrics, Result, now
 from nbfabric.launcher.output import LineSplitter, Sink
 from nbfabric.launcher.processes import RankProcess, reap_in_background
 from nbfabric.launcher.rendezvous import StoreServer
@@ -66,6 +66,7 @@ class Supervisor:
         finally:
             self._abandon()
             self._selector.close()
+            self.sink.close()
         return self.outcome
 
     def stop(self, *, interrupted: bool = False) -> None:
@@ -145,6 +146,8 @@ class Supervisor:
     def _on_event(self, event) -> None:
         if isinstance(event, Metrics):
             self.sink.metrics(event)
+        elif isinstance(event, Display):
+            self.sink.display(event)
         elif isinstance(event, Result):
             self.outcome.result = event
         elif isinstance(event, Failure):

@@ -12,6 +12,7 @@ class MetricSeries:
 
     def __init__(self):
         self.series: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
+        self.version = 0  # grows with every value added
 
     def add(self, rank: int, points: list[tuple[str, Any, int | None, float]]) -> None:
         """Add (name, value, step, time) points; values that are not numbers are left out."""
@@ -23,6 +24,7 @@ class MetricSeries:
             steps, values = self.series.setdefault(name, {}).setdefault(rank, ([], []))
             steps.append(len(steps) if step is None else step)
             values.append(number)
+            self.version += 1
 
     def shown(self, all_ranks: bool) -> dict[str, dict[int, tuple[list[float], list[float]]]]:
         """Every rank's series, or only the lowest rank's (rank 0 where it logged the metric)."""
@@ -44,7 +46,8 @@ def draw(series: dict[str, dict[int, tuple[list[float], list[float]]]], dpi: int
 
     columns = min(3, len(series))
     rows = math.ceil(len(series) / columns)
-    figure = Figure(figsize=(3.8 * columns, 2.5 * rows), dpi=dpi, layout="constrained")
+    figure = Figure(figsize=(3.8 * columns, 2.5 * rows), dpi=dpi)  # fixed margins: a layout engine doubles the cost
+    figure.subplots_adjust(left=0.13 / columns + 0.02, right=0.98, bottom=0.18 / rows, top=1 - 0.11 / rows, wspace=0.3, hspace=0.55)
     for index, (name, by_rank) in enumerate(series.items()):
         axes = figure.add_subplot(rows, columns, index + 1)
         for rank, (steps, values) in sorted(by_rank.items()):

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from IPython.display import Image, display
 
-from nbfabric.channel import Metrics
+from nbfabric.channel import Display, Metrics
 from nbfabric.config import RunConfig
-from nbfabric.launcher.output import Sink
+from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.notebook import chart
 from nbfabric.notebook.comms import handle_widget_messages
 from nbfabric.notebook.summary import run_state
 from nbfabric.notebook.tally import RunTally
-RENDER_EVERY = 0.25  # seconds between two updates of the status and the log
-CHART_EVERY = 0.5  # seconds between two redraws of the chart
-PUMP_EVERY = 0.1  # seconds between two looks for widget messages (a Stop click)
+# While a run goes on, redrawing the status and log, and the chart, may each take at most this
+# share of the kernel's time (a redraw that took 0.1 s waits 5 s), and redraws are this far apart at least.
+REDRAW_SHARE = 0.015
+TEXT_EVERY = 1.0  # seconds, status and log
+CHART_EVERY = 2.0  # seconds, chart
+PUMP_EVERY = 0.25  # seconds between two looks for widget messages (a Stop click)
 ALL = "all"  # the log filter's value for every rank
 _COLORS = {"starting": "#888", "running": "#1a73e8", "done": "#188038", "failed": "#c5221f", "stopped": "#b06000", "not started": "#888"}
 
 
 class Dashboard(Sink):
-    """A Sink that shows a run as widgets, updated in batches at most every RENDER_EVERY seconds.
+    """A Sink that shows a run as widgets, redrawn in batches, only what changed, within REDRAW_SHARE
+    of the kernel's time.
 
     At the end, `freeze()` removes it from the notebook and `show_static()` leaves its summary
     as text and its chart as a PNG.
@@ -40,7 +45,9 @@ class Dashboard(Sink):
         self.stop_requested = False
         self.tally = RunTally(config.num_processes, ranks)
         self._dirty = self._chart_dirty = False
-        self._rendered = self._charted = self._pumped = 0.0
+        self._pumped = 0.0
+        self._png: tuple[tuple[int, bool], bytes] | None = None
+        self._text_budget, self._chart_budget = _Budget(TEXT_EVERY), _Budget(CHART_EVERY)
         self._shown_second = -1
         self._handle: Any = None
 
@@ -76,7 +83,8 @@ class Dashboard(Sink):
             ],
             layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px"),
         )
-        self._render(charts=False)
+        self._render_header()
+        self._render_text()
 
     # ----------------------------------------------------------------- display
     def show(self) -> None:
@@ -100,8 +108,19 @@ class Dashboard(Sink):
             _close_tree(self.widget)
 
     def show_static(self) -> None:
-        """Display the text summary and the chart (a PNG) in the current cell."""
-        display({"text/plain": self.summary()}, raw=True)
+        """Leave in the current cell what a plain cell would: the ranks' output as tagged text
+        lines (the last KEPT_LINES), then the text summary and the chart (a PNG)."""
+        if self.tally.kept_dropped:
+            print(f"(the first {self.tally.kept_dropped} lines are not shown; %%fabric --out NAME keeps every line: NAME.output())")
+        text = TextSink()
+        for rank, stream, entry in self.tally.kept:
+            if stream == "display":
+                text.display(entry)
+            else:
+                text.line(rank, stream, entry)
+        text.flush()
+        elapsed = self.duration if self.duration is not None else time.monotonic() - self.started
+        display({"text/plain": self.tally.summary(self.config, self.state, elapsed, with_last_lines=False)}, raw=True)
         png = self.chart_png()
         if png is not None:
             display(Image(png))
@@ -112,7 +131,14 @@ class Dashboard(Sink):
         self.show_static()
 
     def chart_png(self) -> bytes | None:
-        return chart.draw(self.tally.metric_series.shown(self.chart_ranks.value)) if self.tally.metric_series else None
+        """The chart as shown (rank 0 or all ranks), drawn again only when a value or the choice changed."""
+        series = self.tally.metric_series
+        if not series:
+            return None
+        key = (series.version, self.chart_ranks.value)
+        if self._png is None or self._png[0] != key:
+            self._png = (key, chart.draw(series.shown(self.chart_ranks.value)))
+        return self._png[1]
 
     # ----------------------------------------------------------------- Sink
     def line(self, rank: int, stream: str, text: str) -> None:
@@ -127,6 +153,10 @@ class Dashboard(Sink):
         self.tally.metrics(event)
         self._chart_dirty = True
 
+    def display(self, event: Display) -> None:
+        self.tally.display(event)
+        self._dirty = True
+
     def rank_exited(self, rank: int, returncode: int) -> None:
         self.tally.rank_exited(rank, returncode)
         self._dirty = True
@@ -140,8 +170,14 @@ class Dashboard(Sink):
             self.state = "running"
             self.tally.begin()
             self._dirty = True
-        if now - self._rendered >= RENDER_EVERY or int(now - self.started) != self._shown_second:
-            self._render(charts=now - self._charted >= CHART_EVERY)
+        if int(now - self.started) != self._shown_second:
+            self._render_header()
+        if self._dirty and self._text_budget.due():
+            with self._text_budget.spending():
+                self._render_text()
+        if self._chart_dirty and self.tally.metric_series and self._chart_budget.due():
+            with self._chart_budget.spending():
+                self._render_chart()
         return self.stop_requested
 
     @property
@@ -162,8 +198,7 @@ class Dashboard(Sink):
         self.state = run_state(error)
         self.tally.finish(error)
         self.stop_button.layout.display = "none"
-        self._dirty = self._chart_dirty = True
-        self._render(charts=True)
+        self._render_all()
 
     def summary(self) -> str:
         """Duration, each rank's end, the last metric values and the last lines, as text."""
@@ -174,27 +209,33 @@ class Dashboard(Sink):
     def _on_view_change(self, change: Any) -> None:
         self._dirty = self._chart_dirty = True
         if self.duration is not None:  # no more ticks: redraw now
-            self._render(charts=True)
+            self._render_all()
 
-    def _render(self, charts: bool) -> None:
-        now = time.monotonic()
-        elapsed = (self.duration if self.duration is not None else now - self.started)
+    def _render_all(self) -> None:
+        self._dirty = self._chart_dirty = True
+        self._render_header()
+        self._render_text()
+        if self.tally.metric_series:
+            self._render_chart()
+
+    def _render_header(self) -> None:
+        elapsed = self.duration if self.duration is not None else time.monotonic() - self.started
         self._shown_second = int(elapsed)
         color = _COLORS.get(self.state, "#333")
         self.header.value = (
             f"<b>nbfabric</b> <code>{html.escape(self.config.as_flags())}</code> "
             f"<span style='color:{color};font-weight:bold'>{self.state}</span> · {elapsed:.0f} s"
         )
-        if self._dirty:
-            self._dirty = False
-            self._rendered = now
-            self.status.value = self._status_html()
-            self.log.value = self._log_html()
-        if charts and self._chart_dirty and self.tally.metric_series:
-            self._chart_dirty = False
-            self._charted = now
-            self.chart.value = self.chart_png()
-            self.chart.layout.display = None
+
+    def _render_text(self) -> None:
+        self._dirty = False
+        self.status.value = self._status_html()
+        self.log.value = self._log_html()
+
+    def _render_chart(self) -> None:
+        self._chart_dirty = False
+        self.chart.value = self.chart_png()
+        self.chart.layout.display = None
 
     def _status_html(self) -> str:
         cells = []
@@ -219,6 +260,27 @@ class Dashboard(Sink):
             "border:1px solid #eee;background:#fafafa'>"
             f"<pre style='margin:2px 6px;font-size:12px;line-height:1.3'>{text or '(no output yet)'}</pre></div>"
         )
+
+
+class _Budget:
+    """When a repeated redraw may run next: `every` seconds apart at least, and further apart when
+    it is costly, so that it takes at most REDRAW_SHARE of the time."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self.next = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next
+
+    @contextmanager
+    def spending(self) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            ended = time.monotonic()
+            self.next = ended + max(self.every, (ended - started) / REDRAW_SHARE)
 
 
 def _close_tree(widget: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from IPython.display import Image, display
 
-from nbfabric.channel import Metrics
+from nbfabric.channel import Display, Metrics
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.config import RunConfig
 from nbfabric.notebook import chart
@@ -43,6 +43,9 @@ class RunView(Sink):
     def metrics(self, event: Metrics) -> None:
         self._pass("metrics", event)
 
+    def display(self, event: Display) -> None:
+        self._pass("display", event)
+
     def rank_exited(self, rank: int, returncode: int) -> None:
         self._pass("rank_exited", rank, returncode)
 
@@ -68,6 +71,7 @@ class RunView(Sink):
         for kind, args in self._held:
             getattr(tally, kind)(*args)
         self._replay(self._text)
+        self._text.close()
         tally.finish(error)
         elapsed = time.monotonic() - self.started
         print(tally.summary(self.config, run_state(error), elapsed, with_last_lines=False))

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 from collections import deque
 
-from nbfabric.channel import Metrics
+from nbfabric.channel import Display, Metrics
 from nbfabric.config import RunConfig
 from nbfabric.launcher.output import Sink
 from nbfabric.notebook.chart import MetricSeries
 from nbfabric.notebook.summary import rank_outcome, run_summary, status_after_exit
 
-LOG_LINES = 300  # last lines kept of the shown ranks, all together and per rank
+LOG_LINES = 300  # last lines kept of the shown ranks, all together and per rank, for a live view
+KEPT_LINES = 10_000  # last lines kept of the shown ranks for the cell's saved output
 
 
 class RunTally(Sink):
     """A Sink that counts: `statuses` (rank -> (status, reason)), `line_counts`, `tail` (the last
-    lines of the shown ranks), `rank_tails`, `progress`, `metric_series`."""
+    lines of the shown ranks), `rank_tails`, `kept` (far more of them) with the count of
+    `kept_dropped` before those, `progress_text`, `metric_series`."""
 
     def __init__(self, num_ranks: int, shown_ranks: set[int] | frozenset[int] | None = None, keep: int = LOG_LINES):
         self.shown_ranks = shown_ranks
@@ -24,6 +26,8 @@ class RunTally(Sink):
         self.line_counts: dict[int, int] = {}
         self.tail: deque[tuple[int, str, str]] = deque(maxlen=keep)
         self.rank_tails: dict[int, deque[tuple[int, str, str]]] = {}
+        self.kept: deque[tuple[int, str, str]] = deque(maxlen=KEPT_LINES)
+        self.kept_dropped = 0
         self.progress_text: dict[int, str] = {}
         self.metric_series = MetricSeries()
         self._keep = keep
@@ -34,12 +38,21 @@ class RunTally(Sink):
             entry = (rank, stream, text)
             self.tail.append(entry)
             self.rank_tails.setdefault(rank, deque(maxlen=self._keep)).append(entry)
+            self.kept_dropped += len(self.kept) == self.kept.maxlen
+            self.kept.append(entry)
 
     def progress(self, rank: int, stream: str, text: str) -> None:
         self.progress_text[rank] = text
 
     def metrics(self, event: Metrics) -> None:
         self.metric_series.add(event.rank, event.points)
+
+    def display(self, event: Display) -> None:
+        """Kept, in order with the lines, for the cell's saved output; the live log names it."""
+        if self.shown_ranks is None or event.rank in self.shown_ranks:
+            self.tail.append((event.rank, "stdout", f"({' or '.join(event.data)}: shown in the cell when the run ends)"))
+            self.kept_dropped += len(self.kept) == self.kept.maxlen
+            self.kept.append((event.rank, "display", event))
 
     def rank_exited(self, rank: int, returncode: int) -> None:
         self.statuses[rank] = status_after_exit(returncode)
