@@ -7,6 +7,7 @@ import os
 import pickle
 import runpy
 import sys
+import warnings
 from functools import partial
 from importlib import metadata
 from typing import Any
@@ -104,9 +105,13 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunPlan:
     if not os.path.isfile(args.script):
         parser.error(f"the script {args.script!r} does not exist")
     try:
-        plan = plan_run({**load_defaults(args.config), **{name: value for name, value in vars(args).items() if value is not None}})
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            plan = plan_run({**load_defaults(args.config), **{name: value for name, value in vars(args).items() if value is not None}})
     except ValueError as error:
         parser.error(str(error))
+    for note in notes:  # such as a precision this accelerator runs otherwise
+        print(f"nbfabric run: {note.message}", file=sys.stderr)
     if plan.config.num_nodes > 1 and not args.main_address:
         parser.error(f"--num-nodes={plan.config.num_nodes} needs --main-address, the address of node 0 that every node can reach")
     return plan

@@ -114,6 +114,15 @@ def test_fabric_takes_its_settings_from_the_flags_over_the_settings_file(tmp_pat
         assert f"[rank {rank}] world 2 cpu bf16-mixed sum 3\n" in done.stdout
 
 
+def test_a_precision_the_cpu_runs_otherwise_is_one_plain_note(tmp_path, env):
+    script = write(tmp_path / "train.py", "from nbfabric import Fabric\nprint(Fabric().config.precision)\n")
+    done = nbfabric_command("run", "--accelerator=cpu", "--devices=2", "--precision=16-mixed", "--ranks=0", str(script), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "[rank 0] bf16-mixed\n" in done.stdout
+    assert done.stderr.count("nbfabric run: precision='16-mixed' (float16 autocast) is meant for GPUs") == 1
+    assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
 def test_a_null_in_the_settings_file_means_not_set_as_in_the_magic(tmp_path, env):
     settings = write(tmp_path / "settings.json", json.dumps({"accelerator": "cpu", "devices": 2, "precision": None}))
     script = write(tmp_path / "train.py", "from nbfabric import Fabric\nprint(Fabric().config.precision)\n")

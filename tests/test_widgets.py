@@ -347,7 +347,7 @@ def test_a_run_shorter_than_half_a_second_ends_as_text_with_no_widget(kernel):
     stdout = cell.stream("stdout")
     assert "[rank 0] done on 0\n" in stdout and "[rank 1] done on 1\n" in stdout
     summary = stdout[stdout.index("nbfabric --accelerator=cpu --devices=2"):]
-    assert ": done after " in summary and "rank 0: done (1 lines)" in summary and "rank 1: done (1 lines)" in summary
+    assert ": done after " in summary and "rank 0: done (1 line)" in summary and "rank 1: done (1 line)" in summary
     assert "loss=0.3333 (step 2)" in summary and "last lines" not in summary  # the lines are just above
     assert cell.of_type("comm_open") == []
     (chart_png,) = cell.shown()

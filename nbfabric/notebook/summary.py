@@ -23,7 +23,8 @@ def run_summary(
     """Duration, each rank's end, the last metric values and each rank's last lines (`tails`)."""
     lines = [f"nbfabric {config.as_flags()}: {state} after {elapsed:.1f} s"]
     for rank, (status, why) in sorted(statuses.items()):
-        lines.append(f"  rank {rank}: {status}{': ' + why if why else ''} ({line_counts.get(rank, 0)} lines)")
+        count = line_counts.get(rank, 0)
+        lines.append(f"  rank {rank}: {status}{': ' + why if why else ''} ({count} line{'' if count == 1 else 's'})")
     last = metrics.last_values()
     if last:
         lines.append("  last values: " + ", ".join(f"{name}={value:.4g} (step {step:g})" for name, (step, value) in last.items()))
