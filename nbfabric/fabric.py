@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+import sys
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
@@ -20,7 +22,7 @@ from nbfabric.metrics import MetricLog
 from nbfabric.precision import Precision
 from nbfabric.run_flags import check_timeout, with_run_command_settings
 from nbfabric.seeding import seed_everything
-from nbfabric.strategies import FSDP, REDUCE_OPS, make_strategy
+from nbfabric.strategies import FSDP, make_strategy, reduce_op_name
 from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, move_to_device, unwrap
 
 class Fabric:
@@ -133,8 +135,8 @@ class Fabric:
     def _check_launched(self) -> None:
         if not self._launched and self.config.distributed:
             raise RuntimeError(
-                f"this Fabric runs on {self.config.world_size} devices: call fabric.launch(fn) first "
-                "and use it inside fn (or use a %%fabric cell)."
+                f"To use Fabric with more than one device ({self.config.world_size} here), call fabric.launch(fn) "
+                "first and use it inside fn, use a %%fabric cell, or run the script with `nbfabric run`."
             )
 
     # ----------------------------------------------------------------- setup
@@ -228,25 +230,36 @@ class Fabric:
 
     # ----------------------------------------------------------------- collectives
     def barrier(self, name: str | None = None) -> None:
+        self._check_launched()
         self._strategy.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        self._check_launched()
         return self._strategy.broadcast(obj, src)
 
     def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
-        """Each tensor (or number) gathered from every rank, stacked along a new first dimension."""
-        return tree_map_only(torch.Tensor, self._strategy.all_gather, self._as_tensors(data))
+        """Each tensor (or number) gathered from every rank of `group` (all by default), stacked along
+        a new first dimension; with `sync_grads`, gradients flow back through the gather."""
+        self._check_launched()
+        gather = partial(self._strategy.all_gather, group=group, sync_grads=sync_grads)
+        return tree_map_only(torch.Tensor, gather, self._as_tensors(data))
 
-    def all_reduce(self, data: Any, group: Any = None, reduce_op: str = "mean") -> Any:
-        """Each tensor (or number) reduced over every rank: mean, sum, min, max or product."""
-        if reduce_op not in REDUCE_OPS:
-            raise ValueError(f"reduce_op={reduce_op!r} is not valid; choose one of {', '.join(REDUCE_OPS)}")
-        return tree_map_only(torch.Tensor, lambda t: self._strategy.all_reduce(t, reduce_op), self._as_tensors(data))
+    def all_reduce(self, data: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        """Each tensor (or number) reduced in place over every rank of `group`: mean (or avg), sum,
+        min, max or product, in any case, or a torch.distributed.ReduceOp."""
+        op = reduce_op_name(reduce_op)
+        self._check_launched()
+        return tree_map_only(torch.Tensor, partial(self._strategy.all_reduce, op=op, group=group), self._as_tensors(data))
 
     def _as_tensors(self, data: Any) -> Any:
-        """Numbers (also inside collections) become tensors on the device, as collectives need."""
-        numbers_as_tensors = tree_map_only((int, float, bool), lambda x: torch.tensor(x, device=self.device), data)
-        return move_to_device(numbers_as_tensors, self.device)
+        """Numbers (also inside collections) become tensors on the device as Lightning makes them
+        (bool: uint8, int: int32, float: float32), and numpy arrays tensors."""
+        for kind, dtype in ((bool, torch.uint8), (int, torch.int32), (float, torch.float32)):
+            data = tree_map_only(kind, lambda x, dtype=dtype: torch.tensor(x, dtype=dtype), data)
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            data = tree_map_only(numpy.ndarray, torch.from_numpy, data)
+        return move_to_device(data, self.device)
 
     @contextmanager
     def rank_zero_first(self, local: bool = False) -> Iterator[None]:

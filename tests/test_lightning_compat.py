@@ -90,3 +90,55 @@ def test_marking_forward_or_a_missing_method_is_an_error():
 
     results = run_both(mark)
     assert results["nbfabric"] == results["lightning"] == ["ValueError", "AttributeError", "TypeError"]
+
+
+def _collectives(fabric):
+    import torch.distributed as dist
+
+    rank = fabric.global_rank
+    seen = {}
+    tensor = torch.tensor([1.0, 2.0]) * (rank + 1)
+    reduced = fabric.all_reduce(tensor, reduce_op="sum")
+    seen["in place"] = (reduced is tensor, tensor.tolist())
+    ops = ("mean", "avg", "SUM", "max", dist.ReduceOp.SUM, dist.ReduceOp.MIN)
+    seen["ops"] = [fabric.all_reduce(torch.tensor([rank + 1.0]), reduce_op=op).tolist() for op in ops]
+    numbers = {"int": fabric.all_reduce(rank + 1, reduce_op="sum"), "float": fabric.all_gather(rank + 0.5), "bool": fabric.all_gather(True)}
+    seen["numbers"] = {name: (str(value.dtype), value.tolist()) for name, value in numbers.items()}
+    first_only = dist.new_group([0])
+    if rank == 0:
+        seen["subgroup"] = (fabric.all_gather(torch.tensor([5.0]), group=first_only).tolist(), fabric.all_reduce(torch.tensor([3.0]), group=first_only, reduce_op="sum").tolist())
+    value = torch.tensor([rank + 1.0], requires_grad=True)
+    fabric.all_gather(value, sync_grads=True).pow(2).sum().backward()
+    seen["gradient through the gather"] = value.grad.tolist()
+    seen["broadcast"] = fabric.broadcast({"from": rank}, src=1)
+    return seen
+
+
+def test_collectives_give_what_lightning_gives():
+    results = run_both(_collectives)
+    assert results["nbfabric"] == results["lightning"]
+    assert results["nbfabric"]["gradient through the gather"] == [4.0]  # 2 ranks x d(x^2)/dx at x = 1
+
+
+def test_an_unknown_reduce_op_is_refused_naming_the_choices():
+    def reduce(fabric):
+        try:
+            fabric.all_reduce(torch.ones(1), reduce_op="average")
+        except ValueError as error:
+            return str(error)
+
+    assert "choose one of mean, avg, sum, min, max, product" in nbfabric.Fabric(accelerator="cpu", devices=2).launch(reduce)
+
+
+def test_the_mean_of_integers_is_a_float_where_lightning_truncates():
+    def mean(fabric):
+        return fabric.all_reduce(torch.tensor([fabric.global_rank + 1]), reduce_op="mean").tolist()
+
+    assert run_both(mean) == {"lightning": [1], "nbfabric": [1.5]}  # a documented difference
+
+
+@pytest.mark.parametrize("name", FABRICS)
+def test_a_collective_before_launch_says_to_launch(name):
+    fabric = FABRICS[name](accelerator="cpu", devices=2)
+    with pytest.raises(RuntimeError, match="launch"):
+        fabric.all_reduce(1)

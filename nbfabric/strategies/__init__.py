@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nbfabric.config import RunConfig
-from nbfabric.strategies.ddp import REDUCE_OPS, DDPStrategy
+from nbfabric.strategies.ddp import DDPStrategy, reduce_op_name
 from nbfabric.strategies.fsdp import FSDP, FSDPStrategy
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
@@ -16,4 +16,4 @@ def make_strategy(config: RunConfig, fsdp: FSDP | None = None) -> SingleDeviceSt
     return strategy(config.accelerator, config.device_ids)
 
 
-__all__ = ["DDPStrategy", "FSDP", "FSDPStrategy", "SingleDeviceStrategy", "make_strategy", "REDUCE_OPS"]
+__all__ = ["DDPStrategy", "FSDP", "FSDPStrategy", "SingleDeviceStrategy", "make_strategy", "reduce_op_name"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, ContextManager
 
@@ -15,8 +16,20 @@ from torch.nn.parallel import DistributedDataParallel
 from nbfabric.launcher.environment import RankInfo, preserved_environment
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
-REDUCE_OPS = ("mean", "sum", "min", "max", "product")
+REDUCE_OPS = ("mean", "avg", "sum", "min", "max", "product")  # any case, or torch.distributed.ReduceOp
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "product": dist.ReduceOp.PRODUCT}
+
+
+def reduce_op_name(op: Any) -> str:
+    """`reduce_op` as one of REDUCE_OPS ("avg" is "mean"); ValueError naming the choices otherwise."""
+    if isinstance(op, str) and op.lower() in REDUCE_OPS:
+        return "mean" if op.lower() == "avg" else op.lower()
+    if op == dist.ReduceOp.AVG:
+        return "mean"
+    for name, torch_op in _TORCH_OPS.items():
+        if op == torch_op:
+            return name
+    raise ValueError(f"reduce_op={op!r} is not valid; choose one of {', '.join(REDUCE_OPS)} or a torch.distributed.ReduceOp of them")
 
 
 class DDPStrategy(SingleDeviceStrategy):
@@ -98,18 +111,25 @@ class DDPStrategy(SingleDeviceStrategy):
         dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.contiguous()
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor)
-        return torch.stack(gathered)
+    def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
+        """Every rank's `tensor` of `group`, stacked; with `sync_grads`, gradients flow back to each rank's input."""
+        from torch.distributed.nn.functional import all_gather
 
-    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        result = tensor.clone()
-        if op == "mean":
-            if not result.is_floating_point():
-                result = result.float()
-            dist.all_reduce(result, op=dist.ReduceOp.SUM)
-            return result / dist.get_world_size()
-        dist.all_reduce(result, op=_TORCH_OPS[op])
-        return result
+        tensor = tensor.contiguous()
+        group = group if group is not None else dist.group.WORLD
+        with nullcontext() if sync_grads else torch.no_grad():
+            return torch.stack(all_gather(tensor, group))
+
+    def all_reduce(self, tensor: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
+        """Reduce in place over `group`, as Lightning does; the mean of integers is returned as floats."""
+        group = group if group is not None else dist.group.WORLD
+        if op != "mean":
+            dist.all_reduce(tensor, op=_TORCH_OPS[op], group=group)
+            return tensor
+        size = dist.get_world_size(group)
+        if not tensor.is_floating_point():
+            total = tensor.double() if tensor.dtype == torch.int64 else tensor.float()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+            return total / size
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor.div_(size)

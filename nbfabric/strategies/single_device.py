@@ -56,8 +56,8 @@ class SingleDeviceStrategy:
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj
 
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
         return tensor
 
-    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
         return tensor
