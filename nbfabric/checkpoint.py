@@ -18,6 +18,28 @@ from nbfabric.wrappers import unwrap
 EXTRAS_FILE = "extras.pt"  # in a sharded checkpoint: everything that is not a module or optimizer
 
 
+def check_filter(filter: Any, state: dict[str, Any]) -> None:
+    """`fabric.save(filter=...)`: a dict from keys of `state` to callables (name, value) -> keep."""
+    if filter is None:
+        return
+    if not isinstance(filter, dict):
+        raise TypeError(f"save(filter=...) takes a dict from state keys to callables, not {filter!r}")
+    unknown = set(filter) - set(state)
+    if unknown:
+        raise ValueError(f"save(filter=...) names {', '.join(map(repr, sorted(unknown)))}, which the state has not; it has {', '.join(map(repr, state))}")
+    for key, keep in filter.items():
+        if not callable(keep):
+            raise TypeError(f"save(filter=...) for {key!r} must be a callable (name, value) -> bool, not {keep!r}")
+
+
+def filtered(converted: dict[str, Any], filter: dict[str, Any] | None) -> dict[str, Any]:
+    """Each entry named in `filter` keeps the items of its state for which the callable says True."""
+    for key, keep in (filter or {}).items():
+        if isinstance(converted.get(key), dict):
+            converted[key] = {name: value for name, value in converted[key].items() if keep(name, value)}
+    return converted
+
+
 def to_state(state: dict[str, Any]) -> dict[str, Any]:
     """Modules, optimizers and anything else with `state_dict()` replaced by their state."""
     converted = {}
@@ -62,7 +84,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def save_sharded(path: str | os.PathLike, state: dict[str, Any], is_global_zero: bool, barrier: Callable[[], None]) -> None:
+def save_sharded(
+    path: str | os.PathLike, state: dict[str, Any], is_global_zero: bool, barrier: Callable[[], None], filter: dict[str, Any] | None = None
+) -> None:
     """Every rank writes its shards into a temporary directory; rank 0 then puts it in place of `path`."""
     import torch.distributed.checkpoint as dcp
 
@@ -74,9 +98,9 @@ def save_sharded(path: str | os.PathLike, state: dict[str, Any], is_global_zero:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
-    dcp.save(distributed_state(objects, full=False), checkpoint_id=partial)
+    dcp.save(filtered(distributed_state(objects, full=False), filter), checkpoint_id=partial)
     if is_global_zero:
-        torch.save(to_state(extras), partial / EXTRAS_FILE)
+        torch.save(filtered(to_state(extras), filter), partial / EXTRAS_FILE)
         previous = path.with_name(f".{path.name}.previous")
         if path.exists():
             os.replace(path, previous)

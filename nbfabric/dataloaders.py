@@ -1,72 +1,72 @@
-"""Rebuild a DataLoader so that each rank reads its own shard of the dataset."""
+"""A DataLoader made to read this rank's shard of its dataset, as Lightning Fabric shards it: the
+same class and attributes (a copy), its sampler replaced by a DistributedSampler seeded with the
+run's seed (`seed_everything`), a custom sampler's indices split the same way."""
 
 from __future__ import annotations
 
-from typing import Iterator
+import copy
+import os
+from typing import Any, Iterator
 
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    DistributedSampler,
-    IterableDataset,
-    RandomSampler,
-    Sampler,
-    SequentialSampler,
-)
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
-_LOADER_OPTIONS = (
-    "batch_size",
-    "drop_last",
-    "num_workers",
-    "collate_fn",
-    "pin_memory",
-    "timeout",
-    "worker_init_fn",
-    "multiprocessing_context",
-    "generator",
-    "persistent_workers",
-    "pin_memory_device",
-)
+SEED_VARIABLE = "PL_GLOBAL_SEED"  # where seed_everything leaves the seed, as Lightning does
 
 
-class ShardedSampler(Sampler[int]):
-    """Every `num_replicas`-th index drawn from another sampler, starting at `rank`.
+class ShardedSampler(DistributedSampler):
+    """This rank's share of another sampler's indices (which must be the same on every rank): the
+    list padded to a multiple of the ranks, then every `num_replicas`-th entry from `rank`."""
 
-    For samplers other than sequential and random; the wrapped sampler must yield the same
-    order on every rank (seed it).
-    """
+    def __init__(self, sampler: Sampler, num_replicas: int, rank: int, seed: int = 0):
+        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
+        self.wrapped = sampler
 
-    def __init__(self, sampler: Sampler, num_replicas: int, rank: int):
-        self.sampler = sampler
-        self.num_replicas = num_replicas
-        self.rank = rank
+    def __iter__(self) -> Iterator[Any]:
+        indices = list(self.wrapped)
+        return (indices[position] for position in super().__iter__())
 
-    def __iter__(self) -> Iterator[int]:
-        for position, index in enumerate(self.sampler):
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.wrapped, "set_epoch"):
+            self.wrapped.set_epoch(epoch)
+
+
+class ShardedBatches(Sampler[list]):
+    """Every `num_replicas`-th batch of a batch sampler that takes no other sampler, from `rank`."""
+
+    def __init__(self, batch_sampler: Any, num_replicas: int, rank: int):
+        self.batch_sampler, self.num_replicas, self.rank = batch_sampler, num_replicas, rank
+
+    def __iter__(self) -> Iterator[list]:
+        for position, batch in enumerate(self.batch_sampler):
             if position % self.num_replicas == self.rank:
-                yield index
+                yield batch
 
     def __len__(self) -> int:
-        return (len(self.sampler) - self.rank + self.num_replicas - 1) // self.num_replicas
+        return (len(self.batch_sampler) - self.rank + self.num_replicas - 1) // self.num_replicas
 
 
 def shard(loader: DataLoader, num_replicas: int, rank: int) -> DataLoader:
-    """A loader like `loader` over this rank's shard (unchanged if it is already distributed)."""
+    """A copy of `loader` that reads this rank's shard (`loader` itself if it is already distributed)."""
     if isinstance(loader.dataset, IterableDataset) or isinstance(loader.sampler, DistributedSampler):
         return loader
-    if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
-        raise TypeError(
-            f"setup_dataloaders cannot shard a DataLoader with a custom batch_sampler "
-            f"({type(loader.batch_sampler).__name__}); shard it yourself and pass use_distributed_sampler=False."
-        )
-    sampler = loader.sampler
+    seed = int(os.environ.get(SEED_VARIABLE, 0))
+    sampler = _distributed(loader.sampler, loader.dataset, num_replicas, rank, seed)
+    batch_sampler = loader.batch_sampler
+    if type(batch_sampler) is BatchSampler:
+        batch_sampler = BatchSampler(sampler, batch_sampler.batch_size, batch_sampler.drop_last)
+    elif batch_sampler is not None and isinstance(getattr(batch_sampler, "sampler", None), Sampler):
+        batch_sampler = copy.copy(batch_sampler)  # a custom one that draws from a sampler: shard that
+        batch_sampler.sampler = _distributed(batch_sampler.sampler, loader.dataset, num_replicas, rank, seed)
+    elif batch_sampler is not None:
+        batch_sampler = ShardedBatches(batch_sampler, num_replicas, rank)
+    sharded = copy.copy(loader)
+    for name, value in (("sampler", sampler), ("batch_sampler", batch_sampler), ("_iterator", None)):
+        object.__setattr__(sharded, name, value)  # DataLoader refuses to change these after __init__
+    return sharded
+
+
+def _distributed(sampler: Sampler, dataset: Any, num_replicas: int, rank: int, seed: int) -> DistributedSampler:
     if isinstance(sampler, (SequentialSampler, RandomSampler)):
-        sampler = DistributedSampler(
-            loader.dataset, num_replicas=num_replicas, rank=rank, shuffle=isinstance(sampler, RandomSampler)
-        )
-    else:
-        sampler = ShardedSampler(sampler, num_replicas, rank)
-    options = {name: getattr(loader, name) for name in _LOADER_OPTIONS}
-    if loader.num_workers > 0:
-        options["prefetch_factor"] = loader.prefetch_factor
-    return DataLoader(loader.dataset, sampler=sampler, **options)
+        return DistributedSampler(dataset, num_replicas, rank, shuffle=isinstance(sampler, RandomSampler), seed=seed)
+    return ShardedSampler(sampler, num_replicas, rank, seed)

@@ -14,16 +14,19 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader
 
 from nbfabric import checkpoint
+from nbfabric.callbacks import call_hook
 from nbfabric.config import RunConfig
 from nbfabric.dataloaders import shard
 from nbfabric.launcher.environment import RankInfo
 from nbfabric.launcher.launchers import select_launcher
 from nbfabric.metrics import MetricLog
 from nbfabric.precision import Precision
+from nbfabric.rank_zero import tell_rank_zero_helpers
 from nbfabric.run_flags import check_timeout, with_run_command_settings
 from nbfabric.seeding import seed_everything
 from nbfabric.strategies import FSDP, make_strategy, reduce_op_name
 from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, move_to_device, unwrap
+
 
 class Fabric:
     """Lightning Fabric's API on plain torch.distributed.
@@ -124,6 +127,7 @@ class Fabric:
     def _join(self, ranks: RankInfo) -> None:
         """In a rank, called by its launcher: who this rank is; its device and process group."""
         self._ranks = ranks
+        tell_rank_zero_helpers(ranks.global_rank)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)
         self._launched = True
@@ -140,40 +144,60 @@ class Fabric:
             )
 
     # ----------------------------------------------------------------- setup
-    def setup(self, module: torch.nn.Module, *optimizers: torch.optim.Optimizer, move_to_device: bool = True) -> Any:
-        """Wrap the model (and its optimizers) for this run: device, precision, strategy."""
+    def setup(
+        self,
+        module: torch.nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        scheduler: Any = None,
+        move_to_device: bool = True,
+        _reapply_compile: bool = True,
+    ) -> Any:
+        """Wrap the model (and its optimizers) for this run: device, precision, strategy. Returns the
+        module, or (module, *optimizers), with the scheduler last when one is given."""
+        if any(isinstance(optimizer, FabricOptimizer) for optimizer in optimizers):
+            raise ValueError("An optimizer should be passed only once to the `setup` method.")
         module = self.setup_module(module, move_to_device=move_to_device)
         if not optimizers:
             return module
-        return (module, *self._wrap_optimizers(optimizers))
+        wrapped = (module, *self._wrap_optimizers(optimizers))
+        return (*wrapped, scheduler) if scheduler is not None else wrapped
 
-    def setup_module(self, module: torch.nn.Module, move_to_device: bool = True) -> FabricModule:
+    def setup_module(self, module: torch.nn.Module, move_to_device: bool = True, _reapply_compile: bool = True) -> FabricModule:
+        """The model wrapped for this run. A `torch.compile`d model keeps running compiled; its
+        state_dict and attributes are those of the model inside."""
         self._check_launched()
-        module = self._precision.convert_module(unwrap(module))
+        if isinstance(module, FabricModule):
+            raise ValueError("A model should be passed only once to the `setup` method.")
+        module = self._precision.convert_module(module)
         if move_to_device:
             module = module.to(self.device)
-        return FabricModule(self._strategy.setup_module(module), module, self._precision)
+        original = getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
+        wrapped = FabricModule(self._strategy.setup_module(module), original, self._precision)
+        call_hook(self._callbacks, "on_after_setup", fabric=self, module=wrapped)
+        return wrapped
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
         wrapped = self._wrap_optimizers(optimizers)
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
     def _wrap_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> tuple[FabricOptimizer, ...]:
+        after_step = partial(call_hook, self._callbacks, "on_after_optimizer_step", strategy=self._strategy)
         return tuple(
-            FabricOptimizer(self._strategy.setup_optimizer(unwrap(optimizer)), self._precision) for optimizer in optimizers
+            FabricOptimizer(self._strategy.setup_optimizer(unwrap(optimizer)), self._precision, after_step) for optimizer in optimizers
         )
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
     ) -> Any:
-        """Shard each loader across ranks (DistributedSampler) and move its batches to the device."""
+        """Shard each loader across ranks (DistributedSampler, seeded by seed_everything) and move
+        its batches to the device; one loader, or a list of them."""
         self._check_launched()
         wrapped = []
         for loader in dataloaders:
             if use_distributed_sampler and self.world_size > 1:
                 loader = shard(loader, self.world_size, self.global_rank)
             wrapped.append(FabricDataLoader(loader, self.device if move_to_device else None))
-        return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
+        return wrapped[0] if len(wrapped) == 1 else wrapped
 
     # ----------------------------------------------------------------- training
     def backward(self, tensor: torch.Tensor, *args: Any, model: Any = None, **kwargs: Any) -> None:
@@ -225,8 +249,8 @@ class Fabric:
         return _stacked(self.device, self._precision.module_init_context())
 
     @staticmethod
-    def seed_everything(seed: int | None = None, workers: bool = False) -> int:
-        return seed_everything(seed, workers=workers)
+    def seed_everything(seed: int | None = None, workers: bool | None = None, verbose: bool = True) -> int:
+        return seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
 
     # ----------------------------------------------------------------- collectives
     def barrier(self, name: str | None = None) -> None:
@@ -278,10 +302,10 @@ class Fabric:
 
     # ----------------------------------------------------------------- checkpoints
     def save(self, path: str | os.PathLike, state: dict[str, Any], filter: Any = None) -> None:
-        """Rank 0 writes `state` (modules and optimizers as their state_dict) atomically; all ranks wait."""
-        if filter is not None:
-            raise ValueError("save(filter=...) is not supported; pass only the state you want saved")
-        self._strategy.save(path, state, self.is_global_zero)
+        """Rank 0 writes `state` (modules and optimizers as their state_dict) atomically; all ranks wait.
+        `filter`: {key: callable(name, value) -> keep} for entries of the state to save in part."""
+        checkpoint.check_filter(filter, state)
+        self._strategy.save(path, state, self.is_global_zero, filter)
 
     def load(
         self,
@@ -294,9 +318,10 @@ class Fabric:
         """Restore the objects in `state` in place and return the rest of the checkpoint."""
         return checkpoint.load_into(path, state, strict=strict, weights_only=weights_only)
 
-    def load_raw(self, path: str | os.PathLike, obj: Any, strict: bool = True) -> None:
-        """Load a plain state_dict file (as saved by torch.save) into a module or optimizer."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def load_raw(self, path: str | os.PathLike, obj: Any, strict: bool = True, weights_only: bool | None = None) -> None:
+        """Load a plain state_dict file (as saved by torch.save) into a module or optimizer;
+        `weights_only=False` only for a file you trust (it may run code)."""
+        state = torch.load(path, map_location="cpu", weights_only=weights_only is not False)
         target = unwrap(obj)
         if isinstance(target, torch.nn.Module):
             target.load_state_dict(state, strict=strict)
@@ -314,11 +339,8 @@ class Fabric:
             logger.log_metrics(metrics, step=step)
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Call `hook_name(*args, **kwargs)` on every callback that defines it."""
-        for callback in self._callbacks:
-            method = getattr(callback, hook_name, None)
-            if callable(method):
-                method(*args, **kwargs)
+        """Call `hook_name` on every callback that has it, with the keyword arguments it takes."""
+        call_hook(self._callbacks, hook_name, *args, **kwargs)
 
 
 def _plain(value: Any) -> Any:

@@ -142,3 +142,172 @@ def test_a_collective_before_launch_says_to_launch(name):
     fabric = FABRICS[name](accelerator="cpu", devices=2)
     with pytest.raises(RuntimeError, match="launch"):
         fabric.all_reduce(1)
+
+
+class _Recorder:
+    """A callback whose hooks take fewer arguments than Fabric passes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_after_setup(self, module):
+        self.calls.append(("on_after_setup", type(module).__name__ == "FabricModule" or type(module).__name__ == "_FabricModule"))
+
+    def on_after_optimizer_step(self, strategy, optimizer):
+        self.calls.append(("on_after_optimizer_step", isinstance(optimizer, torch.optim.SGD)))
+
+    def on_epoch_end(self, results):
+        self.calls.append(("on_epoch_end", results))
+
+
+def _callbacks(fabric):
+    recorder = fabric._callbacks[0]
+    model, optimizer = fabric.setup(nn.Linear(2, 1), torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1))
+    optimizer.zero_grad()
+    fabric.backward(model(torch.ones(1, 2)).sum())
+    optimizer.step()
+    fabric.call("on_epoch_end", results={"loss": 1.0}, unused="dropped")
+    return recorder.calls
+
+
+def test_callbacks_get_the_hooks_fabric_fires_and_only_the_arguments_they_take():
+    results = {name: cls(accelerator="cpu", devices=1, callbacks=[_Recorder()]).launch(_callbacks) for name, cls in FABRICS.items()}
+    assert results["nbfabric"] == results["lightning"] == [
+        ("on_after_setup", True), ("on_after_optimizer_step", True), ("on_epoch_end", {"loss": 1.0})
+    ]
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return index
+
+
+class _NamedLoader(torch.utils.data.DataLoader):
+    """A DataLoader subclass with an attribute of its own."""
+
+    def __init__(self, *args, name="train", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = name
+
+
+class _EvenFirst(torch.utils.data.Sampler):
+    def __init__(self, size):
+        self.size = size
+
+    def __iter__(self):
+        return iter([*range(0, self.size, 2), *range(1, self.size, 2)])
+
+    def __len__(self):
+        return self.size
+
+
+class _Pairs(torch.utils.data.Sampler):
+    """A custom batch sampler that draws from a sampler."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        batch = []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == 2:
+                yield batch
+                batch = []
+
+    def __len__(self):
+        return len(self.sampler) // 2
+
+
+def _loaders(fabric):
+    fabric.seed_everything(7, verbose=False)
+    shuffled = _NamedLoader(_Numbers(), batch_size=2, shuffle=True, name="mine")
+    custom = torch.utils.data.DataLoader(_Numbers(), sampler=_EvenFirst(10), batch_size=3)
+    loaders = fabric.setup_dataloaders(shuffled, custom)
+    return {
+        "several": type(loaders).__name__,
+        "subclass": (type(loaders[0].loader if hasattr(loaders[0], "loader") else loaders[0]._dataloader).__name__, loaders[0].name),
+        "device": str(loaders[0].device),
+        "batches": [[batch.tolist() for batch in loader] for loader in loaders],
+    }
+
+
+def test_dataloaders_are_sharded_seeded_and_kept_as_lightning_does():
+    results = run_both(_loaders)
+    assert results["nbfabric"] == results["lightning"]
+    assert results["nbfabric"]["subclass"] == ("_NamedLoader", "mine") and results["nbfabric"]["several"] == "list"
+
+
+def _paired(fabric):
+    loader = torch.utils.data.DataLoader(_Numbers(), batch_sampler=_Pairs(torch.utils.data.SequentialSampler(range(10))))
+    return [batch.tolist() for batch in fabric.setup_dataloaders(loader)]
+
+
+def test_a_custom_batch_sampler_over_a_sampler_is_sharded_where_lightning_refuses():
+    assert nbfabric.Fabric(accelerator="cpu", devices=2).launch(_paired) == [[0, 2], [4, 6]]  # rank 0 reads 0, 2, 4, 6, 8 in pairs
+
+
+def _setup_details(fabric):
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    returned = fabric.setup(model, optimizer, scheduler=scheduler)
+    again = []
+    for first in (returned[0], returned[1]):
+        try:
+            fabric.setup(first) if first is returned[0] else fabric.setup(nn.Linear(1, 1), first)
+        except ValueError as error:
+            again.append("only once" in str(error))
+    compiled = fabric.setup(torch.compile(nn.Linear(2, 2)))
+    return {"returned": len(returned), "scheduler": returned[2] is scheduler, "twice refused": again, "compiled keys": sorted(compiled.state_dict())}
+
+
+def test_setup_takes_a_scheduler_refuses_a_second_setup_and_unwraps_compiled_state():
+    results = run_both(_setup_details)
+    assert results["nbfabric"] == results["lightning"]
+    assert results["nbfabric"]["compiled keys"] == ["bias", "weight"] and results["nbfabric"]["twice refused"] == [True, True]
+
+
+def _save_filtered(fabric, path):
+    model = nn.Linear(2, 2)
+    fabric.save(path / "filtered.pt", {"model": model, "step": 3}, filter={"model": lambda name, value: "bias" not in name})
+    saved = torch.load(path / "filtered.pt", weights_only=True)
+    into = nn.Linear(2, 2)
+    torch.save(model.state_dict(), path / "raw.pt")
+    fabric.load_raw(path / "raw.pt", into, weights_only=True)
+    errors = []
+    for bad in ({"missing": lambda n, v: True}, {"model": 3}, [1]):
+        try:
+            fabric.save(path / "bad.pt", {"model": model}, filter=bad)
+        except (TypeError, ValueError) as error:
+            errors.append(type(error).__name__)
+    return {"keys": sorted(saved["model"]), "step": saved["step"], "raw": torch.equal(into.weight, model.weight), "errors": errors}
+
+
+def test_save_filter_and_load_raw_weights_only_as_lightning(tmp_path):
+    results = {}
+    for name, cls in FABRICS.items():
+        (tmp_path / name).mkdir()
+        results[name] = cls(accelerator="cpu", devices=1).launch(_save_filtered, tmp_path / name)
+    assert results["nbfabric"] == results["lightning"] == {"keys": ["weight"], "step": 3, "raw": True, "errors": ["ValueError", "TypeError", "TypeError"]}
+
+
+def _csv_logging(fabric, path):
+    logger = fabric.logger
+    fabric.log("loss", float(fabric.global_rank))
+    logger.finalize("success")
+    fabric.barrier()
+    return sorted(str(p.relative_to(path)) for p in path.rglob("metrics.csv"))
+
+
+def test_a_rank_zero_only_logger_writes_once(tmp_path):
+    from lightning.fabric.loggers import CSVLogger
+
+    results = {}
+    for name, cls in FABRICS.items():
+        directory = tmp_path / name
+        results[name] = cls(accelerator="cpu", devices=2, strategy="ddp_fork", loggers=CSVLogger(directory)).launch(_csv_logging, directory)
+    assert results["nbfabric"] == results["lightning"] == ["lightning_logs/version_0/metrics.csv"]

@@ -59,11 +59,13 @@ class FSDPStrategy(DDPStrategy):
             import torch.distributed.fsdp  # noqa: F401
 
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Shard `module` in place; `fully_shard` gives it new (sharded) parameter objects."""
-        originals = dict(module.named_parameters())
-        sharded = self._shard(module)
+        """Shard `module` in place (the model inside, for a compiled one, which then runs on it);
+        `fully_shard` gives it new (sharded) parameter objects."""
+        target = getattr(module, "_orig_mod", module)
+        originals = dict(target.named_parameters())
+        sharded = self._shard(target)
         self._sharded_parameters.update({id(originals[name]): p for name, p in sharded.named_parameters()})
-        return sharded
+        return module if target is not module else sharded
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Point an optimizer made before sharding at the sharded parameters."""
@@ -94,11 +96,11 @@ class FSDPStrategy(DDPStrategy):
         finally:
             module.set_requires_gradient_sync(True)
 
-    def save(self, path: Any, state: dict[str, Any], is_global_zero: bool) -> None:
+    def save(self, path: Any, state: dict[str, Any], is_global_zero: bool, filter: dict[str, Any] | None = None) -> None:
         if self.options.state_dict_type == "sharded":
-            checkpoint.save_sharded(path, state, is_global_zero, self.barrier)
+            checkpoint.save_sharded(path, state, is_global_zero, self.barrier, filter)
             return
-        full = checkpoint.distributed_state(state, full=True)  # a collective: every rank takes part
+        full = checkpoint.filtered(checkpoint.distributed_state(state, full=True), filter)  # a collective: every rank takes part
         if is_global_zero:
             checkpoint.atomic_save(full, path)
         self.barrier()

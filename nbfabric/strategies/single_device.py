@@ -47,10 +47,10 @@ class SingleDeviceStrategy:
     def barrier(self) -> None:
         pass
 
-    def save(self, path: Any, state: dict[str, Any], is_global_zero: bool) -> None:
+    def save(self, path: Any, state: dict[str, Any], is_global_zero: bool, filter: dict[str, Any] | None = None) -> None:
         """Rank 0 writes the state atomically; every rank waits for it."""
         if is_global_zero:
-            checkpoint.atomic_save(checkpoint.to_state(state), path)
+            checkpoint.atomic_save(checkpoint.filtered(checkpoint.to_state(state), filter), path)
         self.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
