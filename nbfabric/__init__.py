@@ -4,6 +4,7 @@ from nbfabric.config import RunConfig
 from nbfabric.fabric import Fabric
 from nbfabric.strategies import FSDP
 from nbfabric.launcher import ForkUnsafeError, RankError, RankTimeoutError, launch
+from nbfabric.launcher.pool import PoolError, RankPool
 
 
 def load_ipython_extension(ipython) -> None:
@@ -21,5 +22,5 @@ def picker(config=None):
     return show(config)
 
 
-__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "load_ipython_extension", "picker"]
+__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "RankPool", "RankError", "RankTimeoutError", "ForkUnsafeError", "PoolError", "load_ipython_extension", "picker"]
 __version__ = "0.1.0"

@@ -99,6 +99,14 @@ def test_a_timeout_stops_the_cell_and_the_pool_stays(kernel):
     assert kernel.run(f"{POOL}\nfabric.global_rank")["result"] == "0"
 
 
+def test_a_rank_failing_while_its_peer_waits_in_a_collective_frees_the_peer_and_the_pool_goes_on(kernel):
+    out = kernel.run(f"{POOL}\nif fabric.global_rank == 1:\n    raise ValueError('no sum from me')\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum')")
+    error = "\n".join(out["error"]["traceback"])
+    assert "rank 1 failed: ValueError: no sum from me" in error
+    assert "the ranks left their process group to stop" in out["stderr"]
+    assert kernel.run(f"{POOL}\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum').item()")["result"] == "2.0"
+
+
 def test_a_name_that_cannot_be_sent_is_named_before_anything_runs(kernel):
     kernel.run("import threading\nguard = threading.Lock()")
     out = kernel.run(f"{POOL}\nprint('ran', guard)")
@@ -134,6 +142,7 @@ def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel):
     refused = kernel.run(f"{POOL}\nprint('ran')")
     assert "ran" not in refused["stdout"] and "the rank pool is broken" in refused["stderr"]
     assert kernel.run("%fabric start --devices=2", timeout=180)["error"] is None
-    assert kernel.run(f"{POOL}\nfabric.world_size")["result"] == "2"
+    again = kernel.run(f"{POOL}\nfabric.world_size")
+    assert again["result"] == "2", again
     assert "stopped: no engine is left" in kernel.run("%fabric stop-pool")["stdout"]
     kernel.assert_no_ranks_left(grace=15)

@@ -79,13 +79,14 @@ class RankPool:
             engines=engines,
             controller_ip=controller_ip or ("127.0.0.1" if engines in ("local", "mpi") else "*"),
             controller_args=HEARTBEAT,
-            log_level=logging.WARNING,
+            log_level=logging.ERROR,  # an engine stopped by a signal is no warning here
             **options,
         )
         self.client = None
         try:
-            self.client = self.cluster.start_and_connect_sync()
-            self.client.wait_for_engines(self.config.world_size, timeout=start_timeout)
+            self.cluster.start_cluster_sync()
+            self.client = self.cluster.connect_client_sync()
+            self.client.wait_for_engines(self.config.world_size, timeout=start_timeout, interactive=False)
             self.ranks = self._assign_ranks()
         except BaseException as error:
             self._end()
@@ -103,7 +104,7 @@ class RankPool:
         try:
             pool.cluster = ipp.Cluster.from_file(profile=profile, cluster_id=cluster_id)
             pool.client = pool.cluster.connect_client_sync()
-            pool.client.wait_for_engines(1, timeout=timeout)
+            pool.client.wait_for_engines(1, timeout=timeout, interactive=False)
         except Exception as error:  # noqa: BLE001 - said in one sentence
             raise PoolError(
                 f"no running cluster to attach to (profile={profile or 'default'!r}, cluster id={cluster_id!r}): {error}. "
@@ -183,9 +184,11 @@ class RankPool:
         return [r.rank for r in self.ranks if r.engine not in registered or (r.here and not _alive(r.pid))]
 
     def regroup(self) -> None:
-        """After the ranks left their process group: the next one meets on a fresh port."""
-        port = self.engine(0).apply_sync(pool_rank.free_port)
-        self.client[[r.engine for r in self.ranks]].apply_sync(pool_rank.set_main_port, port)
+        """After some ranks left the process group: every rank leaves it, and the next run's group
+        meets on a fresh port."""
+        everyone = self.client[[r.engine for r in self.ranks]]
+        everyone.apply_sync(pool_rank.leave_group)
+        everyone.apply_sync(pool_rank.set_main_port, self.engine(0).apply_sync(pool_rank.free_port))
 
     def mark_broken(self, why: str) -> None:
         """A rank is lost: end the rest of the pool, whose process group cannot go on."""
@@ -208,9 +211,10 @@ class RankPool:
     # ----------------------------------------------------------------- starting
     def _assign_ranks(self) -> list[PoolRank]:
         """Number the engines node by node, give each torchrun's variables, and check the nodes."""
-        engines = sorted(self.client.ids)
-        infos = dict(zip(engines, self.client[engines].apply_sync(pool_rank.describe)))
-        nodes = sorted({info["node"] for info in infos.values()}, key=lambda node: min(e for e, i in infos.items() if i["node"] == node))
+        ids = sorted(self.client.ids)
+        infos = dict(zip(ids, self.client[ids].apply_sync(pool_rank.describe)))
+        engines = sorted(ids, key=lambda e: (infos[e]["task"] is None, infos[e]["task"] or 0, e))
+        nodes = list(dict.fromkeys(infos[e]["node"] for e in engines))
         per_node = self.config.num_processes
         if len(nodes) != self.config.num_nodes or any(sum(i["node"] == n for i in infos.values()) != per_node for n in nodes):
             found = ", ".join(f"{n}: {sum(i['node'] == n for i in infos.values())}" for n in nodes)

@@ -156,7 +156,6 @@ class _PoolRun:
             idle = [self.pool.ranks[r].engine for r in range(len(self.pool.ranks)) if r not in self.pending]
             if idle:
                 self.pool.client[idle].apply_sync(pool_rank.leave_group)
-            self.pool.interrupt(list(self.pending))
         if waited >= 2 * STOP_GRACE or self._interrupts > 1:
             stuck = ", ".join(map(str, sorted(self.pending)))
             self.pending.clear()

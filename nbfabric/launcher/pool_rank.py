@@ -21,9 +21,12 @@ _OUTPUT_FLUSH = 0.05  # seconds a partial line may wait before it is sent anyway
 
 
 def describe() -> dict[str, Any]:
-    """Where this engine runs: its node (Slurm's name for it, else the host name), address and pid."""
+    """Where this engine runs: its node (Slurm's name for it, else the host name), address, pid, and
+    its task number under Slurm or MPI (which orders the ranks as the launcher did)."""
     host = socket.gethostname()
+    task = os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK")))
     return {
+        "task": None if task is None else int(task),
         "node": os.environ.get("SLURMD_NODENAME", host),
         "host": host,
         "address": _address(host),
@@ -57,14 +60,55 @@ def set_main_port(port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
 
 
-def leave_group() -> bool:
-    """Leave the process group, so that peers stuck in a collective with this rank fail at once."""
+_group_sockets: list[tuple[int, str]] = []  # (fd, inode) of the sockets the process group opened
+_left_groups: list[Any] = []  # process groups left after a stop, kept for the life of the engine
+
+
+def leave_group() -> None:
+    """Leave the process group, so that peers stuck in a collective with this rank fail at once.
+    Its sockets are closed first (their fds then name /dev/null until the group closes them), as
+    objects kept from earlier runs (a DDP model) hold the group, whose connections would stay open."""
     import torch.distributed as dist
 
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd, inode in _group_sockets:
+            if _inode(fd) == inode:
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    _group_sockets.clear()
     if dist.is_available() and dist.is_initialized():
+        _left_groups.append(dist.group.WORLD)  # freeing it would unregister fds gloo no longer owns
         dist.destroy_process_group()
-        return True
-    return False
+
+
+def _join_group(fabric: Any, place: Any) -> None:
+    """`fabric._join`, noting the sockets of a process group it creates."""
+    import torch.distributed as dist
+
+    fresh = not (dist.is_available() and dist.is_initialized())
+    before = _sockets() if fresh else {}
+    fabric._join(place)
+    if fresh and dist.is_available() and dist.is_initialized():
+        _group_sockets[:] = sorted(set(_sockets().items()) - set(before.items()))
+
+
+def _sockets() -> dict[int, str]:
+    """This process's open sockets: fd -> inode."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        inode = _inode(int(name))
+        if inode.startswith("socket:"):
+            found[int(name)] = inode
+    return found
+
+
+def _inode(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def run(payload: bytes) -> tuple[str, Any]:
@@ -77,16 +121,17 @@ def run(payload: bytes) -> tuple[str, Any]:
 
     rank = int(os.environ["RANK"])
     channel = EngineChannel()
-    with _output_to(channel), _interruptible():
+    with _output_to(channel):
         try:
-            fabric, function, args, kwargs = _load(payload)
-            env = os.environ
-            place = RankInfo(rank, int(env["LOCAL_RANK"]), int(env["NODE_RANK"]), int(env["WORLD_SIZE"]), RankLinks(channel))
-            fabric._join(place)
-            try:
-                value = to_cpu(function(fabric, *args, **kwargs))
-            finally:
-                fabric._finish()
+            with _interruptible():
+                fabric, function, args, kwargs = _load(payload)
+                env = os.environ
+                place = RankInfo(rank, int(env["LOCAL_RANK"]), int(env["NODE_RANK"]), int(env["WORLD_SIZE"]), RankLinks(channel))
+                _join_group(fabric, place)
+                try:
+                    value = to_cpu(function(fabric, *args, **kwargs))
+                finally:
+                    fabric._finish()
             return "done", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else None
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the notebook
             return "failed", Failure(rank, type(exc).__qualname__, _message(exc), format_user_traceback(exc), now(), _distributed(exc))
@@ -183,11 +228,11 @@ def _output_to(channel: EngineChannel) -> Iterator[None]:
 @contextmanager
 def _interruptible() -> Iterator[None]:
     """SIGINT raises KeyboardInterrupt while the run goes on (the notebook's stop), and only then."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late stop request must not cut the report short
 
 
 def _message(exc: BaseException) -> str:

@@ -1,0 +1,132 @@
+"""A warm rank pool against fork-per-cell, in one real Jupyter kernel: an empty 2-rank `%%fabric`
+cell and a short training cell, contenders alternating; then the time to start a pool of 2 local
+engines, and of 2 engines on two Slurm nodes where Slurm runs.
+
+    python benchmarks/pool.py [--runs 10] [--starts 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+from jupyter_client.manager import start_new_kernel
+
+SETUP = """
+%load_ext nbfabric
+%fabric --accelerator=cpu --devices=2 --no-widgets
+import time, torch
+from nbfabric.launcher.pool import RankPool, use_pool
+from nbfabric.launcher.processes import wait_for_reaping
+pool = RankPool(devices=2)
+use_pool(None)
+data = torch.randn(2048, 32, generator=torch.Generator().manual_seed(0))
+target = data.sum(dim=1, keepdim=True)
+
+def timed(cell, on_pool):
+    use_pool(pool if on_pool else None)
+    started = time.perf_counter()
+    get_ipython().run_cell_magic("fabric", "--no-return", cell)
+    elapsed = (time.perf_counter() - started) * 1000
+    use_pool(None)
+    assert wait_for_reaping(10)  # untimed: forked ranks may still be exiting
+    return elapsed
+"""
+
+TRAINING = """
+model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1))
+model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.01))
+shard = slice(fabric.global_rank, None, fabric.world_size)
+for step in range(100):
+    loss = torch.nn.functional.mse_loss(model(data[shard]), target[shard])
+    optimizer.zero_grad()
+    fabric.backward(loss)
+    optimizer.step()
+"""
+
+CELLS = {"empty 2-rank cell": "pass", "training cell (100 DDP steps)": TRAINING}
+
+
+def run(client, code: str) -> str:
+    result = {}
+
+    def keep(message):
+        if message["msg_type"] == "execute_result":
+            result["value"] = message["content"]["data"]["text/plain"]
+        elif message["msg_type"] == "error":
+            raise RuntimeError("\n".join(message["content"]["traceback"]))
+
+    client.execute_interactive(textwrap.dedent(code), output_hook=keep, timeout=600)
+    return result.get("value", "")
+
+
+def cells_side_by_side(runs: int) -> list[tuple[str, float, float]]:
+    manager, client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"])
+    rows = []
+    try:
+        run(client, SETUP)
+        for name, cell in CELLS.items():
+            times = {True: [], False: []}
+            for on_pool in (True, False):  # warm-up, untimed
+                run(client, f"timed({cell!r}, {on_pool})")
+            for round_ in range(runs):
+                order = (True, False) if round_ % 2 == 0 else (False, True)
+                for on_pool in order:
+                    times[on_pool].append(float(run(client, f"timed({cell!r}, {on_pool})")))
+            rows.append((name, statistics.median(times[True]), statistics.median(times[False])))
+        run(client, "pool.stop()")
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    return rows
+
+
+def start_times(starts: int, engines: str) -> list[float]:
+    from nbfabric.launcher.pool import RankPool
+
+    options = {"devices": 2} if engines == "local" else {"devices": 1, "num_nodes": 2, "engines": "slurm", "controller_ip": "127.0.0.1"}
+    times = []
+    for _ in range(starts):
+        started = time.perf_counter()
+        pool = RankPool(**options)
+        times.append(time.perf_counter() - started)
+        pool.stop()
+    return times
+
+
+def slurm_nodes() -> int:
+    if shutil.which("sinfo") is None:
+        return 0
+    listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
+    return len(set(listed.stdout.split())) if listed.returncode == 0 else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per contender and cell")
+    parser.add_argument("--starts", type=int, default=2, help="pool starts timed per engine kind")
+    args = parser.parse_args()
+
+    print(f"| cell ({args.runs} runs, median) | warm pool ms | fork per cell ms | pool / fork |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, pool_ms, fork_ms in cells_side_by_side(args.runs):
+        print(f"| {name} | {pool_ms:.1f} | {fork_ms:.1f} | {pool_ms / fork_ms:.2f} |")
+    print()
+    print(f"| start a pool of 2 ranks ({args.starts} starts) | median s | max s |")
+    print("| --- | ---: | ---: |")
+    kinds = ["local"] + (["slurm"] if slurm_nodes() >= 2 else [])
+    for kind in kinds:
+        times = start_times(args.starts, kind)
+        where = "local engines" if kind == "local" else "Slurm, 2 nodes (sbatch + srun)"
+        print(f"| {where} | {statistics.median(times):.1f} | {max(times):.1f} |")
+    if kinds == ["local"]:
+        print("(no Slurm cluster of two nodes here: the Slurm start was not measured)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
