@@ -146,3 +146,33 @@ def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel):
     assert again["result"] == "2", again
     assert "stopped: no engine is left" in kernel.run("%fabric stop-pool")["stdout"]
     kernel.assert_no_ranks_left(grace=15)
+
+
+def test_with_cuda_initialised_in_the_kernel_fork_points_to_a_pool_which_runs_the_cell(kernel):
+    kernel.run("real_is_initialized = torch.cuda.is_initialized\ntorch.cuda.is_initialized = lambda: True")
+    try:
+        refused = kernel.run("%%fabric --accelerator=cpu --devices=2 --no-widgets\nprint('forked')")
+        assert refused["error"]["ename"] == "ForkUnsafeError"
+        assert "%fabric start --engines=local" in refused["error"]["evalue"]
+        assert kernel.run("%fabric start --devices=2 --engines=local", timeout=180)["error"] is None
+        out = kernel.run(f"{POOL}\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum').item()")
+        assert out["result"] == "2.0", out
+    finally:
+        kernel.run("torch.cuda.is_initialized = real_is_initialized\n%fabric stop-pool")
+
+
+def test_attach_uses_engines_started_elsewhere_and_leaves_them_running(kernel):
+    kernel.run(
+        "import ipyparallel, logging\n"
+        "outside = ipyparallel.Cluster(n=2, cluster_id='nbfabric-attach-test', controller_ip='127.0.0.1', log_level=logging.ERROR)\n"
+        "outside.start_cluster_sync()"
+    )
+    try:
+        out = kernel.run("%fabric attach --cluster-id=nbfabric-attach-test", timeout=120)
+        assert out["error"] is None and "rank pool of 2 ranks (attached engines" in out["stdout"], out
+        assert kernel.run(f"{POOL}\nfabric.all_reduce(torch.tensor(3.0), reduce_op='sum').item()")["result"] == "6.0"
+        assert "detached; its engines keep running" in kernel.run("%fabric stop-pool")["stdout"]
+        assert kernel.run("len(outside.connect_client_sync().ids)")["result"] == "2"
+    finally:
+        kernel.run("outside.stop_cluster_sync()")
+    kernel.assert_no_ranks_left(grace=15)
