@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from nbfabric.devices import Hardware, detect_hardware
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
-STRATEGIES = ("auto", "ddp", "ddp_notebook", "ddp_fork", "fsdp", "single_device")
+STRATEGIES = ("auto", "ddp", "ddp_notebook", "ddp_fork", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "single_device")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 PRECISION_ALIASES = {
     "32": "32-true",
@@ -25,7 +25,11 @@ PRECISION_ALIASES = {
 START_METHODS = ("fork", "spawn")
 
 _RESOLVED_ACCELERATORS = ("cpu", "cuda", "mps")
-_RESOLVED_STRATEGIES = ("single_device", "ddp", "fsdp")
+_RESOLVED_STRATEGIES = ("single_device", "ddp", "ddp_find_unused_parameters_true", "fsdp")
+_REFUSED_STRATEGIES = {
+    "dp": "strategy='dp' (torch's DataParallel: one process driving several GPUs) is not offered; use 'ddp', "
+    "which runs one process per device and is faster",
+}
 _FORK_STRATEGIES = ("ddp_notebook", "ddp_fork")
 _WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
@@ -74,6 +78,8 @@ class RunConfig:
         device_ids = _resolve_devices(devices, accelerator, hardware)
         num_nodes = _parse_num_nodes(num_nodes)
         start_method = _pick("start_method", start_method, START_METHODS)
+        if isinstance(strategy, str) and strategy.strip().lower() == "ddp_spawn":  # Lightning's name for ddp by spawn
+            strategy, start_method = "ddp", "spawn"
         strategy = _resolve_strategy(strategy, start_method, len(device_ids) * num_nodes)
         precision = _resolve_precision(precision, accelerator)
         return cls(accelerator, device_ids, strategy, precision, num_nodes, start_method)
@@ -262,6 +268,8 @@ def _parse_num_nodes(value: object) -> int:
 
 
 def _resolve_strategy(value: object, start_method: str, world_size: int) -> str:
+    if isinstance(value, str) and value.strip().lower() in _REFUSED_STRATEGIES:
+        raise ValueError(_REFUSED_STRATEGIES[value.strip().lower()] + f"; choose one of {_choices(STRATEGIES)}.")
     requested = _pick("strategy", value, STRATEGIES)
     if requested in _FORK_STRATEGIES:
         if start_method == "spawn":

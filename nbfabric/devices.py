@@ -110,3 +110,13 @@ def describe_hardware(hardware: Hardware | None = None) -> str:
 def gpu_name(gpu: GpuInfo) -> str:
     memory = f" ({gpu.memory_bytes / 1024**3:.0f} GiB)" if gpu.memory_bytes else ""
     return f"{gpu.name or 'GPU'}{memory}"
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """A run's kind of device, as `fabric.accelerator` gives it: "cpu", "cuda" or "mps"."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name

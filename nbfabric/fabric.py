@@ -17,6 +17,7 @@ from nbfabric import checkpoint
 from nbfabric.callbacks import call_hook
 from nbfabric.config import RunConfig
 from nbfabric.dataloaders import shard
+from nbfabric.devices import Accelerator
 from nbfabric.launcher.environment import RankInfo
 from nbfabric.launcher.launchers import select_launcher
 from nbfabric.metrics import MetricLog
@@ -24,7 +25,7 @@ from nbfabric.precision import Precision
 from nbfabric.rank_zero import tell_rank_zero_helpers
 from nbfabric.run_flags import check_timeout, with_run_command_settings
 from nbfabric.seeding import seed_everything
-from nbfabric.strategies import FSDP, make_strategy, reduce_op_name
+from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
 from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, move_to_device, unwrap
 
 
@@ -39,7 +40,7 @@ class Fabric:
     def __init__(
         self,
         accelerator: str = "auto",
-        strategy: str = "auto",
+        strategy: Any = "auto",
         devices: int | str | Sequence[int] = "auto",
         num_nodes: int = 1,
         precision: str | int | None = None,
@@ -52,11 +53,10 @@ class Fabric:
     ):
         if plugins:
             raise ValueError("plugins are not supported; choose the precision with precision=...")
-        fsdp_options = strategy if isinstance(strategy, FSDP) else None
         settings = with_run_command_settings(
             accelerator=accelerator,
             devices=devices,
-            strategy="fsdp" if fsdp_options else strategy,
+            strategy=strategy_name(strategy),
             precision="32-true" if precision is None else precision,
             num_nodes=num_nodes,
             start_method=start_method,
@@ -67,7 +67,7 @@ class Fabric:
         self._loggers = _as_list(loggers)
         self._ranks = RankInfo(world_size=self.config.world_size)
         self._launched = False
-        self._strategy = make_strategy(self.config, fsdp_options)
+        self._strategy = make_strategy(self.config, strategy)
         self._precision = Precision(self.config.precision, self.config.accelerator)
         self._metrics = MetricLog()
 
@@ -91,6 +91,10 @@ class Fabric:
     @property
     def is_global_zero(self) -> bool:
         return self.global_rank == 0
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return Accelerator(self.config.accelerator)
 
     @property
     def device(self) -> torch.device:

@@ -135,7 +135,8 @@ def test_strategy_and_start_method_resolution(settings, strategy, start_method):
     ("settings", "match"),
     [
         ({"strategy": "deepspeed"}, "strategy='deepspeed' is not valid; choose one of auto, ddp, ddp_notebook, "
-                                    "ddp_fork, fsdp, single_device"),
+                                    "ddp_fork, ddp_spawn, ddp_find_unused_parameters_true, fsdp, single_device"),
+        ({"strategy": "dp"}, "strategy='dp' .* is not offered; use 'ddp'"),
         ({"strategy": "single_device", "devices": 2}, r"runs one process, but 2 device\(s\) on 1 node\(s\) make 2"),
         ({"strategy": "single_device", "num_nodes": 3}, r"1 device\(s\) on 3 node\(s\) make 3"),
         ({"strategy": "ddp_notebook", "start_method": "spawn"}, "conflicts with start_method='spawn'"),
@@ -224,7 +225,7 @@ VALID = {"accelerator": "cuda", "device_ids": (0, 1), "strategy": "ddp", "precis
         ({"accelerator": "cpu", "device_ids": (1, 2)}, r"ranks 0..n-1; pass \(0, 1\)"),
         ({"accelerator": "mps", "device_ids": (1,), "strategy": "single_device"}, r"use device_ids=\(0,\)"),
         ({"accelerator": "mps", "device_ids": (0,), "num_nodes": 2}, "num_nodes=1"),
-        ({"strategy": "auto"}, "strategy='auto' is not a resolved strategy; choose one of single_device, ddp, fsdp"),
+        ({"strategy": "auto"}, "strategy='auto' is not a resolved strategy; choose one of single_device, ddp, ddp_find_unused_parameters_true, fsdp"),
         ({"strategy": "single_device"}, r"runs one process, but 2 device\(s\)"),
         ({"precision": "bf16"}, "precision='bf16' is not a canonical precision; choose one of 32-true"),
         ({"accelerator": "cpu", "precision": "16-mixed"}, "not available on CPU; use 'bf16-mixed'"),

@@ -311,3 +311,57 @@ def test_a_rank_zero_only_logger_writes_once(tmp_path):
         directory = tmp_path / name
         results[name] = cls(accelerator="cpu", devices=2, strategy="ddp_fork", loggers=CSVLogger(directory)).launch(_csv_logging, directory)
     assert results["nbfabric"] == results["lightning"] == ["lightning_logs/version_0/metrics.csv"]
+
+
+class _TwoHeads(nn.Module):
+    """A model one of whose layers takes no part in the loss: DDP needs find_unused_parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(2, 1), nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def _unused_head(fabric):
+    model, optimizer = fabric.setup(_TwoHeads(), torch.optim.SGD(_TwoHeads().parameters(), lr=0.1))
+    for _ in range(2):
+        optimizer.zero_grad()
+        fabric.backward(model(torch.ones(2, 2)).sum())
+        optimizer.step()
+    return (fabric.accelerator is not None, str(fabric.strategy.root_device), fabric.world_size)
+
+
+@pytest.mark.parametrize("strategy", ["ddp_find_unused_parameters_true", "object"])
+def test_ddp_options_reach_distributed_data_parallel(strategy):
+    from lightning.fabric.strategies import DDPStrategy as LightningDDP
+
+    from nbfabric.strategies import DDPStrategy
+
+    # Lightning's string starts a script launcher (it would run pytest again): its fork form stands in
+    lightning = FABRICS["lightning"](accelerator="cpu", devices=2, strategy=LightningDDP(find_unused_parameters=True, start_method="fork"))
+    ours = nbfabric.Fabric(accelerator="cpu", devices=2, strategy=strategy if strategy != "object" else DDPStrategy(find_unused_parameters=True))
+    assert ours.launch(_unused_head) == lightning.launch(_unused_head) == (True, "cpu", 2)
+
+
+_SEEN_BY_FORKED_RANKS = {"set before the launch": False}
+
+
+def _started_fresh(fabric):
+    return not _SEEN_BY_FORKED_RANKS["set before the launch"]
+
+
+def test_ddp_spawn_starts_fresh_interpreters(monkeypatch):
+    fabric = nbfabric.Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    monkeypatch.setitem(_SEEN_BY_FORKED_RANKS, "set before the launch", True)
+    assert fabric.config.start_method == "spawn" and fabric.launch(_started_fresh) is True
+
+
+def test_unknown_strategy_options_are_refused_naming_the_valid_ones():
+    from nbfabric.strategies import DDPStrategy, FSDPStrategy
+
+    with pytest.raises(TypeError, match="find_unused_parameters"):
+        DDPStrategy(find_unused=True)
+    with pytest.raises(TypeError, match="auto_wrap_policy"):
+        FSDPStrategy(limit_all_gathers=True)

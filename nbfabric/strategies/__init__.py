@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nbfabric.config import RunConfig
 from nbfabric.strategies.ddp import DDPStrategy, reduce_op_name
 from nbfabric.strategies.fsdp import FSDP, FSDPStrategy
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
 
-def make_strategy(config: RunConfig, fsdp: FSDP | None = None) -> SingleDeviceStrategy:
-    """The strategy object for a resolved configuration (FSDP with its options)."""
-    if config.strategy == "fsdp":
-        return FSDPStrategy(config.accelerator, config.device_ids, fsdp, config.precision)
-    strategy = DDPStrategy if config.strategy == "ddp" else SingleDeviceStrategy
-    return strategy(config.accelerator, config.device_ids)
+_BY_NAME = {"single_device": SingleDeviceStrategy, "ddp": DDPStrategy, "ddp_find_unused_parameters_true": DDPStrategy, "fsdp": FSDPStrategy}
 
 
-__all__ = ["DDPStrategy", "FSDP", "FSDPStrategy", "SingleDeviceStrategy", "make_strategy", "reduce_op_name"]
+def strategy_name(strategy: Any) -> Any:
+    """What RunConfig.resolve takes for `Fabric(strategy=...)`: a name as given, or the name of a strategy object or FSDP options."""
+    if isinstance(strategy, FSDP):
+        return "fsdp"
+    return strategy.name if isinstance(strategy, SingleDeviceStrategy) else strategy
+
+
+def make_strategy(config: RunConfig, given: Any = None) -> SingleDeviceStrategy:
+    """The strategy for a resolved configuration: the one the user made (or FSDP options), bound to it."""
+    if isinstance(given, FSDP):
+        given = FSDPStrategy(given)
+    if not isinstance(given, SingleDeviceStrategy):
+        given = _BY_NAME[config.strategy]()
+    return given.bind(config)
+
+
+__all__ = ["DDPStrategy", "FSDP", "FSDPStrategy", "SingleDeviceStrategy", "make_strategy", "reduce_op_name", "strategy_name"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import sys
@@ -13,10 +14,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import RankInfo, preserved_environment
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
 REDUCE_OPS = ("mean", "avg", "sum", "min", "max", "product")  # any case, or torch.distributed.ReduceOp
+_DDP_OPTIONS = tuple(
+    name for name in inspect.signature(DistributedDataParallel.__init__).parameters
+    if name not in ("self", "module", "device_ids", "output_device", "process_group", "kwargs", "args")
+)
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "product": dist.ReduceOp.PRODUCT}
 
 
@@ -33,15 +39,36 @@ def reduce_op_name(op: Any) -> str:
 
 
 class DDPStrategy(SingleDeviceStrategy):
-    """Wraps modules in DistributedDataParallel; collectives go through torch.distributed."""
+    """Wraps modules in DistributedDataParallel; collectives go through torch.distributed.
+
+    ``DDPStrategy(find_unused_parameters=True, static_graph=..., timeout=timedelta(...),
+    process_group_backend="gloo")``: DistributedDataParallel's own options, the process group's
+    timeout and backend (by default NCCL on CUDA, gloo elsewhere), as Lightning's DDPStrategy takes them.
+    """
 
     name = "ddp"
 
-    def __init__(self, accelerator: str, device_ids: tuple[int, ...] = (0,)):
-        super().__init__(accelerator, device_ids)
-        self.backend = "nccl" if accelerator == "cuda" else "gloo"
+    def __init__(self, *, process_group_backend: str | None = None, timeout: timedelta | float | None = None, **ddp_options: Any):
+        super().__init__()
+        unknown = sorted(set(ddp_options) - set(_DDP_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"DDPStrategy got {', '.join(unknown)}; it takes process_group_backend, timeout and "
+                f"DistributedDataParallel's options: {', '.join(_DDP_OPTIONS)}"
+            )
+        self.ddp_options = ddp_options
+        self.timeout = timedelta(seconds=timeout) if isinstance(timeout, (int, float)) else timeout
+        self.process_group_backend = process_group_backend
+        self.backend = process_group_backend or "gloo"
         self._private_group = False
         self._listener: socket.socket | None = None  # global rank 0's listening socket, on several nodes
+
+    def bind(self, config: RunConfig) -> DDPStrategy:
+        super().bind(config)
+        self.backend = self.process_group_backend or ("nccl" if config.accelerator == "cuda" else "gloo")
+        if config.strategy == "ddp_find_unused_parameters_true":
+            self.ddp_options.setdefault("find_unused_parameters", True)
+        return self
 
     def preload(self) -> None:
         """DistributedDataParallel imports torch._dynamo when first built (about 2 s): do it once, here."""
@@ -61,18 +88,18 @@ class DDPStrategy(SingleDeviceStrategy):
         if store is None and ranks.links is not None and world_size > 1:
             store = self._node_zero_store(rank, world_size)  # ranks nbfabric started on several nodes
         if store is not None:
-            dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size)
+            dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
         elif world_size == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
             self._private_group = True
         else:
-            dist.init_process_group(self.backend, init_method="env://", rank=rank, world_size=world_size)
+            dist.init_process_group(self.backend, init_method="env://", rank=rank, world_size=world_size, timeout=self.timeout)
 
     def _node_zero_store(self, rank: int, world_size: int) -> dist.TCPStore:
         """The run's store at MASTER_ADDR:MASTER_PORT, which global rank 0 serves. It listens on
         that address only where the address is this machine's (torch's own listens on all)."""
         address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        timeout = timedelta(minutes=30)
+        timeout = self.timeout or timedelta(minutes=30)
         if rank != 0:
             return dist.TCPStore(address, port, world_size, False, timeout)
         try:
@@ -95,7 +122,7 @@ class DDPStrategy(SingleDeviceStrategy):
 
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids)
+        return DistributedDataParallel(module, device_ids=device_ids, **self.ddp_options)
 
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
         return module.no_sync()

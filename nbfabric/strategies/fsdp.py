@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from nbfabric import checkpoint
+from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import preserved_environment
 from nbfabric.strategies.ddp import DDPStrategy
 
@@ -40,16 +41,51 @@ class FSDP:
             )
 
 
+_SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # Lightning's sharding_strategy -> reshard_after_forward
+
+
 class FSDPStrategy(DDPStrategy):
-    """Shards modules with `fully_shard` over all ranks; checkpoints through torch.distributed.checkpoint."""
+    """Shards modules with `fully_shard` over all ranks; checkpoints through torch.distributed.checkpoint.
+
+    Options: an `FSDP(...)`, or Lightning's names: ``FSDPStrategy(auto_wrap_policy={Block},
+    cpu_offload=True, sharding_strategy="SHARD_GRAD_OP", state_dict_type="sharded", timeout=...)``.
+    """
 
     name = "fsdp"
 
-    def __init__(self, accelerator: str, device_ids: tuple[int, ...] = (0,), options: FSDP | None = None, precision: str = "32-true"):
-        super().__init__(accelerator, device_ids)
-        self.options = options or FSDP()
-        self.precision = precision
+    def __init__(
+        self,
+        options: FSDP | None = None,
+        *,
+        auto_wrap_policy: Any = None,
+        cpu_offload: bool = False,
+        sharding_strategy: str = "FULL_SHARD",
+        state_dict_type: str = "full",
+        process_group_backend: str | None = None,
+        timeout: Any = None,
+        **unsupported: Any,
+    ):
+        if unsupported:
+            raise TypeError(
+                f"FSDPStrategy got {', '.join(sorted(unsupported))}; it takes auto_wrap_policy (a set of module classes), "
+                "cpu_offload, sharding_strategy (FULL_SHARD or SHARD_GRAD_OP), state_dict_type, process_group_backend, timeout"
+            )
+        super().__init__(process_group_backend=process_group_backend, timeout=timeout)
+        if options is None:
+            if sharding_strategy not in _SHARDING or (auto_wrap_policy is not None and not isinstance(auto_wrap_policy, (set, frozenset, list, tuple))):
+                raise ValueError(
+                    f"sharding_strategy={sharding_strategy!r}, auto_wrap_policy={auto_wrap_policy!r}: choose sharding_strategy from "
+                    f"{', '.join(_SHARDING)}, and auto_wrap_policy as a set of module classes"
+                )
+            options = FSDP(frozenset(auto_wrap_policy or ()), bool(cpu_offload), _SHARDING[sharding_strategy], state_dict_type)
+        self.options = options
+        self.precision = "32-true"
         self._sharded_parameters: dict[int, torch.nn.Parameter] = {}  # id(original) -> its sharded successor
+
+    def bind(self, config: RunConfig) -> FSDPStrategy:
+        super().bind(config)
+        self.precision = config.precision
+        return self
 
     def preload(self) -> None:
         """FSDP and its checkpoint functions take about a second to import: once, before forking."""

@@ -8,17 +8,32 @@ from typing import Any, ContextManager
 import torch
 
 from nbfabric import checkpoint
+from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import RankInfo
 
 
 class SingleDeviceStrategy:
-    """Runs everything on one device in this process: for a rank, the device of its local rank."""
+    """Runs everything on one device in this process: for a rank, the device of its local rank.
+
+    Made by the user (``Fabric(strategy=DDPStrategy(...))``) or by Fabric from the settings; `bind`
+    gives it the run's accelerator and devices."""
 
     name = "single_device"
 
-    def __init__(self, accelerator: str, device_ids: tuple[int, ...] = (0,)):
-        self.device = torch.device(accelerator)
-        self.device_ids = device_ids
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.device_ids: tuple[int, ...] = (0,)
+
+    def bind(self, config: RunConfig) -> SingleDeviceStrategy:
+        """Take the resolved settings of the run (accelerator, devices, precision)."""
+        self.device = torch.device(config.accelerator)
+        self.device_ids = config.device_ids
+        return self
+
+    @property
+    def root_device(self) -> torch.device:
+        """The device of this rank (Lightning's name)."""
+        return self.device
 
     def preload(self) -> None:
         """Import, in the launching process, what each forked rank would otherwise import itself."""
