@@ -20,9 +20,9 @@ from nbfabric.dataloaders import shard
 from nbfabric.devices import Accelerator
 from nbfabric.launcher.environment import RankInfo
 from nbfabric.launcher.launchers import select_launcher
+from nbfabric.interop import tell_libraries
 from nbfabric.metrics import MetricLog
 from nbfabric.precision import Precision
-from nbfabric.rank_zero import tell_rank_zero_helpers
 from nbfabric.run_flags import check_timeout, with_run_command_settings
 from nbfabric.seeding import seed_everything
 from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
@@ -131,7 +131,7 @@ class Fabric:
     def _join(self, ranks: RankInfo) -> None:
         """In a rank, called by its launcher: who this rank is; its device and process group."""
         self._ranks = ranks
-        tell_rank_zero_helpers(ranks.global_rank)
+        tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)
         self._launched = True

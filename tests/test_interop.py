@@ -22,7 +22,7 @@ def test_an_accelerate_loop_sees_both_ranks_and_trains_in_sync(kernel):
         %%fabric --accelerator=cpu --devices=2
         from accelerate import Accelerator
         from torch.utils.data import DataLoader, TensorDataset
-        accelerator = Accelerator(cpu=True)
+        accelerator = Accelerator()  # unchanged: no cpu=True needed
         torch.manual_seed(accelerator.process_index)
         model = torch.nn.Linear(4, 1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
