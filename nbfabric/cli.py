@@ -21,7 +21,8 @@ from nbfabric.user_config import CONFIG_ENV, config_path, load_defaults
 
 RUN_DESCRIPTION = """\
 Run SCRIPT on every rank, as `python SCRIPT ARGS...` would, with each line of output tagged "[rank N]".
-nbfabric's flags go before SCRIPT; everything after SCRIPT is passed to the script.
+nbfabric's run flags go before or after SCRIPT (as with Lightning's `fabric run`); the script gets
+every other argument after SCRIPT, and everything after a `--`.
 
 Settings come from the flags, else the settings file (the one %%fabric uses), else the defaults.
 `Fabric()` in the script takes them from here; a `Fabric(...)` argument that says otherwise is an error.
@@ -41,7 +42,12 @@ Exit status: 0 on success; the failed rank's status (1 for an exception, 128+N f
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `nbfabric` and `python -m nbfabric`; returns the exit status."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)  # what follows goes to the script as it is
+    args = parser.parse_args(argv[:cut])
+    args.passed_on = argv[cut + 1 :]
+    if args.passed_on and getattr(args, "handler", None) is not _run:
+        parser.error("arguments after -- are for the script of nbfabric run")
     if not hasattr(args, "handler"):
         parser.print_help()
         return 0
@@ -92,11 +98,27 @@ def _add_install_kernel_command(commands: Any) -> None:
 
 # ----------------------------------------------------------------- run
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    _take_run_flags_after_script(parser, args)
     plan = _plan(parser, args)
     os.environ.update(run_command_environment(plan.config))
     if plan.config.num_nodes > 1:
         return run_on_nodes(args, plan)
     return _run_on_this_node(args, plan)
+
+
+def _take_run_flags_after_script(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Run flags after the script are nbfabric's too, as with Lightning's `fabric run`; a `--`
+    ends them, and what follows it goes to the script as it is."""
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_run_flags(flags.add_argument)
+    found, rest = flags.parse_known_args(args.script_args)
+    for name, value in vars(found).items():
+        if value is None:
+            continue
+        if getattr(args, name) is not None:
+            parser.error(f"--{name.replace('_', '-')} is given both before and after the script; give it once")
+        setattr(args, name, value)
+    args.script_args = [*rest, *args.passed_on]
 
 
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunPlan:

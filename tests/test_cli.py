@@ -123,6 +123,18 @@ def test_a_precision_the_cpu_runs_otherwise_is_one_plain_note(tmp_path, env):
     assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
 
 
+def test_run_flags_after_the_script_are_taken_as_lightning_takes_them(tmp_path, env):
+    script = write(tmp_path / "train.py", "import sys\nfrom nbfabric import Fabric\nfabric = Fabric()\nprint(fabric.world_size, fabric.config.precision, sys.argv[1:])\n")
+    done = nbfabric_command("run", str(script), "--accelerator=cpu", "--devices", "2", "--epochs", "3", "--precision=bf16-mixed", "--ranks=0", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "[rank 0] 2 bf16-mixed ['--epochs', '3']\n" in done.stdout
+    ended = nbfabric_command("run", "--accelerator=cpu", "--devices=1", str(script), "--", "--devices=5", env=env)
+    assert ended.returncode == 0, ended.stderr
+    assert "[rank 0] 1 32-true ['--devices=5']\n" in ended.stdout
+    twice = nbfabric_command("run", "--devices=1", str(script), "--devices=2", env=env)
+    assert twice.returncode == 2 and "--devices is given both before and after the script" in twice.stderr
+
+
 def test_a_null_in_the_settings_file_means_not_set_as_in_the_magic(tmp_path, env):
     settings = write(tmp_path / "settings.json", json.dumps({"accelerator": "cpu", "devices": 2, "precision": None}))
     script = write(tmp_path / "train.py", "from nbfabric import Fabric\nprint(Fabric().config.precision)\n")
