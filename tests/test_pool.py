@@ -38,9 +38,11 @@ def test_a_model_set_up_in_one_cell_trains_on_in_the_next_two(kernel):
         model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
         engine = os.getpid()
         losses = []
+        print("engine", engine)
         """
     )
     assert out["error"] is None, out["error"]
+    rank1_engine = out["stdout"].split("[rank 1] engine ")[1].split()[0]
     step = textwrap.dedent(f"""
         {POOL}
         for _ in range(5):
@@ -59,7 +61,18 @@ def test_a_model_set_up_in_one_cell_trains_on_in_the_next_two(kernel):
     assert out["result"] == "2.0"
     assert kernel.run("run.metrics.by_rank('seen')")["result"] == "{0: [0.0], 1: [1.0]}"
     kernel.run("%fabric pull engine --rank=1")
-    assert kernel.run("engine != os.getpid() if 'os' in dir() else engine > 0")["result"] == "True"
+    assert kernel.run("engine")["result"] == rank1_engine
+
+
+def test_names_bound_on_the_ranks_stay_there_until_the_notebook_binds_them_anew(kernel):
+    kernel.run("step_size = 1")
+    kernel.run(f"{POOL} --no-return\nstep_size = 10 + fabric.global_rank")
+    assert "[rank 1] kept 11" in kernel.run(f"{POOL}\nprint('kept', step_size)")["stdout"]  # not the notebook's 1
+    kernel.run("step_size = 7")
+    assert kernel.run(f"{POOL}\nstep_size + fabric.global_rank")["result"] == "7"
+    kernel.run("%fabric pull step_size --rank=1")
+    assert kernel.run("step_size")["result"] == "7"
+    assert kernel.run(f"{POOL}\nstep_size")["result"] == "7"
 
 
 def test_notebook_functions_reach_their_globals_on_the_ranks(kernel):

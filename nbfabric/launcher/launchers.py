@@ -10,6 +10,7 @@ implements `Launcher` and joins `select_launcher`; neither Fabric nor the magics
 from __future__ import annotations
 
 import atexit
+import pickle
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +25,7 @@ from nbfabric.launcher.cell_labels import label_error_cells
 from nbfabric.launcher.environment import RankInfo, started_by_launcher
 from nbfabric.launcher.output import Sink
 from nbfabric.launcher.pool import active_pool
+from nbfabric.launcher.shipping import dumps
 from nbfabric.wrappers import unwrap
 
 MULTI_NODE_PORT = 29500  # node 0's rendezvous port when none is given, as torchrun's
@@ -103,14 +105,15 @@ class ProcessLauncher:
 
 
 class SpawnLauncher(ProcessLauncher):
-    """Fresh interpreters: the function and its arguments travel with dill (`multiprocess`)."""
+    """Fresh interpreters: the function and its arguments travel as a rank pool's do (cloudpickle:
+    notebook functions with the globals they reach), the Fabric with dill (`multiprocess`)."""
 
     start_method = "spawn"
 
     def launch(self, fabric: Any, function: Callable[..., Any] | None, args: tuple = (), kwargs: dict | None = None) -> Any:
         if function is None:
             raise ValueError("continuing the calling script in each rank needs start_method='fork'")
-        return super().launch(fabric, function, args, kwargs)
+        return super().launch(fabric, call_shipped, (dumps((function, args, kwargs or {})),))
 
 
 class ForkLauncher(ProcessLauncher):
@@ -170,6 +173,12 @@ def run_as_rank(fabric: Any, function: Callable[..., Any], args: tuple, kwargs: 
         return result
     finally:
         fabric._finish()
+
+
+def call_shipped(fabric: Any, shipped: bytes) -> Any:
+    """In a rank: the function and arguments `shipping.dumps` pickled, called with `fabric`."""
+    function, args, kwargs = pickle.loads(shipped)
+    return function(fabric, *args, **kwargs)
 
 
 def to_cpu(data: Any) -> Any:

@@ -104,11 +104,15 @@ class _PoolRun:
         self._escalate()
 
     def _finished(self, rank: int, result: Any) -> None:
+        from ipyparallel.error import EngineError
+
         try:
             status, value = result.get(0)
-        except Exception as error:  # noqa: BLE001 - ipyparallel's word that the engine is gone
-            self._lost(rank, f"{type(error).__name__}: {error}")
+        except EngineError as error:  # ipyparallel's word that the engine is gone
+            self._lost(rank, str(error))
             return
+        except Exception as error:  # noqa: BLE001 - the engine could not run the rank's side (an import)
+            status, value = "failed", Failure(rank, type(error).__name__, str(error), "", now(), False)
         if status == "done":
             self.outcome.returncodes[rank] = 0
             if value is not None:
