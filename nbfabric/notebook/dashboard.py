@@ -170,6 +170,7 @@ class Dashboard(Sink):
             self.state = "running"
             self.tally.begin()
             self._dirty = True
+            self._shown_second = -1  # the header shows the new state now
         if int(now - self.started) != self._shown_second:
             self._render_header()
         if self._dirty and self._text_budget.due():
