@@ -365,3 +365,56 @@ def test_unknown_strategy_options_are_refused_naming_the_valid_ones():
         DDPStrategy(find_unused=True)
     with pytest.raises(TypeError, match="auto_wrap_policy"):
         FSDPStrategy(limit_all_gathers=True)
+
+
+def _accumulate_and_clip(fabric):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    norms = []
+    for step in range(4):
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * step + fabric.global_rank))
+        accumulating = step % 2 == 0
+        with fabric.no_backward_sync(model, enabled=accumulating):
+            fabric.backward(model(x).pow(2).mean())
+        if not accumulating:
+            norms.append(round(float(fabric.clip_gradients(model, optimizer, max_norm=0.1)), 5))
+            optimizer.step()
+            optimizer.zero_grad()
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return norms, [round(v, 5) for v in weights.tolist()], bool(torch.equal(*fabric.all_gather(weights)))
+
+
+def test_accumulation_without_sync_and_clipping_match_lightning():
+    results = run_both(_accumulate_and_clip)
+    assert results["nbfabric"] == results["lightning"]
+    assert results["nbfabric"][2] is True  # the ranks agree after the synchronised steps
+
+
+def _save(fabric, path):
+    torch.manual_seed(1)
+    model = nn.Linear(3, 2)
+    model, optimizer = fabric.setup(model, torch.optim.Adam(model.parameters(), lr=0.1))
+    fabric.backward(model(torch.ones(4, 3)).sum())
+    optimizer.step()
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 5})
+
+
+def _resume(fabric, path):
+    model = nn.Linear(3, 2)
+    model, optimizer = fabric.setup(model, torch.optim.Adam(model.parameters(), lr=0.1))
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    rest = fabric.load(path, state)
+    fabric.backward(model(torch.ones(4, 3)).sum())
+    optimizer.step()
+    return state["step"], rest, [round(v, 6) for v in torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()]
+
+
+@pytest.mark.parametrize(("writer", "reader"), [("lightning", "nbfabric"), ("nbfabric", "lightning")])
+def test_a_checkpoint_saved_by_one_resumes_in_the_other(tmp_path, writer, reader):
+    path = tmp_path / "checkpoint.pt"
+    FABRICS[writer](accelerator="cpu", devices=2, strategy="ddp_fork").launch(_save, path)
+    resumed = FABRICS[reader](accelerator="cpu", devices=2, strategy="ddp_fork").launch(_resume, path)
+    FABRICS[writer](accelerator="cpu", devices=2, strategy="ddp_fork").launch(_save, tmp_path / "same.pt")
+    own = FABRICS[writer](accelerator="cpu", devices=2, strategy="ddp_fork").launch(_resume, tmp_path / "same.pt")
+    assert resumed == own and resumed[0] == 5
