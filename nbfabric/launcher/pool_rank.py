@@ -35,13 +35,14 @@ def describe() -> dict[str, Any]:
 
 
 def free_port() -> int:
+    """A port nothing listens on, on this engine's machine."""
     from nbfabric.launcher.environment import free_port as find
 
     return find("")
 
 
-def join(env: dict[str, str], local_world_size: int) -> str:
-    """Take this rank's place: torchrun's variables and the intra-op threads; returns its device."""
+def join(env: dict[str, str], local_world_size: int) -> None:
+    """Take this rank's place: torchrun's variables and the intra-op threads."""
     from nbfabric.launcher.environment import threads_per_rank
 
     threads = threads_per_rank(local_world_size)
@@ -52,7 +53,6 @@ def join(env: dict[str, str], local_world_size: int) -> str:
 
         torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt counts only while a run goes on
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
 
 
 def set_main_port(port: int) -> None:

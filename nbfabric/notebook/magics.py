@@ -226,6 +226,9 @@ class FabricMagics(Magics):
         extra = " ".join(flag for flag in (plan.extra_flags, "" if widgets else "--no-widgets") if flag)
         print(f"%%fabric defaults: {plan.config.as_flags()}" + (f" {extra}" if extra else ""))
         print(f"hardware: {describe_hardware()}")
+        pool = active_pool()
+        if pool is not None:
+            print(f"cells run on the rank pool of {pool.world_size} ranks (%fabric pool shows it)" if pool.up else f"the rank pool is broken: {pool.broken}")
 
     def _saved_defaults(self) -> dict[str, Any]:
         """The user's saved settings (the lowest layer, under the `%fabric` defaults and the cell's flags)."""
