@@ -19,8 +19,9 @@ from nbfabric.launcher.environment import rank_environment
 ENGINE_KINDS = ("local", "slurm", "mpi", "ssh")
 START_TIMEOUT = 300.0  # seconds to wait for every engine to register (a Slurm job may queue)
 JOB_END_WAIT = 60.0  # seconds to wait for a cancelled Slurm job to leave the queue
-# The controller unregisters an engine that missed this many heartbeats of this period (ms).
-HEARTBEAT = ["--HeartMonitor.period=1000", "--HeartMonitor.max_heartmonitor_misses=3"]
+# The controller drops an engine that missed this many heartbeats of this period (ms); engines on
+# this machine are also watched by their pid, at once.
+HEARTBEAT = ["--HeartMonitor.period=1000", "--HeartMonitor.max_heartmonitor_misses=10"]
 
 
 class PoolError(RuntimeError):
