@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from nbfabric.devices import Hardware, detect_hardware
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
-STRATEGIES = ("auto", "ddp", "ddp_notebook", "ddp_fork", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "single_device")
+DEEPSPEED_STRATEGIES = (
+    "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
+)
+STRATEGIES = ("auto", "ddp", "ddp_notebook", "ddp_fork", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", *DEEPSPEED_STRATEGIES, "single_device")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 PRECISION_ALIASES = {
     "32": "32-true",
@@ -25,7 +28,7 @@ PRECISION_ALIASES = {
 START_METHODS = ("fork", "spawn")
 
 _RESOLVED_ACCELERATORS = ("cpu", "cuda", "mps")
-_RESOLVED_STRATEGIES = ("single_device", "ddp", "ddp_find_unused_parameters_true", "fsdp")
+_RESOLVED_STRATEGIES = ("single_device", "ddp", "ddp_find_unused_parameters_true", "fsdp", *DEEPSPEED_STRATEGIES)
 _REFUSED_STRATEGIES = {
     "dp": "strategy='dp' (torch's DataParallel: one process driving several GPUs) is not offered; use 'ddp', "
     "which runs one process per device and is faster",
@@ -172,6 +175,11 @@ def _check_resolved(config: RunConfig) -> None:
         raise ValueError("precision='16-mixed' is not available on CPU; use 'bf16-mixed'.")
     if config.accelerator == "mps" and config.precision == "64-true":
         raise ValueError("precision='64-true' is not available on MPS, which has no float64; use '32-true'.")
+    if config.strategy in DEEPSPEED_STRATEGIES and (config.accelerator == "mps" or config.precision == "64-true"):
+        raise ValueError(
+            f"strategy={config.strategy!r} runs on CPU or CUDA in 32-true, 16-mixed, bf16-mixed, 16-true or bf16-true, "
+            f"not accelerator={config.accelerator!r} with precision={config.precision!r}; choose strategy='ddp' for that."
+        )
     if config.start_method not in START_METHODS:
         raise ValueError(
             f"RunConfig.start_method={config.start_method!r} is not valid; choose one of {_choices(START_METHODS)}."

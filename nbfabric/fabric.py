@@ -22,7 +22,6 @@ from nbfabric.launcher.environment import RankInfo
 from nbfabric.launcher.launchers import select_launcher
 from nbfabric.interop import tell_libraries
 from nbfabric.metrics import MetricLog
-from nbfabric.precision import Precision
 from nbfabric.run_flags import check_timeout, with_run_command_settings
 from nbfabric.seeding import seed_everything
 from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
@@ -68,7 +67,7 @@ class Fabric:
         self._ranks = RankInfo(world_size=self.config.world_size)
         self._launched = False
         self._strategy = make_strategy(self.config, strategy)
-        self._precision = Precision(self.config.precision, self.config.accelerator)
+        self._precision = self._strategy.make_precision()
         self._metrics = MetricLog()
 
     # ----------------------------------------------------------------- who am I
@@ -136,6 +135,11 @@ class Fabric:
         self._strategy.setup_environment(ranks)
         self._launched = True
 
+    def _before_return(self) -> None:
+        """In every rank, called by its launcher once the function succeeded, before rank 0's value
+        goes back: the strategy makes sharded models whole (a collective)."""
+        self._strategy.before_return()
+
     def _finish(self) -> None:
         """In a rank, called by its launcher after the function: send what is still unsent."""
         self._metrics.close()
@@ -160,35 +164,43 @@ class Fabric:
         module, or (module, *optimizers), with the scheduler last when one is given."""
         if any(isinstance(optimizer, FabricOptimizer) for optimizer in optimizers):
             raise ValueError("An optimizer should be passed only once to the `setup` method.")
-        module = self.setup_module(module, move_to_device=move_to_device)
+        module, original = self._prepare_module(module, move_to_device)
+        forward_module, prepared = self._strategy.setup_module_and_optimizers(module, [unwrap(o) for o in optimizers])
+        wrapped_module = self._wrap_module(forward_module, original)
         if not optimizers:
-            return module
-        wrapped = (module, *self._wrap_optimizers(optimizers))
+            return wrapped_module
+        wrapped = (wrapped_module, *self._wrap_optimizers(prepared))
         return (*wrapped, scheduler) if scheduler is not None else wrapped
 
     def setup_module(self, module: torch.nn.Module, move_to_device: bool = True, _reapply_compile: bool = True) -> FabricModule:
         """The model wrapped for this run. A `torch.compile`d model keeps running compiled; its
         state_dict and attributes are those of the model inside."""
+        module, original = self._prepare_module(module, move_to_device)
+        return self._wrap_module(self._strategy.setup_module(module), original)
+
+    def _prepare_module(self, module: torch.nn.Module, move_to_device: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The module in the precision's dtype on the device, and the user's model inside a compiled one."""
         self._check_launched()
         if isinstance(module, FabricModule):
             raise ValueError("A model should be passed only once to the `setup` method.")
         module = self._precision.convert_module(module)
         if move_to_device:
             module = module.to(self.device)
-        original = getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
-        wrapped = FabricModule(self._strategy.setup_module(module), original, self._precision)
+        return module, getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
+
+    def _wrap_module(self, forward_module: torch.nn.Module, original: torch.nn.Module) -> FabricModule:
+        wrapped = FabricModule(forward_module, original, self._precision)
         call_hook(self._callbacks, "on_after_setup", fabric=self, module=wrapped)
         return wrapped
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
-        wrapped = self._wrap_optimizers(optimizers)
+        wrapped = self._wrap_optimizers([self._strategy.setup_optimizer(unwrap(optimizer)) for optimizer in optimizers])
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
-    def _wrap_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> tuple[FabricOptimizer, ...]:
+    def _wrap_optimizers(self, optimizers: Sequence[Any]) -> tuple[FabricOptimizer, ...]:
         after_step = partial(call_hook, self._callbacks, "on_after_optimizer_step", strategy=self._strategy)
-        return tuple(
-            FabricOptimizer(self._strategy.setup_optimizer(unwrap(optimizer)), self._precision, after_step) for optimizer in optimizers
-        )
+        step_with = partial(self._strategy.optimizer_step, precision=self._precision)
+        return tuple(FabricOptimizer(optimizer, step_with, after_step) for optimizer in optimizers)
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
@@ -205,7 +217,7 @@ class Fabric:
 
     # ----------------------------------------------------------------- training
     def backward(self, tensor: torch.Tensor, *args: Any, model: Any = None, **kwargs: Any) -> None:
-        self._precision.backward(tensor, *args, **kwargs)
+        self._strategy.backward(tensor, self._precision, *args, **kwargs)
 
     def clip_gradients(
         self,
@@ -219,6 +231,7 @@ class Fabric:
         """Clip by value (`clip_val`) or by total norm (`max_norm`, returned); exactly one of them."""
         if (clip_val is None) == (max_norm is None):
             raise ValueError("clip_gradients needs exactly one of clip_val= or max_norm=")
+        self._strategy.check_clip_gradients()
         self._precision.unscale_gradients(unwrap(optimizer))
         parameters = [p for p in unwrap(module).parameters() if p.grad is not None]
         if clip_val is not None:
@@ -320,7 +333,7 @@ class Fabric:
         weights_only: bool = True,
     ) -> dict[str, Any]:
         """Restore the objects in `state` in place and return the rest of the checkpoint."""
-        return checkpoint.load_into(path, state, strict=strict, weights_only=weights_only)
+        return self._strategy.load(path, state, strict=strict, weights_only=weights_only)
 
     def load_raw(self, path: str | os.PathLike, obj: Any, strict: bool = True, weights_only: bool | None = None) -> None:
         """Load a plain state_dict file (as saved by torch.save) into a module or optimizer;

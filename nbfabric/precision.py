@@ -81,3 +81,22 @@ class Precision:
         """Before clipping: gradients back to their true scale."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
+
+
+class EnginePrecision(Precision):
+    """A precision that an engine (DeepSpeed) applies to the module and gradients itself: no autocast
+    or gradient scaling here; floating-point inputs are converted to the engine's 16-bit dtype."""
+
+    def __init__(self, name: str, device_type: str):
+        super().__init__(name, device_type)
+        self.input_dtype = _MIXED.get(name) or _TRUE.get(name)
+        self.autocast_dtype = None
+        self._scales_gradients = False
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def convert_input(self, data: Any) -> Any:
+        if self.input_dtype is None:
+            return data
+        return tree_map_only(torch.Tensor, lambda t: t.to(self.input_dtype) if t.is_floating_point() else t, data)

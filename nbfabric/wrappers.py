@@ -158,15 +158,16 @@ _SHARED_OPTIMIZER_ATTRIBUTES = ("step", "zero_grad", "state_dict", "param_groups
 
 
 class FabricOptimizer:
-    """The user's optimizer (same param groups and state, same class for isinstance) whose step applies the precision."""
+    """The user's optimizer (same param groups and state, same class for isinstance) whose step goes
+    through `step_with(optimizer, **kwargs)`: the strategy's step under the precision setting."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, precision: Precision, after_step: Callable[..., None] | None = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, step_with: Callable[..., Any], after_step: Callable[..., None] | None = None):
         # A copy of the optimizer's attributes: the same param_groups and state objects, while a
         # method patched onto this wrapper (an LR scheduler's step counter) stays on the wrapper.
         self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in _SHARED_OPTIMIZER_ATTRIBUTES}
         self.__class__ = type("Fabric" + type(optimizer).__name__, (FabricOptimizer, type(optimizer)), {})
         self._fabric_optimizer = optimizer
-        self._fabric_precision = precision
+        self._fabric_step_with = step_with
         self._fabric_after_step = after_step
 
     @property
@@ -180,7 +181,7 @@ class FabricOptimizer:
 
     def step(self, closure: Any = None) -> Any:
         kwargs = {} if closure is None else {"closure": closure}
-        result = self._fabric_precision.optimizer_step(self._fabric_optimizer, **kwargs)
+        result = self._fabric_step_with(self._fabric_optimizer, **kwargs)
         if self._fabric_after_step is not None:
             self._fabric_after_step(optimizer=self._fabric_optimizer)
         return result

@@ -134,8 +134,10 @@ def test_strategy_and_start_method_resolution(settings, strategy, start_method):
 @pytest.mark.parametrize(
     ("settings", "match"),
     [
-        ({"strategy": "deepspeed"}, "strategy='deepspeed' is not valid; choose one of auto, ddp, ddp_notebook, "
-                                    "ddp_fork, ddp_spawn, ddp_find_unused_parameters_true, fsdp, single_device"),
+        ({"strategy": "horovod"}, "strategy='horovod' is not valid; choose one of auto, ddp, ddp_notebook, "
+                                  "ddp_fork, ddp_spawn, ddp_find_unused_parameters_true, fsdp, deepspeed, "
+                                  "deepspeed_stage_1, deepspeed_stage_2, deepspeed_stage_2_offload, deepspeed_stage_3, "
+                                  "deepspeed_stage_3_offload, single_device"),
         ({"strategy": "dp"}, "strategy='dp' .* is not offered; use 'ddp'"),
         ({"strategy": "single_device", "devices": 2}, r"runs one process, but 2 device\(s\) on 1 node\(s\) make 2"),
         ({"strategy": "single_device", "num_nodes": 3}, r"1 device\(s\) on 3 node\(s\) make 3"),

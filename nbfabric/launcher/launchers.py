@@ -165,7 +165,9 @@ def run_as_rank(fabric: Any, function: Callable[..., Any], args: tuple, kwargs: 
     stands."""
     fabric._join(RankInfo.from_environment())
     try:
-        result = to_cpu(function(fabric, *args, **kwargs))
+        value = function(fabric, *args, **kwargs)
+        fabric._before_return()
+        result = to_cpu(value)
         try:
             fabric.strategy.barrier()
         except RuntimeError:

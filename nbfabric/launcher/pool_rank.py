@@ -129,7 +129,9 @@ def run(payload: bytes) -> tuple[str, Any]:
                 place = RankInfo(rank, int(env["LOCAL_RANK"]), int(env["NODE_RANK"]), int(env["WORLD_SIZE"]), RankLinks(channel))
                 _join_group(fabric, place)
                 try:
-                    value = to_cpu(function(fabric, *args, **kwargs))
+                    value = function(fabric, *args, **kwargs)
+                    fabric._before_return()
+                    value = to_cpu(value)
                 finally:
                     fabric._finish()
             return "done", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else None

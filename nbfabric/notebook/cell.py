@@ -130,6 +130,7 @@ def run_in_rank(fabric: Any, cell: Cell, values: dict[str, Any] | Shipment, name
     namespace["fabric"] = fabric
     exec(cell.body, namespace)  # noqa: S102 - the user's own cell
     last_value = eval(cell.last_expression, namespace) if cell.last_expression is not None else None  # noqa: S307
+    fabric._before_return()
     if fabric.global_rank != 0:
         return None
     wanted = [name for name in (cell.bound_names if names is None else names) if name != "fabric" and not name.startswith("_")]

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from nbfabric.config import RunConfig
 from nbfabric.strategies.ddp import DDPStrategy, reduce_op_name
+from nbfabric.strategies.deepspeed import NAMED_STAGES, DeepSpeedStrategy
 from nbfabric.strategies.fsdp import FSDP, FSDPStrategy
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
 
-_BY_NAME = {"single_device": SingleDeviceStrategy, "ddp": DDPStrategy, "ddp_find_unused_parameters_true": DDPStrategy, "fsdp": FSDPStrategy}
+_BY_NAME = {
+    "single_device": SingleDeviceStrategy,
+    "ddp": DDPStrategy,
+    "ddp_find_unused_parameters_true": DDPStrategy,
+    "fsdp": FSDPStrategy,
+    **{name: partial(DeepSpeedStrategy.named, name) for name in NAMED_STAGES},
+}
 
 
 def strategy_name(strategy: Any) -> Any:
@@ -29,4 +37,4 @@ def make_strategy(config: RunConfig, given: Any = None) -> SingleDeviceStrategy:
     return given.bind(config)
 
 
-__all__ = ["DDPStrategy", "FSDP", "FSDPStrategy", "SingleDeviceStrategy", "make_strategy", "reduce_op_name", "strategy_name"]
+__all__ = ["DDPStrategy", "DeepSpeedStrategy", "FSDP", "FSDPStrategy", "SingleDeviceStrategy", "make_strategy", "reduce_op_name", "strategy_name"]

@@ -9,7 +9,6 @@ from typing import Any, Iterator
 import torch
 
 from nbfabric import checkpoint
-from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import preserved_environment
 from nbfabric.strategies.ddp import DDPStrategy
 
@@ -79,13 +78,7 @@ class FSDPStrategy(DDPStrategy):
                 )
             options = FSDP(frozenset(auto_wrap_policy or ()), bool(cpu_offload), _SHARDING[sharding_strategy], state_dict_type)
         self.options = options
-        self.precision = "32-true"
         self._sharded_parameters: dict[int, torch.nn.Parameter] = {}  # id(original) -> its sharded successor
-
-    def bind(self, config: RunConfig) -> FSDPStrategy:
-        super().bind(config)
-        self.precision = config.precision
-        return self
 
     def preload(self) -> None:
         """FSDP and its checkpoint functions take about a second to import: once, before forking."""

@@ -10,6 +10,7 @@ import torch
 from nbfabric import checkpoint
 from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import RankInfo
+from nbfabric.precision import Precision
 
 
 class SingleDeviceStrategy:
@@ -23,12 +24,18 @@ class SingleDeviceStrategy:
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.device_ids: tuple[int, ...] = (0,)
+        self.precision = "32-true"
 
     def bind(self, config: RunConfig) -> SingleDeviceStrategy:
         """Take the resolved settings of the run (accelerator, devices, precision)."""
         self.device = torch.device(config.accelerator)
         self.device_ids = config.device_ids
+        self.precision = config.precision
         return self
+
+    def make_precision(self) -> Precision:
+        """What the precision setting does to this strategy's modules, forward, backward and steps."""
+        return Precision(self.precision, self.device.type)
 
     @property
     def root_device(self) -> torch.device:
@@ -56,6 +63,19 @@ class SingleDeviceStrategy:
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
+    def setup_module_and_optimizers(self, module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[torch.nn.Module, list[Any]]:
+        """`fabric.setup(model, *optimizers)`: the module's wrapper and the optimizers to step."""
+        return self.setup_module(module), [self.setup_optimizer(optimizer) for optimizer in optimizers]
+
+    def backward(self, tensor: torch.Tensor, precision: Precision, *args: Any, **kwargs: Any) -> None:
+        precision.backward(tensor, *args, **kwargs)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision, **kwargs: Any) -> Any:
+        return precision.optimizer_step(optimizer, **kwargs)
+
+    def check_clip_gradients(self) -> None:
+        """Raise where `fabric.clip_gradients` cannot reach the gradients."""
+
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
         return nullcontext()
 
@@ -67,6 +87,13 @@ class SingleDeviceStrategy:
         if is_global_zero:
             checkpoint.atomic_save(checkpoint.filtered(checkpoint.to_state(state), filter), path)
         self.barrier()
+
+    def load(self, path: Any, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
+        """Restore the objects in `state` in place from `path`; the rest of the checkpoint."""
+        return checkpoint.load_into(path, state, strict=strict, weights_only=weights_only)
+
+    def before_return(self) -> None:
+        """On every rank, after the run's function succeeded: make what was sharded whole (may be a collective)."""
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj

@@ -1,0 +1,250 @@
+"""DeepSpeed ZeRO (stages 1-3, optional CPU offload): the engine trains, checkpoints and steps.
+
+deepspeed is imported only inside the ranks (and by `nbfabric consolidate`), never by the process
+that forks them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import logging
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+
+from nbfabric.config import RunConfig
+from nbfabric.launcher.environment import RankInfo
+from nbfabric.precision import EnginePrecision, Precision
+from nbfabric.strategies.ddp import DDPStrategy
+from nbfabric.wrappers import unwrap
+
+MIN_VERSION = (0, 19)  # the oldest release tested; importing it initialises no CUDA
+NAMED_STAGES = {
+    "deepspeed": (2, False),
+    "deepspeed_stage_1": (1, False),
+    "deepspeed_stage_2": (2, False),
+    "deepspeed_stage_2_offload": (2, True),
+    "deepspeed_stage_3": (3, False),
+    "deepspeed_stage_3_offload": (3, True),
+}
+_PRECISION_SECTIONS = {
+    "16-mixed": {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}},
+    "16-true": {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}},
+    "bf16-mixed": {"bf16": {"enabled": True}},
+    "bf16-true": {"bf16": {"enabled": True}},
+    "32-true": {},
+}
+
+
+def check_installed() -> None:
+    """Raise, naming the extra, where deepspeed is missing or older than the releases tested (without importing it)."""
+    try:
+        version = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        raise ImportError("strategy='deepspeed' needs DeepSpeed: pip install 'nbfabric[deepspeed]'") from None
+    if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < MIN_VERSION:
+        raise ImportError(
+            f"strategy='deepspeed' needs deepspeed>={'.'.join(map(str, MIN_VERSION))} (older releases may initialise CUDA "
+            f"when imported, which breaks forked ranks); this environment has {version}: pip install -U 'nbfabric[deepspeed]'"
+        )
+
+
+class DeepSpeedStrategy(DDPStrategy):
+    """Trains through DeepSpeed's engine with ZeRO sharding of optimizer state (1), gradients (2) and parameters (3).
+
+    ``DeepSpeedStrategy(stage=3, offload_optimizer=True, offload_parameters=True)``, or a whole
+    DeepSpeed config: ``DeepSpeedStrategy(config="ds_config.json")`` (a dict or a JSON file; its
+    own precision and batch settings win over the run's). `fabric.setup(model, optimizer)` takes
+    exactly one optimizer; checkpoints are DeepSpeed's directories, one shard per rank.
+    """
+
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        stage: int = 2,
+        *,
+        offload_optimizer: bool = False,
+        offload_parameters: bool = False,
+        config: dict[str, Any] | str | os.PathLike | None = None,
+        process_group_backend: str | None = None,
+        timeout: Any = None,
+    ):
+        super().__init__(process_group_backend=process_group_backend, timeout=timeout)
+        if stage not in (1, 2, 3):
+            raise ValueError(f"DeepSpeedStrategy(stage={stage!r}) is not valid; choose a ZeRO stage: 1, 2 or 3")
+        if offload_parameters and stage != 3:
+            raise ValueError(f"offload_parameters=True needs ZeRO stage 3 (stage={stage}); offload_optimizer works from stage 1")
+        self.stage, self.offload_optimizer, self.offload_parameters = stage, offload_optimizer, offload_parameters
+        self.config = _read_config(config)
+        self._engine: Any = None
+        self._before_engine: dict[int, Any] = {}
+
+    @classmethod
+    def named(cls, name: str) -> DeepSpeedStrategy:
+        """The strategy of a Lightning name: deepspeed (stage 2), deepspeed_stage_1 ... deepspeed_stage_3_offload."""
+        stage, offload = NAMED_STAGES[name]
+        return cls(stage, offload_optimizer=offload, offload_parameters=offload and stage == 3)
+
+    def bind(self, config: RunConfig) -> DeepSpeedStrategy:
+        check_installed()
+        super().bind(config)
+        return self
+
+    @property
+    def engine_config(self) -> dict[str, Any]:
+        """What `deepspeed.initialize` gets: the user's config, else one made from the stage, offload and precision."""
+        if self.config is not None:
+            return {"train_micro_batch_size_per_gpu": 1, **_PRECISION_SECTIONS[self.precision], **self.config}
+        zero: dict[str, Any] = {"stage": self.stage}
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        if self.offload_parameters:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        return {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "zero_optimization": zero,
+            **_PRECISION_SECTIONS[self.precision],
+        }
+
+    def make_precision(self) -> Precision:
+        return EnginePrecision(self.precision, self.device.type)
+
+    def setup_environment(self, ranks: RankInfo) -> None:
+        """Join the process group, then hand it to DeepSpeed (imported here, in the rank)."""
+        super().setup_environment(ranks)
+        _deepspeed(self.device).init_distributed(dist_backend=self.backend, auto_mpi_discovery=False, verbose=False)
+
+    def setup_module_and_optimizers(self, module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[Any, list[Any]]:
+        """One engine for the module and its optimizer; the engine's (ZeRO) optimizer stands for the user's."""
+        if len(optimizers) > 1:
+            raise ValueError(f"DeepSpeed trains with exactly one optimizer; fabric.setup got {len(optimizers)}")
+        from nbfabric.strategies.deepspeed_checkpoint import snapshot
+
+        self._before_engine = snapshot(module)
+        engine, optimizer, _, _ = _deepspeed(self.device).initialize(
+            model=module, optimizer=optimizers[0] if optimizers else None, config=self.engine_config, dist_init_required=False
+        )
+        self._engine = engine
+        return engine, [optimizer] if optimizers else []
+
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.setup_module_and_optimizers(module, [])[0]
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        raise RuntimeError("With DeepSpeed, set up the model and its optimizer together: fabric.setup(model, optimizer)")
+
+    def backward(self, tensor: torch.Tensor, precision: Precision, *args: Any, **kwargs: Any) -> None:
+        self._trained_engine().backward(tensor, *args, **kwargs)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision, **kwargs: Any) -> Any:
+        """The engine's step: it unscales, clips (the config's gradient_clipping), steps and zeroes the gradients."""
+        if kwargs:
+            raise ValueError("DeepSpeed's optimizer step takes no closure")
+        return self._trained_engine().step()
+
+    def check_clip_gradients(self) -> None:
+        raise RuntimeError(
+            "DeepSpeed clips gradients inside its step; set 'gradient_clipping' in the DeepSpeed config "
+            "(DeepSpeedStrategy(config={..., 'gradient_clipping': 1.0})) instead of calling fabric.clip_gradients"
+        )
+
+    def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
+        raise NotImplementedError(
+            "DeepSpeed cannot skip the gradient synchronisation; accumulate gradients with "
+            "'gradient_accumulation_steps' in its config, or choose strategy='ddp'"
+        )
+
+    def _trained_engine(self) -> Any:
+        if self._engine is None or self._engine.optimizer is None:
+            raise RuntimeError("With DeepSpeed, call fabric.setup(model, optimizer) before backward and optimizer steps")
+        return self._engine
+
+    def save(self, path: Any, state: dict[str, Any], is_global_zero: bool, filter: dict[str, Any] | None = None) -> None:
+        """DeepSpeed's checkpoint directory (every rank writes its shard), put in place of `path` once complete;
+        everything in `state` besides the model and optimizer goes in as client state."""
+        from nbfabric.strategies.deepspeed_checkpoint import TAG, client_state
+
+        if filter is not None:
+            raise ValueError("fabric.save(filter=...) is not available with DeepSpeed, whose engine saves the whole model and optimizer")
+        extras = client_state(state, self._engine_in(state))
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        if is_global_zero:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.barrier()
+        self._engine.save_checkpoint(str(partial), tag=TAG, client_state=extras)
+        self.barrier()
+        if is_global_zero:
+            previous = path.with_name(f".{path.name}.previous")
+            if path.exists():
+                os.replace(path, previous)
+            os.replace(partial, path)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier()
+
+    def load(self, path: Any, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
+        """Restore the engine (model, and optimizer where `state` has it) and the client state from a DeepSpeed directory."""
+        from nbfabric.strategies.deepspeed_checkpoint import TAG, is_checkpoint, restore_client_state, trusted_loads
+
+        if not is_checkpoint(Path(path)):
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a checkpoint written by fabric.save under DeepSpeed; "
+                "load a single-file checkpoint into the model before fabric.setup (model.load_state_dict)"
+            )
+        state = state if state is not None else {}
+        engine = self._engine_in(state)
+        with_optimizer = any(unwrap(value) is engine.optimizer for value in state.values())
+        with trusted_loads(not weights_only):
+            _, client = engine.load_checkpoint(
+                os.fspath(path), tag=TAG, load_module_strict=strict,
+                load_optimizer_states=with_optimizer, load_lr_scheduler_states=False,
+            )
+        return restore_client_state(state, client, engine, strict=strict, path=path)
+
+    def _engine_in(self, state: dict[str, Any]) -> Any:
+        engines = [value for value in state.values() if getattr(value, "_forward_module", None) is self._engine is not None]
+        if len(engines) != 1:
+            raise ValueError(
+                f"With DeepSpeed, the state to save or load holds exactly one model set up with its optimizer; it holds {len(engines)}"
+            )
+        return self._engine
+
+    def before_return(self) -> None:
+        """On every rank, once the run's function is done: make the model whole again (ZeRO-3 gathers
+        each parameter, a collective) as ordinary parameters, and let go of the engine's hooks."""
+        if self._engine is None:
+            return
+        from nbfabric.strategies.deepspeed_checkpoint import unshard
+
+        unshard(self._engine, self._before_engine)
+        self._engine = None
+
+
+def _read_config(config: Any) -> dict[str, Any] | None:
+    if config is None or isinstance(config, dict):
+        return config
+    path = Path(config)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"DeepSpeedStrategy(config={os.fspath(config)!r}) must be a dict or a readable JSON file: {error}") from None
+
+
+def _deepspeed(device: torch.device) -> Any:
+    """deepspeed, imported for this rank's kind of device."""
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if device.type == "cpu":
+        # DeepSpeed would compile (a minute, with a C++ compiler) a shared-memory all-reduce that
+        # serves only inference kernels; training's collectives go through torch.distributed.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
