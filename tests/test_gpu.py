@@ -1,4 +1,4 @@
-"""On a CUDA machine: NCCL, mixed precision with the gradient scaler, FSDP, and the fork check."""
+"""On a CUDA machine: NCCL, mixed precision with the gradient scaler, FSDP, DeepSpeed (fp16, bf16, offload), and the fork check."""
 
 from __future__ import annotations
 
@@ -93,3 +93,41 @@ def test_fork_is_refused_after_cuda_init_and_spawn_works(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "refused: CUDA is already initialised" in done.stdout
     assert "spawned: cuda:0" in done.stdout
+
+
+def _deepspeed_steps(fabric: Fabric) -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    x, y = torch.randn(16, 32, device=fabric.device), torch.randn(16, 1, device=fabric.device)
+    losses = []
+    for _ in range(8):
+        loss = F.mse_loss(model(x).float(), y)
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+        losses.append(loss.item())
+    engine = fabric.strategy._engine
+    return {
+        "losses": losses,
+        "sections": (engine.fp16_enabled(), engine.bfloat16_enabled()),
+        "engine_dtype": str(next(engine.module.parameters()).dtype),
+        "model": model,
+    }
+
+
+@pytest.mark.parametrize(
+    ("strategy", "precision", "sections", "dtype"),
+    [
+        ("deepspeed_stage_2", "16-mixed", (True, False), "torch.float16"),
+        ("deepspeed_stage_3", "bf16-mixed", (False, True), "torch.bfloat16"),
+        ("deepspeed_stage_2_offload", "16-mixed", (True, False), "torch.float16"),
+        ("deepspeed_stage_3_offload", "bf16-mixed", (False, True), "torch.bfloat16"),
+    ],
+)
+def test_deepspeed_in_16_bit_and_with_cpu_offload(strategy, precision, sections, dtype):
+    pytest.importorskip("deepspeed")
+    result = Fabric(accelerator="cuda", devices=1, strategy=strategy, precision=precision).launch(_deepspeed_steps)
+    assert result["sections"] == sections and result["engine_dtype"] == dtype
+    assert all(loss == loss for loss in result["losses"]) and result["losses"][-1] < result["losses"][0]
+    assert type(result["model"]) is torch.nn.Sequential and result["model"][0].weight.shape == (64, 32)
