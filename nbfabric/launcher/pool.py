@@ -146,6 +146,10 @@ class RankPool:
         return "\n".join(lines)
 
     def check_usable(self) -> None:
+        """Raise PoolError unless every rank's engine is there to run."""
+        dead = self.dead_ranks() if self.client is not None and not self.broken else []
+        if dead:
+            self.mark_broken(f"the engine of rank {', '.join(map(str, dead))} is gone")
         if self.broken:
             raise PoolError(f"the rank pool is broken: {self.broken}. %fabric start makes a new one.")
         if self.client is None:

@@ -108,11 +108,11 @@ class _PoolRun:
 
         try:
             status, value = result.get(0)
-        except EngineError as error:  # ipyparallel's word that the engine is gone
-            self._lost(rank, str(error))
-            return
-        except Exception as error:  # noqa: BLE001 - the engine could not run the rank's side (an import)
-            status, value = "failed", Failure(rank, type(error).__name__, str(error), "", now(), False)
+        except Exception as error:  # noqa: BLE001 - the engine is gone, or could not run the rank's side
+            if isinstance(error, EngineError) or getattr(error, "ename", "") == "EngineError":
+                self._lost(rank, f"its engine died ({getattr(error, 'evalue', error)})")
+                return
+            status, value = "failed", Failure(rank, getattr(error, "ename", type(error).__name__), str(getattr(error, "evalue", error)), "", now(), False)
         if status == "done":
             self.outcome.returncodes[rank] = 0
             if value is not None:
