@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import logging
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ContextManager
@@ -243,8 +244,20 @@ def _deepspeed(device: torch.device) -> Any:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.utils.logger.addFilter(_ExpectedNotices())
+    # DeepSpeed's own calls of torch functions torch has renamed: nothing the user can change.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", category=FutureWarning
+    )
     if device.type == "cpu":
         # DeepSpeed would compile (a minute, with a C++ compiler) a shared-memory all-reduce that
         # serves only inference kernels; training's collectives go through torch.distributed.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
+
+
+class _ExpectedNotices(logging.Filter):
+    """Drops DeepSpeed's warning about a torch optimizer under ZeRO: nbfabric allows the user's own optimizer on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
