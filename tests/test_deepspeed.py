@@ -171,3 +171,28 @@ print(result, "deepspeed" in sys.modules)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "(3, 4) False"
+
+
+def test_a_fabric_cell_trains_with_zero3_and_the_model_comes_back_whole(tmp_path):
+    from test_magic import Kernel
+
+    kernel = Kernel(tmp_path / "none.json")
+    try:
+        kernel.run("import sys\nfrom torch import nn\nmodel = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))")
+        out = kernel.run(
+            """
+            %%fabric --accelerator=cpu --devices=2 --strategy=deepspeed_stage_3
+            model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            for _ in range(3):
+                loss = model(torch.randn(4, 8)).pow(2).mean()
+                fabric.backward(loss)
+                optimizer.step()
+            held = sum(p.ds_tensor.numel() for p in model.parameters())
+            """
+        )
+        assert out["error"] is None, out["error"]
+        check = kernel.run("(type(model).__name__, [tuple(p.shape) for p in model.parameters()], held, 'deepspeed' in sys.modules)")
+        assert check["result"] == "('Sequential', [(32, 8), (32,), (2, 32), (2,)], 177, False)"  # rank 0 held half of the 354
+        kernel.assert_no_ranks_left()
+    finally:
+        kernel.close()
