@@ -196,3 +196,54 @@ def test_a_fabric_cell_trains_with_zero3_and_the_model_comes_back_whole(tmp_path
         kernel.assert_no_ranks_left()
     finally:
         kernel.close()
+
+
+def _save_an_object(fabric: Fabric, path: str) -> None:
+    from fractions import Fraction
+
+    model, optimizer = _setup(fabric)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "ratio": Fraction(1, 3)})
+
+
+def _load(fabric: Fabric, path: str, weights_only: bool):
+    model, optimizer = _setup(fabric)
+    return fabric.load(path, {"model": model, "optimizer": optimizer}, weights_only=weights_only)
+
+
+def test_a_checkpoint_holding_other_objects_loads_only_when_trusted(tmp_path):
+    from fractions import Fraction
+
+    path = str(tmp_path / "checkpoint")
+    Fabric(accelerator="cpu", devices=2, strategy="deepspeed").launch(_save_an_object, path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        Fabric(accelerator="cpu", devices=2, strategy="deepspeed").launch(_load, path, True)
+    assert Fabric(accelerator="cpu", devices=2, strategy="deepspeed").launch(_load, path, False) == {"ratio": Fraction(1, 3)}
+    with pytest.raises(Exception, match="Weights only load failed"):
+        consolidate(path, tmp_path / "full.pt")
+    assert torch.load(consolidate(path, tmp_path / "full.pt", trusted=True), weights_only=False)["ratio"] == Fraction(1, 3)
+
+
+def test_nbfabric_run_trains_a_script_with_zero3_and_consolidate_makes_one_file(tmp_path):
+    import os
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch\nfrom nbfabric import Fabric\n"
+        "fabric = Fabric()\nfabric.launch()\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))\n"
+        "fabric.backward(model(torch.ones(3, 4)).sum())\noptimizer.step()\n"
+        f"fabric.save({str(tmp_path / 'checkpoint')!r}, {{'model': model, 'optimizer': optimizer, 'epoch': 1}})\n"
+        "print(fabric.strategy.stage, 'deepspeed' in sys.modules)\n"
+    )
+    env = {**os.environ, "NBFABRIC_CONFIG": str(tmp_path / "no-settings.json")}
+    command = [sys.executable, "-m", "nbfabric"]
+    done = subprocess.run([*command, "run", "--accelerator=cpu", "--devices=2", "--strategy=deepspeed_stage_3", str(script)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "[rank 0] 3 True" in done.stdout and "[rank 1] 3 True" in done.stdout
+    done = subprocess.run([*command, "consolidate", str(tmp_path / "checkpoint"), str(tmp_path / "full.pt")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    assert full["epoch"] == 1 and full["model"]["weight"].shape == (2, 4)

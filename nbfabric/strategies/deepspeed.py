@@ -6,9 +6,9 @@ that forks them."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import logging
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +22,7 @@ from nbfabric.precision import EnginePrecision, Precision
 from nbfabric.strategies.ddp import DDPStrategy
 from nbfabric.wrappers import unwrap
 
-MIN_VERSION = (0, 19)  # the oldest release tested; importing it initialises no CUDA
+MIN_VERSION = (0, 19)  # the oldest release tested with forked ranks
 NAMED_STAGES = {
     "deepspeed": (2, False),
     "deepspeed_stage_1": (1, False),
@@ -31,13 +31,9 @@ NAMED_STAGES = {
     "deepspeed_stage_3": (3, False),
     "deepspeed_stage_3_offload": (3, True),
 }
-_PRECISION_SECTIONS = {
-    "16-mixed": {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}},
-    "16-true": {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}},
-    "bf16-mixed": {"bf16": {"enabled": True}},
-    "bf16-true": {"bf16": {"enabled": True}},
-    "32-true": {},
-}
+_FP16 = {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
+_BF16 = {"bf16": {"enabled": True}}
+_PRECISION_SECTIONS = {"16-mixed": _FP16, "16-true": _FP16, "bf16-mixed": _BF16, "bf16-true": _BF16, "32-true": {}}
 
 
 def check_installed() -> None:
