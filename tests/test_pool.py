@@ -75,6 +75,13 @@ def test_names_bound_on_the_ranks_stay_there_until_the_notebook_binds_them_anew(
     assert kernel.run(f"{POOL}\nstep_size")["result"] == "7"
 
 
+def test_a_background_cell_on_the_pool_leaves_its_names_on_the_ranks(kernel):
+    kernel.run(f"{POOL} --background\nimport time\ntime.sleep(1)\nlater = 5 + fabric.global_rank")
+    kernel.run("%fabric wait")
+    assert kernel.run("later")["result"] == "5"
+    assert "[rank 1] 6" in kernel.run(f"{POOL}\nprint(later)")["stdout"]
+
+
 def test_notebook_functions_reach_their_globals_on_the_ranks(kernel):
     kernel.run("HIDDEN = 5\ndef width():\n    return HIDDEN * 2")
     assert kernel.run(f"{POOL}\nwidth()")["result"] == "10"

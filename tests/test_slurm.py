@@ -96,6 +96,8 @@ def test_bad_slurm_options_are_refused_before_any_job(tmp_path):
         assert "--partition and --time are Slurm's; use them with --engines=slurm" in out["stderr"]
         out = kernel.run("%fabric start --engines=local --num-nodes=2 --devices=1")
         assert "needs engines on several machines" in out["stderr"]
+        if shutil.which("mpiexec") is None:
+            assert "--engines=mpi needs mpiexec, which is not on PATH here" in kernel.run("%fabric start --engines=mpi")["stderr"]
         assert kernel.children() == []
         assert shutil.which("squeue") is None or our_jobs("nbfabric-") == []
     finally:

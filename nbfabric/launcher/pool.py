@@ -256,8 +256,9 @@ def _check(devices: Any, num_nodes: int, accelerator: str, engines: str, partiti
     config = RunConfig.resolve(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
     if engines == "local" and config.num_nodes > 1:
         raise ValueError(f"--num-nodes={config.num_nodes} needs engines on several machines: --engines=slurm, mpi or ssh")
-    if engines == "slurm" and _missing("sbatch"):
-        raise ValueError("--engines=slurm needs Slurm's sbatch, which is not on PATH here")
+    needed = {"slurm": "sbatch", "mpi": "mpiexec", "ssh": "ssh"}.get(engines)
+    if needed and _missing(needed):
+        raise ValueError(f"--engines={engines} needs {needed}, which is not on PATH here")
     return config
 
 

@@ -64,6 +64,7 @@ class FabricMagics(Magics):
         super().__init__(shell)
         self.defaults: dict[str, Any] = {}
         self.background: BackgroundRun | None = None
+        self._background_pool_cell: tuple[RankPool, Cell] | None = None  # a background run on a pool
 
     @magic_arguments.magic_arguments()
     @_run_flag_arguments
@@ -111,6 +112,10 @@ class FabricMagics(Magics):
         if request.background:
             if dashboard is not None:
                 dashboard.show()
+            self._background_pool_cell = None
+            if request.pool is not None:
+                self._remember_rank_names(request.pool, compiled)  # the ranks' copies stay theirs
+                self._background_pool_cell = (request.pool, compiled)
             return self._start_background(launch, record, view, dashboard)
         try:
             returned = launch()
@@ -279,7 +284,12 @@ class FabricMagics(Magics):
             if not run.running:
                 self.background = None
                 run.view.settle()
-        return self._bring_back(returned)
+        try:
+            return self._bring_back(returned)
+        finally:
+            if self._background_pool_cell is not None:
+                self._remember_rank_names(*self._background_pool_cell)
+                self._background_pool_cell = None
 
 
 def widgets_can_render(shell: Any) -> bool:

@@ -17,6 +17,7 @@ POOL_HELP = """\
 rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it):
   %fabric start --devices=N [--num-nodes=M] [--accelerator=cpu|cuda] [--engines=local|slurm|mpi|ssh]
                 [--partition=P] [--time=T] [--profile=NAME] [--controller-ip=ADDRESS]
+                (ssh engines take their hosts from the profile's ipcluster_config.py)
   %fabric attach --profile=NAME | --cluster-id=ID    use engines started with ipcluster
   %fabric pool                                       show the ranks, their nodes and devices
   %fabric pull NAME [--rank=N]                       bring one name back from a rank
