@@ -7,6 +7,7 @@ import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import metadata
 
 from nbfabric.devices import Hardware, detect_hardware
 
@@ -26,6 +27,7 @@ PRECISION_ALIASES = {
     64: "64-true",
 }
 START_METHODS = ("fork", "spawn")
+DEEPSPEED_MIN_VERSION = (0, 19)  # the oldest release tested with forked ranks
 
 _RESOLVED_ACCELERATORS = ("cpu", "cuda", "mps")
 _RESOLVED_STRATEGIES = ("single_device", "ddp", "ddp_find_unused_parameters_true", "fsdp", *DEEPSPEED_STRATEGIES)
@@ -84,6 +86,8 @@ class RunConfig:
         if isinstance(strategy, str) and strategy.strip().lower() == "ddp_spawn":  # Lightning's name for ddp by spawn
             strategy, start_method = "ddp", "spawn"
         strategy = _resolve_strategy(strategy, start_method, len(device_ids) * num_nodes)
+        if strategy in DEEPSPEED_STRATEGIES:
+            _check_deepspeed_installed()
         precision = _resolve_precision(precision, accelerator)
         return cls(accelerator, device_ids, strategy, precision, num_nodes, start_method)
 
@@ -289,6 +293,19 @@ def _resolve_strategy(value: object, start_method: str, world_size: int) -> str:
     if requested == "auto":
         return "ddp" if world_size > 1 else "single_device"
     return requested
+
+
+def _check_deepspeed_installed() -> None:
+    """Raise, naming the extra, where deepspeed is missing or older than the releases tested (without importing it)."""
+    try:
+        version = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        raise ImportError("strategy='deepspeed' needs DeepSpeed: pip install 'nbfabric[deepspeed]'") from None
+    if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < DEEPSPEED_MIN_VERSION:
+        raise ImportError(
+            f"strategy='deepspeed' needs deepspeed>={'.'.join(map(str, DEEPSPEED_MIN_VERSION))} (older releases may initialise "
+            f"CUDA when imported, which breaks forked ranks); this environment has {version}: pip install -U 'nbfabric[deepspeed]'"
+        )
 
 
 def _resolve_precision(value: object, accelerator: str) -> str:

@@ -146,6 +146,8 @@ def test_a_missing_or_old_deepspeed_is_named_with_the_extra(monkeypatch):
     monkeypatch.setattr(metadata, "version", missing)
     with pytest.raises(ImportError, match=r"pip install 'nbfabric\[deepspeed\]'"):
         Fabric(accelerator="cpu", devices=2, strategy="deepspeed_stage_3")
+    with pytest.raises(ImportError, match=r"pip install 'nbfabric\[deepspeed\]'"):  # as %%fabric and nbfabric run check their flags
+        RunConfig.resolve(accelerator="cpu", devices=2, strategy="deepspeed")
     monkeypatch.setattr(metadata, "version", lambda name: "0.9.5")
     with pytest.raises(ImportError, match=r"deepspeed>=0.19 .* has 0.9.5"):
         Fabric(accelerator="cpu", devices=2, strategy=DeepSpeedStrategy(stage=1))

@@ -10,19 +10,16 @@ import logging
 import os
 import shutil
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
 
-from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import RankInfo
 from nbfabric.precision import EnginePrecision, Precision
 from nbfabric.strategies.ddp import DDPStrategy
 from nbfabric.wrappers import unwrap
 
-MIN_VERSION = (0, 19)  # the oldest release tested with forked ranks
 NAMED_STAGES = {
     "deepspeed": (2, False),
     "deepspeed_stage_1": (1, False),
@@ -34,19 +31,6 @@ NAMED_STAGES = {
 _FP16 = {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
 _BF16 = {"bf16": {"enabled": True}}
 _PRECISION_SECTIONS = {"16-mixed": _FP16, "16-true": _FP16, "bf16-mixed": _BF16, "bf16-true": _BF16, "32-true": {}}
-
-
-def check_installed() -> None:
-    """Raise, naming the extra, where deepspeed is missing or older than the releases tested (without importing it)."""
-    try:
-        version = metadata.version("deepspeed")
-    except metadata.PackageNotFoundError:
-        raise ImportError("strategy='deepspeed' needs DeepSpeed: pip install 'nbfabric[deepspeed]'") from None
-    if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < MIN_VERSION:
-        raise ImportError(
-            f"strategy='deepspeed' needs deepspeed>={'.'.join(map(str, MIN_VERSION))} (older releases may initialise CUDA "
-            f"when imported, which breaks forked ranks); this environment has {version}: pip install -U 'nbfabric[deepspeed]'"
-        )
 
 
 class DeepSpeedStrategy(DDPStrategy):
@@ -85,11 +69,6 @@ class DeepSpeedStrategy(DDPStrategy):
         """The strategy of a Lightning name: deepspeed (stage 2), deepspeed_stage_1 ... deepspeed_stage_3_offload."""
         stage, offload = NAMED_STAGES[name]
         return cls(stage, offload_optimizer=offload, offload_parameters=offload and stage == 3)
-
-    def bind(self, config: RunConfig) -> DeepSpeedStrategy:
-        check_installed()
-        super().bind(config)
-        return self
 
     @property
     def engine_config(self) -> dict[str, Any]:
