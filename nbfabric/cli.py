@@ -13,6 +13,7 @@ from importlib import metadata
 from typing import Any
 
 from nbfabric.launcher import RankError, RankTimeoutError, TextSink, launch
+from nbfabric.launcher.environment import in_slurm_step, slurm_rank_environment
 from nbfabric.launcher.processes import exit_status
 from nbfabric.nodes import run_on_nodes
 from nbfabric.report import environment_report
@@ -99,11 +100,25 @@ def _add_install_kernel_command(commands: Any) -> None:
 # ----------------------------------------------------------------- run
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _take_run_flags_after_script(parser, args)
+    if in_slurm_step() and "RANK" not in os.environ:
+        return _run_as_slurm_task(parser, args)
     plan = _plan(parser, args)
     os.environ.update(run_command_environment(plan.config))
     if plan.config.num_nodes > 1:
         return run_on_nodes(args, plan)
     return _run_on_this_node(args, plan)
+
+
+def _run_as_slurm_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Under `srun`, each task is one rank of the run (ranks, world size and main address from
+    Slurm's variables): the script runs here, with the settings the flags give."""
+    ranks = slurm_rank_environment(os.environ)
+    args.devices = args.devices or ranks["LOCAL_WORLD_SIZE"]
+    args.num_nodes = args.num_nodes or os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1"))
+    plan = _plan(parser, args, main_address_known=True)
+    os.environ.update({**ranks, **run_command_environment(plan.config)})
+    run_script(args.script, args.script_args)
+    return 0
 
 
 def _take_run_flags_after_script(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -121,7 +136,7 @@ def _take_run_flags_after_script(parser: argparse.ArgumentParser, args: argparse
     args.script_args = [*rest, *args.passed_on]
 
 
-def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunPlan:
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, main_address_known: bool = False) -> RunPlan:
     """Built-in defaults < the settings file < the flags, checked as %%fabric checks them, and
     what only a script run needs."""
     if not os.path.isfile(args.script):
@@ -134,7 +149,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunPlan:
         parser.error(str(error))
     for note in notes:  # such as a precision this accelerator runs otherwise
         print(f"nbfabric run: {note.message}", file=sys.stderr)
-    if plan.config.num_nodes > 1 and not args.main_address:
+    if plan.config.num_nodes > 1 and not (args.main_address or main_address_known):
         parser.error(f"--num-nodes={plan.config.num_nodes} needs --main-address, the address of node 0 that every node can reach")
     return plan
 

@@ -89,6 +89,26 @@ def test_srun_tasks_join_one_run_from_slurms_variables(slurm, tmp_path):
     assert "rank 0 of 2 on node 0: 3.0" in done.stdout and "rank 1 of 2 on node 1: 3.0" in done.stdout
 
 
+def test_srun_tasks_of_nbfabric_run_are_the_ranks_of_one_run(slurm, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, torch
+            from nbfabric import Fabric
+            fabric = Fabric()  # settings from nbfabric run, ranks from Slurm
+            fabric.launch()
+            total = fabric.all_reduce(torch.tensor(fabric.global_rank + 1.0), reduce_op="sum").item()
+            print(f"rank {fabric.global_rank} of {fabric.world_size}: {total} {sys.argv[1:]}")
+            """
+        )
+    )
+    command = [shutil.which("srun"), "-N", "2", "-n", "2", "--job-name=nbfabric-test-run", sys.executable, "-m", "nbfabric", "run", str(script), "--accelerator=cpu", "--lr", "0.1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "rank 0 of 2: 3.0 ['--lr', '0.1']" in done.stdout and "rank 1 of 2: 3.0 ['--lr', '0.1']" in done.stdout
+
+
 def test_bad_slurm_options_are_refused_before_any_job(tmp_path):
     kernel = Kernel(tmp_path / "none.json")
     try:

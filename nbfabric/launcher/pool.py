@@ -74,7 +74,7 @@ class RankPool:
 
         options = {"profile": profile} if profile else {}
         if engines == "slurm":
-            options["config"] = _slurm_config(self.config, partition, time)
+            options["config"] = _slurm_config(self.config, partition, time, _job_dir(profile))
         self.cluster = ipp.Cluster(
             n=self.config.world_size,
             engines=engines,
@@ -262,14 +262,26 @@ def _check(devices: Any, num_nodes: int, accelerator: str, engines: str, partiti
     return config
 
 
-def _slurm_config(config: RunConfig, partition: str | None, time: str | None) -> Any:
+def _job_dir(profile: str | None) -> str:
+    """Where the Slurm job's batch file and output go: the ipyparallel profile's log folder (not
+    the notebook's folder, and shared with the nodes where home is)."""
+    from IPython.paths import get_ipython_dir
+
+    folder = os.path.join(get_ipython_dir(), f"profile_{profile or 'default'}", "log")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _slurm_config(config: RunConfig, partition: str | None, time: str | None, job_dir: str) -> Any:
     """ipyparallel's settings for its Slurm engine launcher: one job, one task per rank."""
     from traitlets.config import Config
 
     settings = Config()
+    settings.SlurmEngineSetLauncher.batch_file_name = os.path.join(job_dir, "nbfabric-engines.sbatch")
     settings.SlurmEngineSetLauncher.batch_template = (
         "#!/bin/sh\n"
         "#SBATCH --job-name=nbfabric-{cluster_id}\n"
+        f"#SBATCH --output={os.path.join(job_dir, 'nbfabric-slurm-%j.out')}\n"
         f"#SBATCH --nodes={config.num_nodes}\n"
         f"#SBATCH --ntasks-per-node={config.num_processes}\n"
         "#SBATCH --export=ALL\n"
