@@ -35,6 +35,17 @@ class Kernel(KernelProcess):
         outputs["pages"] = "".join(p.get("data", {}).get("text/plain", "") for p in reply["content"].get("payload", []))
         return outputs
 
+    def run_interrupted(self, code: str, after: float = 3) -> tuple[dict, float]:
+        """Run `code`, interrupting the kernel `after` seconds in: what it showed, and the seconds it took."""
+        interrupter = threading.Timer(after, self.manager.interrupt_kernel)
+        interrupter.start()
+        started = time.monotonic()
+        try:
+            return self.run(code), time.monotonic() - started
+        finally:
+            interrupter.cancel()
+            interrupter.join()
+
 
 
 @pytest.fixture(scope="module")
@@ -178,18 +189,8 @@ def test_a_failing_rank_shows_its_cell_line_and_the_next_cell_runs(kernel):
 
 
 def test_the_notebook_interrupt_stops_every_rank_and_keeps_the_kernel(kernel):
-    def interrupt_soon():
-        time.sleep(3)
-        kernel.manager.interrupt_kernel()
-
-    interrupter = threading.Thread(target=interrupt_soon)
-    interrupter.start()
-    try:
-        started = time.monotonic()
-        out = kernel.run(f"{CPU2}\nimport time\nprint('working', flush=True)\ntime.sleep(120)")
-        assert time.monotonic() - started < 60
-    finally:
-        interrupter.join()
+    out, seconds = kernel.run_interrupted(f"{CPU2}\nimport time\nprint('working', flush=True)\ntime.sleep(120)")
+    assert seconds < 60
     assert out["error"]["ename"] == "KeyboardInterrupt"
     assert "[rank 0] working" in out["stdout"]
     assert kernel.run("1 + 1")["result"] == "2"

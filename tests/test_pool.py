@@ -4,8 +4,6 @@ failures, interrupts, timeouts, a lost rank, names that cannot be sent, and noth
 from __future__ import annotations
 
 import textwrap
-import threading
-import time
 
 import psutil
 import pytest
@@ -96,18 +94,8 @@ def test_a_failing_rank_names_its_cell_line_and_the_pool_runs_the_next_cell(kern
 
 
 def test_interrupt_stops_the_cell_on_every_rank_and_the_pool_stays(kernel):
-    def interrupt_soon():
-        time.sleep(3)
-        kernel.manager.interrupt_kernel()
-
-    interrupter = threading.Thread(target=interrupt_soon)
-    interrupter.start()
-    try:
-        started = time.monotonic()
-        out = kernel.run(f"{POOL}\nimport time\nprint('working', flush=True)\ntime.sleep(60)")
-        assert time.monotonic() - started < 30
-    finally:
-        interrupter.join()
+    out, seconds = kernel.run_interrupted(f"{POOL}\nimport time\nprint('working', flush=True)\ntime.sleep(60)")
+    assert seconds < 30
     assert out["error"]["ename"] == "KeyboardInterrupt"
     assert "[rank 0] working" in out["stdout"]
     assert kernel.run(f"{POOL}\nfabric.all_reduce(torch.tensor(2.0), reduce_op='sum').item()")["result"] == "4.0"
