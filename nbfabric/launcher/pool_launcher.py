@@ -4,11 +4,8 @@ failure, interrupt or timeout ends as for ranks started per run, with the pool s
 from __future__ import annotations
 
 import pickle
-import signal
 import sys
-import threading
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from nbfabric.channel import Failure, Metrics, now
 from nbfabric.launcher import pool_rank
@@ -17,7 +14,7 @@ from nbfabric.launcher.errors import raise_for_outcome
 from nbfabric.launcher.output import LineSplitter, Sink, TextSink
 from nbfabric.launcher.pool import RankPool
 from nbfabric.launcher.shipping import dumps
-from nbfabric.launcher.supervisor import Outcome
+from nbfabric.launcher.supervisor import Outcome, interrupts_as_requests
 
 STOP_GRACE = 3.0  # seconds ranks get to stop after SIGINT, and again after their peers left the group
 _TICK = 0.05
@@ -71,7 +68,7 @@ class _PoolRun:
         self._next_dead_check = 0.0
 
     def run(self, payload: bytes) -> Outcome:
-        with self._sigint_as_stop_request():
+        with interrupts_as_requests(self._count_interrupt):
             self.pending = {r.rank: self.pool.engine(r.rank).apply_async(pool_rank.run, payload) for r in self.pool.ranks}
             self.results = dict(self.pending)
             self.sequence = dict.fromkeys(self.pending, 0)
@@ -203,19 +200,6 @@ class _PoolRun:
             self._emit(rank, stream, splitter.close())
         self.sink.flush()
 
-    @contextmanager
-    def _sigint_as_stop_request(self) -> Iterator[None]:
-        """While the run goes on, the notebook's interrupt asks the ranks to stop instead of raising."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_sigint(signum, frame):
-            self._interrupts += 1
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    def _count_interrupt(self) -> None:
+        self._interrupts += 1
 

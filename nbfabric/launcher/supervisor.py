@@ -7,8 +7,9 @@ import selectors
 import signal
 import threading
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterator
 
 from nbfabric.channel import ChannelWriter, Display, Exiting, Failure, FrameReader, Left, Metrics, Result, now
 from nbfabric.launcher.output import LineSplitter, Sink
@@ -58,7 +59,7 @@ class Supervisor:
 
     def run(self) -> Outcome:
         try:
-            with self._sigint_as_stop_request():
+            with interrupts_as_requests(self._count_interrupt):
                 for process in self.ranks.values():
                     self._watch(process)
                 while self._selector.get_map():
@@ -205,21 +206,8 @@ class Supervisor:
             if key.data[1] != "exit":
                 os.close(key.fd)
 
-    @contextmanager
-    def _sigint_as_stop_request(self):
-        """While supervising, Ctrl-C / the notebook's interrupt asks for a stop instead of raising."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_sigint(signum, frame):
-            self._interrupts += 1
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    def _count_interrupt(self) -> None:
+        self._interrupts += 1
 
 
 def _answer(rank_socket: ChannelWriter, request_id: int, value) -> None:
@@ -227,3 +215,17 @@ def _answer(rank_socket: ChannelWriter, request_id: int, value) -> None:
         rank_socket.send((request_id, value))
     except OSError:  # the rank is gone
         pass
+
+
+@contextmanager
+def interrupts_as_requests(on_interrupt: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, Ctrl-C / the notebook's interrupt calls `on_interrupt` (a request to
+    stop the ranks) instead of raising; only in the main thread, where signals arrive."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: on_interrupt())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
