@@ -41,7 +41,10 @@ def slurm():
 
 
 def our_jobs(name_prefix: str) -> list[str]:
-    listed = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True)
+    """Our jobs in the queue; none where no Slurm controller answers (then none can run)."""
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        return []
     return [line for line in listed.stdout.splitlines() if line.split()[1].startswith(name_prefix)]
 
 
