@@ -90,17 +90,29 @@ def save_sharded(
     """Every rank writes its shards into a temporary directory; rank 0 then puts it in place of `path`."""
     import torch.distributed.checkpoint as dcp
 
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
     objects, extras = _split(state)
+
+    def write(directory: Path) -> None:
+        dcp.save(filtered(distributed_state(objects, full=False), filter), checkpoint_id=directory)
+        if is_global_zero:
+            torch.save(filtered(to_state(extras), filter), directory / EXTRAS_FILE)
+
+    replace_directory(Path(path), write, is_global_zero, barrier)
+
+
+def replace_directory(path: Path, write: Callable[[Path], None], is_global_zero: bool, barrier: Callable[[], None]) -> None:
+    """Every rank calls `write(directory)` on a fresh temporary directory beside `path`; once all
+    have, rank 0 moves the old `path` aside, the new one in, and removes the old: `path` is never
+    half-written."""
+    partial = path.with_name(f".{path.name}.partial")
     if is_global_zero:
-        _recover_replaced(path)
+        recover_replaced(path)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
-    dcp.save(filtered(distributed_state(objects, full=False), filter), checkpoint_id=partial)
+    write(partial)
+    barrier()
     if is_global_zero:
-        torch.save(filtered(to_state(extras), filter), partial / EXTRAS_FILE)
         previous = path.with_name(f".{path.name}.previous")
         if path.exists():
             os.replace(path, previous)
@@ -109,7 +121,7 @@ def save_sharded(
     barrier()
 
 
-def _recover_replaced(path: Path) -> None:
+def recover_replaced(path: Path) -> None:
     """A sharded save stopped between moving the old checkpoint aside and moving the new one in
     leaves only `.NAME.previous`: put it back."""
     previous = path.with_name(f".{path.name}.previous")
@@ -120,7 +132,7 @@ def _recover_replaced(path: Path) -> None:
 def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
     """Load `path`; restore each object in `state` in place and return what the checkpoint had besides."""
     if not Path(path).exists():
-        _recover_replaced(Path(path))
+        recover_replaced(Path(path))
     if Path(path).is_dir():
         return _load_sharded(Path(path), state or {}, strict=strict, weights_only=weights_only)
     checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
@@ -165,15 +177,20 @@ def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_on
                 set_model_state_dict(target, loaded[key], options=StateDictOptions(strict=strict))
             else:
                 set_optimizer_state_dict(_owner(target, modules), target, loaded[key])
-    rest = torch.load(path / EXTRAS_FILE, map_location="cpu", weights_only=weights_only)
-    _check_keys(path, extras, rest, strict)
-    for key in [key for key in extras if key in rest]:
-        target = unwrap(extras[key])
+    return restore_entries(path, state, list(extras), torch.load(path / EXTRAS_FILE, map_location="cpu", weights_only=weights_only), strict=strict)
+
+
+def restore_entries(path: Any, state: dict[str, Any], keys: list[str], available: dict[str, Any], *, strict: bool) -> dict[str, Any]:
+    """Restore each of `keys` of `state` from `available` (in place where the object has
+    `load_state_dict`, else the value itself); return what `available` holds besides."""
+    _check_keys(path, keys, available, strict)
+    for key in [key for key in keys if key in available]:
+        target = unwrap(state[key])
         if hasattr(target, "load_state_dict"):
-            target.load_state_dict(rest.pop(key))
+            target.load_state_dict(available.pop(key))
         else:
-            state[key] = rest.pop(key)
-    return rest
+            state[key] = available.pop(key)
+    return available
 
 
 def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -182,7 +199,7 @@ def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return objects, {k: v for k, v in state.items() if k not in objects}
 
 
-def _check_keys(path: Any, wanted: dict[str, Any], available: dict[str, Any], strict: bool) -> None:
+def _check_keys(path: Any, wanted: Any, available: dict[str, Any], strict: bool) -> None:
     missing = [key for key in wanted if key not in available]
     if strict and missing:
         raise KeyError(

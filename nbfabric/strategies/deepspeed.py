@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
 
+from nbfabric import checkpoint
 from nbfabric.launcher.environment import RankInfo
 from nbfabric.precision import EnginePrecision, Precision
 from nbfabric.strategies.ddp import DDPStrategy
@@ -150,25 +150,17 @@ class DeepSpeedStrategy(DDPStrategy):
         if filter is not None:
             raise ValueError("fabric.save(filter=...) is not available with DeepSpeed, whose engine saves the whole model and optimizer")
         extras = client_state(state, self._engine_in(state))
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        if is_global_zero:
-            shutil.rmtree(partial, ignore_errors=True)
-        self.barrier()
-        self._engine.save_checkpoint(str(partial), tag=TAG, client_state=extras)
-        self.barrier()
-        if is_global_zero:
-            previous = path.with_name(f".{path.name}.previous")
-            if path.exists():
-                os.replace(path, previous)
-            os.replace(partial, path)
-            shutil.rmtree(previous, ignore_errors=True)
-        self.barrier()
+
+        def write(directory: Path) -> None:
+            self._engine.save_checkpoint(str(directory), tag=TAG, client_state=extras)
+
+        checkpoint.replace_directory(Path(path), write, is_global_zero, self.barrier)
 
     def load(self, path: Any, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
         """Restore the engine (model, and optimizer where `state` has it) and the client state from a DeepSpeed directory."""
         from nbfabric.strategies.deepspeed_checkpoint import TAG, is_checkpoint, restore_client_state, trusted_loads
 
+        checkpoint.recover_replaced(Path(path))
         if not is_checkpoint(Path(path)):
             raise ValueError(
                 f"{os.fspath(path)!r} is not a checkpoint written by fabric.save under DeepSpeed; "

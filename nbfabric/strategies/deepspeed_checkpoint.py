@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
+from nbfabric.checkpoint import restore_entries
 from nbfabric.launcher.environment import preserved_environment
 from nbfabric.wrappers import unwrap
 
@@ -43,21 +44,8 @@ def client_state(state: dict[str, Any], engine: Any) -> dict[str, Any]:
 
 def restore_client_state(state: dict[str, Any], client: dict[str, Any], engine: Any, *, strict: bool, path: Any) -> dict[str, Any]:
     """Restore the entries of `state` besides the engine's from the client state; return the rest."""
-    client = dict(client[CLIENT_KEY]["extras"])
     wanted = [key for key, value in state.items() if not _is_engine_object(value, engine)]
-    missing = [key for key in wanted if key not in client]
-    if strict and missing:
-        raise KeyError(
-            f"the checkpoint {os.fspath(path)!r} has no entry for {', '.join(map(repr, missing))}; "
-            f"it has {', '.join(map(repr, client))}. Pass strict=False to load what is there."
-        )
-    for key in [key for key in wanted if key in client]:
-        target = unwrap(state[key])
-        if hasattr(target, "load_state_dict"):
-            target.load_state_dict(client.pop(key))
-        else:
-            state[key] = client.pop(key)
-    return client
+    return restore_entries(path, state, wanted, dict(client[CLIENT_KEY]["extras"]), strict=strict)
 
 
 @contextmanager
