@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import textwrap
 from pathlib import Path
 
 from jupyter_client.manager import start_new_kernel
+from kernel_cell import run
 
 SETUP = """
 %load_ext nbfabric
@@ -43,33 +43,20 @@ CONTENDERS = {
 }
 
 
-def run(client, code: str) -> str:
-    result = {}
-
-    def keep(message):
-        if message["msg_type"] == "execute_result":
-            result["value"] = message["content"]["data"]["text/plain"]
-        elif message["msg_type"] == "error":
-            raise RuntimeError("\n".join(message["content"]["traceback"]))
-
-    client.execute_interactive(textwrap.dedent(code), output_hook=keep, timeout=300)
-    return result.get("value", "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
     manager, client = start_new_kernel(kernel_name="python3")
     try:
-        run(client, SETUP)
+        run(client, SETUP, timeout=300)
         for code in CONTENDERS.values():  # warm-up: first imports, first fork
-            run(client, code)
+            run(client, code, timeout=300)
         times = {name: [] for name in CONTENDERS}
         for round_index in range(args.runs):  # the order reverses every other round
             names = list(CONTENDERS) if round_index % 2 == 0 else list(reversed(CONTENDERS))
             for name in names:
-                times[name].append(float(run(client, CONTENDERS[name])))
+                times[name].append(float(run(client, CONTENDERS[name], timeout=300)))
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)

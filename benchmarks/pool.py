@@ -12,10 +12,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 
 from jupyter_client.manager import start_new_kernel
+from kernel_cell import run
 
 SETUP = """
 %load_ext nbfabric
@@ -50,19 +50,6 @@ for step in range(100):
 """
 
 CELLS = {"empty 2-rank cell": "pass", "training cell (100 DDP steps)": TRAINING}
-
-
-def run(client, code: str) -> str:
-    result = {}
-
-    def keep(message):
-        if message["msg_type"] == "execute_result":
-            result["value"] = message["content"]["data"]["text/plain"]
-        elif message["msg_type"] == "error":
-            raise RuntimeError("\n".join(message["content"]["traceback"]))
-
-    client.execute_interactive(textwrap.dedent(code), output_hook=keep, timeout=600)
-    return result.get("value", "")
 
 
 def cells_side_by_side(runs: int) -> list[tuple[str, float, float]]:
