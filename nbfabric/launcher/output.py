@@ -65,6 +65,12 @@ class LineSplitter:
         return text
 
 
+def emit_segments(sink: Sink, rank: int, stream: str, segments: list[tuple[str, bool]]) -> None:
+    """Pass what a LineSplitter made of a rank's stream to `sink`: lines, and progress redraws."""
+    for text, is_progress in segments:
+        (sink.progress if is_progress else sink.line)(rank, stream, text)
+
+
 def parse_rank_filter(value: str, world_size: int) -> set[int] | None:
     """`--ranks`: "all" (None) or a comma list of ranks; ValueError naming the valid ones otherwise."""
     if value == "all":

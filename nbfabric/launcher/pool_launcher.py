@@ -11,7 +11,7 @@ from nbfabric.channel import Failure, Metrics, now
 from nbfabric.launcher import pool_rank
 from nbfabric.launcher.cell_labels import label_error_cells
 from nbfabric.launcher.errors import raise_for_outcome
-from nbfabric.launcher.output import LineSplitter, Sink, TextSink
+from nbfabric.launcher.output import LineSplitter, Sink, TextSink, emit_segments
 from nbfabric.launcher.pool import RankPool
 from nbfabric.launcher.shipping import dumps
 from nbfabric.launcher.supervisor import Outcome, interrupts_as_requests
@@ -180,11 +180,7 @@ class _PoolRun:
             else:
                 _, stream, text = event
                 splitter = self.splitters.setdefault((rank, stream), LineSplitter())
-                self._emit(rank, stream, splitter.feed(text.encode()))
-
-    def _emit(self, rank: int, stream: str, segments: list[tuple[str, bool]]) -> None:
-        for text, is_progress in segments:
-            (self.sink.progress if is_progress else self.sink.line)(rank, stream, text)
+                emit_segments(self.sink, rank, stream, splitter.feed(text.encode()))
 
     def _drain_final(self) -> None:
         """The events that arrived after the runs' results, and each stream's unterminated rest."""
@@ -197,7 +193,7 @@ class _PoolRun:
         for rank in self.results:
             self._replay(rank)
         for (rank, stream), splitter in self.splitters.items():
-            self._emit(rank, stream, splitter.close())
+            emit_segments(self.sink, rank, stream, splitter.close())
         self.sink.flush()
 
     def _count_interrupt(self) -> None:

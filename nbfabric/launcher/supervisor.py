@@ -12,7 +12,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 from nbfabric.channel import ChannelWriter, Display, Exiting, Failure, FrameReader, Left, Metrics, Result, now
-from nbfabric.launcher.output import LineSplitter, Sink
+from nbfabric.launcher.output import LineSplitter, Sink, emit_segments
 from nbfabric.launcher.processes import RankProcess, reap_in_background
 from nbfabric.launcher.rendezvous import StoreServer
 
@@ -125,7 +125,7 @@ class Supervisor:
                 self.store.forget(rank)
                 return
             if kind != "channel":
-                self._emit_lines(rank, kind, reader.close())
+                emit_segments(self.sink, rank, kind, reader.close())
             self._open_pipes[rank].discard(fd)
             if rank in self._announced and not self._open_pipes[rank] and rank not in self.outcome.returncodes:
                 self._selector.unregister(self.ranks[rank].sentinel)
@@ -138,11 +138,7 @@ class Supervisor:
             for request in reader.feed(chunk):
                 self.store.handle(rank, request, partial(_answer, ChannelWriter(fd)))
         else:
-            self._emit_lines(rank, kind, reader.feed(chunk))
-
-    def _emit_lines(self, rank: int, stream: str, segments: list[tuple[str, bool]]) -> None:
-        for text, is_progress in segments:
-            (self.sink.progress if is_progress else self.sink.line)(rank, stream, text)
+            emit_segments(self.sink, rank, kind, reader.feed(chunk))
 
     def _on_event(self, event) -> None:
         if isinstance(event, Metrics):
