@@ -5,6 +5,8 @@ from nbfabric.fabric import Fabric
 from nbfabric.strategies import FSDP
 from nbfabric.launcher import ForkUnsafeError, RankError, RankTimeoutError, launch
 from nbfabric.launcher.pool import PoolError, RankPool
+from nbfabric.seeding import seed_everything
+from nbfabric.wrappers import is_wrapped
 
 
 def load_ipython_extension(ipython) -> None:
@@ -22,5 +24,5 @@ def picker(config=None):
     return show(config)
 
 
-__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "RankPool", "RankError", "RankTimeoutError", "ForkUnsafeError", "PoolError", "load_ipython_extension", "picker"]
+__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "seed_everything", "is_wrapped", "RankPool", "RankError", "RankTimeoutError", "ForkUnsafeError", "PoolError", "load_ipython_extension", "picker"]
 __version__ = "0.1.0"

@@ -4,14 +4,19 @@ given only the keyword arguments its signature takes."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable
 
 
 def call_hook(callbacks: list[Any], hook_name: str, *args: Any, **kwargs: Any) -> None:
     for callback in callbacks:
         method = getattr(callback, hook_name, None)
-        if callable(method):
-            method(*args, **_accepted(method, kwargs))
+        if method is None:
+            continue
+        if not callable(method):
+            warnings.warn(f"Skipping the callback `{type(callback).__name__}.{hook_name}` because it is not callable.", stacklevel=3)
+            continue
+        method(*args, **_accepted(method, kwargs))
 
 
 def _accepted(method: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:

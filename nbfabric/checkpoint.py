@@ -145,6 +145,7 @@ def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: 
     for key in [key for key in state if key in checkpoint]:
         target = unwrap(state[key])
         if isinstance(target, torch.nn.Module):
+            check_strict(target, checkpoint[key], strict)
             set_model_state_dict(target, checkpoint.pop(key), options=StateDictOptions(full_state_dict=True, strict=strict))
         elif isinstance(target, torch.optim.Optimizer) and _keyed_by_name(checkpoint[key]):
             set_optimizer_state_dict(
@@ -191,6 +192,19 @@ def restore_entries(path: Any, state: dict[str, Any], keys: list[str], available
         else:
             state[key] = available.pop(key)
     return available
+
+
+def check_strict(module: torch.nn.Module, state_dict: dict[str, Any], strict: bool) -> None:
+    """With `strict`, keys of the module that `state_dict` lacks, or has in excess, are an error, as in `load_state_dict`."""
+    expected = module.state_dict().keys()
+    missing, unexpected = [k for k in expected if k not in state_dict], [k for k in state_dict if k not in expected]
+    if strict and (missing or unexpected):
+        problems = [f"Missing key(s) in state_dict: {', '.join(map(repr, missing))}."] if missing else []
+        problems += [f"Unexpected key(s) in state_dict: {', '.join(map(repr, unexpected))}."] if unexpected else []
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}: {' '.join(problems)} "
+            "Pass strict=False to load what the checkpoint has."
+        )
 
 
 def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

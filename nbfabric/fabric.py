@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-import sys
-from contextlib import contextmanager, nullcontext
+import warnings
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import timedelta
 from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
-from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader
 
 from nbfabric import checkpoint
+from nbfabric.apply import apply_to_collection, as_tensors, move_to_device, to_scalars
 from nbfabric.callbacks import call_hook
 from nbfabric.config import RunConfig
 from nbfabric.dataloaders import shard
@@ -23,9 +24,10 @@ from nbfabric.launcher.launchers import select_launcher
 from nbfabric.interop import tell_libraries
 from nbfabric.metrics import MetricLog
 from nbfabric.run_flags import check_timeout, with_run_command_settings
-from nbfabric.seeding import seed_everything
+from nbfabric.seeding import seed_everything, seed_workers
 from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
-from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, move_to_device, unwrap
+from nbfabric.init import SkippedInit
+from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, unwrap
 
 
 class Fabric:
@@ -69,6 +71,8 @@ class Fabric:
         self._strategy = make_strategy(self.config, strategy)
         self._precision = self._strategy.make_precision()
         self._metrics = MetricLog()
+        if type(self).run is not Fabric.run:  # a subclass's run(): calling it launches the ranks, as in Lightning
+            self.run = partial(self.launch, lambda fabric, *args, **kwargs: type(fabric).run(fabric, *args, **kwargs))
 
     # ----------------------------------------------------------------- who am I
     @property
@@ -117,6 +121,9 @@ class Fabric:
         return self._metrics
 
     # ----------------------------------------------------------------- launching
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Override in a subclass with the training code; calling ``fabric.run(...)`` then runs it on every rank."""
+
     def launch(self, function: Callable[..., Any] | None = None, *args: Any, **kwargs: Any) -> Any:
         """Start the ranks and run ``function(fabric, *args, **kwargs)`` on each; return rank 0's result.
 
@@ -125,6 +132,8 @@ class Fabric:
         """
         if self._launched:
             raise RuntimeError("this Fabric is already launched; call launch() once per Fabric")
+        if function is not None:
+            _check_launchable(function)
         return select_launcher(self.config, timeout=self.timeout).launch(self, function, args, kwargs)
 
     def _join(self, ranks: RankInfo) -> None:
@@ -166,17 +175,18 @@ class Fabric:
             raise ValueError("An optimizer should be passed only once to the `setup` method.")
         module, original = self._prepare_module(module, move_to_device)
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, [unwrap(o) for o in optimizers])
-        wrapped_module = self._wrap_module(forward_module, original)
+        wrapped_optimizers = self._wrap_optimizers(prepared)
+        wrapped_module = self._wrap_module(forward_module, original, move_to_device, wrapped_optimizers)
         if not optimizers:
             return wrapped_module
-        wrapped = (wrapped_module, *self._wrap_optimizers(prepared))
+        wrapped = (wrapped_module, *wrapped_optimizers)
         return (*wrapped, scheduler) if scheduler is not None else wrapped
 
     def setup_module(self, module: torch.nn.Module, move_to_device: bool = True, _reapply_compile: bool = True) -> FabricModule:
         """The model wrapped for this run. A `torch.compile`d model keeps running compiled; its
         state_dict and attributes are those of the model inside."""
         module, original = self._prepare_module(module, move_to_device)
-        return self._wrap_module(self._strategy.setup_module(module), original)
+        return self._wrap_module(self._strategy.setup_module(module), original, move_to_device)
 
     def _prepare_module(self, module: torch.nn.Module, move_to_device: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The module in the precision's dtype on the device, and the user's model inside a compiled one."""
@@ -185,16 +195,35 @@ class Fabric:
             raise ValueError("A model should be passed only once to the `setup` method.")
         module = self._precision.convert_module(module)
         if move_to_device:
+            _warn_if_spread(module)
             module = module.to(self.device)
         return module, getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
 
-    def _wrap_module(self, forward_module: torch.nn.Module, original: torch.nn.Module) -> FabricModule:
-        wrapped = FabricModule(forward_module, original, self._precision)
+    def _wrap_module(
+        self, forward_module: torch.nn.Module, original: torch.nn.Module, moved: bool, optimizers: Sequence[FabricOptimizer] = ()
+    ) -> FabricModule:
+        first = next(original.parameters(), None)
+        wrapped = FabricModule(forward_module, original, self._precision, self.device if moved or first is None else first.device)
+        if hasattr(original, "_fabric"):  # a LightningModule: its self.log and hooks go through this Fabric
+            original._fabric = self
+            original._fabric_optimizers = list(optimizers)
+            if original not in self._callbacks:
+                self._callbacks.append(original)
         call_hook(self._callbacks, "on_after_setup", fabric=self, module=wrapped)
         return wrapped
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
-        wrapped = self._wrap_optimizers([self._strategy.setup_optimizer(unwrap(optimizer)) for optimizer in optimizers])
+        """Wrap optimizers of a model set up with `setup_module`; one optimizer, or a tuple of them.
+
+        Raises:
+            ValueError: no optimizer, or one that is already set up.
+        """
+        self._check_launched()
+        if not optimizers:
+            raise ValueError("`setup_optimizers` requires at least one optimizer as input.")
+        if any(isinstance(optimizer, FabricOptimizer) for optimizer in optimizers):
+            raise ValueError("An optimizer should be passed only once to the `setup_optimizers` method.")
+        wrapped = self._wrap_optimizers([self._strategy.setup_optimizer(optimizer) for optimizer in optimizers])
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
     def _wrap_optimizers(self, optimizers: Sequence[Any]) -> tuple[FabricOptimizer, ...]:
@@ -206,18 +235,37 @@ class Fabric:
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
     ) -> Any:
         """Shard each loader across ranks (DistributedSampler, seeded by seed_everything) and move
-        its batches to the device; one loader, or a list of them."""
+        its batches to the device; one loader, or a list of them. After
+        ``seed_everything(workers=True)``, each worker of each rank draws its own random numbers.
+
+        Raises:
+            ValueError: no loader, or one that is already set up.
+            TypeError: something other than a torch DataLoader.
+        """
         self._check_launched()
+        if not dataloaders:
+            raise ValueError("`setup_dataloaders` requires at least one dataloader as input.")
+        if any(isinstance(loader, FabricDataLoader) for loader in dataloaders):
+            raise ValueError("A dataloader should be passed only once to the `setup_dataloaders` method.")
+        if any(not isinstance(loader, DataLoader) for loader in dataloaders):
+            raise TypeError("Only PyTorch DataLoader are currently supported in `setup_dataloaders`.")
         wrapped = []
         for loader in dataloaders:
             if use_distributed_sampler and self.world_size > 1:
                 loader = shard(loader, self.world_size, self.global_rank)
+            seed_workers(loader, self.global_rank)
             wrapped.append(FabricDataLoader(loader, self.device if move_to_device else None))
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
     # ----------------------------------------------------------------- training
     def backward(self, tensor: torch.Tensor, *args: Any, model: Any = None, **kwargs: Any) -> None:
-        self._strategy.backward(tensor, self._precision, *args, **kwargs)
+        """Backward through `tensor` (the loss) with what the precision and strategy need: gradient
+        scaling, the engine's backward. Other arguments go to `Tensor.backward`."""
+        self._precision.in_backward = True
+        try:
+            self._strategy.backward(tensor, self._precision, *args, **kwargs)
+        finally:
+            self._precision.in_backward = False
 
     def clip_gradients(
         self,
@@ -228,12 +276,23 @@ class Fabric:
         norm_type: float = 2.0,
         error_if_nonfinite: bool = True,
     ) -> torch.Tensor | None:
-        """Clip by value (`clip_val`) or by total norm (`max_norm`, returned); exactly one of them."""
-        if (clip_val is None) == (max_norm is None):
-            raise ValueError("clip_gradients needs exactly one of clip_val= or max_norm=")
+        """Clip the gradients of the parameters `optimizer` updates, by value (`clip_val`) or by total
+        norm (`max_norm`); exactly one of them.
+
+        Returns:
+            The total norm of the gradients before clipping (`max_norm`), else None.
+
+        Raises:
+            ValueError: both or neither of `clip_val` and `max_norm`.
+        """
+        if clip_val is not None and max_norm is not None:
+            raise ValueError("Only one of `clip_val` or `max_norm` can be set as this specifies the underlying clipping algorithm!")
+        if clip_val is None and max_norm is None:
+            raise ValueError("You have to specify either `clip_val` or `max_norm` to do gradient clipping!")
         self._strategy.check_clip_gradients()
-        self._precision.unscale_gradients(unwrap(optimizer))
-        parameters = [p for p in unwrap(module).parameters() if p.grad is not None]
+        optimizer = unwrap(optimizer)
+        self._precision.unscale_gradients(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
         if clip_val is not None:
             torch.nn.utils.clip_grad_value_(parameters, clip_val)
             return None
@@ -253,20 +312,37 @@ class Fabric:
         return self._strategy.no_backward_sync(module._forward_module)
 
     def to_device(self, obj: Any) -> Any:
+        """A module moved to the device in place; for anything else, every object in it that has a
+        `.to()` (tensors, Hugging Face's BatchEncoding, your classes), through nested collections."""
         if isinstance(obj, torch.nn.Module):
-            return obj.to(self.device)
+            obj.to(self.device)
+            return obj
         return move_to_device(obj, self.device)
 
     def init_module(self, empty_init: bool | None = None) -> ContextManager:
-        """Create modules directly on the device, in the precision's dtype."""
-        return _stacked(self.device, self._precision.module_init_context())
+        """Create modules directly on the device, in the precision's dtype. `empty_init=True` skips
+        the initialisation of weights (for weights about to be loaded from a checkpoint): they hold
+        arbitrary values until then."""
+        self._check_launched()
+        stack = ExitStack()
+        stack.enter_context(self.init_tensor())
+        if empty_init:
+            stack.enter_context(SkippedInit())
+        return stack
 
     def init_tensor(self) -> ContextManager:
         """Create tensors directly on the device, in the precision's dtype."""
         return _stacked(self.device, self._precision.module_init_context())
 
+    def sharded_model(self) -> ContextManager:
+        """Deprecated in Lightning in favour of `init_module`; nothing to do here (modules are sharded by `setup`)."""
+        warnings.warn("`Fabric.sharded_model()` is deprecated in favor of `Fabric.init_module()`.", DeprecationWarning, stacklevel=2)
+        self._check_launched()
+        return nullcontext()
+
     @staticmethod
     def seed_everything(seed: int | None = None, workers: bool | None = None, verbose: bool = True) -> int:
+        """`nbfabric.seeding.seed_everything`, with DataLoader workers seeded per rank unless `workers=False`."""
         return seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
 
     # ----------------------------------------------------------------- collectives
@@ -283,24 +359,14 @@ class Fabric:
         a new first dimension; with `sync_grads`, gradients flow back through the gather."""
         self._check_launched()
         gather = partial(self._strategy.all_gather, group=group, sync_grads=sync_grads)
-        return tree_map_only(torch.Tensor, gather, self._as_tensors(data))
+        return apply_to_collection(as_tensors(data, self.device), torch.Tensor, gather)
 
     def all_reduce(self, data: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         """Each tensor (or number) reduced in place over every rank of `group`: mean (or avg), sum,
         min, max or product, in any case, or a torch.distributed.ReduceOp."""
         op = reduce_op_name(reduce_op)
         self._check_launched()
-        return tree_map_only(torch.Tensor, partial(self._strategy.all_reduce, op=op, group=group), self._as_tensors(data))
-
-    def _as_tensors(self, data: Any) -> Any:
-        """Numbers (also inside collections) become tensors on the device as Lightning makes them
-        (bool: uint8, int: int32, float: float32), and numpy arrays tensors."""
-        for kind, dtype in ((bool, torch.uint8), (int, torch.int32), (float, torch.float32)):
-            data = tree_map_only(kind, lambda x, dtype=dtype: torch.tensor(x, dtype=dtype), data)
-        numpy = sys.modules.get("numpy")
-        if numpy is not None:
-            data = tree_map_only(numpy.ndarray, torch.from_numpy, data)
-        return move_to_device(data, self.device)
+        return apply_to_collection(as_tensors(data, self.device), torch.Tensor, partial(self._strategy.all_reduce, op=op, group=group))
 
     @contextmanager
     def rank_zero_first(self, local: bool = False) -> Iterator[None]:
@@ -350,20 +416,50 @@ class Fabric:
         self.log_dict({name: value}, step=step)
 
     def log_dict(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        metrics = {name: _plain(value) for name, value in metrics.items()}
-        self._metrics.record(self.global_rank, metrics, step)
+        """Log several values: tensors at any depth become numbers, then every logger gets the dict
+        and the notebook's dashboard each number (nested names joined with "/").
+
+        Raises:
+            ValueError: a tensor of more than one element.
+        """
+        metrics = to_scalars(metrics)
+        self._metrics.record(self.global_rank, dict(_flattened(metrics)), step)
         for logger in self._loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics=metrics, step=step)
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Call `hook_name` on every callback that has it, with the keyword arguments it takes."""
+        """Call `hook_name` on every callback that has it, with the keyword arguments it takes; a
+        callback attribute of that name that is not callable is skipped with a warning."""
         call_hook(self._callbacks, hook_name, *args, **kwargs)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return value
+def _flattened(metrics: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            yield from _flattened(value, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _check_launchable(function: Any) -> None:
+    if not callable(function):
+        raise TypeError(f"`Fabric.launch(...)` needs a callable, not {function!r}: write `.launch(train)`, not `.launch(train())`.")
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return
+    if not parameters:
+        raise TypeError(f"`Fabric.launch(function={function})` needs to take at least one argument: the Fabric object, passed in by the launcher.")
+
+
+def _warn_if_spread(module: torch.nn.Module) -> None:
+    devices = {p.device for p in module.parameters()}
+    if len(devices) > 1:
+        warnings.warn(
+            f"The model passed to `Fabric.setup()` has parameters on different devices ({', '.join(sorted(map(str, devices)))}); "
+            "all are moved to the run's device. Pass move_to_device=False to keep them where they are.",
+            stacklevel=4,
+        )
 
 
 def _as_list(value: Any) -> list[Any]:

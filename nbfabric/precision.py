@@ -6,7 +6,8 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager, Iterator
 
 import torch
-from torch.utils._pytree import tree_map_only
+
+from nbfabric.apply import convert_floats
 
 _MIXED = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 _TRUE = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "64-true": torch.float64}
@@ -33,6 +34,25 @@ class Precision:
         self.param_dtype = _TRUE.get(name)
         self._scales_gradients = name == "16-mixed" and device_type == "cuda"
         self._scaler: torch.amp.GradScaler | None = None
+        self.in_backward = False  # set by fabric.backward while it runs
+
+    @property
+    def requires_fabric_backward(self) -> bool:
+        """Whether a plain `loss.backward()` would skip what this precision does in `fabric.backward`."""
+        return self._scales_gradients
+
+    def guard_backward(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Make a backward through `tensor` that does not come from `fabric.backward` raise."""
+        if tensor.requires_grad:
+            tensor.register_hook(self._refuse_plain_backward)
+        return tensor
+
+    def _refuse_plain_backward(self, _: torch.Tensor) -> None:
+        if not self.in_backward:
+            raise RuntimeError(
+                f"With precision={self.name!r} here, call fabric.backward(loss) instead of loss.backward(): "
+                "it applies what the precision and strategy need (gradient scaling, the engine's backward)."
+            )
 
     @property
     def scaler(self) -> torch.amp.GradScaler | None:
@@ -56,15 +76,14 @@ class Precision:
         return module.to(dtype=self.param_dtype) if self.param_dtype is not None else module
 
     def convert_input(self, data: Any) -> Any:
-        if self.param_dtype is None:
-            return data
-        return tree_map_only(torch.Tensor, lambda t: t.to(self.param_dtype) if t.is_floating_point() else t, data)
+        """Floating-point inputs in the precision's dtype (16-bit under the mixed settings too, as Lightning)."""
+        dtype = self.autocast_dtype or self.param_dtype
+        return data if dtype is None else convert_floats(data, dtype)
 
     def convert_output(self, data: Any) -> Any:
         if self.name == "32-true":
             return data
-        dtype = torch.get_default_dtype()
-        return tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, data)
+        return convert_floats(data, torch.get_default_dtype())
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward(*args, **kwargs)
@@ -93,10 +112,12 @@ class EnginePrecision(Precision):
         self.autocast_dtype = None
         self._scales_gradients = False
 
+    @property
+    def requires_fabric_backward(self) -> bool:
+        return True
+
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
 
     def convert_input(self, data: Any) -> Any:
-        if self.input_dtype is None:
-            return data
-        return tree_map_only(torch.Tensor, lambda t: t.to(self.input_dtype) if t.is_floating_point() else t, data)
+        return data if self.input_dtype is None else convert_floats(data, self.input_dtype)

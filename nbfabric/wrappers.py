@@ -10,15 +10,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._pytree import tree_map_only
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
+from nbfabric.apply import apply_to_collection, move_to_device
 from nbfabric.precision import Precision
-
-
-def move_to_device(data: Any, device: torch.device) -> Any:
-    """Every tensor in a (nested) collection, moved to `device`."""
-    return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), data)
-
 
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")  # forward methods from the start
 
@@ -29,36 +24,59 @@ class FabricModule(torch.nn.Module):
     Attributes not found here come from the original module; `state_dict` is the original's.
     A method of the original module other than `forward` runs through the strategy's wrapper once
     marked with `mark_forward_method` (the step methods are marked from the start); an unmarked
-    one that runs a submodule raises, since it would bypass the wrapper (DDP's gradient sync).
+    one that runs a submodule with gradients enabled raises, since it would bypass the wrapper
+    (DDP's gradient sync). With gradients off (`torch.no_grad`, `inference_mode`, as in Hugging
+    Face's `generate`) nothing can go out of sync, and it runs.
     """
 
-    def __init__(self, forward_module: torch.nn.Module, original_module: torch.nn.Module, precision: Precision):
+    def __init__(self, forward_module: torch.nn.Module, original_module: torch.nn.Module, precision: Precision, device: torch.device):
         super().__init__()
         self._forward_module = forward_module
         self.__dict__["_original_module"] = original_module
         self.__dict__["_precision"] = precision
         self.__dict__["_forward_methods"] = set(STEP_METHODS)
+        self.__dict__["_setup_device"] = device
 
     @property
     def module(self) -> torch.nn.Module:
         """The module as the user built it, without wrappers."""
         return self._original_module
 
+    @property
+    def device(self) -> torch.device:
+        """Where the module's parameters are (where setup put it, for a module without any)."""
+        first = _first_tensor(self._original_module)
+        return self._setup_device if first is None else first.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the module's floating-point parameters (the default dtype for a module without any)."""
+        first = _first_tensor(self._original_module, floating=True)
+        return torch.get_default_dtype() if first is None else first.dtype
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = self._precision.convert_input((args, kwargs))
         with self._precision.forward_context():
             output = self._forward_module(*args, **kwargs)
-        return self._precision.convert_output(output)
+        output = self._precision.convert_output(output)
+        if self._precision.requires_fabric_backward:
+            apply_to_collection(output, torch.Tensor, self._precision.guard_backward)
+        return output
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self._original_module.state_dict(*args, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """An attribute the original module has is set there, so its forward sees the new value."""
+        """Set on the user's module (a new submodule lands in its state_dict and is trained); a name
+        this wrapper has itself (`training`, its own attributes) is set here too."""
         original = self.__dict__.get("_original_module")
-        if original is not None and name != "training" and hasattr(original, name):
+        if original is None:  # still in __init__
+            super().__setattr__(name, value)
+            return
+        here = name in dir(self)
+        if hasattr(original, name) or not here:
             setattr(original, name, value)
-        else:
+        if here:
             super().__setattr__(name, value)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
@@ -124,14 +142,23 @@ def _restore_forward(module: torch.nn.Module, own_forward: Any) -> None:
         module.__dict__["forward"] = own_forward
 
 
+def _first_tensor(module: torch.nn.Module, floating: bool = False) -> torch.Tensor | None:
+    tensors = (t for t in (*module.parameters(), *module.buffers()) if not floating or t.is_floating_point())
+    return next(tensors, None)
+
+
 def _refusing_submodule_calls(method: MethodType, original: torch.nn.Module) -> Callable[..., Any]:
-    """`method`, raising as soon as it runs the module or a submodule outside the strategy's wrapper."""
+    """`method`, raising as soon as it runs the module or a submodule outside the strategy's wrapper
+    with gradients enabled."""
     name = method.__name__
 
     def refuse(*_: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
         raise RuntimeError(
             f"{type(original).__name__}.{name}() runs the model outside the strategy's wrapper, so its "
-            f"gradients would not be synchronised; call fabric_model.mark_forward_method({name!r}) after fabric.setup()."
+            f"gradients would not be synchronised; call fabric_model.mark_forward_method({name!r}) after fabric.setup(), "
+            "or call it under torch.no_grad() if it only runs inference."
         )
 
     @functools.wraps(method)
@@ -154,17 +181,12 @@ def _forwarded(name: str) -> property:
     )
 
 
-_SHARED_OPTIMIZER_ATTRIBUTES = ("step", "zero_grad", "state_dict", "param_groups", "state", "defaults")
-
-
 class FabricOptimizer:
-    """The user's optimizer (same param groups and state, same class for isinstance) whose step goes
-    through `step_with(optimizer, **kwargs)`: the strategy's step under the precision setting."""
+    """The user's optimizer (same class for isinstance; every attribute read from it) whose step goes
+    through `step_with(optimizer, **kwargs)`: the strategy's step under the precision setting. A method
+    patched onto this wrapper (an LR scheduler's step counter) stays on the wrapper."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, step_with: Callable[..., Any], after_step: Callable[..., None] | None = None):
-        # A copy of the optimizer's attributes: the same param_groups and state objects, while a
-        # method patched onto this wrapper (an LR scheduler's step counter) stays on the wrapper.
-        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in _SHARED_OPTIMIZER_ATTRIBUTES}
         self.__class__ = type("Fabric" + type(optimizer).__name__, (FabricOptimizer, type(optimizer)), {})
         self._fabric_optimizer = optimizer
         self._fabric_step_with = step_with
@@ -172,12 +194,16 @@ class FabricOptimizer:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer as the user made it."""
         return self._fabric_optimizer
 
-    # The optimizer rebinds these when it loads a state dict: always read them from it.
+    # Class attributes of torch's Optimizer would shadow the wrapped optimizer's own values.
     param_groups = _forwarded("param_groups")
     state = _forwarded("state")
     defaults = _forwarded("defaults")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_fabric_optimizer"], name)
 
     def step(self, closure: Any = None) -> Any:
         kwargs = {} if closure is None else {"closure": closure}
@@ -217,9 +243,7 @@ class FabricDataLoader:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[Any]:
-        sampler = getattr(self._loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(self._epoch)
+        _set_epoch(self._loader, self._epoch)
         self._epoch += 1
         for batch in self._loader:
             yield batch if self._device is None else move_to_device(batch, self._device)
@@ -228,8 +252,30 @@ class FabricDataLoader:
         return getattr(self.__dict__["_loader"], name)
 
 
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the loader's sampler, and its batch sampler's sampler, which epoch starts (reshuffles a DistributedSampler)."""
+    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    for sampler in {id(s): s for s in samplers if s is not None}.values():
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(epoch)
+
+
 def _identity(obj: Any) -> Any:
     return obj
+
+
+def is_wrapped(obj: Any) -> bool:
+    """Whether `obj` was set up by Fabric (a module, optimizer or dataloader it returned, also compiled)."""
+    obj = getattr(obj, "_orig_mod", obj) if type(obj).__name__ == "OptimizedModule" else obj
+    return isinstance(obj, (FabricModule, FabricOptimizer, FabricDataLoader))
+
+
+def to_cpu(data: Any) -> Any:
+    """Tensors and modules moved to the CPU; Fabric wrappers replaced by the user's objects."""
+    data = unwrap(data)
+    if isinstance(data, torch.nn.Module):
+        return data.cpu()
+    return tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), data)
 
 
 def unwrap(obj: Any) -> Any:

@@ -13,7 +13,7 @@ F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float6
 # precision -> (parameters after setup, input seen by forward, activation inside forward, output returned, gradients)
 EXPECTED = {
     "32-true": (F32, F32, F32, F32, F32),
-    "bf16-mixed": (F32, F32, BF16, F32, F32),
+    "bf16-mixed": (F32, BF16, BF16, F32, F32),  # inputs in 16 bits, as Lightning converts them
     "bf16-true": (BF16, BF16, BF16, F32, BF16),
     "16-true": (F16, F16, F16, F32, F16),
     "64-true": (F64, F64, F64, F32, F64),

@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Protocol
 
-import torch
-from torch.utils._pytree import tree_map_only
-
 from nbfabric.config import RunConfig
 from nbfabric.launcher import launch
 from nbfabric.launcher.cell_labels import label_error_cells
@@ -26,7 +23,7 @@ from nbfabric.launcher.environment import RankInfo, started_by_launcher
 from nbfabric.launcher.output import Sink
 from nbfabric.launcher.pool import active_pool
 from nbfabric.launcher.shipping import dumps
-from nbfabric.wrappers import unwrap
+from nbfabric.wrappers import to_cpu
 
 MULTI_NODE_PORT = 29500  # node 0's rendezvous port when none is given, as torchrun's
 
@@ -181,14 +178,6 @@ def call_shipped(fabric: Any, shipped: bytes) -> Any:
     """In a rank: the function and arguments `shipping.dumps` pickled, called with `fabric`."""
     function, args, kwargs = pickle.loads(shipped)
     return function(fabric, *args, **kwargs)
-
-
-def to_cpu(data: Any) -> Any:
-    """Tensors and modules moved to the CPU; Fabric wrappers replaced by the user's objects."""
-    data = unwrap(data)
-    if isinstance(data, torch.nn.Module):
-        return data.cpu()
-    return tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), data)
 
 
 def _leave_after_script(fabric: Any) -> None:

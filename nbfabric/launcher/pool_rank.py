@@ -115,7 +115,7 @@ def run(payload: bytes) -> tuple[str, Any]:
     """Run a launcher's function in this rank: ("done", rank 0's pickled value or None) or
     ("failed", Failure). Output and metrics stream meanwhile."""
     from nbfabric.launcher.environment import RankInfo
-    from nbfabric.launcher.launchers import to_cpu
+    from nbfabric.wrappers import to_cpu
     from nbfabric.launcher.rank_links import RankLinks
     from nbfabric.launcher.worker import format_user_traceback
 
