@@ -19,11 +19,11 @@ from nbfabric.callbacks import call_hook
 from nbfabric.config import RunConfig
 from nbfabric.dataloaders import shard
 from nbfabric.devices import Accelerator
-from nbfabric.launcher.environment import RankInfo
-from nbfabric.launcher.launchers import select_launcher
+from nbfabric.launcher.environment import RankInfo, started_by_launcher
+from nbfabric.launcher.launchers import JoinLauncher, select_launcher
 from nbfabric.interop import tell_libraries
 from nbfabric.metrics import MetricLog
-from nbfabric.run_flags import check_timeout, with_run_command_settings
+from nbfabric.run_flags import check_timeout, with_launcher_world, with_run_command_settings
 from nbfabric.seeding import seed_everything, seed_workers
 from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
 from nbfabric.init import SkippedInit
@@ -62,15 +62,18 @@ class Fabric:
             num_nodes=num_nodes,
             start_method=start_method,
         )
-        self.config = RunConfig.resolve(**settings)
+        self.config = RunConfig.resolve(**with_launcher_world(settings))
         self.timeout = check_timeout(timeout)
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
         self._ranks = RankInfo(world_size=self.config.world_size)
-        self._launched = False
+        self._launched = False  # joined the run: a rank of it, with its process group
+        self._launch_called = False
         self._strategy = make_strategy(self.config, strategy)
         self._precision = self._strategy.make_precision()
         self._metrics = MetricLog()
+        if self.config.distributed and started_by_launcher():
+            JoinLauncher().launch(self, None)  # ranks a launcher started: the world is real from here on
         if type(self).run is not Fabric.run:  # a subclass's run(): calling it launches the ranks, as in Lightning
             self.run = partial(self.launch, lambda fabric, *args, **kwargs: type(fabric).run(fabric, *args, **kwargs))
 
@@ -130,14 +133,17 @@ class Fabric:
         Without a function: join ranks started by a launcher (torchrun-style environment), or,
         in a script, fork the ranks here and let each go on with the rest of the script.
         """
-        if self._launched:
+        if self._launch_called:
             raise RuntimeError("this Fabric is already launched; call launch() once per Fabric")
+        self._launch_called = True
         if function is not None:
             _check_launchable(function)
         return select_launcher(self.config, timeout=self.timeout).launch(self, function, args, kwargs)
 
     def _join(self, ranks: RankInfo) -> None:
         """In a rank, called by its launcher: who this rank is; its device and process group."""
+        if self._launched:
+            return
         self._ranks = ranks
         tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from nbfabric.config import ACCELERATORS, PRECISIONS, START_METHODS, STRATEGIES, RunConfig
+from nbfabric.launcher.environment import launched_world
 from nbfabric.launcher.launchers import MULTI_NODE_PORT, NodePlace
 from nbfabric.launcher.output import parse_rank_filter
 from nbfabric.user_config import SETTING_NAMES
@@ -129,3 +130,26 @@ def with_run_command_settings(**given: Any) -> dict[str, Any]:
                     "set it in one place only."
                 )
     return merged
+
+
+def with_launcher_world(settings: dict[str, Any]) -> dict[str, Any]:
+    """`Fabric(...)` settings in a process that a launcher (torchrun, srun, mpirun, `nbfabric run`)
+    started as one rank of a run: that run is the world. Devices default to its ranks per node and
+    nodes to its node count; a setting that contradicts them is refused, naming both numbers."""
+    world = launched_world()
+    if world is None:
+        return settings
+    per_node, nodes = world
+    if settings.get("devices", "auto") != "auto":
+        asked = RunConfig.resolve(**{**settings, "num_nodes": 1}).num_processes
+        if asked != per_node:
+            raise ValueError(
+                f"Fabric(devices={settings['devices']!r}) asks for {asked} rank(s) per node, but the launcher started "
+                f"{per_node} per node (LOCAL_WORLD_SIZE={per_node}); leave devices out, or start {asked} per node."
+            )
+    if settings.get("num_nodes", 1) not in (1, nodes):
+        raise ValueError(
+            f"Fabric(num_nodes={settings['num_nodes']}) does not match the {nodes} node(s) the launcher started "
+            f"(WORLD_SIZE={per_node * nodes} ranks, {per_node} per node); leave num_nodes out, or start {settings['num_nodes']} nodes."
+        )
+    return {**settings, "devices": per_node if settings.get("devices", "auto") == "auto" else settings["devices"], "num_nodes": nodes}

@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
@@ -30,11 +31,10 @@ class RankInfo:
 
     @classmethod
     def from_environment(cls) -> RankInfo:
-        """This process's place as torchrun's variables give it, or Slurm's in a task of `srun`
-        (which then become torchrun's); one process of its own without them."""
+        """This process's place as torchrun's variables give it, or Slurm's in a task of `srun`, or
+        MPI's under `mpirun` (which then become torchrun's); one process of its own without them."""
         env = os.environ
-        if not any(name in env for name in RANK_VARIABLES) and in_slurm_step():
-            env.update(slurm_rank_environment(env))
+        adopt_launcher_variables()
         if not started_by_launcher():
             return cls(links=rank_links())
         return cls(
@@ -47,8 +47,69 @@ class RankInfo:
 
 
 def started_by_launcher() -> bool:
-    """Whether a launcher (nbfabric, torchrun, srun, ...) started this process as one rank of a run."""
-    return all(name in os.environ for name in RANK_VARIABLES) or in_slurm_step()
+    """Whether a launcher (nbfabric, torchrun, srun, mpirun ...) started this process as one rank of a run."""
+    return all(name in os.environ for name in RANK_VARIABLES) or in_slurm_step() or in_mpi_job()
+
+
+def adopt_launcher_variables() -> None:
+    """Where Slurm or MPI started this process and torchrun's variables are not set, set them from theirs."""
+    env = os.environ
+    if any(name in env for name in RANK_VARIABLES):
+        return
+    if in_slurm_step():
+        env.update(slurm_rank_environment(env))
+    elif in_mpi_job():
+        env.update(mpi_rank_environment(env))
+
+
+def launched_world() -> tuple[int, int] | None:
+    """(ranks on this node, nodes) of the run that a launcher started this process in; None if none did."""
+    adopt_launcher_variables()
+    if not all(name in os.environ for name in RANK_VARIABLES):
+        return None
+    world_size = int(os.environ["WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return per_node, max(1, world_size // max(per_node, 1))
+
+
+_MPI_VARIABLES = {  # torchrun's name -> Open MPI's, MPICH's (Hydra)
+    "RANK": ("OMPI_COMM_WORLD_RANK", "PMI_RANK"),
+    "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
+    "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+    "LOCAL_WORLD_SIZE": ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"),
+}
+
+
+def in_mpi_job() -> bool:
+    """Whether this process is one of several ranks started by `mpirun`/`mpiexec` (Open MPI or MPICH)."""
+    return int(_mpi_value(os.environ, "WORLD_SIZE") or 1) > 1
+
+
+def _mpi_value(env: Mapping[str, str], name: str) -> str | None:
+    return next((env[source] for source in _MPI_VARIABLES[name] if source in env), None)
+
+
+def mpi_rank_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables from MPI's. The rendezvous is on MASTER_ADDR (this machine when every rank
+    runs here) at MASTER_PORT, else a port derived from the job's id, the same in every rank."""
+    values = {name: _mpi_value(env, name) for name in _MPI_VARIABLES}
+    world_size = int(values["WORLD_SIZE"])
+    per_node = int(values["LOCAL_WORLD_SIZE"] or world_size)
+    if "MASTER_ADDR" not in env and per_node != world_size:
+        raise RuntimeError(
+            f"mpirun started {world_size} ranks on several nodes; set MASTER_ADDR to the address of the node of "
+            "rank 0 (mpirun -x MASTER_ADDR=...) so that they can meet."
+        )
+    job = env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_ess_base_jobid") or env.get("PMI_ID", "") + env.get("PMI_FD", "")
+    return {
+        "RANK": values["RANK"],
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": values["LOCAL_RANK"] or "0",
+        "LOCAL_WORLD_SIZE": str(per_node),
+        "NODE_RANK": str(int(values["RANK"]) // per_node),
+        "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+        "MASTER_PORT": env.get("MASTER_PORT", str(15000 + zlib.crc32(job.encode()) % 10000)),
+    }
 
 
 def in_slurm_step() -> bool:
