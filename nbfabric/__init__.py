@@ -1,5 +1,7 @@
 """Train PyTorch models on several GPUs or CPU processes from a Jupyter notebook."""
 
+from lightning_utilities.core.rank_zero import rank_zero_only
+
 from nbfabric.config import RunConfig
 from nbfabric.fabric import Fabric
 from nbfabric.strategies import FSDP
@@ -24,5 +26,5 @@ def picker(config=None):
     return show(config)
 
 
-__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "seed_everything", "is_wrapped", "RankPool", "RankError", "RankTimeoutError", "ForkUnsafeError", "PoolError", "load_ipython_extension", "picker"]
+__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "seed_everything", "is_wrapped", "rank_zero_only", "RankPool", "RankError", "RankTimeoutError", "ForkUnsafeError", "PoolError", "load_ipython_extension", "picker"]
 __version__ = "0.1.0"

@@ -112,11 +112,23 @@ def gpu_name(gpu: GpuInfo) -> str:
     return f"{gpu.name or 'GPU'}{memory}"
 
 
-@dataclass(frozen=True)
 class Accelerator:
-    """A run's kind of device, as `fabric.accelerator` gives it: "cpu", "cuda" or "mps"."""
+    """A run's kind of device, as `fabric.accelerator` gives it: `name()` is "cpu", "cuda" or "mps", as in Lightning."""
 
-    name: str
+    def __init__(self, name: str):
+        self._name = name
+
+    def name(self) -> str:
+        return self._name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Accelerator) and other._name == self._name
+
+    def __hash__(self) -> int:
+        return hash(self._name)
+
+    def __repr__(self) -> str:
+        return f"Accelerator({self._name!r})"
 
     def __str__(self) -> str:
-        return self.name
+        return self._name

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from nbfabric import checkpoint
@@ -135,9 +136,9 @@ class Fabric:
         """
         if self._launch_called:
             raise RuntimeError("this Fabric is already launched; call launch() once per Fabric")
-        self._launch_called = True
         if function is not None:
             _check_launchable(function)
+        self._launch_called = True
         return select_launcher(self.config, timeout=self.timeout).launch(self, function, args, kwargs)
 
     def _join(self, ranks: RankInfo) -> None:
@@ -145,6 +146,7 @@ class Fabric:
         if self._launched:
             return
         self._ranks = ranks
+        rank_zero_only.rank = ranks.global_rank
         tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)

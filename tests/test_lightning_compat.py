@@ -8,10 +8,7 @@ import torch
 from torch import nn
 
 import nbfabric
-
-lightning_fabric = pytest.importorskip("lightning.fabric", reason="the interop extra (lightning) is not installed")
-
-FABRICS = {"lightning": lightning_fabric.Fabric, "nbfabric": nbfabric.Fabric}
+from lightning_pair import FABRICS, covers
 
 
 def run_both(function, **settings):
@@ -62,11 +59,13 @@ def _train_through(method_name: str, mark: bool):
     return train
 
 
+@covers("_FabricModule.mark_forward_method", "_FabricModule.__getattr__")
 def test_a_marked_method_keeps_the_ranks_in_sync():
     results = run_both(_train_through("loss_on", mark=True))
     assert results["nbfabric"] == results["lightning"] == ("trained", True, 4)
 
 
+@covers("_FabricModule.__getattr__")
 def test_training_step_runs_through_the_wrapper_without_marking():
     results = run_both(_train_through("training_step", mark=False))
     assert results["nbfabric"] == results["lightning"] == ("trained", True, 4)
@@ -77,6 +76,7 @@ def test_an_unmarked_method_that_runs_layers_is_refused_not_left_out_of_sync():
     assert results["nbfabric"] == results["lightning"] == ("refused", True)
 
 
+@covers("_FabricModule.mark_forward_method")
 def test_marking_forward_or_a_missing_method_is_an_error():
     def mark(fabric):
         model = fabric.setup(Regressor())
@@ -114,6 +114,7 @@ def _collectives(fabric):
     return seen
 
 
+@covers("Fabric.all_reduce", "Fabric.all_gather", "Fabric.broadcast")
 def test_collectives_give_what_lightning_gives():
     results = run_both(_collectives)
     assert results["nbfabric"] == results["lightning"]
@@ -130,6 +131,7 @@ def test_an_unknown_reduce_op_is_refused_naming_the_choices():
     assert "choose one of mean, avg, sum, min, max, product" in nbfabric.Fabric(accelerator="cpu", devices=2).launch(reduce)
 
 
+@covers("Fabric.all_reduce")
 def test_the_mean_of_integers_is_a_float_where_lightning_truncates():
     def mean(fabric):
         return fabric.all_reduce(torch.tensor([fabric.global_rank + 1]), reduce_op="mean").tolist()
@@ -170,6 +172,7 @@ def _callbacks(fabric):
     return recorder.calls
 
 
+@covers("Fabric.call", "Fabric.setup")
 def test_callbacks_get_the_hooks_fabric_fires_and_only_the_arguments_they_take():
     results = {name: cls(accelerator="cpu", devices=1, callbacks=[_Recorder()]).launch(_callbacks) for name, cls in FABRICS.items()}
     assert results["nbfabric"] == results["lightning"] == [
@@ -235,6 +238,7 @@ def _loaders(fabric):
     }
 
 
+@covers("Fabric.setup_dataloaders")
 def test_dataloaders_are_sharded_seeded_and_kept_as_lightning_does():
     results = run_both(_loaders)
     assert results["nbfabric"] == results["lightning"]
@@ -265,6 +269,7 @@ def _setup_details(fabric):
     return {"returned": len(returned), "scheduler": returned[2] is scheduler, "twice refused": again, "compiled keys": sorted(compiled.state_dict())}
 
 
+@covers("Fabric.setup")
 def test_setup_takes_a_scheduler_refuses_a_second_setup_and_unwraps_compiled_state():
     results = run_both(_setup_details)
     assert results["nbfabric"] == results["lightning"]
@@ -303,6 +308,7 @@ def _csv_logging(fabric, path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("metrics.csv"))
 
 
+@covers("Fabric.logger", "loggers.CSVLogger")
 def test_a_rank_zero_only_logger_writes_once(tmp_path):
     from lightning.fabric.loggers import CSVLogger
 
@@ -385,6 +391,7 @@ def _accumulate_and_clip(fabric):
     return norms, [round(v, 5) for v in weights.tolist()], bool(torch.equal(*fabric.all_gather(weights)))
 
 
+@covers("Fabric.no_backward_sync", "Fabric.clip_gradients")
 def test_accumulation_without_sync_and_clipping_match_lightning():
     results = run_both(_accumulate_and_clip)
     assert results["nbfabric"] == results["lightning"]
@@ -410,6 +417,7 @@ def _resume(fabric, path):
     return state["step"], rest, [round(v, 6) for v in torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()]
 
 
+@covers("Fabric.save", "Fabric.load")
 @pytest.mark.parametrize(("writer", "reader"), [("lightning", "nbfabric"), ("nbfabric", "lightning")])
 def test_a_checkpoint_saved_by_one_resumes_in_the_other(tmp_path, writer, reader):
     path = tmp_path / "checkpoint.pt"

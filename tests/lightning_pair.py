@@ -1,0 +1,37 @@
+"""Running the same code under Lightning Fabric and nbfabric, and recording which public members
+of Lightning's API each differential test exercises (read by test_lightning_surface.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+
+import nbfabric
+
+lightning_fabric = pytest.importorskip("lightning.fabric", reason="the interop extra (lightning) is not installed")
+
+FABRICS = {"lightning": lightning_fabric.Fabric, "nbfabric": nbfabric.Fabric}
+HELPERS = {  # what users import besides Fabric, from each
+    "lightning": {"seed_everything": lightning_fabric.seed_everything, "is_wrapped": lightning_fabric.is_wrapped,
+                  "rank_zero_only": lightning_fabric.utilities.rank_zero_only},
+    "nbfabric": {"seed_everything": nbfabric.seed_everything, "is_wrapped": nbfabric.is_wrapped, "rank_zero_only": nbfabric.rank_zero_only},
+}
+COVERED: dict[str, list[str]] = {}  # Lightning member -> the differential tests that compare it
+
+
+def covers(*members: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a differential test as comparing these members ("Fabric.setup", "_FabricModule.device", ...)."""
+
+    def mark(test: Callable[..., Any]) -> Callable[..., Any]:
+        for member in members:
+            COVERED.setdefault(member, []).append(test.__name__)
+        return test
+
+    return mark
+
+
+def run_both(function: Callable[..., Any], *args: Any, devices: int = 2, **settings: Any) -> dict[str, Any]:
+    """`function(fabric, helpers, *args)` on `devices` forked CPU ranks under each framework; rank 0's result of each."""
+    settings = {"accelerator": "cpu", "devices": devices, **({"strategy": "ddp_fork"} if devices > 1 else {}), **settings}
+    return {name: cls(**settings).launch(function, HELPERS[name], *args) for name, cls in FABRICS.items()}
