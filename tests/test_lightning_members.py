@@ -221,6 +221,8 @@ def _loaders(fabric, helpers):
     seen = {"len": (len(plain), len(shuffled)), "device": str(plain.device), "wrapped": fabric.setup_dataloaders(DataLoader(range(4)), move_to_device=False).device}
     seen["epochs"] = [[row.tolist() for batch in shuffled for row in batch] for _ in range(2)]
     seen["plain"] = [batch[:, 0].tolist() for batch in plain]
+    own_batches = fabric.setup_dataloaders(DataLoader(range(4), batch_size=2, collate_fn=lambda items: Recorder()))
+    seen["own batch type moved"] = [batch.calls for batch in own_batches]
     seen["other ranks drew"] = fabric.all_gather(torch.tensor([row[1] for row in seen["epochs"][0]])).tolist()
     seen["errors"] = [_error(lambda: fabric.setup_dataloaders()), _error(lambda: fabric.setup_dataloaders([1, 2])),
                       _error(lambda: fabric.setup_dataloaders(plain))]
