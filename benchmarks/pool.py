@@ -21,19 +21,19 @@ SETUP = """
 %load_ext nbfabric
 %fabric --accelerator=cpu --devices=2 --no-widgets
 import time, torch
-from nbfabric.launcher.pool import RankPool, use_pool
 from nbfabric.launcher.processes import wait_for_reaping
+from nbfabric.pool import RankPool
 pool = RankPool(devices=2)
-use_pool(None)
+in_use = get_ipython().magics_manager.registry["FabricMagics"].pool
 data = torch.randn(2048, 32, generator=torch.Generator().manual_seed(0))
 target = data.sum(dim=1, keepdim=True)
 
 def timed(cell, on_pool):
-    use_pool(pool if on_pool else None)
+    in_use.use(pool if on_pool else None)
     started = time.perf_counter()
     get_ipython().run_cell_magic("fabric", "--no-return", cell)
     elapsed = (time.perf_counter() - started) * 1000
-    use_pool(None)
+    in_use.use(None)
     assert wait_for_reaping(10)  # untimed: forked ranks may still be exiting
     return elapsed
 """
@@ -74,7 +74,7 @@ def cells_side_by_side(runs: int) -> list[tuple[str, float, float]]:
 
 
 def start_times(starts: int, engines: str) -> list[float]:
-    from nbfabric.launcher.pool import RankPool
+    from nbfabric.pool import RankPool
 
     options = {"devices": 2} if engines == "local" else {"devices": 1, "num_nodes": 2, "engines": "slurm", "controller_ip": "127.0.0.1"}
     times = []

@@ -6,7 +6,7 @@ from nbfabric.config import RunConfig
 from nbfabric.fabric import Fabric
 from nbfabric.strategies import FSDP
 from nbfabric.launcher import ForkUnsafeError, RankError, RankTimeoutError, launch
-from nbfabric.launcher.pool import PoolError, RankPool
+from nbfabric.pool import PoolError, RankPool
 from nbfabric.seeding import seed_everything
 from nbfabric.wrappers import is_wrapped
 

@@ -40,6 +40,13 @@ class Failure:
     time: float  # time.monotonic() in the rank, comparable across ranks of one machine
     distributed: bool  # raised by torch.distributed (often a consequence of another rank dying)
 
+    @classmethod
+    def from_exception(cls, rank: int, exc: BaseException) -> Failure:
+        """`exc` as it ended rank `rank`, with the traceback of the user's frames."""
+        from nbfabric.tracebacks import exception_message, raised_by_torch_distributed, user_traceback
+
+        return cls(rank, type(exc).__qualname__, exception_message(exc), user_traceback(exc), now(), raised_by_torch_distributed(exc))
+
 
 @dataclass(frozen=True)
 class Display:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import inspect
+import logging
 import os
+import sys
+import time
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import timedelta
@@ -21,14 +25,20 @@ from nbfabric.config import RunConfig
 from nbfabric.dataloaders import shard
 from nbfabric.devices import Accelerator
 from nbfabric.launcher.environment import RankInfo, started_by_launcher
-from nbfabric.launcher.launchers import JoinLauncher, select_launcher
+from nbfabric.launcher.launchers import Launcher, NodePlace, select_launcher
+from nbfabric.launcher.output import Sink
 from nbfabric.interop import tell_libraries
 from nbfabric.metrics import MetricLog
 from nbfabric.run_flags import check_timeout, with_launcher_world, with_run_command_settings
 from nbfabric.seeding import seed_everything, seed_workers
 from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
 from nbfabric.init import SkippedInit
-from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, unwrap
+from nbfabric.rank_call import RankCall
+from nbfabric.tracebacks import raised_by_torch_distributed
+from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, to_cpu, unwrap
+
+
+CONSEQUENCE_EXIT_DELAY = 1.0  # seconds a script's rank failing in torch.distributed waits before it exits
 
 
 class Fabric:
@@ -63,20 +73,31 @@ class Fabric:
             num_nodes=num_nodes,
             start_method=start_method,
         )
-        self.config = RunConfig.resolve(**with_launcher_world(settings))
+        self._configure(RunConfig.resolve(**with_launcher_world(settings)), strategy, timeout, callbacks, loggers)
+        if type(self).run is not Fabric.run:  # a subclass's run(): calling it launches the ranks, as in Lightning
+            self.run = partial(self.launch, _call_run)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, *, timeout: float | timedelta | None = None) -> Fabric:
+        """A Fabric for settings resolved already (`RunConfig.resolve`, as %%fabric cells and pools
+        plan them): nothing is resolved again."""
+        fabric = cls.__new__(cls)
+        fabric._configure(config, config.strategy, timeout, None, None)
+        return fabric
+
+    def _configure(self, config: RunConfig, strategy: Any, timeout: Any, callbacks: Any, loggers: Any) -> None:
+        self.config = config
         self.timeout = check_timeout(timeout)
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
-        self._ranks = RankInfo(world_size=self.config.world_size)
+        self._ranks = RankInfo(world_size=config.world_size)
         self._launched = False  # joined the run: a rank of it, with its process group
         self._launch_called = False
-        self._strategy = make_strategy(self.config, strategy)
+        self._strategy = make_strategy(config, strategy)
         self._precision = self._strategy.make_precision()
         self._metrics = MetricLog()
-        if self.config.distributed and started_by_launcher():
-            JoinLauncher().launch(self, None)  # ranks a launcher started: the world is real from here on
-        if type(self).run is not Fabric.run:  # a subclass's run(): calling it launches the ranks, as in Lightning
-            self.run = partial(self.launch, lambda fabric, *args, **kwargs: type(fabric).run(fabric, *args, **kwargs))
+        if config.distributed and started_by_launcher():
+            self._join_for_script()  # ranks a launcher started: the world is real from here on
 
     # ----------------------------------------------------------------- who am I
     @property
@@ -129,20 +150,82 @@ class Fabric:
         """Override in a subclass with the training code; calling ``fabric.run(...)`` then runs it on every rank."""
 
     def launch(self, function: Callable[..., Any] | None = None, *args: Any, **kwargs: Any) -> Any:
-        """Start the ranks and run ``function(fabric, *args, **kwargs)`` on each; return rank 0's result.
+        """Start the ranks and run ``function(fabric, *args, **kwargs)`` on each.
 
         Without a function: join ranks started by a launcher (torchrun-style environment), or,
         in a script, fork the ranks here and let each go on with the rest of the script.
+
+        Returns:
+            Rank 0's return value, on the CPU (modules and optimizers as the user's own objects).
+
+        Raises:
+            RankError: a rank failed (every other rank was stopped first); RankTimeoutError past `timeout`.
+            TypeError: `function` is not callable, or takes no argument for the Fabric.
+            RuntimeError: launched twice, or a bare launch() in a notebook.
         """
+        return self._launch(function, args, kwargs)
+
+    def _launch(
+        self,
+        function: Callable[..., Any] | None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        launcher: Launcher | None = None,
+        sink: Sink | None = None,
+        place: NodePlace = NodePlace(),
+        new_processes: bool = False,
+        finish: Callable[[Fabric, Any], Any] | None = None,
+    ) -> Any:
+        """The one way a run starts (`launch`, %%fabric cells, `RankPool.launch`): through `launcher`,
+        else the one `select_launcher` picks for the settings, every rank runs `_run_as_rank`."""
         if self._launch_called:
             raise RuntimeError("this Fabric is already launched; call launch() once per Fabric")
         if function is not None:
             _check_launchable(function)
         self._launch_called = True
-        return select_launcher(self.config, timeout=self.timeout).launch(self, function, args, kwargs)
+        launcher = launcher or select_launcher(self.config, timeout=self.timeout, sink=sink, place=place, new_processes=new_processes)
+        if function is None:
+            launcher.continue_script(prepare=self._strategy.preload)  # returns in each rank
+            self._join_for_script()
+            return None
+        return launcher.launch(RankCall(self, function, args, kwargs or {}, finish), prepare=self._strategy.preload)
+
+    def _run_as_rank(
+        self, function: Callable[..., Any], args: tuple, kwargs: dict[str, Any], finish: Callable[[Fabric, Any], Any] | None = None
+    ) -> Any:
+        """A rank's whole part of a run: join it (device, process group), run the function, make
+        sharded models whole (a collective), turn the value into what goes back (`finish`; by
+        default on the CPU), wait for the peers, and send what is still unsent."""
+        self._join(RankInfo.from_environment())
+        try:
+            value = function(self, *args, **kwargs)
+            self._strategy.before_return()
+            value = (finish or _on_cpu)(self, value)
+            self._wait_for_peers()
+            return value
+        finally:
+            self._metrics.close()
+            self._strategy.release()
+
+    def _wait_for_peers(self) -> None:
+        """A rank whose process ends after the run must not leave while a peer still talks to it. The
+        barrier fails when a peer has left already (sys.exit, or a failure reported for that peer);
+        this rank's own result stands."""
+        if self.world_size > 1:
+            try:
+                self._strategy.barrier()
+            except RuntimeError:
+                pass
+
+    def _join_for_script(self) -> None:
+        """Join the run and stay in it for the rest of the script."""
+        if not self._launched:
+            self._join(RankInfo.from_environment())
+            atexit.register(_leave_after_script, self)
 
     def _join(self, ranks: RankInfo) -> None:
-        """In a rank, called by its launcher: who this rank is; its device and process group."""
+        """Who this rank is; its device and process group (once)."""
         if self._launched:
             return
         self._ranks = ranks
@@ -151,15 +234,6 @@ class Fabric:
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)
         self._launched = True
-
-    def _before_return(self) -> None:
-        """In every rank, called by its launcher once the function succeeded, before rank 0's value
-        goes back: the strategy makes sharded models whole (a collective)."""
-        self._strategy.before_return()
-
-    def _finish(self) -> None:
-        """In a rank, called by its launcher after the function: send what is still unsent."""
-        self._metrics.close()
 
     def _check_launched(self) -> None:
         if not self._launched and self.config.distributed:
@@ -447,6 +521,34 @@ def _flattened(metrics: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _flattened(value, f"{prefix}{name}/")
         else:
             yield f"{prefix}{name}", value
+
+
+def _call_run(fabric: Fabric, *args: Any, **kwargs: Any) -> Any:
+    return type(fabric).run(fabric, *args, **kwargs)
+
+
+def _on_cpu(fabric: Fabric, value: Any) -> Any:
+    return to_cpu(value)
+
+
+def _leave_after_script(fabric: Fabric) -> None:
+    """At the end of a script's rank, leave the process group before Python's own teardown, which
+    can abort the process (SIGABRT) while a gloo group's threads still run. After an uncaught
+    exception (already printed) the group stays, so that the peers see this rank fail as it exits
+    rather than leave first, and the process exits with status 1 before that teardown; a failure
+    that torch.distributed raised (mostly a peer's failure seen from here) waits a moment first,
+    so that the launcher sees the rank that failed first end first."""
+    failure = getattr(sys, "last_value", None)
+    if failure is None:
+        fabric._wait_for_peers()  # a peer may still be joining the group this rank would tear down
+        fabric.strategy.leave()
+        return
+    if raised_by_torch_distributed(failure):
+        time.sleep(CONSEQUENCE_EXIT_DELAY)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(1)
 
 
 def _check_launchable(function: Any) -> None:

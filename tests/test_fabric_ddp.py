@@ -384,7 +384,7 @@ def test_on_several_nodes_the_store_listens_on_the_main_address_only(no_leaks):
     import threading
 
     from nbfabric.launcher.environment import free_port
-    from nbfabric.launcher.launchers import NodePlace, select_launcher
+    from nbfabric.launcher.launchers import NodePlace
     from nbfabric.launcher.output import Sink
 
     port, results = free_port(), {}
@@ -392,7 +392,8 @@ def test_on_several_nodes_the_store_listens_on_the_main_address_only(no_leaks):
     def node(node_rank):
         fabric = Fabric(accelerator="cpu", devices=1, num_nodes=2)
         place = NodePlace(node_rank, "127.0.0.1", port)
-        results[node_rank] = select_launcher(fabric.config, sink=Sink(), place=place, timeout=60).launch(fabric, _listening_addresses)
+        fabric.timeout = 60
+        results[node_rank] = fabric._launch(_listening_addresses, sink=Sink(), place=place)
 
     other = threading.Thread(target=node, args=(1,))
     other.start()

@@ -72,7 +72,6 @@ def test_fork_is_refused_after_cuda_init_and_spawn_works(tmp_path):
             """
             import torch
             from nbfabric import Fabric, ForkUnsafeError
-            from nbfabric.launcher.launchers import select_launcher
 
             def device(fabric):
                 return str(torch.ones(1, device=fabric.device).device)
@@ -81,11 +80,11 @@ def test_fork_is_refused_after_cuda_init_and_spawn_works(tmp_path):
                 torch.ones(1, device="cuda")
                 try:
                     fabric = Fabric(accelerator="cuda", devices=1, strategy="ddp")
-                    select_launcher(fabric.config, new_processes=True).launch(fabric, device)
+                    fabric._launch(device, new_processes=True)
                 except ForkUnsafeError as error:
                     print("refused:", error)
                 fabric = Fabric(accelerator="cuda", devices=1, strategy="ddp", start_method="spawn")
-                print("spawned:", select_launcher(fabric.config, new_processes=True).launch(fabric, device))
+                print("spawned:", fabric._launch(device, new_processes=True))
             """
         )
     )

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from nbfabric import Fabric, RankError, RankTimeoutError, launch
-from nbfabric.launcher.launchers import select_launcher
 from nbfabric.launcher.output import Sink
 
 
@@ -131,7 +130,7 @@ def _rank_one_leaves(fabric):
 def test_a_rank_that_leaves_with_sys_exit_0_is_named_and_rank_zeros_value_comes_back(no_leaks):
     sink = _Lines()
     fabric = Fabric(accelerator="cpu", devices=2)
-    assert select_launcher(fabric.config, sink=sink).launch(fabric, _rank_one_leaves) == 42
+    assert fabric._launch(_rank_one_leaves, sink=sink) == 42
     assert any(rank == 1 and "left the run: sys.exit(0) at" in text and "test_launcher_failures.py" in text for rank, _, text in sink.lines)
 
 

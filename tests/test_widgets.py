@@ -13,7 +13,6 @@ from kernels import KernelProcess
 
 from nbfabric import Fabric, RankError
 from nbfabric.devices import GpuInfo, Hardware, detect_hardware
-from nbfabric.launcher.launchers import select_launcher
 from nbfabric.notebook import chart
 from nbfabric.notebook.dashboard import Dashboard
 from nbfabric.notebook.tally import LOG_LINES
@@ -37,7 +36,7 @@ def fonts_loaded():
 
 def _start(fabric, function, dashboard):
     """Run `function` on new rank processes, their output and events going to `dashboard`."""
-    return select_launcher(fabric.config, sink=dashboard, new_processes=True).launch(fabric, function)
+    return fabric._launch(function, sink=dashboard, new_processes=True)
 
 
 def _train(fabric):

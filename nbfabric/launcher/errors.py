@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from nbfabric.channel import Failure
 from nbfabric.launcher.supervisor import Outcome
+from nbfabric.tracebacks import ShortInIPython
 
 
 @dataclass(frozen=True)
@@ -21,14 +22,7 @@ class RankFailure:
     distributed: bool = False
 
 
-class _ShortInIPython:
-    """In IPython, show the message only: the launcher's frames say nothing to the user."""
-
-    def _render_traceback_(self) -> list[str]:
-        return f"{type(self).__name__}: {self}".splitlines()
-
-
-class RankError(_ShortInIPython, RuntimeError):
+class RankError(ShortInIPython, RuntimeError):
     """A rank failed; the other ranks were stopped. Names the rank that failed first."""
 
     def __init__(self, cause: RankFailure, also_failed: list[RankFailure], stopped: list[int]):
@@ -54,11 +48,11 @@ class RankError(_ShortInIPython, RuntimeError):
         return "\n".join(lines)
 
 
-class RankTimeoutError(_ShortInIPython, TimeoutError):
+class RankTimeoutError(ShortInIPython, TimeoutError):
     """The run did not finish within its timeout; every rank was stopped."""
 
 
-class ForkUnsafeError(_ShortInIPython, RuntimeError):
+class ForkUnsafeError(ShortInIPython, RuntimeError):
     """Forking now would hand the ranks a broken CUDA context or process group."""
 
 

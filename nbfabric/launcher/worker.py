@@ -16,9 +16,9 @@ from typing import Any, Callable
 from nbfabric.channel import ChannelWriter, Exiting, Failure, Left, Result, now
 from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited
 from nbfabric.launcher.rank_links import RankLinks, set_rank_links
+from nbfabric.tracebacks import PACKAGE_DIR
 
 _PR_SET_PDEATHSIG = 1
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 @dataclass(frozen=True)
@@ -81,31 +81,7 @@ def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) 
 
 def report_failure(channel: ChannelWriter, rank: int, exc: BaseException) -> None:
     """Send `exc` with its traceback as plain text, so the parent can show it."""
-    channel.send(
-        Failure(
-            rank=rank,
-            exc_type=type(exc).__qualname__,
-            message=_message(exc),
-            traceback=format_user_traceback(exc),
-            time=now(),
-            distributed=_raised_by_torch_distributed(exc),
-        )
-    )
-
-
-def format_user_traceback(exc: BaseException) -> str:
-    """The traceback of `exc` without the frames of nbfabric that led into the user's code."""
-    summary = traceback.TracebackException.from_exception(exc)
-    frames = list(summary.stack)
-    while len(frames) > 1 and (frames[0].filename.startswith(_PACKAGE_DIR) or _is_runpy(frames[0].filename)):
-        frames.pop(0)
-    summary.stack = traceback.StackSummary.from_list(frames)
-    return "".join(summary.format())
-
-
-def _is_runpy(filename: str) -> bool:
-    """Frames of runpy, which `nbfabric run` uses to start the user's script."""
-    return filename == "<frozen runpy>" or os.path.basename(filename) == "runpy.py"
+    channel.send(Failure.from_exception(rank, exc))
 
 
 def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, ...], inherited: Inherited | None = None) -> None:
@@ -176,17 +152,10 @@ def _flush_output() -> None:
             pass
 
 
-def _message(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception as error:  # noqa: BLE001 - the exception's own __str__ failed
-        return f"<its message could not be made: {type(error).__name__} in __str__>"
-
-
 def _where(exc: BaseException) -> str:
     """The user's line that raised `exc`, as "file, line N"."""
     frames = traceback.extract_tb(exc.__traceback__)
-    user = [frame for frame in frames if not frame.filename.startswith(_PACKAGE_DIR)] or frames
+    user = [frame for frame in frames if not frame.filename.startswith(PACKAGE_DIR)] or frames
     return f"{user[-1].filename}, line {user[-1].lineno}" if user else "an unknown place"
 
 
@@ -195,8 +164,3 @@ def _exit_code(exc: SystemExit) -> int:
         return exc.code or 0
     print(exc.code, file=sys.stderr)
     return 1
-
-
-def _raised_by_torch_distributed(exc: BaseException) -> bool:
-    module = type(exc).__module__ or ""
-    return module.startswith("torch.distributed") or "Connection closed by peer" in _message(exc)

@@ -114,12 +114,9 @@ def rank_namespace() -> dict[str, Any]:
     return _rank_namespace
 
 
-def run_in_rank(fabric: Any, cell: Cell, values: dict[str, Any] | Shipment, names: list[str] | None) -> Returned | None:
+def run_in_rank(fabric: Any, cell: Cell, values: dict[str, Any] | Shipment) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """Run the cell with `fabric` in the notebook's namespace (forked) or in this process's own,
-    with the values shipped; rank 0 packs what goes back.
-
-    `names`: what to bring back; None means every name the cell binds.
-    """
+    with the values shipped: the namespace after it, the names it had before, and the cell's last value."""
     if isinstance(values, Shipment):
         namespace = rank_namespace()
         namespace.update(values.unpack())
@@ -130,8 +127,19 @@ def run_in_rank(fabric: Any, cell: Cell, values: dict[str, Any] | Shipment, name
     namespace["fabric"] = fabric
     exec(cell.body, namespace)  # noqa: S102 - the user's own cell
     last_value = eval(cell.last_expression, namespace) if cell.last_expression is not None else None  # noqa: S307
-    fabric._before_return()
+    return namespace, known, last_value
+
+
+def pack_for_notebook(cell: Cell, names: list[str] | None, fabric: Any, ran: tuple[dict[str, Any], dict[str, Any], Any]) -> Returned | None:
+    """On rank 0, once the run's models are whole: the names to bring back (`names`; None means
+    every name the cell binds) and the last value, packed. Other ranks send nothing."""
     if fabric.global_rank != 0:
         return None
+    namespace, known, last_value = ran
     wanted = [name for name in (cell.bound_names if names is None else names) if name != "fabric" and not name.startswith("_")]
     return pack(namespace, wanted, known, last_value)
+
+
+def pack_rank_name(name: str) -> Returned:
+    """In a pool's rank: one name of the cells' namespace, packed as a cell's names come back."""
+    return pack(rank_namespace(), [name], {})

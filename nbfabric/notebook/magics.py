@@ -16,13 +16,12 @@ from IPython.display import display
 
 from nbfabric.devices import describe_hardware
 from nbfabric.fabric import Fabric
-from nbfabric.launcher.launchers import select_launcher
 from nbfabric.launcher.output import TextSink
-from nbfabric.launcher.pool import PoolError, RankPool, active_pool
 from nbfabric.launcher.shipping import Shipment
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
-from nbfabric.notebook.cell import Cell, compile_cell, run_in_rank, values_for_ranks
-from nbfabric.notebook.pool_magics import POOL_COMMANDS, POOL_HELP, pool_command
+from nbfabric.notebook.cell import Cell, compile_cell, pack_for_notebook, run_in_rank, values_for_ranks
+from nbfabric.notebook.pool_magics import POOL_COMMANDS, POOL_HELP, PoolInUse, pool_command
+from nbfabric.pool import PoolError, PoolLauncher, RankPool
 from nbfabric.notebook.picker import picker
 from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.notebook.run_view import RunView
@@ -64,7 +63,8 @@ class FabricMagics(Magics):
         super().__init__(shell)
         self.defaults: dict[str, Any] = {}
         self.background: BackgroundRun | None = None
-        self._background_pool_cell: tuple[RankPool, Cell] | None = None  # a background run on a pool
+        self.pool = PoolInUse()  # the rank pool cells run on, and the names its ranks hold
+        self._background_pool_cell: Cell | None = None  # a background run on the pool
 
     @magic_arguments.magic_arguments()
     @_run_flag_arguments
@@ -91,7 +91,7 @@ class FabricMagics(Magics):
         and its companions (below) manage a rank pool.
         """
         if cell is None and line.split(None, 1)[:1] and line.split()[0] in POOL_COMMANDS:
-            return pool_command(self.shell, line)
+            return pool_command(self.shell, line, self.pool)
         args = magic_arguments.parse_argstring(self.fabric, line)
         given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
         if args.help:
@@ -114,15 +114,15 @@ class FabricMagics(Magics):
                 dashboard.show()
             self._background_pool_cell = None
             if request.pool is not None:
-                self._remember_rank_names(request.pool, compiled)  # the ranks' copies stay theirs
-                self._background_pool_cell = (request.pool, compiled)
+                self._remember_rank_names(compiled)  # the ranks' copies stay theirs
+                self._background_pool_cell = compiled
             return self._start_background(launch, record, view, dashboard)
         try:
             returned = launch()
         except BaseException as error:
             record.error = _shown_briefly(error)
             if request.pool is not None:
-                self._remember_rank_names(request.pool, compiled)
+                self._remember_rank_names(compiled)
             raise
         finally:
             record.duration = time.time() - record.started
@@ -132,7 +132,7 @@ class FabricMagics(Magics):
             return self._bring_back(returned)
         finally:
             if request.pool is not None:
-                self._remember_rank_names(request.pool, compiled)
+                self._remember_rank_names(compiled)
 
     def _check_cell(self, args: Any, given: dict[str, Any]) -> CellRequest:
         """Every flag of a cell checked, with the defaults under them; raises UsageError, changes nothing."""
@@ -140,7 +140,7 @@ class FabricMagics(Magics):
         if line_only:
             raise UsageError(f"{', '.join(line_only)} belongs on a %fabric line, not on a %%fabric cell")
         self._refuse_while_running()
-        pool = active_pool()
+        pool = self.pool.pool
         cell_flags = {k: v for k, v in given.items() if k not in PER_CELL}
         if pool is not None:
             try:
@@ -153,27 +153,27 @@ class FabricMagics(Magics):
             settings = {**self._saved_defaults(), **self.defaults, **cell_flags}
         widgets = settings.pop("widgets", None) != "off"
         plan = _plan(settings)
-        if pool is not None and (plan.config.accelerator, plan.config.world_size) != (pool.config.accelerator, pool.world_size):
-            raise UsageError(
-                f"this cell asks for {plan.config.world_size} rank(s) on {plan.config.accelerator}, but the rank pool has "
-                f"{pool.world_size} on {pool.config.accelerator}; drop those flags, or %fabric stop-pool first"
-            )
+        if pool is not None:
+            try:
+                pool.check_fits(plan.config)
+            except PoolError as error:
+                raise UsageError(str(error)) from None
         return CellRequest(plan, _wanted_names(args), args.out, bool(args.background), widgets, pool)
 
     def _values_for_ranks(self, request: CellRequest, cell: Cell) -> dict[str, Any] | Shipment:
         """The notebook's names as the ranks get them; a name that cannot be sent is a UsageError."""
         forked = request.pool is None and request.plan.config.start_method == "fork"
-        held = request.pool.names_on_ranks if request.pool is not None else None
+        held = self.pool.names_on_ranks if request.pool is not None else None
         values = values_for_ranks(cell, self.shell.user_ns, forked=forked, held=held)
         if isinstance(values, Shipment) and values.left:
             raise UsageError(values.refusal("the rank pool" if request.pool is not None else "the spawned ranks"))
         return values
 
-    def _remember_rank_names(self, pool: RankPool, cell: Cell) -> None:
+    def _remember_rank_names(self, cell: Cell) -> None:
         """The names the cell bound live on the ranks; the notebook's object for each, now, marks the
         ranks' copy as current until the notebook binds the name anew."""
         for name in cell.bound_names:
-            pool.names_on_ranks[name] = self.shell.user_ns.get(name, _ABSENT)
+            self.pool.names_on_ranks[name] = self.shell.user_ns.get(name, _ABSENT)
 
     def _make_view(self, request: CellRequest) -> tuple[Any, Any]:
         """The cell's view of the run (a Sink), and the dashboard when it shows one from the start."""
@@ -187,11 +187,12 @@ class FabricMagics(Magics):
         return RunView(config, partial(_dashboard, config, ranks), text), None
 
     def _launcher_call(self, request: CellRequest, cell: Cell, values: Any, sink: Any) -> Callable[[], Any]:
-        """The run, ready to start: the cell on every rank, through the launcher for its settings."""
+        """The run, ready to start: the cell on every rank, on the pool or through the launcher for its settings."""
         plan = request.plan
-        fabric = Fabric(**plan.config.settings(), timeout=plan.timeout)
-        launcher = select_launcher(plan.config, timeout=plan.timeout, sink=sink, place=plan.place, new_processes=True)
-        return partial(launcher.launch, fabric, run_in_rank, (cell, values, request.names))
+        fabric = Fabric.from_config(plan.config, timeout=plan.timeout)
+        launcher = PoolLauncher(request.pool, timeout=plan.timeout, sink=sink) if request.pool is not None else None
+        finish = partial(pack_for_notebook, cell, request.names)
+        return partial(fabric._launch, run_in_rank, (cell, values), launcher=launcher, sink=sink, place=plan.place, new_processes=True, finish=finish)
 
     def _bring_back(self, returned: Any) -> Any:
         """Put the names rank 0 sent into the notebook; return the cell's last value."""
@@ -231,7 +232,7 @@ class FabricMagics(Magics):
         extra = " ".join(flag for flag in (plan.extra_flags, "" if widgets else "--no-widgets") if flag)
         print(f"%%fabric defaults: {plan.config.as_flags()}" + (f" {extra}" if extra else ""))
         print(f"hardware: {describe_hardware()}")
-        pool = active_pool()
+        pool = self.pool.pool
         if pool is not None:
             print(f"cells run on the rank pool of {pool.world_size} ranks (%fabric pool shows it)" if pool.up else f"the rank pool is broken: {pool.broken}")
 
@@ -288,7 +289,7 @@ class FabricMagics(Magics):
             return self._bring_back(returned)
         finally:
             if self._background_pool_cell is not None:
-                self._remember_rank_names(*self._background_pool_cell)
+                self._remember_rank_names(self._background_pool_cell)
                 self._background_pool_cell = None
 
 

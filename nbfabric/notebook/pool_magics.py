@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from IPython.core.error import UsageError
 
-from nbfabric.launcher.pool import ENGINE_KINDS, PoolError, RankPool, active_pool, use_pool
-from nbfabric.launcher import pool_rank
+from nbfabric.notebook.cell import pack_rank_name
+from nbfabric.pool import ENGINE_KINDS, PoolError, RankPool
 
 POOL_COMMANDS = ("start", "attach", "pool", "stop-pool", "pull")
 POOL_HELP = """\
@@ -22,6 +23,20 @@ rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it)
   %fabric pool                                       show the ranks, their nodes and devices
   %fabric pull NAME [--rank=N]                       bring one name back from a rank
   %fabric stop-pool                                  end every engine (and the Slurm job)"""
+
+
+@dataclass
+class PoolInUse:
+    """The notebook's rank pool (None: cells start their own ranks) and the names its ranks hold:
+    name a cell bound -> the notebook's object for it then (the ranks' copy is current while the
+    notebook still has that object)."""
+
+    pool: RankPool | None = None
+    names_on_ranks: dict[str, Any] = field(default_factory=dict)
+
+    def use(self, pool: RankPool | None) -> None:
+        self.pool = pool
+        self.names_on_ranks = {}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,22 +65,22 @@ def _parser(command: str) -> _Parser:
     return parser
 
 
-def pool_command(shell: Any, line: str) -> Any:
+def pool_command(shell: Any, line: str, in_use: PoolInUse) -> Any:
     """Run one pool command line (its first word is in POOL_COMMANDS)."""
     command, *rest = shlex.split(line)
     args = _parser(command).parse_args(rest)
     try:
         if command == "start":
-            return _start(args)
+            return _start(args, in_use)
         if command == "attach":
-            return _attach(args)
+            return _attach(args, in_use)
         if command == "pull":
-            return _pull(shell, args)
-        pool = active_pool()
+            return _pull(shell, args, in_use)
+        pool = in_use.pool
         if command == "stop-pool":
             if pool is None:
                 raise UsageError("there is no rank pool to stop")
-            use_pool(None)
+            in_use.use(None)
             pool.stop()
             print("the rank pool was detached; its engines keep running" if pool.attached else "the rank pool was stopped: no engine is left")
             return None
@@ -75,40 +90,40 @@ def pool_command(shell: Any, line: str) -> Any:
     return None
 
 
-def _start(args: argparse.Namespace) -> None:
-    pool = active_pool()
+def _start(args: argparse.Namespace, in_use: PoolInUse) -> None:
+    pool = in_use.pool
     if pool is not None and pool.up:
         raise UsageError("a rank pool is already up (%fabric pool shows it); %fabric stop-pool ends it")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     options = {name: value for name, value in vars(args).items() if value is not None}
     options["devices"] = devices
-    use_pool(RankPool(**options))
-    print(active_pool().describe())
+    in_use.use(RankPool(**options))
+    print(in_use.pool.describe())
 
 
-def _attach(args: argparse.Namespace) -> None:
-    pool = active_pool()
+def _attach(args: argparse.Namespace, in_use: PoolInUse) -> None:
+    pool = in_use.pool
     if pool is not None and pool.up:
         raise UsageError("a rank pool is already up; %fabric stop-pool ends it first")
     if not args.profile and not args.cluster_id:
         raise UsageError("%fabric attach needs --profile=NAME or --cluster-id=ID (as given to ipcluster start)")
-    use_pool(RankPool.attach(profile=args.profile, cluster_id=args.cluster_id, accelerator=args.accelerator))
-    print(active_pool().describe())
+    in_use.use(RankPool.attach(profile=args.profile, cluster_id=args.cluster_id, accelerator=args.accelerator))
+    print(in_use.pool.describe())
 
 
-def _pull(shell: Any, args: argparse.Namespace) -> Any:
-    pool = active_pool()
+def _pull(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> Any:
+    pool = in_use.pool
     if pool is None:
         raise UsageError("there is no rank pool; %fabric start makes one")
     pool.check_usable()
     if not 0 <= args.rank < pool.world_size:
         raise UsageError(f"--rank={args.rank} is not valid; choose 0 to {pool.world_size - 1}")
-    returned = pool.engine(args.rank).apply_sync(pool_rank.pull, args.name)
+    returned = pool.engine(args.rank).apply_sync(pack_rank_name, args.name)
     values = returned.load()
     if args.name not in values:
         why = returned.skipped.get(args.name, "not defined")
         print(f"{args.name} was not brought back from rank {args.rank}: {why}", file=sys.stderr)
         return None
     shell.user_ns[args.name] = values[args.name]
-    pool.names_on_ranks[args.name] = values[args.name]  # the ranks keep their own in later cells
+    in_use.names_on_ranks[args.name] = values[args.name]  # the ranks keep their own in later cells
     return None

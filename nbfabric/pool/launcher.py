@@ -8,13 +8,12 @@ import sys
 from typing import Any, Callable
 
 from nbfabric.channel import Failure, Metrics, now
-from nbfabric.launcher import pool_rank
 from nbfabric.launcher.cell_labels import label_error_cells
 from nbfabric.launcher.errors import raise_for_outcome
 from nbfabric.launcher.output import LineSplitter, Sink, TextSink, emit_segments
-from nbfabric.launcher.pool import RankPool
-from nbfabric.launcher.shipping import dumps
 from nbfabric.launcher.supervisor import Outcome, interrupts_as_requests
+from nbfabric.pool import engine_side
+from nbfabric.pool.cluster import RankPool
 
 STOP_GRACE = 3.0  # seconds ranks get to stop after SIGINT, and again after their peers left the group
 _TICK = 0.05
@@ -22,28 +21,16 @@ _DEAD_CHECK = 0.5  # seconds between two looks for engines that are gone
 
 
 class PoolLauncher:
-    """Runs ``function(fabric, *args, **kwargs)`` on every rank of `pool`; returns rank 0's value."""
-
-    interactive = True
+    """Runs a rank callable (pickled: see nbfabric.rank_call) on every rank of `pool`; returns rank 0's value."""
 
     def __init__(self, pool: RankPool, *, timeout: float | None = None, sink: Sink | None = None):
         self.pool = pool
         self.timeout = timeout
         self.sink = sink or TextSink()
 
-    def launch(self, fabric: Any, function: Callable[..., Any] | None, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if function is None:
-            raise ValueError("a rank pool runs a function: fabric.launch(fn), pool.launch(fn) or a %%fabric cell")
+    def launch(self, rank_main: Callable[[], Any], *, prepare: Callable[[], None] | None = None) -> Any:
         self.pool.check_usable()
-        if (fabric.config.accelerator, fabric.world_size) != (self.pool.config.accelerator, self.pool.world_size):
-            raise ValueError(
-                f"this Fabric runs {fabric.world_size} rank(s) on {fabric.config.accelerator}, but the rank pool has "
-                f"{self.pool.world_size} on {self.pool.config.accelerator}; use {self.pool.config.as_flags()} "
-                "or %fabric stop-pool first"
-            )
-        import dill
-
-        payload = pickle.dumps((dill.dumps(fabric), dumps((function, args, kwargs or {}))))
+        payload = pickle.dumps(rank_main, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             outcome = _PoolRun(self.pool, self.sink, self.timeout).run(payload)
             raise_for_outcome(outcome, self.timeout)
@@ -51,6 +38,9 @@ class PoolLauncher:
             label_error_cells(error)
             raise
         return pickle.loads(outcome.result) if outcome.result is not None else None
+
+    def continue_script(self, *, prepare: Callable[[], None] | None = None) -> None:
+        raise ValueError("a rank pool runs a function: fabric.launch(fn), pool.launch(fn) or a %%fabric cell")
 
 
 class _PoolRun:
@@ -69,7 +59,7 @@ class _PoolRun:
 
     def run(self, payload: bytes) -> Outcome:
         with interrupts_as_requests(self._count_interrupt):
-            self.pending = {r.rank: self.pool.engine(r.rank).apply_async(pool_rank.run, payload) for r in self.pool.ranks}
+            self.pending = {r.rank: self.pool.engine(r.rank).apply_async(engine_side.run, payload) for r in self.pool.ranks}
             self.results = dict(self.pending)
             self.sequence = dict.fromkeys(self.pending, 0)
             while self.pending:
@@ -156,7 +146,7 @@ class _PoolRun:
             self._left_group = True
             idle = [self.pool.ranks[r].engine for r in range(len(self.pool.ranks)) if r not in self.pending]
             if idle:
-                self.pool.client[idle].apply_sync(pool_rank.leave_group)
+                self.pool.client[idle].apply_sync(engine_side.leave_group)
         if waited >= 2 * STOP_GRACE or self._interrupts > 1:
             stuck = ", ".join(map(str, sorted(self.pending)))
             self.pending.clear()

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbfabric.config import RunConfig
-from nbfabric.launcher import pool_rank
+from nbfabric.pool import engine_side
+from nbfabric.tracebacks import ShortInIPython
 from nbfabric.launcher.environment import rank_environment
 
 ENGINE_KINDS = ("local", "slurm", "mpi", "ssh")
@@ -24,11 +25,8 @@ JOB_END_WAIT = 60.0  # seconds to wait for a cancelled Slurm job to leave the qu
 HEARTBEAT = ["--HeartMonitor.period=1000", "--HeartMonitor.max_heartmonitor_misses=10"]
 
 
-class PoolError(RuntimeError):
+class PoolError(ShortInIPython, RuntimeError):
     """The pool cannot be started, used, or is broken; says what to do."""
-
-    def _render_traceback_(self) -> list[str]:
-        return f"{type(self).__name__}: {self}".splitlines()
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,6 @@ class RankPool:
     ):
         self.config = _check(devices, num_nodes, accelerator, engines, partition, time)
         self.kind, self.attached, self.broken = engines, False, ""
-        self.names_on_ranks: dict[str, Any] = {}  # name a run bound -> the notebook's object then
         import ipyparallel as ipp
 
         options = {"profile": profile} if profile else {}
@@ -101,7 +98,7 @@ class RankPool:
         import ipyparallel as ipp
 
         pool = cls.__new__(cls)
-        pool.kind, pool.attached, pool.broken, pool.names_on_ranks = "attached", True, "", {}
+        pool.kind, pool.attached, pool.broken = "attached", True, ""
         try:
             pool.cluster = ipp.Cluster.from_file(profile=profile, cluster_id=cluster_id)
             pool.client = pool.cluster.connect_client_sync()
@@ -111,7 +108,7 @@ class RankPool:
                 f"no running cluster to attach to (profile={profile or 'default'!r}, cluster id={cluster_id!r}): {error}. "
                 "Start one with `ipcluster start -n 2`, or use %fabric start."
             ) from None
-        nodes = {info["node"] for info in pool.client[:].apply_sync(pool_rank.describe)}
+        nodes = {info["node"] for info in pool.client[:].apply_sync(engine_side.describe)}
         per_node, extra = divmod(len(pool.client.ids), len(nodes))
         if extra:
             pool.client.close()
@@ -155,15 +152,23 @@ class RankPool:
         if self.client is None:
             raise PoolError("the rank pool was stopped; %fabric start makes a new one.")
 
+    def check_fits(self, config: RunConfig) -> None:
+        """PoolError unless a run of these settings runs on this pool's ranks (same accelerator and world)."""
+        if (config.accelerator, config.world_size) != (self.config.accelerator, self.world_size):
+            raise PoolError(
+                f"this run asks for {config.world_size} rank(s) on {config.accelerator}, but the rank pool has "
+                f"{self.world_size} on {self.config.accelerator}; drop those settings, or %fabric stop-pool first"
+            )
+
     # ----------------------------------------------------------------- running
     def launch(self, function: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run ``function(fabric, *args, **kwargs)`` on every rank (a Fabric of the pool's settings);
         return rank 0's value."""
         from nbfabric.fabric import Fabric
-        from nbfabric.launcher.pool_launcher import PoolLauncher
+        from nbfabric.pool.launcher import PoolLauncher
 
-        fabric = Fabric(**self.config.settings(), timeout=timeout)
-        return PoolLauncher(self, timeout=timeout).launch(fabric, function, args, kwargs)
+        fabric = Fabric.from_config(self.config, timeout=timeout)
+        return fabric._launch(function, args, kwargs, launcher=PoolLauncher(self, timeout=timeout))
 
     def engine(self, rank: int) -> Any:
         return self.client[self.ranks[rank].engine]
@@ -192,8 +197,8 @@ class RankPool:
         """After some ranks left the process group: every rank leaves it, and the next run's group
         meets on a fresh port."""
         everyone = self.client[[r.engine for r in self.ranks]]
-        everyone.apply_sync(pool_rank.leave_group)
-        everyone.apply_sync(pool_rank.set_main_port, self.engine(0).apply_sync(pool_rank.free_port))
+        everyone.apply_sync(engine_side.leave_group)
+        everyone.apply_sync(engine_side.set_main_port, self.engine(0).apply_sync(engine_side.free_port))
 
     def mark_broken(self, why: str) -> None:
         """A rank is lost: end the rest of the pool, whose process group cannot go on."""
@@ -217,7 +222,7 @@ class RankPool:
     def _assign_ranks(self) -> list[PoolRank]:
         """Number the engines node by node, give each torchrun's variables, and check the nodes."""
         ids = sorted(self.client.ids)
-        infos = dict(zip(ids, self.client[ids].apply_sync(pool_rank.describe)))
+        infos = dict(zip(ids, self.client[ids].apply_sync(engine_side.describe)))
         engines = sorted(ids, key=lambda e: (infos[e]["task"] is None, infos[e]["task"] or 0, e))
         nodes = list(dict.fromkeys(infos[e]["node"] for e in engines))
         per_node = self.config.num_processes
@@ -232,7 +237,7 @@ class RankPool:
                 ranks.append(PoolRank(len(ranks), local_rank, node_rank, node, info["address"], info["pid"], engine))
         one_host = len({infos[r.engine]["host"] for r in ranks}) == 1
         main_address = "127.0.0.1" if one_host else ranks[0].address
-        port = self.client[ranks[0].engine].apply_sync(pool_rank.free_port)
+        port = self.client[ranks[0].engine].apply_sync(engine_side.free_port)
         for r in ranks:
             env = rank_environment(
                 local_rank=r.local_rank,
@@ -243,7 +248,7 @@ class RankPool:
                 main_port=port,
                 threads=None,
             )
-            self.client[r.engine].apply_sync(pool_rank.join, env, per_node)
+            self.client[r.engine].apply_sync(engine_side.join, env, per_node)
         return ranks
 
 
@@ -320,17 +325,3 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
-
-
-_active: RankPool | None = None
-
-
-def active_pool() -> RankPool | None:
-    """The pool that runs cells and launches now (set by %fabric start / attach, or `use_pool`)."""
-    return _active
-
-
-def use_pool(pool: RankPool | None) -> None:
-    global _active
-    _active = pool
-

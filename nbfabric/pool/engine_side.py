@@ -1,4 +1,4 @@
-"""The rank side of a pool: functions that run in an ipyparallel engine, which stays up between runs.
+"""The engines' side of a rank pool: functions that run in an ipyparallel engine, which stays up between runs.
 
 Output and events of a run travel on the engine's IOPub socket as ipyparallel data messages, keyed
 by a sequence number, so that the notebook replays them in order into its Sink."""
@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from nbfabric.channel import Failure, now
+from nbfabric.channel import Failure
 
 _OUTPUT_FLUSH = 0.05  # seconds a partial line may wait before it is sent anyway
 
@@ -83,15 +83,18 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def _join_group(fabric: Any, place: Any) -> None:
-    """`fabric._join`, noting the sockets of a process group it creates."""
+@contextmanager
+def _noting_group_sockets() -> Iterator[None]:
+    """Around a run: note the sockets of a process group the run creates (see `leave_group`)."""
     import torch.distributed as dist
 
     fresh = not (dist.is_available() and dist.is_initialized())
     before = _sockets() if fresh else {}
-    fabric._join(place)
-    if fresh and dist.is_available() and dist.is_initialized():
-        _group_sockets[:] = sorted(set(_sockets().items()) - set(before.items()))
+    try:
+        yield
+    finally:
+        if fresh and dist.is_available() and dist.is_initialized():
+            _group_sockets[:] = sorted(set(_sockets().items()) - set(before.items()))
 
 
 def _sockets() -> dict[int, str]:
@@ -112,46 +115,24 @@ def _inode(fd: int) -> str:
 
 
 def run(payload: bytes) -> tuple[str, Any]:
-    """Run a launcher's function in this rank: ("done", rank 0's pickled value or None) or
-    ("failed", Failure). Output and metrics stream meanwhile."""
-    from nbfabric.launcher.environment import RankInfo
-    from nbfabric.wrappers import to_cpu
-    from nbfabric.launcher.rank_links import RankLinks
-    from nbfabric.launcher.worker import format_user_traceback
+    """Run a launcher's pickled rank callable in this rank: ("done", rank 0's pickled value or None)
+    or ("failed", Failure). Output and metrics stream meanwhile."""
+    from nbfabric.launcher.rank_links import RankLinks, set_rank_links
 
     rank = int(os.environ["RANK"])
     channel = EngineChannel()
     with _output_to(channel):
         try:
             with _interruptible():
-                fabric, function, args, kwargs = _load(payload)
-                env = os.environ
-                place = RankInfo(rank, int(env["LOCAL_RANK"]), int(env["NODE_RANK"]), int(env["WORLD_SIZE"]), RankLinks(channel))
-                _join_group(fabric, place)
-                try:
-                    value = function(fabric, *args, **kwargs)
-                    fabric._before_return()
-                    value = to_cpu(value)
-                finally:
-                    fabric._finish()
+                rank_main = pickle.loads(payload)
+                set_rank_links(RankLinks(channel))
+                with _noting_group_sockets():
+                    value = rank_main()
             return "done", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else None
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the notebook
-            return "failed", Failure(rank, type(exc).__qualname__, _message(exc), format_user_traceback(exc), now(), _distributed(exc))
-
-
-def pull(name: str) -> Any:
-    """One name of this rank's namespace, packed as a cell's names come back."""
-    from nbfabric.notebook.cell import rank_namespace
-    from nbfabric.notebook.returns import pack
-
-    return pack(rank_namespace(), [name], {})
-
-
-def _load(payload: bytes) -> Any:
-    import dill
-
-    fabric, rest = pickle.loads(payload)
-    return (dill.loads(fabric), *pickle.loads(rest))
+            return "failed", Failure.from_exception(rank, exc)
+        finally:
+            set_rank_links(None)
 
 
 class EngineChannel:
@@ -235,18 +216,6 @@ def _interruptible() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late stop request must not cut the report short
-
-
-def _message(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:  # noqa: BLE001 - an exception whose __str__ fails keeps its type
-        return ""
-
-
-def _distributed(exc: BaseException) -> bool:
-    module = type(exc).__module__ or ""
-    return module.startswith("torch.distributed") or "Connection closed by peer" in _message(exc)
 
 
 def _address(host: str) -> str:
