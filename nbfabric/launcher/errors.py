@@ -6,7 +6,7 @@ import signal
 from dataclasses import dataclass
 
 from nbfabric.channel import Failure
-from nbfabric.launcher.supervisor import Outcome
+from nbfabric.launcher.run_loop import Outcome
 from nbfabric.tracebacks import ShortInIPython
 
 

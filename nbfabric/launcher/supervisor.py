@@ -1,81 +1,54 @@
-"""Watch running ranks: forward their output and events, stop them all when one fails or time runs out."""
+"""Watch rank processes started here: forward their output and events, stop them all when one fails or time runs out."""
 
 from __future__ import annotations
 
 import os
 import selectors
 import signal
-import threading
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator
 
 from nbfabric.channel import ChannelWriter, Display, Exiting, Failure, FrameReader, Left, Metrics, Result, now
 from nbfabric.launcher.output import LineSplitter, Sink, emit_segments
 from nbfabric.launcher.processes import RankProcess, reap_in_background
 from nbfabric.launcher.rendezvous import StoreServer
+from nbfabric.launcher.run_loop import RunLoop
 
 # After a stop request: SIGINT at once, SIGTERM after STOP_LADDER[1] s, SIGKILL after STOP_LADDER[2] s.
 STOP_LADDER = ((0.0, signal.SIGINT), (0.8, signal.SIGTERM), (1.5, signal.SIGKILL))
 # How long to wait for the output pipes of exited ranks, should a grandchild still hold them.
 DRAIN_SECONDS = 2.0
-_TICK = 0.1
 
 
-@dataclass
-class Outcome:
-    """How a launch ended, as observed by the supervisor."""
-
-    returncodes: dict[int, int] = field(default_factory=dict)
-    exit_times: dict[int, float] = field(default_factory=dict)
-    failures: dict[int, Failure] = field(default_factory=dict)
-    left: dict[int, Left] = field(default_factory=dict)  # ranks whose code called sys.exit
-    result: Result | None = None
-    stop_time: float | None = None  # when the supervisor began stopping ranks
-    interrupted: bool = False
-    timed_out: bool = False
-    still_running_at_stop: tuple[int, ...] = ()
-
-
-class Supervisor:
-    """Runs the event loop of one launch until every rank has ended and its output is drained.
+class Supervisor(RunLoop):
+    """Watches the processes of one launch until every rank has ended and its output is drained.
 
     A rank has ended once it exited, or once it announced its exit code and closed its pipes; such
     a rank is reaped in the background, so the caller does not wait for the teardown of its memory."""
 
     def __init__(self, ranks: list[RankProcess], sink: Sink, timeout: float | None = None):
+        super().__init__(sink, timeout)
         self.ranks = {process.rank: process for process in ranks}
         self.store = StoreServer()  # for the ranks that have a socket to it (those of one machine)
-        self.sink = sink
-        self.deadline = None if timeout is None else now() + timeout
-        self.outcome = Outcome()
         self._selector = selectors.DefaultSelector()
         self._stop_signals_sent = 0
-        self._interrupts = 0
         self._drain_deadline: float | None = None
         self._open_pipes = {p.rank: {p.stdout, p.stderr, p.channel} for p in ranks}
         self._announced: dict[int, int] = {}  # rank -> exit code it announced
 
-    def run(self) -> Outcome:
-        try:
-            with interrupts_as_requests(self._count_interrupt):
-                for process in self.ranks.values():
-                    self._watch(process)
-                while self._selector.get_map():
-                    self._step()
-        finally:
-            self._abandon()
-            self._selector.close()
-            self.sink.close()
-        return self.outcome
+    def start(self) -> None:
+        for process in self.ranks.values():
+            self._watch(process)
 
-    def stop(self, *, interrupted: bool = False) -> None:
-        """Begin stopping every rank still running (safe to call more than once)."""
-        self.outcome.interrupted |= interrupted
-        if self.outcome.stop_time is None:
-            self.outcome.stop_time = now()
-            self.outcome.still_running_at_stop = tuple(r for r in self.ranks if r not in self.outcome.returncodes)
+    def done(self) -> bool:
+        return not self._selector.get_map()
+
+    def running_ranks(self) -> tuple[int, ...]:
+        return tuple(r for r in self.ranks if r not in self.outcome.returncodes)
+
+    def end(self) -> None:
+        self._abandon()
+        self._selector.close()
+        self.sink.close()
 
     def _watch(self, process: RankProcess) -> None:
         for fd, kind in ((process.stdout, "stdout"), (process.stderr, "stderr")):
@@ -85,8 +58,8 @@ class Supervisor:
         if process.store is not None:
             self._selector.register(process.store, selectors.EVENT_READ, (process.rank, "store", FrameReader()))
 
-    def _step(self) -> None:
-        for key, _ in self._selector.select(self._wait_time()):
+    def poll(self, wait: float) -> None:
+        for key, _ in self._selector.select(wait):
             if key.fd not in self._selector.get_map():
                 continue  # a rank that ended earlier in this batch took its sentinel with it
             rank, kind, reader = key.data
@@ -95,23 +68,8 @@ class Supervisor:
                 self._ended(rank, self.ranks[rank].reap())
             else:
                 self._read(key.fd, rank, kind, reader)
-        self.sink.flush()
-        if self.sink.tick():
-            self._interrupts = max(self._interrupts, 1)
-        if self._interrupts:
-            self.stop(interrupted=True)
-        if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:
-            self.outcome.timed_out = True
-            self.stop()
-        self._escalate()
         if self._drain_deadline is not None and now() >= self._drain_deadline:
             self._abandon()
-
-    def _wait_time(self) -> float:
-        wait = _TICK
-        if self.deadline is not None and self.outcome.stop_time is None:
-            wait = min(wait, max(0.0, self.deadline - now()))
-        return wait
 
     def _read(self, fd: int, rank: int, kind: str, reader) -> None:
         try:
@@ -170,13 +128,9 @@ class Supervisor:
         if len(self.outcome.returncodes) == len(self.ranks):
             self._drain_deadline = now() + DRAIN_SECONDS
 
-    def _escalate(self) -> None:
-        if self.outcome.stop_time is None:
-            return
-        elapsed = now() - self.outcome.stop_time
-        due = sum(1 for delay, _ in STOP_LADDER if elapsed >= delay)
-        if self._interrupts > 1:
-            due = len(STOP_LADDER)  # a second interrupt: no more patience
+    def escalate(self, waited: float, impatient: bool) -> None:
+        """SIGINT at once, then SIGTERM and SIGKILL (STOP_LADDER); all at once on a second interrupt."""
+        due = len(STOP_LADDER) if impatient else sum(1 for delay, _ in STOP_LADDER if waited >= delay)
         while self._stop_signals_sent < due:
             _, sig = STOP_LADDER[self._stop_signals_sent]
             for process in self.ranks.values():
@@ -202,26 +156,9 @@ class Supervisor:
             if key.data[1] != "exit":
                 os.close(key.fd)
 
-    def _count_interrupt(self) -> None:
-        self._interrupts += 1
-
 
 def _answer(rank_socket: ChannelWriter, request_id: int, value) -> None:
     try:
         rank_socket.send((request_id, value))
     except OSError:  # the rank is gone
         pass
-
-
-@contextmanager
-def interrupts_as_requests(on_interrupt: Callable[[], None]) -> Iterator[None]:
-    """While the block runs, Ctrl-C / the notebook's interrupt calls `on_interrupt` (a request to
-    stop the ranks) instead of raising; only in the main thread, where signals arrive."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: on_interrupt())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

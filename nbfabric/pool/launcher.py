@@ -11,12 +11,11 @@ from nbfabric.channel import Failure, Metrics, now
 from nbfabric.launcher.cell_labels import label_error_cells
 from nbfabric.launcher.errors import raise_for_outcome
 from nbfabric.launcher.output import LineSplitter, Sink, TextSink, emit_segments
-from nbfabric.launcher.supervisor import Outcome, interrupts_as_requests
+from nbfabric.launcher.run_loop import RunLoop
 from nbfabric.pool import engine_side
 from nbfabric.pool.cluster import RankPool
 
 STOP_GRACE = 3.0  # seconds ranks get to stop after SIGINT, and again after their peers left the group
-_TICK = 0.05
 _DEAD_CHECK = 0.5  # seconds between two looks for engines that are gone
 
 
@@ -32,7 +31,7 @@ class PoolLauncher:
         self.pool.check_usable()
         payload = pickle.dumps(rank_main, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            outcome = _PoolRun(self.pool, self.sink, self.timeout).run(payload)
+            outcome = _PoolRun(self.pool, self.sink, self.timeout, payload).run()
             raise_for_outcome(outcome, self.timeout)
         except BaseException as error:
             label_error_cells(error)
@@ -43,52 +42,48 @@ class PoolLauncher:
         raise ValueError("a rank pool runs a function: fabric.launch(fn), pool.launch(fn) or a %%fabric cell")
 
 
-class _PoolRun:
-    """One run on the pool: the loop that replays the ranks' events and watches for the end."""
+class _PoolRun(RunLoop):
+    """One run on the pool: replays the ranks' events as they arrive and watches for the end."""
 
-    def __init__(self, pool: RankPool, sink: Sink, timeout: float | None):
-        self.pool, self.sink = pool, sink
-        self.deadline = None if timeout is None else now() + timeout
-        self.outcome = Outcome()
+    tick_seconds = 0.05
+
+    def __init__(self, pool: RankPool, sink: Sink, timeout: float | None, payload: bytes):
+        super().__init__(sink, timeout)
+        self.pool, self.payload = pool, payload
         self.pending: dict[int, Any] = {}
+        self.results: dict[int, Any] = {}
         self.splitters: dict[tuple[int, str], LineSplitter] = {}
         self.sequence: dict[int, int] = {}
-        self._interrupts = 0
         self._left_group = False
         self._next_dead_check = 0.0
 
-    def run(self, payload: bytes) -> Outcome:
-        with interrupts_as_requests(self._count_interrupt):
-            self.pending = {r.rank: self.pool.engine(r.rank).apply_async(engine_side.run, payload) for r in self.pool.ranks}
-            self.results = dict(self.pending)
-            self.sequence = dict.fromkeys(self.pending, 0)
-            while self.pending:
-                self._step()
-        self._drain_final()
-        if self._left_group and not self.pool.broken:
-            self.pool.regroup()
-            print("the ranks left their process group to stop; objects set up before (fabric.setup) need setting up again", file=sys.stderr)
-        return self.outcome
+    def start(self) -> None:
+        self.pending = {r.rank: self.pool.engine(r.rank).apply_async(engine_side.run, self.payload) for r in self.pool.ranks}
+        self.results = dict(self.pending)
+        self.sequence = dict.fromkeys(self.pending, 0)
 
-    def _step(self) -> None:
-        next(iter(self.pending.values())).wait(_TICK)
+    def done(self) -> bool:
+        return not self.pending
+
+    def running_ranks(self) -> tuple[int, ...]:
+        return tuple(sorted(self.pending))
+
+    def poll(self, wait: float) -> None:
+        next(iter(self.pending.values())).wait(wait)
         for rank in list(self.pending):
             if self.pending[rank].ready():
                 self._finished(rank, self.pending.pop(rank))
         for rank in self.results:
             self._replay(rank)
-        self.sink.flush()
-        if self.sink.tick():
-            self._interrupts = max(self._interrupts, 1)
-        if self._interrupts:
-            self._stop(interrupted=True)
-        if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:
-            self.outcome.timed_out = True
-            self._stop()
         if self.pending and now() >= self._next_dead_check:
             self._next_dead_check = now() + _DEAD_CHECK
             self._look_for_dead_ranks()
-        self._escalate()
+
+    def end(self) -> None:
+        self._drain_final()
+        if self._left_group and not self.pool.broken:
+            self.pool.regroup()
+            print("the ranks left their process group to stop; objects set up before (fabric.setup) need setting up again", file=sys.stderr)
 
     def _finished(self, rank: int, result: Any) -> None:
         from ipyparallel.error import EngineError
@@ -107,7 +102,7 @@ class _PoolRun:
         else:
             self.outcome.failures.setdefault(rank, value)
             self.outcome.returncodes[rank] = 130 if value.exc_type == "KeyboardInterrupt" else 1
-            self._stop()
+            self.stop()
         self.outcome.exit_times[rank] = now()
         self.sink.rank_exited(rank, self.outcome.returncodes[rank])
 
@@ -126,28 +121,23 @@ class _PoolRun:
         if not self.pool.broken:
             self._end_pool(f"rank {rank}'s engine is gone ({why})")
 
-    def _stop(self, *, interrupted: bool = False) -> None:
-        """Begin stopping the ranks still running: SIGINT now (see `_escalate` for the rest)."""
-        self.outcome.interrupted |= interrupted
-        if self.outcome.stop_time is None:
-            self.outcome.stop_time = now()
-            self.outcome.still_running_at_stop = tuple(sorted(self.pending))
-            if self.pending and not self.pool.broken:
-                self.pool.interrupt(list(self.pending))
+    def stop_ranks(self) -> None:
+        """SIGINT to the engines of the ranks still running (see `escalate` for the rest)."""
+        if self.pending and not self.pool.broken:
+            self.pool.interrupt(list(self.pending))
 
-    def _escalate(self) -> None:
+    def escalate(self, waited: float, impatient: bool) -> None:
         """Ranks that do not stop are mostly waiting in a collective for a peer that left it: the
         stopped ranks leave the process group, which fails that collective; if that does not end
         them either (or on a second interrupt), the pool ends."""
-        if self.outcome.stop_time is None or not self.pending or self.pool.broken:
+        if not self.pending or self.pool.broken:
             return
-        waited = now() - self.outcome.stop_time
         if not self._left_group and waited >= STOP_GRACE:
             self._left_group = True
             idle = [self.pool.ranks[r].engine for r in range(len(self.pool.ranks)) if r not in self.pending]
             if idle:
                 self.pool.client[idle].apply_sync(engine_side.leave_group)
-        if waited >= 2 * STOP_GRACE or self._interrupts > 1:
+        if waited >= 2 * STOP_GRACE or impatient:
             stuck = ", ".join(map(str, sorted(self.pending)))
             self.pending.clear()
             self._end_pool(f"rank {stuck} did not stop within {2 * STOP_GRACE:g} s")
@@ -185,7 +175,3 @@ class _PoolRun:
         for (rank, stream), splitter in self.splitters.items():
             emit_segments(self.sink, rank, stream, splitter.close())
         self.sink.flush()
-
-    def _count_interrupt(self) -> None:
-        self._interrupts += 1
-

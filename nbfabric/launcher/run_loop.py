@@ -1,0 +1,123 @@
+"""One run's loop, for every launcher that supervises ranks: the deadline, interrupts and the Stop
+button, the sink's tick, the stop schedule and the outcome. A launcher fills in how its ranks are
+watched (`poll`), asked to stop (`stop_ranks`) and pressed when they do not (`escalate`)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from nbfabric.channel import Failure, Left, Result, now
+from nbfabric.launcher.output import Sink
+
+
+@dataclass
+class Outcome:
+    """How a run ended, as its loop observed it."""
+
+    returncodes: dict[int, int] = field(default_factory=dict)
+    exit_times: dict[int, float] = field(default_factory=dict)
+    failures: dict[int, Failure] = field(default_factory=dict)
+    left: dict[int, Left] = field(default_factory=dict)  # ranks whose code called sys.exit
+    result: Result | Any = None  # rank 0's value as the launcher received it
+    stop_time: float | None = None  # when the loop began stopping ranks
+    interrupted: bool = False
+    timed_out: bool = False
+    still_running_at_stop: tuple[int, ...] = ()
+
+
+class RunLoop:
+    """`run()` polls the ranks until `done()`, and after each poll: passes the output on, takes an
+    interrupt or the Stop button as a stop request, stops the ranks at the deadline, and presses
+    ranks that were asked to stop and still run (`escalate`)."""
+
+    tick_seconds = 0.1
+
+    def __init__(self, sink: Sink, timeout: float | None):
+        self.sink = sink
+        self.deadline = None if timeout is None else now() + timeout
+        self.outcome = Outcome()
+        self.interrupts = 0
+
+    # What a launcher fills in.
+    def start(self) -> None:
+        """Begin watching the ranks."""
+
+    def done(self) -> bool:
+        """Whether every rank has ended and its output has arrived."""
+        raise NotImplementedError
+
+    def poll(self, wait: float) -> None:
+        """Wait up to `wait` seconds for the ranks' output and events, and take them in."""
+        raise NotImplementedError
+
+    def running_ranks(self) -> tuple[int, ...]:
+        """The ranks that have not ended yet."""
+        raise NotImplementedError
+
+    def stop_ranks(self) -> None:
+        """Ask the running ranks to stop (first step of a stop)."""
+
+    def escalate(self, waited: float, impatient: bool) -> None:
+        """Press ranks that still run `waited` seconds after the stop began (`impatient`: a second interrupt)."""
+
+    def end(self) -> None:
+        """After the loop, also when it raised: release what watching the ranks took."""
+
+    # The loop.
+    def run(self) -> Outcome:
+        try:
+            with interrupts_as_requests(self._count_interrupt):
+                self.start()
+                while not self.done():
+                    self.poll(self._wait_time())
+                    self._after_poll()
+        finally:
+            self.end()
+        return self.outcome
+
+    def stop(self, *, interrupted: bool = False) -> None:
+        """Begin stopping every rank still running (safe to call more than once)."""
+        self.outcome.interrupted |= interrupted
+        if self.outcome.stop_time is None:
+            self.outcome.stop_time = now()
+            self.outcome.still_running_at_stop = self.running_ranks()
+            self.stop_ranks()
+
+    def _after_poll(self) -> None:
+        self.sink.flush()
+        if self.sink.tick():  # the Stop button
+            self.interrupts = max(self.interrupts, 1)
+        if self.interrupts:
+            self.stop(interrupted=True)
+        if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:
+            self.outcome.timed_out = True
+            self.stop()
+        if self.outcome.stop_time is not None:
+            self.escalate(now() - self.outcome.stop_time, self.interrupts > 1)
+
+    def _wait_time(self) -> float:
+        wait = self.tick_seconds
+        if self.deadline is not None and self.outcome.stop_time is None:
+            wait = min(wait, max(0.0, self.deadline - now()))
+        return wait
+
+    def _count_interrupt(self) -> None:
+        self.interrupts += 1
+
+
+@contextmanager
+def interrupts_as_requests(on_interrupt: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, Ctrl-C / the notebook's interrupt calls `on_interrupt` (a request to
+    stop the ranks) instead of raising; only in the main thread, where signals arrive."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: on_interrupt())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
