@@ -204,7 +204,7 @@ def _env(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from nbfabric.checkpoint import consolidate
+    from nbfabric.consolidate import consolidate
 
     try:
         written = consolidate(args.checkpoint, args.output, trusted=args.trusted)

@@ -315,7 +315,7 @@ def _sharded_checkpoint(directory):
 
 
 def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path):
-    from nbfabric.checkpoint import consolidate
+    from nbfabric.consolidate import consolidate
 
     directory, marker = tmp_path / "sharded", tmp_path / "ran"
     model = _sharded_checkpoint(directory)
@@ -331,7 +331,7 @@ def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path)
 
 
 def test_consolidate_loads_extras_that_hold_objects_only_when_trusted(tmp_path):
-    from nbfabric.checkpoint import consolidate
+    from nbfabric.consolidate import consolidate
 
     directory, marker = tmp_path / "sharded", tmp_path / "ran"
     _sharded_checkpoint(directory)

@@ -14,7 +14,7 @@ from torch import nn
 pytest.importorskip("deepspeed")
 
 from nbfabric import Fabric, RunConfig  # noqa: E402
-from nbfabric.checkpoint import consolidate  # noqa: E402
+from nbfabric.consolidate import consolidate  # noqa: E402
 from nbfabric.strategies import DeepSpeedStrategy  # noqa: E402
 
 # DeepSpeed's flat fp32 buffers sum gradients in another order than DDP's buckets: equal to float32 rounding.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbfabric import FSDP, Fabric
-from nbfabric.checkpoint import consolidate
+from nbfabric.consolidate import consolidate
 
 
 def _model() -> nn.Module:

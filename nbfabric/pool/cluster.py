@@ -1,5 +1,5 @@
-"""A rank pool: ranks that outlive a run, as ipyparallel engines started on this machine or by
-ipyparallel's Slurm, MPI or SSH launchers, made one process group."""
+"""The engines of a rank pool: ranks that outlive a run, as ipyparallel engines started on this
+machine or by ipyparallel's Slurm, MPI or SSH launchers, made one process group."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ class PoolRank:
         return self.node == socket.gethostname() or self.address.startswith("127.")
 
 
-class RankPool:
-    """Ranks that keep their state between runs. ``RankPool(devices=2)`` starts two local engines;
-    ``engines="slurm"`` asks Slurm for them (``partition``, ``time``); ``RankPool.attach(profile=...)``
-    takes engines started with ``ipcluster``. ``pool.launch(fn)`` runs ``fn(fabric)`` on every rank."""
+class EngineCluster:
+    """The engines of a rank pool, one per rank, made one process group: started here (``devices=2``),
+    by Slurm (``engines="slurm"``, ``partition``, ``time``), MPI or SSH, or found (``attach``);
+    watched, interrupted, regrouped and stopped. `RankPool` runs functions on them."""
 
     def __init__(
         self,
@@ -93,7 +93,7 @@ class RankPool:
             raise PoolError(f"the {engines} engines did not start: {type(error).__name__}: {error}") from None
 
     @classmethod
-    def attach(cls, *, profile: str | None = None, cluster_id: str = "", accelerator: str = "cpu", timeout: float = 30) -> RankPool:
+    def attach(cls, *, profile: str | None = None, cluster_id: str = "", accelerator: str = "cpu", timeout: float = 30) -> EngineCluster:
         """The engines of a cluster started with ``ipcluster start`` (its profile, or its cluster id)."""
         import ipyparallel as ipp
 
@@ -161,15 +161,6 @@ class RankPool:
             )
 
     # ----------------------------------------------------------------- running
-    def launch(self, function: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        """Run ``function(fabric, *args, **kwargs)`` on every rank (a Fabric of the pool's settings);
-        return rank 0's value."""
-        from nbfabric.fabric import Fabric
-        from nbfabric.pool.launcher import PoolLauncher
-
-        fabric = Fabric.from_config(self.config, timeout=timeout)
-        return fabric._launch(function, args, kwargs, launcher=PoolLauncher(self, timeout=timeout))
-
     def engine(self, rank: int) -> Any:
         return self.client[self.ranks[rank].engine]
 

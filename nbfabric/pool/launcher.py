@@ -13,7 +13,7 @@ from nbfabric.launcher.errors import raise_for_outcome
 from nbfabric.launcher.output import LineSplitter, Sink, TextSink, emit_segments
 from nbfabric.launcher.run_loop import RunLoop
 from nbfabric.pool import engine_side
-from nbfabric.pool.cluster import RankPool
+from nbfabric.pool.cluster import EngineCluster
 
 STOP_GRACE = 3.0  # seconds ranks get to stop after SIGINT, and again after their peers left the group
 _DEAD_CHECK = 0.5  # seconds between two looks for engines that are gone
@@ -22,7 +22,7 @@ _DEAD_CHECK = 0.5  # seconds between two looks for engines that are gone
 class PoolLauncher:
     """Runs a rank callable (pickled: see nbfabric.rank_call) on every rank of `pool`; returns rank 0's value."""
 
-    def __init__(self, pool: RankPool, *, timeout: float | None = None, sink: Sink | None = None):
+    def __init__(self, pool: EngineCluster, *, timeout: float | None = None, sink: Sink | None = None):
         self.pool = pool
         self.timeout = timeout
         self.sink = sink or TextSink()
@@ -47,7 +47,7 @@ class _PoolRun(RunLoop):
 
     tick_seconds = 0.05
 
-    def __init__(self, pool: RankPool, sink: Sink, timeout: float | None, payload: bytes):
+    def __init__(self, pool: EngineCluster, sink: Sink, timeout: float | None, payload: bytes):
         super().__init__(sink, timeout)
         self.pool, self.payload = pool, payload
         self.pending: dict[int, Any] = {}
