@@ -115,10 +115,6 @@ class FrameReader:
             del self._buffer[:end]
         return events
 
-    @property
-    def incomplete(self) -> bool:
-        return bool(self._buffer)
-
 
 def now() -> float:
     """A timestamp every process of this machine reads from the same clock."""

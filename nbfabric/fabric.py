@@ -102,42 +102,52 @@ class Fabric:
     # ----------------------------------------------------------------- who am I
     @property
     def global_rank(self) -> int:
+        """The index of this rank among all ranks of the run (0 before launch)."""
         return self._ranks.global_rank
 
     @property
     def local_rank(self) -> int:
+        """The index of this rank among the ranks of its node."""
         return self._ranks.local_rank
 
     @property
     def node_rank(self) -> int:
+        """The index of this rank's node."""
         return self._ranks.node_rank
 
     @property
     def world_size(self) -> int:
+        """The number of ranks of the run (before launch: the number it will have)."""
         return self._ranks.world_size
 
     @property
     def is_global_zero(self) -> bool:
+        """Whether this is global rank 0."""
         return self.global_rank == 0
 
     @property
     def accelerator(self) -> Accelerator:
+        """The kind of device the run uses; `accelerator.name()` is 'cpu', 'cuda' or 'mps'."""
         return Accelerator(self.config.accelerator)
 
     @property
     def device(self) -> torch.device:
+        """This rank's device (the GPU of its local rank, or the CPU)."""
         return self._strategy.device
 
     @property
     def strategy(self):
+        """How modules are replicated or sharded and how ranks talk (DDP, FSDP, DeepSpeed, one device)."""
         return self._strategy
 
     @property
     def loggers(self) -> list[Any]:
+        """The loggers given to `Fabric(loggers=...)`; `log` and `log_dict` write to each."""
         return self._loggers
 
     @property
     def logger(self) -> Any:
+        """The first logger (None without any)."""
         return self._loggers[0] if self._loggers else None
 
     @property
@@ -251,11 +261,26 @@ class Fabric:
         move_to_device: bool = True,
         _reapply_compile: bool = True,
     ) -> Any:
-        """Wrap the model (and its optimizers) for this run: device, precision, strategy. Returns the
-        module, or (module, *optimizers), with the scheduler last when one is given."""
+        """Wrap the model (and its optimizers) for this run: device, precision, strategy.
+
+        Args:
+            module: the model.
+            optimizers: its optimizers (DeepSpeed: exactly one).
+            scheduler: returned last, as it is (it steps the optimizer it was made for).
+            move_to_device: move the model to `fabric.device` first.
+            _reapply_compile: for a `torch.compile`d model: True keeps the user's model (plain
+                state_dict names) behind the compiled one; False takes the compiled module itself as
+                the model (state_dict names start with ``_orig_mod.``), as Lightning does.
+
+        Returns:
+            The wrapped module, or (module, *optimizers), with the scheduler last when one is given.
+
+        Raises:
+            ValueError: a model or optimizer that is set up already.
+        """
         if any(isinstance(optimizer, FabricOptimizer) for optimizer in optimizers):
             raise ValueError("An optimizer should be passed only once to the `setup` method.")
-        module, original = self._prepare_module(module, move_to_device)
+        module, original = self._prepare_module(module, move_to_device, _reapply_compile)
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, [unwrap(o) for o in optimizers])
         wrapped_optimizers = self._wrap_optimizers(prepared)
         wrapped_module = self._wrap_module(forward_module, original, move_to_device, wrapped_optimizers)
@@ -265,13 +290,14 @@ class Fabric:
         return (*wrapped, scheduler) if scheduler is not None else wrapped
 
     def setup_module(self, module: torch.nn.Module, move_to_device: bool = True, _reapply_compile: bool = True) -> FabricModule:
-        """The model wrapped for this run. A `torch.compile`d model keeps running compiled; its
-        state_dict and attributes are those of the model inside."""
-        module, original = self._prepare_module(module, move_to_device)
+        """The model wrapped for this run, without optimizers (set those up with `setup_optimizers`).
+        A `torch.compile`d model keeps running compiled; see `setup` for `_reapply_compile`."""
+        module, original = self._prepare_module(module, move_to_device, _reapply_compile)
         return self._wrap_module(self._strategy.setup_module(module), original, move_to_device)
 
-    def _prepare_module(self, module: torch.nn.Module, move_to_device: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The module in the precision's dtype on the device, and the user's model inside a compiled one."""
+    def _prepare_module(self, module: torch.nn.Module, move_to_device: bool, inside_compiled: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The module in the precision's dtype on the device, and the user's model: the one inside a
+        compiled module where `inside_compiled`."""
         self._check_launched()
         if isinstance(module, FabricModule):
             raise ValueError("A model should be passed only once to the `setup` method.")
@@ -279,7 +305,8 @@ class Fabric:
         if move_to_device:
             _warn_if_spread(module)
             module = module.to(self.device)
-        return module, getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
+        compiled = type(module).__name__ == "OptimizedModule"
+        return module, module._orig_mod if compiled and inside_compiled else module
 
     def _wrap_module(
         self, forward_module: torch.nn.Module, original: torch.nn.Module, moved: bool, optimizers: Sequence[FabricOptimizer] = ()
@@ -342,10 +369,20 @@ class Fabric:
     # ----------------------------------------------------------------- training
     def backward(self, tensor: torch.Tensor, *args: Any, model: Any = None, **kwargs: Any) -> None:
         """Backward through `tensor` (the loss) with what the precision and strategy need: gradient
-        scaling, the engine's backward. Other arguments go to `Tensor.backward`."""
+        scaling, the engine's backward. Other arguments go to `Tensor.backward`.
+
+        Args:
+            model: the set-up model the loss came from; DeepSpeed runs that model's engine backward
+                (needed when several models are set up).
+
+        Raises:
+            TypeError: `model` is not a model returned by `setup`.
+        """
+        if model is not None and not isinstance(model, FabricModule):
+            raise TypeError(f"backward(model=...) takes the model returned by fabric.setup(), not {type(model).__name__}")
         self._precision.in_backward = True
         try:
-            self._strategy.backward(tensor, self._precision, *args, **kwargs)
+            self._strategy.backward(tensor, self._precision, *args, module=None if model is None else model._forward_module, **kwargs)
         finally:
             self._precision.in_backward = False
 
@@ -429,10 +466,13 @@ class Fabric:
 
     # ----------------------------------------------------------------- collectives
     def barrier(self, name: str | None = None) -> None:
+        """Wait until every rank reaches this point; `name` labels the wait in profiler traces."""
         self._check_launched()
-        self._strategy.barrier()
+        with torch.profiler.record_function(f"fabric.barrier({name})" if name else "fabric.barrier"):
+            self._strategy.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj` (any picklable object) on every rank."""
         self._check_launched()
         return self._strategy.broadcast(obj, src)
 
@@ -495,6 +535,7 @@ class Fabric:
 
     # ----------------------------------------------------------------- logging and callbacks
     def log(self, name: str, value: Any, step: int | None = None) -> None:
+        """Log one value (a number, or a one-element tensor) under `name`: to every logger and the dashboard."""
         self.log_dict({name: value}, step=step)
 
     def log_dict(self, metrics: dict[str, Any], step: int | None = None) -> None:

@@ -197,7 +197,7 @@ class FabricOptimizer:
         """The optimizer as the user made it."""
         return self._fabric_optimizer
 
-    # Class attributes of torch's Optimizer would shadow the wrapped optimizer's own values.
+    # The wrapped optimizer's own, always (class attributes of torch's Optimizer would shadow them).
     param_groups = _forwarded("param_groups")
     state = _forwarded("state")
     defaults = _forwarded("defaults")
@@ -206,6 +206,7 @@ class FabricOptimizer:
         return getattr(self.__dict__["_fabric_optimizer"], name)
 
     def step(self, closure: Any = None) -> Any:
+        """Step through the strategy under the precision setting; then `on_after_optimizer_step` fires."""
         kwargs = {} if closure is None else {"closure": closure}
         result = self._fabric_step_with(self._fabric_optimizer, **kwargs)
         if self._fabric_after_step is not None:
@@ -213,9 +214,11 @@ class FabricOptimizer:
         return result
 
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state."""
         return self._fabric_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the optimizer's state."""
         self._fabric_optimizer.load_state_dict(state_dict)
 
     def __reduce__(self):
@@ -232,6 +235,7 @@ class FabricDataLoader:
 
     @property
     def loader(self) -> DataLoader:
+        """The (sharded) DataLoader it iterates."""
         return self._loader
 
     @property

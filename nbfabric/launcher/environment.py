@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
+from nbfabric.devices import cuda_initialized
 from nbfabric.launcher.errors import ForkUnsafeError
 from nbfabric.launcher.rank_links import RankLinks, rank_links
 
@@ -170,7 +171,7 @@ def preserved_environment() -> Iterator[None]:
 def check_fork_safe() -> None:
     """Refuse to fork once CUDA is initialised in this process (a forked child cannot use it)."""
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
+    if torch is not None and cuda_initialized():
         raise ForkUnsafeError(
             "CUDA is already initialised in this process, so ranks cannot be forked from it. "
             "Without a restart: start a rank pool with %fabric start --engines=local (or "

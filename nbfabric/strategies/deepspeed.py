@@ -116,8 +116,9 @@ class DeepSpeedStrategy(DDPStrategy):
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         raise RuntimeError("With DeepSpeed, set up the model and its optimizer together: fabric.setup(model, optimizer)")
 
-    def backward(self, tensor: torch.Tensor, precision: Precision, *args: Any, **kwargs: Any) -> None:
-        self._trained_engine().backward(tensor, *args, **kwargs)
+    def backward(self, tensor: torch.Tensor, precision: Precision, *args: Any, module: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        engine = self._trained_engine() if module is None else module
+        engine.backward(tensor, *args, **kwargs)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision, **kwargs: Any) -> Any:
         """The engine's step: it unscales, clips (the config's gradient_clipping), steps and zeroes the gradients."""

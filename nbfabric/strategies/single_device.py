@@ -14,7 +14,9 @@ from nbfabric.precision import Precision
 
 
 class SingleDeviceStrategy:
-    """Runs everything on one device in this process: for a rank, the device of its local rank.
+    """Runs everything on one device in this process: for a rank, the device of its local rank. It is
+    also the interface every strategy implements (DDP, FSDP and DeepSpeed subclass it); Fabric calls
+    nothing else of a strategy.
 
     Made by the user (``Fabric(strategy=DDPStrategy(...))``) or by Fabric from the settings; `bind`
     gives it the run's accelerator and devices."""
@@ -58,28 +60,34 @@ class SingleDeviceStrategy:
         """At the end of a script's rank: undo all that `setup_environment` set up."""
 
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module as this strategy runs it (here: itself; DDP, FSDP and DeepSpeed wrap or shard it)."""
         return module
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer as this strategy steps it."""
         return optimizer
 
     def setup_module_and_optimizers(self, module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[torch.nn.Module, list[Any]]:
         """`fabric.setup(model, *optimizers)`: the module's wrapper and the optimizers to step."""
         return self.setup_module(module), [self.setup_optimizer(optimizer) for optimizer in optimizers]
 
-    def backward(self, tensor: torch.Tensor, precision: Precision, *args: Any, **kwargs: Any) -> None:
+    def backward(self, tensor: torch.Tensor, precision: Precision, *args: Any, module: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        """Backward through `tensor` under `precision` (`module`: the strategy's module the loss came from)."""
         precision.backward(tensor, *args, **kwargs)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision, **kwargs: Any) -> Any:
+        """Step `optimizer` under `precision`; its return value."""
         return precision.optimizer_step(optimizer, **kwargs)
 
     def check_clip_gradients(self) -> None:
         """Raise where `fabric.clip_gradients` cannot reach the gradients."""
 
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
+        """A context in which backward does not synchronise `module`'s gradients across ranks."""
         return nullcontext()
 
     def barrier(self) -> None:
+        """Wait for every rank."""
         pass
 
     def save(self, path: Any, state: dict[str, Any], is_global_zero: bool, filter: dict[str, Any] | None = None) -> None:
@@ -96,10 +104,13 @@ class SingleDeviceStrategy:
         """On every rank, after the run's function succeeded: make what was sharded whole (may be a collective)."""
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj` on every rank."""
         return obj
 
     def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
+        """Every rank's `tensor`, stacked along a new first dimension."""
         return tensor
 
     def all_reduce(self, tensor: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
+        """`tensor` reduced over the ranks by `op` (one of REDUCE_OPS), in place."""
         return tensor
