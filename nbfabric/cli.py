@@ -218,7 +218,7 @@ def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 
 def _install_kernel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from nbfabric.kernel import DISPLAY_NAME, install_kernel
+    from nbfabric.kernel_spec import DISPLAY_NAME, install_kernel
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
     try:

@@ -11,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from nbfabric.launcher.environment import is_loopback, loopback_sockets, threads_per_rank
+from nbfabric.launcher.machine import is_loopback, loopback_sockets, threads_per_rank
 from nbfabric.launcher.errors import describe_exit
 from nbfabric.launcher.launchers import MULTI_NODE_PORT
 from nbfabric.launcher.processes import exit_status

@@ -383,7 +383,7 @@ def _listening_addresses(fabric) -> list:
 def test_on_several_nodes_the_store_listens_on_the_main_address_only(no_leaks):
     import threading
 
-    from nbfabric.launcher.environment import free_port
+    from nbfabric.launcher.machine import free_port
     from nbfabric.launcher.launchers import NodePlace
     from nbfabric.launcher.output import Sink
 

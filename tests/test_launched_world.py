@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from nbfabric.launcher.environment import free_port
+from nbfabric.launcher.machine import free_port
 
 TRAIN = textwrap.dedent(
     """

@@ -160,7 +160,7 @@ CUDA_ENTRY_POINTS = (
 def test_making_a_fabric_and_preparing_to_fork_never_touch_cuda(monkeypatch, strategy):
     from nbfabric import config
     from nbfabric.devices import GpuInfo, Hardware
-    from nbfabric.launcher.environment import check_fork_safe
+    from nbfabric.launcher.fork_safety import check_fork_safe
     from nbfabric.launcher.launchers import select_launcher
 
     def refuse(*args, **kwargs):

@@ -10,12 +10,9 @@ import sys
 from typing import Any, Callable
 
 from nbfabric.config import START_METHODS
-from nbfabric.launcher.environment import (
-    check_fork_safe,
-    free_port,
-    rank_environment,
-    threads_per_rank,
-)
+from nbfabric.launcher.environment import rank_environment
+from nbfabric.launcher.fork_safety import check_fork_safe
+from nbfabric.launcher.machine import free_port, threads_per_rank
 from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping

@@ -1,19 +1,15 @@
-"""The torchrun-style environment each rank sees, and the checks made before any rank starts."""
+"""The torchrun-style variables each rank sees, and those Slurm and MPI set, read as torchrun's."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-import socket
-import sys
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
-from nbfabric.devices import cuda_initialized
-from nbfabric.launcher.errors import ForkUnsafeError
+from nbfabric.launcher.machine import is_loopback, loopback_sockets
 from nbfabric.launcher.rank_links import RankLinks, rank_links
 
 
@@ -168,45 +164,6 @@ def preserved_environment() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def check_fork_safe() -> None:
-    """Refuse to fork once CUDA is initialised in this process (a forked child cannot use it)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and cuda_initialized():
-        raise ForkUnsafeError(
-            "CUDA is already initialised in this process, so ranks cannot be forked from it. "
-            "Without a restart: start a rank pool with %fabric start --engines=local (or "
-            "nbfabric.RankPool(...)) and run the cell again, or launch with start_method='spawn' "
-            "(--start-method=spawn). Or restart the kernel and keep CUDA work inside the launched "
-            "function or %%fabric cell."
-        )
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise ForkUnsafeError(
-            "a torch.distributed process group is active in this process, and forked ranks would inherit "
-            "it half-working. Call torch.distributed.destroy_process_group() first, or launch with "
-            "start_method='spawn'."
-        )
-
-
-def free_port(address: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now, for code in a rank that rendezvouses through env://."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((address, 0))
-        return probe.getsockname()[1]
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def threads_per_rank(local_world_size: int) -> int:
-    """Intra-op threads for each rank: OMP_NUM_THREADS where the user set it (also after torch was
-    imported, when torch no longer reads it), else the cores shared out."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return max(1, cpu_cores() // local_world_size)
-
-
 def rank_environment(
     *,
     local_rank: int,
@@ -234,17 +191,3 @@ def rank_environment(
     if num_nodes == 1 or is_loopback(main_address):
         env.update(loopback_sockets())
     return env
-
-
-def is_loopback(address: str) -> bool:
-    """Whether `address` names this machine's loopback, so every node of the run is on this machine."""
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(address)).is_loopback
-    except (OSError, ValueError):
-        return False
-
-
-def loopback_sockets() -> dict[str, str]:
-    """gloo and NCCL bound to loopback, unless the user chose interfaces: ranks that all run on this
-    machine must not depend on what its hostname resolves to."""
-    return {name: os.environ.get(name, "lo") for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}

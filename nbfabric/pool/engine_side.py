@@ -36,14 +36,14 @@ def describe() -> dict[str, Any]:
 
 def free_port() -> int:
     """A port nothing listens on, on this engine's machine."""
-    from nbfabric.launcher.environment import free_port as find
+    from nbfabric.launcher.machine import free_port as find
 
     return find("")
 
 
 def join(env: dict[str, str], local_world_size: int) -> None:
     """Take this rank's place: torchrun's variables and the intra-op threads."""
-    from nbfabric.launcher.environment import threads_per_rank
+    from nbfabric.launcher.machine import threads_per_rank
 
     threads = threads_per_rank(local_world_size)
     os.environ.update(env)
