@@ -7,14 +7,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the interop extra (transformers) is not installed")
 
-from test_magic import Kernel  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    kernel = Kernel(tmp_path_factory.mktemp("settings") / "none.json")
-    yield kernel
-    kernel.close()
+from test_interop import kernel  # noqa: E402,F401 - a module's own kernel, as the interop tests start it
 
 
 def test_a_tiny_gpt2_trained_in_a_cell_generates_inside_it_on_every_rank(kernel):
