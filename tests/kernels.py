@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import psutil
@@ -21,6 +22,15 @@ class KernelProcess:
 
     def children(self) -> list[int]:
         return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+
+    def interrupt(self) -> None:
+        """What Jupyter's interrupt button does to a Python kernel: SIGINT to its process group (the
+        same as `manager.interrupt_kernel()`, without the event loop that call leaves open in this process)."""
+        pgid = self.manager.provisioner.pgid
+        if pgid:
+            os.killpg(pgid, signal.SIGINT)
+        else:
+            os.kill(self.pid, signal.SIGINT)
 
     def assert_no_ranks_left(self, grace: float = 5) -> None:
         """Fail unless every process the kernel started is gone within `grace` seconds."""

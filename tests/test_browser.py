@@ -1,7 +1,11 @@
 """The picker and the run dashboard in JupyterLab, as a person sees them: headless Chromium on loopback.
 
 Screenshots go to tests/artifacts/. Debian's chromium is needed (`apt-get install chromium`);
-without it the test skips.
+without it the test skips, saying so, except in CI (CI=true), where it fails.
+
+What it starts (JupyterLab, its kernel and ranks, chromium) is this module's own process tree, ended
+by pid by its fixtures, and the test checks that the kernel has no rank left. The shared `no_leaks`
+check is not applied: playwright's event loop starts worker threads in this process as it goes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
+from conftest import missing_service
 from playwright.sync_api import expect, sync_playwright
 
 from nbfabric.devices import describe_hardware
@@ -28,7 +33,13 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no browser: Debian's chromium is not installed at {CHROMIUM}")
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium():
+    """Debian's chromium: without it the module skips, or fails in CI."""
+    if not os.path.exists(CHROMIUM):
+        missing_service(f"no browser: Debian's chromium is not installed at {CHROMIUM}")
+
 
 CELLS = [
     "%load_ext nbfabric\nimport nbfabric\nnbfabric.picker()",

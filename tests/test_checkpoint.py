@@ -18,6 +18,8 @@ from torch import nn
 import nbfabric
 from nbfabric import Fabric
 
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
+
 
 def _fabric() -> Fabric:
     return Fabric(accelerator="cpu", devices=1)

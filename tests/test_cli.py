@@ -21,6 +21,8 @@ import nbfabric
 from nbfabric import cli, nodes
 from nbfabric.run_flags import plan_run
 
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
+
 NBFABRIC = [sys.executable, "-m", "nbfabric"]
 CPU2 = ["--accelerator=cpu", "--devices=2"]
 MARKER = "NBFABRIC_CLI_TEST_RUN"

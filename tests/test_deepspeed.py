@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
+
 pytest.importorskip("deepspeed")
 
 from nbfabric import Fabric, RunConfig  # noqa: E402

@@ -6,12 +6,15 @@ import os
 import pickle
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nbfabric import Fabric
+
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
 WORLD = 2
 SEED = 1234

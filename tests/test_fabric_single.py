@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from datetime import timedelta
+from unittest import mock
 
 import numpy
 import pytest
@@ -14,6 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nbfabric import Fabric
+
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
 
 def _fabric(**kwargs) -> Fabric:
@@ -250,7 +253,14 @@ def _draws():
     return random.random(), numpy.random.rand(), torch.rand(3), nn.Linear(3, 3).weight.detach().clone()
 
 
-def test_seed_everything_makes_every_generator_repeat():
+@pytest.fixture
+def environ_restored():
+    """The environment as it was before the test (seed_everything sets PL_GLOBAL_SEED, as Lightning's does)."""
+    with mock.patch.dict(os.environ):
+        yield
+
+
+def test_seed_everything_makes_every_generator_repeat(environ_restored):
     assert Fabric.seed_everything(21) == 21
     first = _draws()
     assert _fabric().seed_everything(21) == 21

@@ -16,6 +16,7 @@ from nbfabric.devices import detect_hardware
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(detect_hardware().cuda_count == 0, reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("no_leaks"),  # a leak fails the test that made it (tests/conftest.py)
 ]
 
 

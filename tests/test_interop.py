@@ -7,6 +7,8 @@ import pytest
 
 from test_magic import Kernel  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):

@@ -15,6 +15,8 @@ import nbfabric
 from nbfabric import ForkUnsafeError, launch
 from nbfabric.launcher.output import Sink
 
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
+
 
 class RecordingSink(Sink):
     def __init__(self):

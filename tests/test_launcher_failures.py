@@ -14,9 +14,21 @@ import torch
 from nbfabric import Fabric, RankError, RankTimeoutError, launch
 from nbfabric.launcher.output import Sink
 
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
+
 
 def _rank() -> int:
     return int(os.environ["RANK"])
+
+
+def _wait_for(path, timeout: float = 60) -> None:
+    """Block until another rank has created `path`: a handshake, where a sleep would guess how long
+    that rank takes to get there."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other rank never created {path.name}")
+        time.sleep(0.01)
 
 
 def _sleep_unless(rank: int, action) -> None:
@@ -55,13 +67,16 @@ def test_exit_code_zero_from_sys_exit_is_success(no_leaks):
     assert launch(lambda: sys.exit(0), nprocs=2, sink=Sink()) is None
 
 
-def test_a_rank_that_ignores_sigint_and_sigterm_is_still_stopped(no_leaks):
+def test_a_rank_that_ignores_sigint_and_sigterm_is_still_stopped(no_leaks, tmp_path):
+    ignoring = tmp_path / "rank 0 ignores SIGINT and SIGTERM"
+
     def stubborn():
         if _rank() == 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            ignoring.touch()
             time.sleep(60)
-        time.sleep(0.3)
+        _wait_for(ignoring)  # rank 1 fails only once rank 0 ignores the signals that would stop it
         raise RuntimeError("rank 1 gives up")
 
     with pytest.raises(RankError, match="rank 1 failed: RuntimeError") as caught:
@@ -69,11 +84,12 @@ def test_a_rank_that_ignores_sigint_and_sigterm_is_still_stopped(no_leaks):
     assert caught.value.stopped == [0]
 
 
-def _collective_after_failure(failing_rank: int):
+def _collective_after_failure(failing_rank: int, in_collective):
     def train(fabric):
         if fabric.global_rank == failing_rank:
-            time.sleep(0.3)
+            _wait_for(in_collective)  # its peer is in the collective that this rank never joins
             raise ValueError(f"rank {failing_rank} broke")
+        in_collective.touch()
         fabric.all_reduce(torch.ones(4), reduce_op="sum")
         fabric.barrier()
 
@@ -81,9 +97,9 @@ def _collective_after_failure(failing_rank: int):
 
 
 @pytest.mark.parametrize("failing_rank", [0, 1])
-def test_the_root_cause_is_named_not_the_broken_collective_of_its_peer(no_leaks, failing_rank):
+def test_the_root_cause_is_named_not_the_broken_collective_of_its_peer(no_leaks, tmp_path, failing_rank):
     with pytest.raises(RankError) as caught:
-        Fabric(accelerator="cpu", devices=2).launch(_collective_after_failure(failing_rank))
+        Fabric(accelerator="cpu", devices=2).launch(_collective_after_failure(failing_rank, tmp_path / "peer in all_reduce"))
     assert caught.value.rank == failing_rank
     assert f"ValueError: rank {failing_rank} broke" in str(caught.value)
 

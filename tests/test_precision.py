@@ -8,6 +8,8 @@ from torch import nn
 
 from nbfabric import Fabric
 
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
+
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 # precision -> (parameters after setup, input seen by forward, activation inside forward, output returned, gradients)

@@ -12,6 +12,8 @@ import torch.distributed as dist
 from nbfabric import Fabric
 from nbfabric.launcher.rendezvous import StoreServer
 
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
+
 
 class Answers:
     """Collects what the server answers, as (rank, request_id, value)."""
