@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 import threading
 import time
 
 import pytest
 from kernels import KernelProcess
+
+pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
 
 class Kernel(KernelProcess):
@@ -17,7 +20,8 @@ class Kernel(KernelProcess):
         super().__init__(settings_file)
         self.run("%load_ext nbfabric\n%fabric --no-widgets\nimport torch")
 
-    def run(self, code: str, timeout: float = 120) -> dict:
+    def run(self, code: str, timeout: float = 120, on_output=None) -> dict:
+        """`on_output(outputs)`, if given, is called with what the cell showed so far after each message."""
         outputs = {"stdout": "", "stderr": "", "result": None, "error": None, "displays": []}
 
         def collect(message):
@@ -30,21 +34,26 @@ class Kernel(KernelProcess):
                 outputs["error"] = content
             elif kind in ("display_data", "update_display_data"):
                 outputs["displays"].append(content["data"].get("text/plain", ""))
+            if on_output is not None:
+                on_output(outputs)
 
         reply = self.client.execute_interactive(textwrap.dedent(code), output_hook=collect, timeout=timeout)
         outputs["pages"] = "".join(p.get("data", {}).get("text/plain", "") for p in reply["content"].get("payload", []))
         return outputs
 
-    def run_interrupted(self, code: str, after: float = 3) -> tuple[dict, float]:
-        """Run `code`, interrupting the kernel `after` seconds in: what it showed, and the seconds it took."""
-        interrupter = threading.Timer(after, self.manager.interrupt_kernel)
-        interrupter.start()
-        started = time.monotonic()
-        try:
-            return self.run(code), time.monotonic() - started
-        finally:
-            interrupter.cancel()
-            interrupter.join()
+    def run_interrupted(self, code: str, when: str) -> tuple[dict, float]:
+        """Run `code`, interrupting the kernel once `when` appears in its stdout (the cell is running
+        then, however slow the machine): what it showed, and the seconds from the interrupt to its end."""
+        interrupted: list[float] = []
+
+        def interrupt_once(outputs: dict) -> None:
+            if not interrupted and when in outputs["stdout"]:
+                interrupted.append(time.monotonic())
+                self.interrupt()
+
+        out = self.run(code, on_output=interrupt_once)
+        assert interrupted, f"{when!r} never appeared: {out}"
+        return out, time.monotonic() - interrupted[0]
 
 
 
@@ -169,6 +178,27 @@ def test_a_class_defined_in_the_cell_comes_back_with_its_instances(kernel):
     assert kernel.run("(isinstance(net, Scaled), net(torch.tensor(3.0)).item())")["result"] == "(True, 6.0)"
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_function_from_the_cell_reads_the_notebook_globals_afterwards(kernel, start):
+    out = kernel.run(
+        f"""
+        {CPU2} --start-method={start}
+        SCALE = 3
+        def helper(x):
+            return x * SCALE
+        class Doubler:
+            def __call__(self, x):
+                return 2 * helper(x)
+        helper(2)
+        """
+    )
+    assert out["error"] is None, out["error"]
+    assert out["result"] == "6"
+    assert kernel.run("(helper(2), Doubler()(2))")["result"] == "(6, 12)"
+    kernel.run("SCALE = 5")  # as for a function defined in a plain cell, the notebook's value counts now
+    assert kernel.run("(helper(2), Doubler()(2), helper.__globals__ is globals())")["result"] == "(10, 20, True)"
+
+
 def test_logged_metrics_reach_the_run_record(kernel):
     kernel.run(f"{CPU2} --out run\nfor step in range(3):\n    fabric.log('loss', 1.0 / (step + 1) + fabric.global_rank, step=step)")
     assert kernel.run("run.metrics['loss']")["result"] == "[1.0, 0.5, 0.3333333333333333]"
@@ -189,7 +219,7 @@ def test_a_failing_rank_shows_its_cell_line_and_the_next_cell_runs(kernel):
 
 
 def test_the_notebook_interrupt_stops_every_rank_and_keeps_the_kernel(kernel):
-    out, seconds = kernel.run_interrupted(f"{CPU2}\nimport time\nprint('working', flush=True)\ntime.sleep(120)")
+    out, seconds = kernel.run_interrupted(f"{CPU2}\nimport time\nprint('working', flush=True)\ntime.sleep(120)", when="[rank 0] working")
     assert seconds < 60
     assert out["error"]["ename"] == "KeyboardInterrupt"
     assert "[rank 0] working" in out["stdout"]
@@ -289,7 +319,13 @@ def test_two_notebooks_join_as_two_nodes(kernel, tmp_path):
     )
     results = {}
     try:
-        worker = threading.Thread(target=lambda: results.update(second=other.run(cell.format(node=1))))
+        def second_node():
+            try:
+                results["second"] = other.run(cell.format(node=1))
+            finally:
+                asyncio.get_event_loop().close()  # the loop jupyter_client made for this thread, and its fds
+
+        worker = threading.Thread(target=second_node)
         worker.start()
         results["first"] = kernel.run(cell.format(node=0))
         worker.join(180)

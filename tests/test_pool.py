@@ -13,13 +13,33 @@ POOL = "%%fabric --no-widgets"
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
+def module_kernel(tmp_path_factory):
+    """One kernel for the module; the fixtures below put it in the state each test needs."""
     kernel = Kernel(tmp_path_factory.mktemp("settings") / "none.json")
-    out = kernel.run("%fabric start --devices=2 --engines=local", timeout=180)
-    assert out["error"] is None, out["error"]
     yield kernel
     kernel.run("%fabric stop-pool")
     kernel.close()
+
+
+@pytest.fixture
+def kernel(module_kernel, request):
+    """The kernel with a working pool of 2 local engines: the one an earlier test left, or a new
+    one where none is up or it is broken. The leak check starts once the pool is up."""
+    if "rank 1: node" not in module_kernel.run("%fabric pool")["stdout"]:
+        out = module_kernel.run("%fabric start --devices=2 --engines=local", timeout=180)
+        assert out["error"] is None and "rank 1: node" in out["stdout"], out
+    request.getfixturevalue("no_leaks")
+    return module_kernel
+
+
+@pytest.fixture
+def kernel_without_pool(module_kernel, request):
+    """The kernel with no rank pool, neither a working nor a broken one."""
+    if "no rank pool; %fabric start makes one" not in module_kernel.run("%fabric pool")["stdout"]:
+        assert module_kernel.run("%fabric stop-pool")["error"] is None
+    module_kernel.assert_no_ranks_left(grace=15)
+    request.getfixturevalue("no_leaks")
+    return module_kernel
 
 
 def engines(kernel) -> list[int]:
@@ -73,6 +93,13 @@ def test_names_bound_on_the_ranks_stay_there_until_the_notebook_binds_them_anew(
     assert kernel.run(f"{POOL}\nstep_size")["result"] == "7"
 
 
+def test_a_function_from_a_pool_cell_reads_the_notebook_globals_afterwards(kernel):
+    out = kernel.run(f"{POOL}\nOFFSET = 1\ndef shifted(x):\n    return x + OFFSET\nshifted(1)")
+    assert out["error"] is None and out["result"] == "2", out
+    kernel.run("OFFSET = 100")
+    assert kernel.run("shifted(1)")["result"] == "101"
+
+
 def test_a_background_cell_on_the_pool_leaves_its_names_on_the_ranks(kernel):
     kernel.run(f"{POOL} --background\nimport time\ntime.sleep(1)\nlater = 5 + fabric.global_rank")
     kernel.run("%fabric wait")
@@ -94,7 +121,7 @@ def test_a_failing_rank_names_its_cell_line_and_the_pool_runs_the_next_cell(kern
 
 
 def test_interrupt_stops_the_cell_on_every_rank_and_the_pool_stays(kernel):
-    out, seconds = kernel.run_interrupted(f"{POOL}\nimport time\nprint('working', flush=True)\ntime.sleep(60)")
+    out, seconds = kernel.run_interrupted(f"{POOL}\nimport time\nprint('working', flush=True)\ntime.sleep(60)", when="[rank 0] working")
     assert seconds < 30
     assert out["error"]["ename"] == "KeyboardInterrupt"
     assert "[rank 0] working" in out["stdout"]
@@ -156,7 +183,8 @@ def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel):
     kernel.assert_no_ranks_left(grace=15)
 
 
-def test_with_cuda_initialised_in_the_kernel_fork_points_to_a_pool_which_runs_the_cell(kernel):
+def test_with_cuda_initialised_in_the_kernel_fork_points_to_a_pool_which_runs_the_cell(kernel_without_pool):
+    kernel = kernel_without_pool
     kernel.run("real_is_initialized = torch.cuda.is_initialized\ntorch.cuda.is_initialized = lambda: True")
     try:
         refused = kernel.run("%%fabric --accelerator=cpu --devices=2 --no-widgets\nprint('forked')")
@@ -169,7 +197,8 @@ def test_with_cuda_initialised_in_the_kernel_fork_points_to_a_pool_which_runs_th
         kernel.run("torch.cuda.is_initialized = real_is_initialized\n%fabric stop-pool")
 
 
-def test_attach_uses_engines_started_elsewhere_and_leaves_them_running(kernel):
+def test_attach_uses_engines_started_elsewhere_and_leaves_them_running(kernel_without_pool):
+    kernel = kernel_without_pool
     kernel.run(
         "import ipyparallel, logging\n"
         "outside = ipyparallel.Cluster(n=2, cluster_id='nbfabric-attach-test', controller_ip='127.0.0.1', log_level=logging.ERROR)\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import types
 import threading
 
 import pytest
@@ -67,3 +68,91 @@ def test_every_position_of_a_failure_gives_the_same_values(failing):
     for name in names:
         if name != names[failing]:
             assert loaded[name] == namespace[name]
+
+
+@pytest.fixture
+def notebook(monkeypatch):
+    """A stand-in for the notebook's `__main__`: what a returned function reads as its globals."""
+    main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    return vars(main)
+
+
+def _cell_on_rank(source: str) -> dict:
+    """The namespace a cell leaves on a rank: its names, defined in a module called __main__."""
+    namespace = {"__name__": "__main__"}
+    exec(textwrap.dedent(source), namespace)
+    return namespace
+
+
+def test_a_returned_function_reads_the_notebook_globals_as_a_cell_defined_function_does(notebook):
+    rank = _cell_on_rank("""
+        SCALE = 3
+        def helper(x):
+            return x * SCALE
+    """)
+    values = pack(rank, ["SCALE", "helper"], {}).load()
+    notebook.update(values)
+    assert notebook["helper"](2) == 6
+    notebook["SCALE"] = 5
+    assert notebook["helper"](2) == 10
+    assert notebook["helper"].__globals__ is notebook
+    assert notebook["helper"].__module__ == "__main__"
+
+
+def test_a_returned_function_keeps_its_defaults_closure_attributes_and_may_call_itself(notebook):
+    rank = _cell_on_rank('''
+        def make(step, *, start=1):
+            def count(n=start):
+                """counts down"""
+                return [] if n <= 0 else [n] + count(n - step)
+            count.tag = "mine"
+            return count
+        countdown = make(2, start=5)
+        def later():
+            return unbound
+        def closes_late():
+            return value
+        value = 7
+    ''')
+    values = pack(rank, ["countdown", "make", "closes_late"], {}).load()
+    notebook.update(values)
+    countdown = values["countdown"]
+    assert countdown() == [5, 3, 1] and countdown(4) == [4, 2]
+    assert countdown.tag == "mine" and countdown.__doc__ == "counts down" and countdown.__qualname__ == "make.<locals>.count"
+    assert values["make"](1, start=2)() == [2, 1]
+    with pytest.raises(NameError, match="value"):  # `value` did not come back: the notebook has none
+        values["closes_late"]()
+
+
+def test_a_returned_class_has_methods_that_read_the_notebook_globals_and_super_works(notebook):
+    rank = _cell_on_rank("""
+        import torch
+        OFFSET = 1.0
+        class Shifted(torch.nn.Linear):
+            def __init__(self):
+                super().__init__(2, 2)
+            def forward(self, x):
+                return super().forward(x) + OFFSET
+        model = Shifted()
+    """)
+    values = pack(rank, ["OFFSET", "Shifted", "model"], {}).load()
+    notebook.update(values)
+    model, x = values["model"], torch.ones(1, 2)
+    assert isinstance(model, values["Shifted"])
+    base = torch.nn.functional.linear(x, model.weight, model.bias)
+    assert torch.equal(model(x), base + 1.0)
+    notebook["OFFSET"] = 10.0
+    assert torch.equal(model(x), base + 10.0)
+    assert isinstance(values["Shifted"](), values["Shifted"])
+
+
+def test_a_function_the_notebook_already_had_comes_back_as_itself(notebook):
+    def existing(x):
+        return x
+
+    existing.__module__, existing.__qualname__ = "__main__", "existing"  # as a notebook cell defines it
+    notebook["existing"] = existing
+    rank = {"__name__": "__main__", "existing": existing, "alias": existing}
+    values = pack(rank, ["alias"], known={"existing": existing}).load()
+    assert values["alias"] is existing

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import marshal
 import pickle
 import pickletools
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any
 
-import dill
+import cloudpickle
 import torch
 
 from nbfabric.wrappers import unwrap
@@ -101,9 +103,10 @@ def _ops(data: memoryview):
         yield from pickletools.genops(stream)
 
 
-class _CellPickler(pickle.Pickler):
+class _CellPickler(cloudpickle.Pickler):
     """Pickles what already existed in the notebook by reference, what the cell created by value
-    (dill), and tensors left on an accelerator as CPU copies."""
+    (classes as cloudpickle does; functions, methods included, so that they read the notebook's
+    globals once they are there), and tensors left on an accelerator as CPU copies."""
 
     def __init__(self, file: io.BytesIO, known: dict[str, Any]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -118,9 +121,55 @@ class _CellPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor) and obj.device.type not in ("cpu", "meta"):
             return obj.detach().cpu().__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-        if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__" and id(obj) not in self._known_ids:
-            return dill.loads, (dill.dumps(obj, recurse=True),)
-        return NotImplemented
+        if isinstance(obj, (types.FunctionType, type)) and getattr(obj, "__module__", None) == "__main__":
+            if id(obj) in self._known_ids:
+                return NotImplemented  # by name: the notebook's own object
+            if isinstance(obj, types.FunctionType):
+                return _notebook_function(obj)
+        return super().reducer_override(obj)
+
+
+class _EmptyCell:
+    """Stands for a closure cell with nothing in it yet (pickled by reference, so it stays itself)."""
+
+
+def _notebook_function(function: types.FunctionType) -> tuple:
+    """Pickle a function defined by the cell: its code, defaults and closure by value, and for
+    globals the dict of `__main__` where it is loaded, the notebook's, as for a function defined
+    in a plain cell. The function is memoized before its state, so it may refer to itself."""
+    closure = function.__closure__ or ()
+    state = {
+        "__defaults__": function.__defaults__,
+        "__kwdefaults__": function.__kwdefaults__,
+        "__dict__": function.__dict__,
+        "__qualname__": function.__qualname__,
+        "__doc__": function.__doc__,
+        "__annotations__": function.__annotations__,
+        "cells": [_cell_contents(cell) for cell in closure],
+    }
+    return _function_in_main, (marshal.dumps(function.__code__), function.__name__, len(closure)), state, None, None, _set_function_state
+
+
+def _cell_contents(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a name the function closes over, not yet bound
+        return _EmptyCell
+
+
+def _function_in_main(code: bytes, name: str, cells: int) -> types.FunctionType:
+    closure = tuple(types.CellType() for _ in range(cells)) or None
+    return types.FunctionType(marshal.loads(code), sys.modules["__main__"].__dict__, name, None, closure)
+
+
+def _set_function_state(function: types.FunctionType, state: dict[str, Any]) -> types.FunctionType:
+    for cell, value in zip(function.__closure__ or (), state.pop("cells")):
+        if value is not _EmptyCell:
+            cell.cell_contents = value
+    function.__dict__.update(state.pop("__dict__"))
+    for attribute, value in state.items():
+        setattr(function, attribute, value)
+    return function
 
 
 def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], last_value: Any = None) -> Returned:
