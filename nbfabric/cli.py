@@ -103,7 +103,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if in_slurm_step() and "RANK" not in os.environ:
         return _run_as_slurm_task(parser, args)
     plan = _plan(parser, args)
-    os.environ.update(run_command_environment(plan.config))
+    os.environ.update(run_command_environment(plan))
     if plan.config.num_nodes > 1:
         return run_on_nodes(args, plan)
     return _run_on_this_node(args, plan)
@@ -116,7 +116,7 @@ def _run_as_slurm_task(parser: argparse.ArgumentParser, args: argparse.Namespace
     args.devices = args.devices or ranks["LOCAL_WORLD_SIZE"]
     args.num_nodes = args.num_nodes or os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1"))
     plan = _plan(parser, args, main_address_known=True)
-    os.environ.update({**ranks, **run_command_environment(plan.config)})
+    os.environ.update({**ranks, **run_command_environment(plan)})
     run_script(args.script, args.script_args)
     return 0
 

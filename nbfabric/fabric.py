@@ -29,7 +29,7 @@ from nbfabric.launcher.launchers import Launcher, NodePlace, select_launcher
 from nbfabric.launcher.output import Sink
 from nbfabric.interop import tell_libraries
 from nbfabric.metrics import MetricLog
-from nbfabric.run_flags import check_timeout, with_launcher_world, with_run_command_settings
+from nbfabric.run_flags import DEBUG_ENV, check_timeout, with_launcher_world, with_run_command_settings
 from nbfabric.seeding import seed_everything, seed_workers
 from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
 from nbfabric.init import SkippedInit
@@ -78,16 +78,19 @@ class Fabric:
             self.run = partial(self.launch, _call_run)
 
     @classmethod
-    def from_config(cls, config: RunConfig, *, timeout: float | timedelta | None = None) -> Fabric:
+    def from_config(cls, config: RunConfig, *, timeout: float | timedelta | None = None, debug: bool = False) -> Fabric:
         """A Fabric for settings resolved already (`RunConfig.resolve`, as %%fabric cells and pools
-        plan them): nothing is resolved again."""
+        plan them): nothing is resolved again. `debug`: torch.distributed's collective checks in
+        every rank (`--debug`)."""
         fabric = cls.__new__(cls)
         fabric._configure(config, config.strategy, timeout, None, None)
+        fabric._debug = debug
         return fabric
 
     def _configure(self, config: RunConfig, strategy: Any, timeout: Any, callbacks: Any, loggers: Any) -> None:
         self.config = config
         self.timeout = check_timeout(timeout)
+        self._debug = False
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
         self._ranks = RankInfo(world_size=config.world_size)
@@ -240,6 +243,10 @@ class Fabric:
             return
         self._ranks = ranks
         rank_zero_only.rank = ranks.global_rank
+        if self._debug:
+            os.environ.update(DEBUG_ENV)
+        if os.environ.get("TORCH_DISTRIBUTED_DEBUG") and torch.distributed.is_available():
+            torch.distributed.set_debug_level_from_env()  # torch read it at import, maybe before this rank was started
         tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)

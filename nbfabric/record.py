@@ -73,3 +73,12 @@ class RecordingSink(Sink):
 
     def tick(self) -> bool:
         return self.inner.tick()
+
+    def places(self, places: dict, *, live: bool) -> None:
+        self.inner.places(places, live=live)
+
+    def take_where_request(self) -> bool:
+        return self.inner.take_where_request()
+
+    def usage(self, usage: dict) -> None:
+        self.inner.usage(usage)

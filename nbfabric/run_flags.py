@@ -18,6 +18,7 @@ from nbfabric.launcher.output import parse_rank_filter
 from nbfabric.user_config import SETTING_NAMES
 
 RUN_COMMAND_ENV = "NBFABRIC_FLAGS"  # what `nbfabric run` resolved, for `Fabric()` in the script
+DEBUG_ENV = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}  # what --debug sets in every rank
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ RUN_FLAGS = (
     RunFlag("start_method", " or ".join(START_METHODS) + " (one node only)", default="fork"),
     RunFlag("timeout", "stop every rank after this many seconds", type=float),
     RunFlag("ranks", "whose output to show: all, 0, or a list such as 0,2", default="all"),
+    RunFlag(
+        "debug",
+        "torch.distributed's collective checks in every rank (its detail debug mode): ranks that call different "
+        "collectives, or with different shapes, fail at once, naming each call, instead of hanging",
+        type=bool,
+    ),
 )
 
 
@@ -53,7 +60,10 @@ def add_run_flags(add_argument: Callable[..., Any]) -> None:
     """Declare every run flag through `add_argument` (an argparse parser's, or a magic's)."""
     for flag in RUN_FLAGS:
         shown_default = f" (default: {flag.default})" if flag.default else ""
-        add_argument(flag.option, dest=flag.name, type=flag.type, help=flag.help + shown_default)
+        if flag.type is bool:
+            add_argument(flag.option, dest=flag.name, action="store_true", default=None, help=flag.help)
+        else:
+            add_argument(flag.option, dest=flag.name, type=flag.type, help=flag.help + shown_default)
 
 
 @dataclass(frozen=True)
@@ -64,11 +74,14 @@ class RunPlan:
     place: NodePlace = NodePlace()
     timeout: float | None = None
     shown_ranks: frozenset[int] | None = None  # None: all
+    debug: bool = False  # torch.distributed's collective checks (DEBUG_ENV) in every rank
 
     @property
     def extra_flags(self) -> str:
         """The flags beyond `config.as_flags()` that differ from their defaults."""
         extra = [f"--timeout={self.timeout:g}"] if self.timeout is not None else []
+        if self.debug:
+            extra.append("--debug")
         if self.shown_ranks is not None:
             extra.append(f"--ranks={','.join(map(str, sorted(self.shown_ranks)))}")
         return " ".join(extra)
@@ -90,6 +103,7 @@ def plan_run(settings: dict[str, Any]) -> RunPlan:
         NodePlace(node_rank, settings.get("main_address") or "127.0.0.1", port),
         check_timeout(settings.get("timeout")),
         None if shown is None else frozenset(shown),
+        bool(settings.get("debug")),
     )
 
 
@@ -108,9 +122,9 @@ def check_timeout(value: Any) -> float | None:
 _CODE_DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": "32-true", "num_nodes": 1, "start_method": "fork"}
 
 
-def run_command_environment(config: RunConfig) -> dict[str, str]:
+def run_command_environment(plan: RunPlan) -> dict[str, str]:
     """The variables through which `nbfabric run` hands its settings to each rank's `Fabric()`."""
-    return {RUN_COMMAND_ENV: json.dumps(config.settings())}
+    return {RUN_COMMAND_ENV: json.dumps(plan.config.settings()), **(DEBUG_ENV if plan.debug else {})}
 
 
 def with_run_command_settings(**given: Any) -> dict[str, Any]:

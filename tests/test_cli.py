@@ -268,10 +268,12 @@ def test_a_failing_rank_stops_the_others_and_sets_the_exit_status(tmp_path, env,
 def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
     script = write(tmp_path / "train.py", "import time\ntime.sleep(60)\nprint('finished')\n")
     started = time.monotonic()
-    done = nbfabric_command("run", *CPU2, "--timeout=1", str(script), env=env)
+    done = nbfabric_command("run", *CPU2, "--timeout=3", str(script), env=env)
     assert time.monotonic() - started < 30
     assert done.returncode == 124
-    assert "did not finish within timeout=1 s" in done.stderr
+    assert "did not finish within timeout=3 s" in done.stderr
+    for rank in (0, 1):  # where each rank was, taken before the ranks were stopped
+        assert f"rank {rank}: time.sleep at {script}, line 2\n    {script}, line 2, in <module>: time.sleep(60)" in done.stderr
     assert "finished" not in done.stdout
 
 

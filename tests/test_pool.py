@@ -4,6 +4,7 @@ failures, interrupts, timeouts, a lost rank, names that cannot be sent, and noth
 from __future__ import annotations
 
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -98,6 +99,41 @@ def test_a_function_from_a_pool_cell_reads_the_notebook_globals_afterwards(kerne
     assert out["error"] is None and out["result"] == "2", out
     kernel.run("OFFSET = 100")
     assert kernel.run("shifted(1)")["result"] == "101"
+
+
+POOL_HANG = f"""{POOL}
+import time, torch
+if fabric.global_rank == 0:
+    fabric.all_reduce(torch.ones(2))
+else:
+    time.sleep(1); print("working", flush=True)  # rank 0 waits in all_reduce by then
+    time.sleep(60)"""
+
+
+def _shows_both_ranks(text: str, cell: str) -> None:
+    assert f"rank 0: all_reduce at Cell In[{cell}], line 4" in text, text
+    assert f"rank 1: time.sleep at Cell In[{cell}], line 7" in text, text
+
+
+def test_an_interrupted_hang_on_the_pool_shows_where_each_rank_was(kernel):
+    cell = kernel.run("get_ipython().execution_count")["result"]  # the next cell's number
+    out, _ = kernel.run_interrupted(POOL_HANG, when="[rank 1] working")
+    assert out["error"]["ename"] == "KeyboardInterrupt"
+    _shows_both_ranks("\n".join(out["error"]["traceback"]), cell)
+
+
+def test_where_shows_a_background_pool_run_without_stopping_it(kernel):
+    cell = kernel.run("get_ipython().execution_count")["result"]
+    kernel.run(POOL_HANG.replace(POOL, f"{POOL} --background"))
+    try:
+        deadline, shown = time.monotonic() + 60, ""
+        while f"time.sleep at Cell In[{cell}], line 7" not in shown:  # until rank 1 is past its print
+            assert time.monotonic() < deadline, shown
+            shown = kernel.run("%fabric where")["stdout"]
+        _shows_both_ranks(shown, cell)
+    finally:
+        kernel.run("%fabric stop")
+    assert kernel.run(f"{POOL}\nfabric.world_size")["result"] == "2"  # the pool goes on
 
 
 def test_a_background_cell_on_the_pool_leaves_its_names_on_the_ranks(kernel):

@@ -14,6 +14,7 @@ from nbfabric import Fabric, RankError
 from nbfabric.devices import GpuInfo, Hardware, detect_hardware
 from nbfabric.notebook import chart
 from nbfabric.notebook.dashboard import Dashboard
+from nbfabric.launcher.usage import size
 from nbfabric.notebook.tally import LOG_LINES
 from nbfabric.notebook.picker import Picker
 from nbfabric.user_config import load_defaults
@@ -115,6 +116,86 @@ def test_a_stop_request_ends_every_rank_like_an_interrupt(fonts_loaded, no_leaks
     dashboard.finish(KeyboardInterrupt())
     assert dashboard.state == "stopped"
     assert dashboard.rank_status == {0: ("stopped", ""), 1: ("stopped", "")}
+
+
+class _WhereThenStop(Dashboard):
+    """Presses Where once both ranks say they are working (again, until both are past the print),
+    then Stop."""
+
+    working = 0
+    live_text = ""
+
+    def line(self, rank, stream, text):
+        super().line(rank, stream, text)
+        self.working += "working" in text
+        if self.working == 2:
+            self.working += 1
+            self.where_button.click()
+
+    def places(self, places, *, live):
+        super().places(places, live=live)
+        if live:
+            self.live_text = self.stacks.value
+            if self.live_text.count("time.sleep at") == 2:
+                self.request_stop()
+            else:
+                self.where_button.click()
+
+
+def test_the_where_button_shows_each_ranks_line_and_a_stop_shows_it_again(fonts_loaded, no_leaks):
+    fabric = Fabric(accelerator="cpu", devices=2)
+    dashboard = _WhereThenStop(fabric.config)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        _start(fabric, _sleep, dashboard)
+    line = 2 + next(n for n, text in enumerate(open(__file__).read().splitlines(), 1) if text == "def _sleep(fabric):")
+    for rank in (0, 1):
+        assert f"rank {rank}: time.sleep at {__file__}, line {line}" in dashboard.live_text
+        assert f"rank {rank}: time.sleep at {__file__}, line {line}" in str(stopped.value)
+    assert "Where the ranks were at " in dashboard.live_text
+    assert "Where the ranks were when the run stopped" in dashboard.stacks.value
+    dashboard.finish(stopped.value)
+    assert dashboard.where_button.layout.display == "none"
+
+
+class _WatchMemory(Dashboard):
+    """Keeps rank 1's memory column at each measurement; lets rank 1 allocate once one is shown,
+    and finish once the allocation is."""
+
+    def __init__(self, config, allocate, done):
+        super().__init__(config)
+        self.allocate, self.done, self.shown = allocate, done, []
+
+    def usage(self, usage):
+        super().usage(usage)
+        if 1 in usage:
+            self._render_text()
+            self.shown.append((usage[1].rss, self.status.value))
+            self.allocate.touch()
+            if usage[1].rss >= 500 << 20:
+                self.done.touch()
+
+
+def _allocate_when_told(allocate, done):
+    def train(fabric):
+        while not allocate.exists():
+            time.sleep(0.01)
+        held = bytearray(500 << 20) if fabric.global_rank == 1 else None  # noqa: F841 - held to the end
+        while not done.exists():
+            time.sleep(0.01)
+
+    return train
+
+
+def test_the_memory_column_moves_when_a_rank_allocates_500_mb(fonts_loaded, no_leaks, tmp_path):
+    fabric = Fabric(accelerator="cpu", devices=2)
+    allocate, done = tmp_path / "allocate", tmp_path / "done"
+    dashboard = _WatchMemory(fabric.config, allocate, done)
+    _start(fabric, _allocate_when_told(allocate, done), dashboard)
+    (first, first_html), (last, last_html) = dashboard.shown[0], dashboard.shown[-1]
+    assert last - first >= 480 << 20
+    assert size(first) in first_html and size(last) in last_html and "% CPU" in last_html
+    dashboard.finish(None)
+    assert f"rank 1: done (0 lines, peak {size(dashboard.tally.usage_peak[1].rss)})" in dashboard.summary()
 
 
 def test_the_chart_has_one_panel_per_metric_and_skips_what_is_not_a_number():

@@ -23,6 +23,12 @@ def label_cells(text: str) -> str:
     return _FRAME.sub(label, text)
 
 
+def place_label(filename: str, line: int) -> str:
+    """"Cell In[5], line 3" for a line of a notebook cell, else "file.py, line 3"."""
+    number = _cell_numbers().get(filename)
+    return f"{filename}, line {line}" if number is None else f"Cell In[{number}], line {line}"
+
+
 def label_error_cells(error: BaseException) -> None:
     """Rename the cell files in a RankError's message and traceback, in place."""
     if error.args and isinstance(error.args[0], str):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from nbfabric.channel import Failure
 from nbfabric.launcher.run_loop import Outcome
+from nbfabric.launcher.stacks import RankPlace, describe, describe_in_full
+from nbfabric.launcher.usage import Usage
 from nbfabric.tracebacks import ShortInIPython
 
 
@@ -25,31 +27,52 @@ class RankFailure:
 class RankError(ShortInIPython, RuntimeError):
     """A rank failed; the other ranks were stopped. Names the rank that failed first."""
 
-    def __init__(self, cause: RankFailure, also_failed: list[RankFailure], stopped: list[int]):
+    def __init__(
+        self,
+        cause: RankFailure,
+        also_failed: list[RankFailure],
+        stopped: list[int],
+        places: dict[int, RankPlace] | None = None,
+        usage: dict[int, Usage] | None = None,
+    ):
         self.rank = cause.rank
         self.how = cause.how
         self.summary = cause.summary
         self.rank_traceback = cause.traceback
         self.also_failed = also_failed
         self.stopped = stopped
-        super().__init__(self._message(cause, also_failed, stopped))
+        self.places = places or {}
+        self.usage = usage or {}  # each rank's last measured usage
+        super().__init__(self._message(cause, also_failed, stopped, self.places, self.usage))
 
     @staticmethod
-    def _message(cause: RankFailure, also_failed: list[RankFailure], stopped: list[int]) -> str:
+    def _message(
+        cause: RankFailure, also_failed: list[RankFailure], stopped: list[int], places: dict[int, RankPlace], usage: dict[int, Usage]
+    ) -> str:
         lines = [f"rank {cause.rank} failed: {cause.summary}"]
         if also_failed:
             lines.append("then " + "; ".join(f"rank {o.rank}: {o.summary}" for o in also_failed))
         if stopped:
-            lines.append(f"stopped: rank {', '.join(map(str, stopped))}")
+            seen = {rank: places[rank] for rank in stopped if rank in places}
+            lines.append(f"stopped: rank {', '.join(map(str, stopped))}" + (f" (where: {describe(seen)})" if seen else ""))
+        last = usage.get(cause.rank)
         if cause.how == "signal" and "SIGKILL" in cause.summary:
-            lines.append("A rank killed by SIGKILL has often run out of memory.")
+            measured = f" Rank {cause.rank} used {last.text()} when last measured." if last else ""
+            lines.append("A rank killed by SIGKILL has often run out of memory." + measured)
+        elif "out of memory" in cause.summary.lower() and last is not None:
+            lines.append(f"Rank {cause.rank} used {last.text()} when last measured.")
         if cause.traceback:
             lines += ["", f"Traceback from rank {cause.rank}:", cause.traceback.rstrip()]
         return "\n".join(lines)
 
 
 class RankTimeoutError(ShortInIPython, TimeoutError):
-    """The run did not finish within its timeout; every rank was stopped."""
+    """The run did not finish within its timeout; every rank was stopped. `places`: where the
+    ranks still running were at the deadline."""
+
+    def __init__(self, message: str, places: dict[int, RankPlace] | None = None):
+        self.places = places or {}
+        super().__init__(message)
 
 
 class ForkUnsafeError(ShortInIPython, RuntimeError):
@@ -87,21 +110,30 @@ def raise_for_outcome(outcome: Outcome, timeout: float | None) -> None:
     failures = rank_failures(outcome)
     if all(failure.how == "left" for failure in failures):
         failures = []  # ranks that ended with sys.exit(0) while no other rank failed: a success
+    places = outcome.places
     if outcome.interrupted:
-        raise KeyboardInterrupt("every rank was stopped")
+        stopped = KeyboardInterrupt("every rank was stopped" + _where_they_were(places, "then"))
+        stopped.places = places  # where the ranks still running were when the stop began
+        raise stopped
     if outcome.timed_out:
         running = ", ".join(map(str, outcome.still_running_at_stop)) or "none"
         raise RankTimeoutError(
             f"the run did not finish within timeout={timeout:g} s; every rank was stopped "
             f"(ranks still running at the deadline: {running}). Raise the timeout or look for a hang, "
-            "such as a collective that not every rank reaches."
+            "such as a collective that not every rank reaches." + _where_they_were(places, "at the deadline"),
+            places,
         )
     if failures:
         cause = root_cause(failures, outcome.stop_time)
         stop = outcome.stop_time if outcome.stop_time is not None else float("inf")
-        also_failed = [f for f in failures if f is not cause and f.time <= stop]
+        # a broken collective after a failure that torch.distributed did not raise is its consequence
+        also_failed = [f for f in failures if f is not cause and f.time <= stop and (cause.distributed or not f.distributed)]
         stopped = [rank for rank in outcome.still_running_at_stop if rank != cause.rank and rank not in {f.rank for f in also_failed}]
-        raise RankError(cause, also_failed, stopped)
+        raise RankError(cause, also_failed, stopped, places, outcome.usage)
+
+
+def _where_they_were(places: dict[int, RankPlace], when: str) -> str:
+    return f"\n\nWhere the ranks were {when}:\n{describe_in_full(places)}" if places else ""
 
 
 def _from_report(failure: Failure) -> RankFailure:

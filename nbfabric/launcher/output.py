@@ -99,6 +99,17 @@ class Sink:
     def display(self, event: Display) -> None:
         """Rich output the rank displayed (a figure, a table)."""
 
+    def places(self, places: dict, *, live: bool) -> None:
+        """Where the ranks are (rank -> stacks.RankPlace): `live`, as asked while the run goes on
+        (`take_where_request`), else where the ranks still running were when the run began to stop."""
+
+    def usage(self, usage: dict) -> None:
+        """What each rank uses now (rank -> usage.Usage), about once a second."""
+
+    def take_where_request(self) -> bool:
+        """Whether someone asked, since the last call, where the ranks are (a Where button, %fabric where)."""
+        return False
+
     def rank_exited(self, rank: int, returncode: int) -> None:
         """The rank's process ended."""
 

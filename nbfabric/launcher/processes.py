@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from nbfabric.launcher.inherited import Inherited
+from nbfabric.launcher.stacks import StackFile
 from nbfabric.launcher.worker import RankSpec, become_rank, rank_main, report_failure
 
 
@@ -27,13 +28,14 @@ class RankProcess:
     channel: int
     sentinel: int  # readable once the process has exited
     _wait: Callable[[], int] = field(repr=False)
+    stacks: StackFile = field(repr=False)  # where the rank writes its stack when asked (stacks.take)
     store: int | None = None  # the supervisor's end of the rank's socket to the rendezvous store
     returncode: int | None = None  # negative: killed by that signal
 
     @property
     def fds(self) -> list[int]:
         """Every fd of this rank the parent holds."""
-        return [fd for fd in (self.stdout, self.stderr, self.channel, self.sentinel, self.store) if fd is not None]
+        return [fd for fd in (self.stdout, self.stderr, self.channel, self.stacks.fd, self.sentinel, self.store) if fd is not None]
 
     def signal(self, sig: int) -> None:
         """Send `sig` to the rank's process group (its own children included)."""
@@ -90,12 +92,19 @@ def _reap_all(processes: list[RankProcess], done: Any) -> None:
         done.release()
 
 
-def _links(spec: RankSpec) -> list[tuple[int, int]]:
-    """(parent's end, rank's end) of the stdout, stderr and event pipes, and of the store's socket."""
-    links = [os.pipe(), os.pipe(), os.pipe()]
+def _links(spec: RankSpec) -> tuple[list[tuple[int, int]], StackFile]:
+    """(parent's end, rank's end) of the stdout, stderr and event pipes, of the rank's stack file,
+    and of the store's socket; and the parent's stack file."""
+    stacks = StackFile()
+    links = [os.pipe(), os.pipe(), os.pipe(), (stacks.fd, os.dup(stacks.fd))]
     if spec.local_store:
         links.append(tuple(end.detach() for end in socket.socketpair()))
-    return links
+    return links, stacks
+
+
+def _process(spec: RankSpec, pid: int, parent_ends: list[int], sentinel: int, wait: Callable[[], int], stacks: StackFile) -> RankProcess:
+    stdout, stderr, channel, _, *store = parent_ends
+    return RankProcess(spec.rank, pid, stdout, stderr, channel, sentinel, wait, stacks, *store)
 
 
 def fork_rank(
@@ -103,7 +112,7 @@ def fork_rank(
 ) -> RankProcess | None:
     """Fork one rank. With `target=None` the child returns None and goes on as the rank.
     `inherited`: what the caller found with `find_inherited()`."""
-    links = _links(spec)
+    links, stacks = _links(spec)
     parent_ends, rank_ends = [p for p, _ in links], tuple(r for _, r in links)
     gc.freeze()  # the rank's garbage collector then skips (and does not copy) the inherited objects
     # SIGINT stays blocked in the child until it has its own handlers (become_rank): an interrupt
@@ -142,7 +151,7 @@ def fork_rank(
         os.close(pidfd)
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
-    return RankProcess(spec.rank, pid, *parent_ends[:3], pidfd, wait, *parent_ends[3:])
+    return _process(spec, pid, parent_ends, pidfd, wait, stacks)
 
 
 def _continue_as_rank(spec: RankSpec, fds: tuple[int, ...], inherited: Inherited) -> None:
@@ -160,7 +169,7 @@ def spawn_rank(target: Callable[[], Any], spec: RankSpec) -> RankProcess:
     import multiprocess
     from multiprocess.connection import Connection
 
-    links = _links(spec)
+    links, stacks = _links(spec)
     ends = [Connection(rank_end) for _, rank_end in links]
     process = multiprocess.get_context("spawn").Process(
         target=_spawned_main, args=(target, spec, ends), name=f"nbfabric-rank-{spec.rank}"
@@ -178,7 +187,7 @@ def spawn_rank(target: Callable[[], Any], spec: RankSpec) -> RankProcess:
         process.close()
         return code
 
-    return RankProcess(spec.rank, process.pid, *parent_ends[:3], process.sentinel, wait, *parent_ends[3:])
+    return _process(spec, process.pid, parent_ends, process.sentinel, wait, stacks)
 
 
 def _spawned_main(target: Callable[[], Any], spec: RankSpec, ends: list) -> None:

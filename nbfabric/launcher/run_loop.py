@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 
 from nbfabric.channel import Failure, Left, Result, now
 from nbfabric.launcher.output import Sink
+from nbfabric.launcher.stacks import RankPlace
+from nbfabric.launcher.usage import SAMPLE_EVERY, Usage, UsageMeter
 
 
 @dataclass
@@ -27,6 +29,9 @@ class Outcome:
     interrupted: bool = False
     timed_out: bool = False
     still_running_at_stop: tuple[int, ...] = ()
+    places: dict[int, RankPlace] = field(default_factory=dict)  # where those ranks were, taken before the stop
+    usage: dict[int, Usage] = field(default_factory=dict)  # each rank's last measured usage
+    peak_usage: dict[int, Usage] = field(default_factory=dict)
 
 
 class RunLoop:
@@ -41,6 +46,9 @@ class RunLoop:
         self.deadline = None if timeout is None else now() + timeout
         self.outcome = Outcome()
         self.interrupts = 0
+        self._stopping = False
+        self._meter: UsageMeter | None = None
+        self._next_sample = now() + SAMPLE_EVERY / 2
 
     # What a launcher fills in.
     def start(self) -> None:
@@ -57,6 +65,14 @@ class RunLoop:
     def running_ranks(self) -> tuple[int, ...]:
         """The ranks that have not ended yet."""
         raise NotImplementedError
+
+    def rank_pids(self) -> dict[int, int]:
+        """rank -> pid of the ranks whose usage can be measured from here (those on this machine)."""
+        return {}
+
+    def where(self, ranks: tuple[int, ...]) -> dict[int, RankPlace]:
+        """Where each of these running ranks is now (their stacks), without disturbing them."""
+        return {}
 
     def stop_ranks(self) -> None:
         """Ask the running ranks to stop (first step of a stop)."""
@@ -76,21 +92,36 @@ class RunLoop:
                     self.poll(self._wait_time())
                     self._after_poll()
         finally:
+            if self._meter is not None:
+                self._meter.close()
             self.end()
         return self.outcome
 
     def stop(self, *, interrupted: bool = False) -> None:
-        """Begin stopping every rank still running (safe to call more than once)."""
+        """Begin stopping every rank still running (safe to call more than once). Where those ranks
+        are is taken first; the stop begins (`stop_time`) once that is done, so that a rank failing
+        meanwhile counts as failing by itself, not as stopped."""
         self.outcome.interrupted |= interrupted
-        if self.outcome.stop_time is None:
-            self.outcome.stop_time = now()
-            self.outcome.still_running_at_stop = self.running_ranks()
-            self.stop_ranks()
+        if self._stopping:
+            return
+        self._stopping = True
+        self.outcome.still_running_at_stop = self.running_ranks()
+        asked = tuple(rank for rank in self.outcome.still_running_at_stop if rank not in self.outcome.failures)
+        if asked:
+            self.outcome.places = self.where(asked)
+            self.sink.places(self.outcome.places, live=False)
+        self.outcome.stop_time = now()
+        self.stop_ranks()
 
     def _after_poll(self) -> None:
         self.sink.flush()
         if self.sink.tick():  # the Stop button
             self.interrupts = max(self.interrupts, 1)
+        if now() >= self._next_sample and self.outcome.stop_time is None:
+            self._sample_usage()
+        if self.sink.take_where_request() and self.outcome.stop_time is None:
+            running = tuple(rank for rank in self.running_ranks() if rank not in self.outcome.failures)
+            self.sink.places(self.where(running) if running else {}, live=True)
         if self.interrupts:
             self.stop(interrupted=True)
         if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:
@@ -98,6 +129,15 @@ class RunLoop:
             self.stop()
         if self.outcome.stop_time is not None:
             self.escalate(now() - self.outcome.stop_time, self.interrupts > 1)
+
+    def _sample_usage(self) -> None:
+        self._next_sample = now() + SAMPLE_EVERY
+        if self._meter is None:
+            self._meter = UsageMeter(self.rank_pids())
+        usage = self._meter.sample()
+        self.outcome.usage, self.outcome.peak_usage = self._meter.last, self._meter.peak
+        if usage:
+            self.sink.usage(usage)
 
     def _wait_time(self) -> float:
         wait = self.tick_seconds

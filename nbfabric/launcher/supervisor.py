@@ -12,6 +12,7 @@ from nbfabric.launcher.output import LineSplitter, Sink, emit_segments
 from nbfabric.launcher.processes import RankProcess, reap_in_background
 from nbfabric.launcher.rendezvous import StoreServer
 from nbfabric.launcher.run_loop import RunLoop
+from nbfabric.launcher.stacks import RankPlace, take
 
 # After a stop request: SIGINT at once, SIGTERM after STOP_LADDER[1] s, SIGKILL after STOP_LADDER[2] s.
 STOP_LADDER = ((0.0, signal.SIGINT), (0.8, signal.SIGTERM), (1.5, signal.SIGKILL))
@@ -45,9 +46,17 @@ class Supervisor(RunLoop):
     def running_ranks(self) -> tuple[int, ...]:
         return tuple(r for r in self.ranks if r not in self.outcome.returncodes)
 
+    def rank_pids(self) -> dict[int, int]:
+        return {rank: process.pid for rank, process in self.ranks.items()}
+
+    def where(self, ranks: tuple[int, ...]) -> dict[int, RankPlace]:
+        return take({rank: (self.ranks[rank].pid, self.ranks[rank].stacks) for rank in ranks})
+
     def end(self) -> None:
         self._abandon()
         self._selector.close()
+        for process in self.ranks.values():
+            process.stacks.close()
         self.sink.close()
 
     def _watch(self, process: RankProcess) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from nbfabric.channel import ChannelWriter, Exiting, Failure, Left, Result, now
 from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited
+from nbfabric.launcher import stacks
 from nbfabric.launcher.rank_links import RankLinks, set_rank_links
 from nbfabric.tracebacks import PACKAGE_DIR
 
@@ -38,6 +39,7 @@ def become_rank(
     stdout_fd: int,
     stderr_fd: int,
     channel_fd: int,
+    stack_fd: int,
     store_fd: int | None = None,
     *,
     inherited: Inherited | None = None,
@@ -45,6 +47,7 @@ def become_rank(
     """Turn a just-started process into rank `spec.rank`: signals, output pipes, environment.
     `inherited`: what the forking process found for it, or None to look here."""
     _die_with_parent(spec.parent_pid)
+    stacks.listen(stack_fd)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)

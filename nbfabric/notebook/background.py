@@ -10,21 +10,33 @@ from typing import Any, Callable
 
 from nbfabric.launcher.output import TextSink
 from nbfabric.notebook.comms import handle_widget_messages
+from nbfabric.notebook.where import WhereRequests
 from nbfabric.record import RunRecord
 
 STOP_WAIT = 10.0  # seconds `stop()` waits for the ranks to end (the stop ladder takes under 2 s)
 
 
 class StoppableTextSink(TextSink):
-    """The text view of a background run, which `%fabric stop` can end."""
+    """The text view of a background run, which `%fabric stop` can end and `%fabric where` ask."""
 
     stop_requested = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.where = WhereRequests()
 
     def request_stop(self) -> None:
         self.stop_requested = True
 
     def tick(self) -> bool:
         return self.stop_requested
+
+    def take_where_request(self) -> bool:
+        return self.where.take()
+
+    def places(self, places: dict, *, live: bool) -> None:
+        if live:
+            self.where.answer(places)
 
     def settle(self) -> None:
         """After `%fabric wait`: the lines are already in the cell."""

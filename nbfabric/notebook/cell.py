@@ -47,8 +47,14 @@ class Cell:
 def compile_cell(shell: Any, source: str, magic_line: str = "") -> Cell:
     """Compile like IPython does, under a file name that tracebacks can show source lines for."""
     text = f"%%fabric {magic_line}".rstrip() + "\n" + shell.transform_cell(source)
-    filename = shell.compile.cache(text, shell.execution_count, raw_code=f"%%fabric {magic_line}\n{source}")
+    filename = shell.compile.cache(text, cell_number(shell), raw_code=f"%%fabric {magic_line}\n{source}")
     return Cell(text, filename, shell.compile.flags)
+
+
+def cell_number(shell: Any) -> int:
+    """The running cell's number, as its In [n] prompt shows it."""
+    result = getattr(shell.displayhook, "exec_result", None)
+    return result.execution_count if result is not None else shell.execution_count
 
 
 def values_for_ranks(cell: Cell, namespace: dict[str, Any], *, forked: bool, held: dict[str, Any] | None = None) -> dict[str, Any] | Shipment:

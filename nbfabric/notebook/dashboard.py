@@ -1,4 +1,5 @@
-"""The live run dashboard of a `%%fabric` cell: rank status, log, metrics chart, Stop button."""
+"""The live run dashboard of a `%%fabric` cell: rank status, log, metrics chart, where the ranks
+are, Stop and Where buttons."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.notebook import chart
 from nbfabric.notebook.comms import handle_widget_messages
 from nbfabric.notebook.summary import run_state
+from nbfabric.launcher.stacks import describe_in_full
 from nbfabric.notebook.tally import RunTally
+from nbfabric.notebook.where import WhereRequests
 # While a run goes on, redrawing the status and log, and the chart, may each take at most this
 # share of the kernel's time (a redraw that took 0.1 s waits 5 s), and redraws are this far apart at least.
 REDRAW_SHARE = 0.015
@@ -54,6 +57,11 @@ class Dashboard(Sink):
         self.header = widgets.HTML()
         self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", tooltip="stop every rank")
         self.stop_button.on_click(lambda _: self.request_stop())
+        self.where = WhereRequests()
+        self.where_button = widgets.Button(description="Where", icon="search", tooltip="show where each rank is now, without stopping the run")
+        self.where_button.on_click(lambda _: self.where.ask())
+        self.stacks = widgets.HTML(layout=widgets.Layout(display="none"))
+        self._stacks_text = ""
         self.status = widgets.HTML()
         shown = sorted(ranks) if ranks is not None else sorted(self.tally.statuses)
         self.log_filter = widgets.Dropdown(
@@ -75,10 +83,14 @@ class Dashboard(Sink):
         self.chart = widgets.Image(format="png", layout=widgets.Layout(display="none", width="auto", max_width="100%", align_self="flex-start"))
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.header, self.stop_button], layout=widgets.Layout(justify_content="space-between", align_items="center")),
+                widgets.HBox(
+                    [self.header, widgets.HBox([self.where_button, self.stop_button])],
+                    layout=widgets.Layout(justify_content="space-between", align_items="center"),
+                ),
                 self.status,
                 widgets.HBox([self.log_filter, self.chart_ranks], layout=widgets.Layout(align_items="center")),
                 self.log,
+                self.stacks,
                 self.chart,
             ],
             layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px"),
@@ -121,6 +133,8 @@ class Dashboard(Sink):
         text.flush()
         elapsed = self.duration if self.duration is not None else time.monotonic() - self.started
         display({"text/plain": self.tally.summary(self.config, self.state, elapsed, with_last_lines=False)}, raw=True)
+        if self._stacks_text:
+            display({"text/plain": self._stacks_text}, raw=True)
         png = self.chart_png()
         if png is not None:
             display(Image(png))
@@ -161,6 +175,26 @@ class Dashboard(Sink):
         self.tally.rank_exited(rank, returncode)
         self._dirty = True
 
+    def usage(self, usage: dict) -> None:
+        self.tally.usage(usage)
+        self._dirty = True
+
+    def places(self, places: dict, *, live: bool) -> None:
+        """Show where the ranks are (asked with Where) or were when the run began to stop."""
+        elapsed = time.monotonic() - self.started
+        title = f"Where the ranks were at {elapsed:.0f} s" if live else "Where the ranks were when the run stopped"
+        self._stacks_text = f"{title}:\n{describe_in_full(places) if places else 'no rank was running'}"
+        self.stacks.value = (
+            "<pre style='margin:4px 0;font-size:12px;line-height:1.3;border:1px solid #eee;background:#fffbea;padding:2px 6px'>"
+            f"{html.escape(self._stacks_text)}</pre>"
+        )
+        self.stacks.layout.display = None
+        if live:
+            self.where.answer(places)
+
+    def take_where_request(self) -> bool:
+        return self.where.take()
+
     def tick(self) -> bool:
         now = time.monotonic()
         if now - self._pumped >= PUMP_EVERY:
@@ -198,7 +232,7 @@ class Dashboard(Sink):
         self.duration = time.monotonic() - self.started
         self.state = run_state(error)
         self.tally.finish(error)
-        self.stop_button.layout.display = "none"
+        self.stop_button.layout.display = self.where_button.layout.display = "none"
         self._render_all()
 
     def summary(self) -> str:
@@ -242,9 +276,12 @@ class Dashboard(Sink):
         cells = []
         for rank, (status, why) in sorted(self.tally.statuses.items()):
             detail = why or self.tally.progress_text.get(rank, "")
+            used = self.tally.usage_now.get(rank)
             cells.append(
                 f"<tr><td>rank {rank}</td><td style='color:{_COLORS[status]};font-weight:bold'>{status}</td>"
-                f"<td>{self.tally.line_counts.get(rank, 0)} lines</td><td><code>{html.escape(detail)}</code></td></tr>"
+                f"<td>{self.tally.line_counts.get(rank, 0)} lines</td>"
+                f"<td title='resident memory, CPU (100% = one core), GPU memory held'>{used.text() if used else ''}</td>"
+                f"<td><code>{html.escape(detail)}</code></td></tr>"
             )
         return "<table style='border-spacing:12px 0'>" + "".join(cells) + "</table>"
 

@@ -19,7 +19,8 @@ from nbfabric.fabric import Fabric
 from nbfabric.launcher.output import TextSink
 from nbfabric.launcher.shipping import Shipment
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
-from nbfabric.notebook.cell import Cell, compile_cell, pack_for_notebook, run_in_rank, values_for_ranks
+from nbfabric.notebook.where import places_text
+from nbfabric.notebook.cell import Cell, cell_number, compile_cell, pack_for_notebook, run_in_rank, values_for_ranks
 from nbfabric.notebook.pool_magics import POOL_COMMANDS, POOL_HELP, PoolInUse, pool_command
 from nbfabric.pool import PoolError, PoolLauncher, RankPool
 from nbfabric.notebook.picker import picker
@@ -32,6 +33,7 @@ from nbfabric.user_config import load_defaults
 PER_CELL = ("return_names", "no_return", "out", "background")
 LINE_ONLY = ("picker", "config", "action")
 _ABSENT = object()  # a name the notebook does not have
+WHERE_WAIT = 5.0  # seconds %fabric where waits for the run's answer
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,12 @@ class FabricMagics(Magics):
     @magic_arguments.argument("-h", "--help", action="store_true", help="show this help")
     @magic_arguments.argument("--picker", action="store_true", help="(%%fabric only) show the hardware picker, whose choices become the defaults")
     @magic_arguments.argument("--config", help="(with --picker) the settings file its Save button writes")
-    @magic_arguments.argument("action", nargs="?", choices=("stop", "wait"), help="(%%fabric only) stop the background run, or wait for it and bring back its names")
+    @magic_arguments.argument(
+        "action",
+        nargs="?",
+        choices=("stop", "wait", "where"),
+        help="(%%fabric only) stop the background run, wait for it and bring back its names, or show where each of its ranks is now",
+    )
     @line_cell_magic
     def fabric(self, line: str, cell: str | None = None) -> Any:
         """Run the cell on every rank, with `fabric` (a launched Fabric) and the notebook's variables.
@@ -189,7 +196,7 @@ class FabricMagics(Magics):
     def _launcher_call(self, request: CellRequest, cell: Cell, values: Any, sink: Any) -> Callable[[], Any]:
         """The run, ready to start: the cell on every rank, on the pool or through the launcher for its settings."""
         plan = request.plan
-        fabric = Fabric.from_config(plan.config, timeout=plan.timeout)
+        fabric = Fabric.from_config(plan.config, timeout=plan.timeout, debug=plan.debug)
         launcher = PoolLauncher(request.pool, timeout=plan.timeout, sink=sink) if request.pool is not None else None
         finish = partial(pack_for_notebook, cell, request.names)
         return partial(fabric._launch, run_in_rank, (cell, values), launcher=launcher, sink=sink, place=plan.place, new_processes=True, finish=finish)
@@ -214,6 +221,8 @@ class FabricMagics(Magics):
             return self._stop_background()
         if args.action == "wait":
             return self._wait_background()
+        if args.action == "where":
+            return self._where_background()
         if args.config and not args.picker:
             raise UsageError("--config names the file the picker saves to; use it with --picker")
         if args.picker:
@@ -258,11 +267,11 @@ class FabricMagics(Magics):
             self.background = None
 
     def _start_background(self, launch: Any, record: RunRecord, view: Any, dashboard: Any) -> None:
-        label = f"of cell [{_cell_number(self.shell)}] ({record.config.as_flags()})"
+        label = f"of cell [{cell_number(self.shell)}] ({record.config.as_flags()})"
         finish = dashboard.finish if dashboard is not None else (lambda error: None)
         self.background = BackgroundRun(label, launch, record, view, finish)
         if dashboard is None:
-            print("running in the background: %fabric wait brings back its names, %fabric stop ends it", file=sys.stderr)
+            print("running in the background: %fabric wait brings back its names, %fabric where shows where its ranks are, %fabric stop ends it", file=sys.stderr)
 
     def _background_run(self) -> BackgroundRun:
         if self.background is None:
@@ -274,6 +283,14 @@ class FabricMagics(Magics):
         run.stop()
         self.background = None
         print(f"stopped the background run {run.label}")
+
+    def _where_background(self) -> None:
+        run = self._background_run()
+        if not run.running:
+            print(f"the background run {run.label} has ended; %fabric wait brings back its result")
+            return
+        run.view.where.ask()
+        print(places_text(run.view.where.wait(WHERE_WAIT), run.label))
 
     def _wait_background(self) -> Any:
         run = self._background_run()
@@ -309,12 +326,6 @@ def _shown_briefly(error: BaseException) -> BaseException:
     if isinstance(error, KeyboardInterrupt):
         error._render_traceback_ = lambda: [f"KeyboardInterrupt: {error}"]
     return error
-
-
-def _cell_number(shell: Any) -> int:
-    """The running cell's number, as its In [n] prompt shows it."""
-    result = getattr(shell.displayhook, "exec_result", None)
-    return result.execution_count if result is not None else shell.execution_count
 
 
 def _dashboard(config: Any, ranks: set[int] | None, started: float | None = None) -> Any:

@@ -60,6 +60,16 @@ class RunView(Sink):
             self._replay(self.dashboard)
         return self.dashboard.tick() if self.dashboard is not None else False
 
+    def usage(self, usage: dict) -> None:
+        self._pass("usage", usage)
+
+    def places(self, places: dict, *, live: bool) -> None:
+        if self.dashboard is not None:
+            self.dashboard.places(places, live=live)
+
+    def take_where_request(self) -> bool:
+        return self.dashboard is not None and self.dashboard.take_where_request()
+
     def end(self, error: BaseException | None) -> None:
         """The run is over: leave the dashboard's summary and chart, or the held output as text."""
         if self.dashboard is not None:

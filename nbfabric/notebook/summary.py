@@ -6,6 +6,7 @@ from __future__ import annotations
 from nbfabric.config import RunConfig
 from nbfabric.launcher import RankError, RankTimeoutError
 from nbfabric.launcher.errors import describe_exit
+from nbfabric.launcher.usage import Usage, size
 from nbfabric.notebook.chart import MetricSeries
 
 SUMMARY_LINES = 3  # last lines of each rank quoted in the summary
@@ -19,12 +20,16 @@ def run_summary(
     line_counts: dict[int, int],
     metrics: MetricSeries,
     tails: dict[int, list[str]],
+    peaks: dict[int, Usage] | None = None,
 ) -> str:
-    """Duration, each rank's end, the last metric values and each rank's last lines (`tails`)."""
+    """Duration, each rank's end (and the peak of what it used, `peaks`, where measured), the last
+    metric values and each rank's last lines (`tails`)."""
     lines = [f"nbfabric {config.as_flags()}: {state} after {elapsed:.1f} s"]
     for rank, (status, why) in sorted(statuses.items()):
         count = line_counts.get(rank, 0)
-        lines.append(f"  rank {rank}: {status}{': ' + why if why else ''} ({count} line{'' if count == 1 else 's'})")
+        peak = (peaks or {}).get(rank)
+        used = f", peak {size(peak.rss)}" + (f", GPU {size(peak.gpu_memory)}" if peak.gpu_memory is not None else "") if peak else ""
+        lines.append(f"  rank {rank}: {status}{': ' + why if why else ''} ({count} line{'' if count == 1 else 's'}{used})")
     last = metrics.last_values()
     if last:
         lines.append("  last values: " + ", ".join(f"{name}={value:.4g} (step {step:g})" for name, (step, value) in last.items()))

@@ -8,6 +8,7 @@ from collections import deque
 from nbfabric.channel import Display, Metrics
 from nbfabric.config import RunConfig
 from nbfabric.launcher.output import Sink
+from nbfabric.launcher.usage import Usage, highest
 from nbfabric.notebook.chart import MetricSeries
 from nbfabric.notebook.summary import rank_outcome, run_summary, status_after_exit
 
@@ -30,6 +31,8 @@ class RunTally(Sink):
         self.kept_dropped = 0
         self.progress_text: dict[int, str] = {}
         self.metric_series = MetricSeries()
+        self.usage_now: dict[int, Usage] = {}
+        self.usage_peak: dict[int, Usage] = {}
         self._keep = keep
 
     def line(self, rank: int, stream: str, text: str) -> None:
@@ -57,6 +60,11 @@ class RunTally(Sink):
     def rank_exited(self, rank: int, returncode: int) -> None:
         self.statuses[rank] = status_after_exit(returncode)
 
+    def usage(self, usage: dict[int, Usage]) -> None:
+        self.usage_now.update(usage)
+        for rank, now in usage.items():
+            self.usage_peak[rank] = highest(self.usage_peak.get(rank), now)
+
     def begin(self) -> None:
         """The ranks are running."""
         self.statuses = {rank: ("running", "") if status == "starting" else (status, why) for rank, (status, why) in self.statuses.items()}
@@ -67,4 +75,4 @@ class RunTally(Sink):
 
     def summary(self, config: RunConfig, state: str, elapsed: float, with_last_lines: bool = True) -> str:
         tails = {rank: [text for _, _, text in tail] for rank, tail in self.rank_tails.items()} if with_last_lines else {}
-        return run_summary(config, state, elapsed, self.statuses, self.line_counts, self.metric_series, tails)
+        return run_summary(config, state, elapsed, self.statuses, self.line_counts, self.metric_series, tails, self.usage_peak)

@@ -121,7 +121,7 @@ def run(payload: bytes) -> tuple[str, Any]:
 
     rank = int(os.environ["RANK"])
     channel = EngineChannel()
-    with _output_to(channel):
+    with _output_to(channel), _answering_where(channel):
         try:
             with _interruptible():
                 rank_main = pickle.loads(payload)
@@ -216,6 +216,56 @@ def _interruptible() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late stop request must not cut the report short
+
+
+_stack_pipes: list[int] = []  # this engine's stack pipe (read end) and a pipe that wakes its reader
+
+
+@contextmanager
+def _answering_where(channel: EngineChannel) -> Iterator[None]:
+    """While a run goes on, a request for this rank's stack (stacks.WHERE_SIGNAL) is answered with
+    a ("stacks", text) event; the dump is written by faulthandler, so the answer comes while the
+    run waits in a collective. Between runs a dump goes nowhere (the pipe does not block)."""
+    import select
+
+    from nbfabric.launcher import stacks
+
+    if not _stack_pipes:
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        stacks.listen(write_end)
+        _stack_pipes.extend((read_end, *os.pipe()))
+    read_end, wake_read, wake_write = _stack_pipes
+    _drain(read_end)  # dumps written between runs, and the listener's header
+    header = f"{stacks.HEADER}0x{threading.main_thread().ident:016x}\n"
+
+    def answer() -> None:
+        while read_end in select.select([read_end, wake_read], [], [])[0]:
+            text = _drain(read_end, quiet=0.05)
+            if text.strip():
+                channel.send(("stacks", header + text))
+
+    thread = threading.Thread(target=answer, name="nbfabric-where", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        os.write(wake_write, b"x")
+        thread.join()
+        _drain(wake_read)
+
+
+def _drain(fd: int, quiet: float = 0.0) -> str:
+    """What the pipe holds, reading on until nothing more arrives for `quiet` s."""
+    import select
+
+    chunks = []
+    while select.select([fd], [], [], quiet)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _address(host: str) -> str:

@@ -3,8 +3,10 @@ failure, interrupt or timeout ends as for ranks started per run, with the pool s
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
+import time
 from typing import Any, Callable
 
 from nbfabric.channel import Failure, Metrics, now
@@ -12,6 +14,7 @@ from nbfabric.launcher.cell_labels import label_error_cells
 from nbfabric.launcher.errors import raise_for_outcome
 from nbfabric.launcher.output import LineSplitter, Sink, TextSink, emit_segments
 from nbfabric.launcher.run_loop import RunLoop
+from nbfabric.launcher.stacks import WHERE_SIGNAL, RankPlace, parse
 from nbfabric.pool import engine_side
 from nbfabric.pool.cluster import EngineCluster
 
@@ -56,6 +59,7 @@ class _PoolRun(RunLoop):
         self.sequence: dict[int, int] = {}
         self._left_group = False
         self._next_dead_check = 0.0
+        self._stacks: dict[int, str] = {}  # the last stack each rank sent
 
     def start(self) -> None:
         self.pending = {r.rank: self.pool.engine(r.rank).apply_async(engine_side.run, self.payload) for r in self.pool.ranks}
@@ -121,6 +125,34 @@ class _PoolRun(RunLoop):
         if not self.pool.broken:
             self._end_pool(f"rank {rank}'s engine is gone ({why})")
 
+    def rank_pids(self) -> dict[int, int]:
+        return {place.rank: place.pid for place in self.pool.ranks if place.here}
+
+    def where(self, ranks: tuple[int, ...], wait: float = 1.5) -> dict[int, RankPlace]:
+        """Ask these ranks' engines for their stacks (a signal, as for an interrupt) and wait for the answers."""
+        if self.pool.broken:
+            return {}
+        for rank in ranks:
+            self._stacks.pop(rank, None)
+        remote = False
+        for rank in ranks:
+            place = self.pool.ranks[rank]
+            if place.here:
+                try:
+                    os.kill(place.pid, WHERE_SIGNAL)
+                except ProcessLookupError:
+                    pass
+            else:
+                remote = True
+        if remote:
+            self.pool.cluster.signal_engines_sync(WHERE_SIGNAL)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not all(rank in self._stacks for rank in ranks):
+            time.sleep(0.02)
+            for rank in ranks:
+                self._replay(rank)
+        return {rank: parse(self._stacks[rank], rank) if rank in self._stacks else RankPlace(rank, missing="it did not answer") for rank in ranks}
+
     def stop_ranks(self) -> None:
         """SIGINT to the engines of the ranks still running (see `escalate` for the rest)."""
         if self.pending and not self.pool.broken:
@@ -157,6 +189,8 @@ class _PoolRun(RunLoop):
             key = str(self.sequence[rank])
             if isinstance(event, Metrics):
                 self.sink.metrics(event)
+            elif event[0] == "stacks":
+                self._stacks[rank] = event[1]
             else:
                 _, stream, text = event
                 splitter = self.splitters.setdefault((rank, stream), LineSplitter())
