@@ -204,7 +204,7 @@ def test_picker_dashboard_and_stop_in_jupyterlab(lab, page):
 
     short = _cell(page, 1).locator(".jp-Cell-outputArea")
     expect(short).to_contain_text(": done after ", timeout=90_000)
-    expect(short).to_contain_text("rank 1: done (12 lines)")
+    expect(short).to_contain_text("rank 1: done (12 lines, peak ")  # and the most memory it used
     expect(short).to_contain_text("[rank 1] step 11: loss 0.064")
     expect(short.locator("img")).to_have_count(1)  # the chart, as a PNG output
     _shoot(_cell(page, 1), "browser-summary.png")
@@ -215,12 +215,18 @@ def test_picker_dashboard_and_stop_in_jupyterlab(lab, page):
     expect(log).to_contain_text("[rank 1] long run, step 5")
     expect(long.locator(".widget-image")).to_be_visible()
     expect(long).to_contain_text("running")
+    expect(long).to_contain_text("% CPU")  # each rank's memory and CPU, in the status table
+    long.get_by_role("button", name="Where").click()
+    for rank in (0, 1):  # where each rank is, while the run goes on
+        expect(long).to_contain_text(f"rank {rank}: time.sleep at Cell In[3], line 6", timeout=30_000)
+    expect(long).to_contain_text("Where the ranks were at ")
     _shoot(_cell(page, 2), "browser-dashboard.png")
 
     clicked = time.monotonic()
     long.get_by_role("button", name="Stop").click()
     expect(long).to_contain_text("KeyboardInterrupt", timeout=30_000)
     expect(long).to_contain_text(": stopped after ")
+    expect(long).to_contain_text("Where the ranks were when the run stopped:\nrank 0: time.sleep at Cell In[3], line 6")
     assert time.monotonic() - clicked < 30
     (kernel,) = lab.kernels()
     deadline = time.monotonic() + 10

@@ -135,7 +135,7 @@ def test_a_failure_names_where_the_stopped_peer_waited(tmp_path):
         Fabric(accelerator="cpu", devices=2).launch(train)
     assert caught.value.rank == 0
     where = f"rank 1: all_reduce at {__file__}, line {_line_of('fabric.all_reduce(torch.ones(2))  # rank 1 waits here')}"
-    assert f"stopped: rank 1 (where: {where})" in str(caught.value)
+    assert f"\nwhere the other ranks were: {where}\n" in str(caught.value)
 
 
 # ----------------------------------------------------------------- in a notebook

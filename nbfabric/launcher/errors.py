@@ -53,8 +53,10 @@ class RankError(ShortInIPython, RuntimeError):
         if also_failed:
             lines.append("then " + "; ".join(f"rank {o.rank}: {o.summary}" for o in also_failed))
         if stopped:
-            seen = {rank: places[rank] for rank in stopped if rank in places}
-            lines.append(f"stopped: rank {', '.join(map(str, stopped))}" + (f" (where: {describe(seen)})" if seen else ""))
+            lines.append(f"stopped: rank {', '.join(map(str, stopped))}")
+        others = {rank: place for rank, place in places.items() if rank != cause.rank and not place.failing}
+        if others:
+            lines.append(f"where the other ranks were: {describe(others)}")
         last = usage.get(cause.rank)
         if cause.how == "signal" and "SIGKILL" in cause.summary:
             measured = f" Rank {cause.rank} used {last.text()} when last measured." if last else ""
@@ -126,8 +128,8 @@ def raise_for_outcome(outcome: Outcome, timeout: float | None) -> None:
     if failures:
         cause = root_cause(failures, outcome.stop_time)
         stop = outcome.stop_time if outcome.stop_time is not None else float("inf")
-        # a broken collective after a failure that torch.distributed did not raise is its consequence
-        also_failed = [f for f in failures if f is not cause and f.time <= stop and (cause.distributed or not f.distributed)]
+        # a failure that came after the stop began is its consequence, unless the rank was failing already then
+        also_failed = [f for f in failures if f is not cause and (f.time <= stop or (f.rank in places and places[f.rank].failing))]
         stopped = [rank for rank in outcome.still_running_at_stop if rank != cause.rank and rank not in {f.rank for f in also_failed}]
         raise RankError(cause, also_failed, stopped, places, outcome.usage)
 

@@ -46,7 +46,6 @@ class RunLoop:
         self.deadline = None if timeout is None else now() + timeout
         self.outcome = Outcome()
         self.interrupts = 0
-        self._stopping = False
         self._meter: UsageMeter | None = None
         self._next_sample = now() + SAMPLE_EVERY / 2
 
@@ -98,19 +97,17 @@ class RunLoop:
         return self.outcome
 
     def stop(self, *, interrupted: bool = False) -> None:
-        """Begin stopping every rank still running (safe to call more than once). Where those ranks
-        are is taken first; the stop begins (`stop_time`) once that is done, so that a rank failing
-        meanwhile counts as failing by itself, not as stopped."""
+        """Begin stopping every rank still running (safe to call more than once), after taking where
+        each of them is."""
         self.outcome.interrupted |= interrupted
-        if self._stopping:
+        if self.outcome.stop_time is not None:
             return
-        self._stopping = True
+        self.outcome.stop_time = now()
         self.outcome.still_running_at_stop = self.running_ranks()
         asked = tuple(rank for rank in self.outcome.still_running_at_stop if rank not in self.outcome.failures)
         if asked:
             self.outcome.places = self.where(asked)
             self.sink.places(self.outcome.places, live=False)
-        self.outcome.stop_time = now()
         self.stop_ranks()
 
     def _after_poll(self) -> None:

@@ -27,6 +27,7 @@ HEADER = "nbfabric main thread "
 _THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+)(?: \[[^\]]*\])? \(most recent call first\):$")
 _FRAME = re.compile(r'^  File "(.*)", line (\d+) in (.*)$')
 _LIBRARY_DIRS = tuple({sysconfig.get_paths()[key] + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")})
+_REPORTING = ("report_failure", "from_exception")  # nbfabric's functions that send a rank's failure
 _QUIET = 0.05  # seconds without new bytes after which a dump is taken as complete
 
 
@@ -59,6 +60,11 @@ class RankPlace:
     rank: int
     frames: tuple[Frame, ...] = ()
     missing: str = ""
+
+    @property
+    def failing(self) -> bool:
+        """Whether the rank was reporting an exception of its own (it failed by itself, not by the stop)."""
+        return any(f.filename.startswith(PACKAGE_DIR) and f.function in _REPORTING for f in self.frames)
 
     def summary(self) -> str:
         """"all_reduce at Cell In[7], line 12": what the rank waits in, at the user's innermost line."""
@@ -165,11 +171,9 @@ def take(ranks: dict[int, tuple[int, StackFile]], wait: float = 1.0) -> dict[int
     before = {rank: file.size() for rank, (_, file) in ranks.items()}
     asked = {}
     for rank, (pid, _) in ranks.items():
-        try:
+        asked[rank] = _running(pid)
+        if asked[rank]:
             os.kill(pid, WHERE_SIGNAL)
-            asked[rank] = True
-        except ProcessLookupError:
-            asked[rank] = False
     deadline = time.monotonic() + wait
     sizes = dict(before)
     quiet_since = {rank: None for rank in ranks}
@@ -192,6 +196,15 @@ def take(ranks: dict[int, tuple[int, StackFile]], wait: float = 1.0) -> dict[int
         header, _, _ = text.partition("\n")
         places[rank] = parse(header + "\n" + text[before[rank]:], rank)
     return places
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs (not ended, nor ended and waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
 
 def describe(places: dict[int, RankPlace]) -> str:

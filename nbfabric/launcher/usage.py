@@ -59,6 +59,8 @@ class UsageMeter:
         taken = {}
         for rank, process in self._ranks.items():
             try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    continue  # it has ended
                 family = [process, *(self._child(child) for child in process.children())]
                 rss = cpu = 0.0
                 for member in family:
