@@ -136,6 +136,14 @@ def test_where_shows_a_background_pool_run_without_stopping_it(kernel):
     assert kernel.run(f"{POOL}\nfabric.world_size")["result"] == "2"  # the pool goes on
 
 
+def test_tqdm_auto_bars_from_pool_ranks_show_as_text_bars(kernel):
+    out = kernel.run(f"{POOL}\nimport time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(40)):\n    time.sleep(0.02)")
+    assert out["error"] is None, out["error"]
+    shown = "\n".join(out["displays"]) + out["stderr"]
+    for rank in (0, 1):  # each rank's bar, updated in place, ends at 40/40
+        assert f"[rank {rank}] 100%" in shown and "40/40" in shown, shown
+
+
 def test_a_background_cell_on_the_pool_leaves_its_names_on_the_ranks(kernel):
     kernel.run(f"{POOL} --background\nimport time\ntime.sleep(1)\nlater = 5 + fabric.global_rank")
     kernel.run("%fabric wait")

@@ -83,8 +83,14 @@ def detach_from_kernel(display_publisher: Any) -> None:
     for prompt in ("ps1", "ps2"):  # a rank is no interactive session (libraries check this)
         if hasattr(sys, prompt):
             delattr(sys, prompt)
+    text_progress_bars()
+
+
+def text_progress_bars() -> None:
+    """tqdm's notebook bars (ipywidgets, which a rank cannot show) draw as its text bars, which reach
+    the notebook as progress lines: `tqdm.auto` and subclasses made earlier (Hugging Face's) too."""
     notebook_bars = sys.modules.get("tqdm.notebook")
-    if notebook_bars is not None:  # subclasses made before the fork (Hugging Face's) follow too
+    if notebook_bars is not None:
         for name in _TQDM_NOTEBOOK_METHODS:
             if name in vars(notebook_bars.tqdm_notebook):
                 delattr(notebook_bars.tqdm_notebook, name)

@@ -5,6 +5,7 @@ by a sequence number, so that the notebook replays them in order into its Sink."
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import signal
@@ -42,7 +43,8 @@ def free_port() -> int:
 
 
 def join(env: dict[str, str], local_world_size: int) -> None:
-    """Take this rank's place: torchrun's variables and the intra-op threads."""
+    """Take this rank's place: torchrun's variables, the intra-op threads, text progress bars."""
+    from nbfabric.launcher.inherited import text_progress_bars
     from nbfabric.launcher.machine import threads_per_rank
 
     threads = threads_per_rank(local_world_size)
@@ -53,6 +55,10 @@ def join(env: dict[str, str], local_world_size: int) -> None:
 
         torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt counts only while a run goes on
+    if importlib.util.find_spec("tqdm") is not None:
+        import tqdm.notebook  # noqa: F401 - an engine is a kernel: tqdm.auto would pick widget bars
+
+        text_progress_bars()
 
 
 def set_main_port(port: int) -> None:
