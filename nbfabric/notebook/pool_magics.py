@@ -11,15 +11,18 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from nbfabric.notebook.cell import pack_rank_name
-from nbfabric.pool import ENGINE_KINDS, PoolError, RankPool
+from nbfabric.pool import ENGINE_KINDS, PoolError, RankPool, watchdog
 
 POOL_COMMANDS = ("start", "attach", "pool", "stop-pool", "pull")
 POOL_HELP = """\
 rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it):
   %fabric start --devices=N [--num-nodes=M] [--accelerator=cpu|cuda] [--engines=local|slurm|mpi|ssh]
                 [--partition=P] [--time=T] [--profile=NAME] [--controller-ip=ADDRESS]
-                (ssh engines take their hosts from the profile's ipcluster_config.py)
-  %fabric attach --profile=NAME | --cluster-id=ID    use engines started with ipcluster
+                [--detach [--idle-timeout=SECONDS]]
+                (ssh engines take their hosts from the profile's ipcluster_config.py; the pool ends
+                when the kernel dies, unless --detach keeps it for %fabric attach, 3600 s by default)
+  %fabric attach [--profile=NAME] [--cluster-id=ID]  hold the detached pool no kernel holds, or use
+                                                     engines started with ipcluster
   %fabric pool                                       show the ranks, their nodes and devices
   %fabric pull NAME [--rank=N]                       bring one name back from a rank
   %fabric stop-pool                                  end every engine (and the Slurm job)"""
@@ -55,10 +58,12 @@ def _parser(command: str) -> _Parser:
         parser.add_argument("--time")
         parser.add_argument("--profile")
         parser.add_argument("--controller-ip", dest="controller_ip")
+        parser.add_argument("--detach", action="store_true")
+        parser.add_argument("--idle-timeout", dest="idle_timeout", type=float)
     elif command == "attach":
         parser.add_argument("--profile")
         parser.add_argument("--cluster-id", dest="cluster_id", default="")
-        parser.add_argument("--accelerator", default="cpu")
+        parser.add_argument("--accelerator")
     elif command == "pull":
         parser.add_argument("name")
         parser.add_argument("--rank", type=int, default=0)
@@ -99,14 +104,15 @@ def _start(args: argparse.Namespace, in_use: PoolInUse) -> None:
     options["devices"] = devices
     in_use.use(RankPool(**options))
     print(in_use.pool.describe())
+    if args.detach:
+        print("detached: it outlives this kernel, for %fabric attach in another, and ends itself once no kernel "
+              f"has held it for {args.idle_timeout or watchdog.IDLE_TIMEOUT:g} s; %fabric stop-pool ends it now")
 
 
 def _attach(args: argparse.Namespace, in_use: PoolInUse) -> None:
     pool = in_use.pool
     if pool is not None and pool.up:
         raise UsageError("a rank pool is already up; %fabric stop-pool ends it first")
-    if not args.profile and not args.cluster_id:
-        raise UsageError("%fabric attach needs --profile=NAME or --cluster-id=ID (as given to ipcluster start)")
     in_use.use(RankPool.attach(profile=args.profile, cluster_id=args.cluster_id, accelerator=args.accelerator))
     print(in_use.pool.describe())
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbfabric.config import RunConfig
-from nbfabric.pool import engine_side
+from nbfabric.pool import engine_side, watchdog
 from nbfabric.tracebacks import ShortInIPython
 from nbfabric.launcher.environment import rank_environment
 
@@ -50,7 +50,10 @@ class PoolRank:
 class EngineCluster:
     """The engines of a rank pool, one per rank, made one process group: started here (``devices=2``),
     by Slurm (``engines="slurm"``, ``partition``, ``time``), MPI or SSH, or found (``attach``);
-    watched, interrupted, regrouped and stopped. `RankPool` runs functions on them."""
+    watched, interrupted, regrouped and stopped. `RankPool` runs functions on them.
+
+    A watchdog process ends the pool when the kernel that holds it is gone; ``detach=True`` keeps
+    it then, for a later ``attach()``, until no kernel has held it for ``idle_timeout`` seconds."""
 
     def __init__(
         self,
@@ -63,10 +66,13 @@ class EngineCluster:
         time: str | None = None,
         profile: str | None = None,
         controller_ip: str | None = None,
+        detach: bool = False,
+        idle_timeout: float | None = None,
         start_timeout: float = START_TIMEOUT,
     ):
-        self.config = _check(devices, num_nodes, accelerator, engines, partition, time)
+        self.config = _check(devices, num_nodes, accelerator, engines, partition, time, detach, idle_timeout)
         self.kind, self.attached, self.broken = engines, False, ""
+        self._record, self._watchdog = "", None
         import ipyparallel as ipp
 
         options = {"profile": profile} if profile else {}
@@ -78,11 +84,19 @@ class EngineCluster:
             controller_ip=controller_ip or ("127.0.0.1" if engines in ("local", "mpi") else "*"),
             controller_args=HEARTBEAT,
             log_level=logging.ERROR,  # an engine stopped by a signal is no warning here
+            shutdown_atexit=not detach,
             **options,
         )
         self.client = None
         try:
             self.cluster.start_cluster_sync()
+            self._record, self._watchdog = watchdog.watch(
+                self.cluster,
+                engines=engines,
+                accelerator=self.config.accelerator,
+                detach=detach,
+                idle_timeout=watchdog.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+            )
             self.client = self.cluster.connect_client_sync()
             self.client.wait_for_engines(self.config.world_size, timeout=start_timeout, interactive=False)
             self.ranks = self._assign_ranks()
@@ -93,12 +107,27 @@ class EngineCluster:
             raise PoolError(f"the {engines} engines did not start: {type(error).__name__}: {error}") from None
 
     @classmethod
-    def attach(cls, *, profile: str | None = None, cluster_id: str = "", accelerator: str = "cpu", timeout: float = 30) -> EngineCluster:
-        """The engines of a cluster started with ``ipcluster start`` (its profile, or its cluster id)."""
+    def attach(
+        cls, *, profile: str | None = None, cluster_id: str = "", accelerator: str | None = None, timeout: float = 30
+    ) -> EngineCluster:
+        """The engines of a detached pool (the one no kernel holds, when no `cluster_id` is given; held
+        from now on by this kernel, whose stop ends it), or of a cluster started with ``ipcluster start``
+        (its profile, or its cluster id; left running by stop)."""
         import ipyparallel as ipp
 
         pool = cls.__new__(cls)
         pool.kind, pool.attached, pool.broken = "attached", True, ""
+        pool._record, pool._watchdog = "", None
+        found = _detached_pool(profile, cluster_id)
+        if found is not None:
+            pool._record, record = found
+            pool.kind, pool.attached, cluster_id = record["engines"], False, record["cluster_id"]
+            accelerator = accelerator or record["accelerator"]
+        elif not profile and not cluster_id:
+            raise PoolError(
+                "there is no detached rank pool to attach to (%fabric start --detach makes one); for engines "
+                "started with ipcluster, give --profile=NAME or --cluster-id=ID"
+            )
         try:
             pool.cluster = ipp.Cluster.from_file(profile=profile, cluster_id=cluster_id)
             pool.client = pool.cluster.connect_client_sync()
@@ -113,8 +142,10 @@ class EngineCluster:
         if extra:
             pool.client.close()
             raise PoolError(f"the cluster's {len(pool.client.ids)} engines are not spread evenly over its {len(nodes)} nodes")
-        pool.config = RunConfig.resolve(accelerator=accelerator, devices=per_node, num_nodes=len(nodes), strategy="ddp")
+        pool.config = RunConfig.resolve(accelerator=accelerator or "cpu", devices=per_node, num_nodes=len(nodes), strategy="ddp")
         pool.ranks = pool._assign_ranks()
+        if pool._record:
+            watchdog.adopt(pool._record)
         return pool
 
     # ----------------------------------------------------------------- what it is
@@ -197,7 +228,8 @@ class EngineCluster:
         self._end()
 
     def stop(self) -> None:
-        """End every engine (cancelling the Slurm job), or detach from engines it attached to."""
+        """End every engine (cancelling the Slurm job) and the watchdog, or detach from engines
+        started with ipcluster."""
         self._end()
 
     def _end(self) -> None:
@@ -208,6 +240,9 @@ class EngineCluster:
             jobs = [job for job in (getattr(engines, "job_id", "") for engines in self.cluster.engines.values()) if job]
             self.cluster.stop_cluster_sync()
             _wait_until_gone(jobs)
+        if self._record:
+            watchdog.forget(self._record, self._watchdog)
+            self._record, self._watchdog = "", None
 
     # ----------------------------------------------------------------- starting
     def _assign_ranks(self) -> list[PoolRank]:
@@ -243,12 +278,19 @@ class EngineCluster:
         return ranks
 
 
-def _check(devices: Any, num_nodes: int, accelerator: str, engines: str, partition: str | None, time: str | None) -> RunConfig:
+def _check(
+    devices: Any, num_nodes: int, accelerator: str, engines: str, partition: str | None, time: str | None,
+    detach: bool, idle_timeout: float | None,
+) -> RunConfig:
     """The pool's settings, checked before anything starts."""
     if engines not in ENGINE_KINDS:
         raise ValueError(f"engines={engines!r} is not valid; choose one of {', '.join(ENGINE_KINDS)}")
     if (partition or time) and engines != "slurm":
         raise ValueError("--partition and --time are Slurm's; use them with --engines=slurm")
+    if idle_timeout is not None and not detach:
+        raise ValueError("--idle-timeout is how long a detached pool waits for a kernel; use it with --detach")
+    if idle_timeout is not None and not idle_timeout > 0:
+        raise ValueError(f"--idle-timeout={idle_timeout} is not valid; give a number of seconds above 0")
     config = RunConfig.resolve(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
     if engines == "local" and config.num_nodes > 1:
         raise ValueError(f"--num-nodes={config.num_nodes} needs engines on several machines: --engines=slurm, mpi or ssh")
@@ -256,6 +298,27 @@ def _check(devices: Any, num_nodes: int, accelerator: str, engines: str, partiti
     if needed and _missing(needed):
         raise ValueError(f"--engines={engines} needs {needed}, which is not on PATH here")
     return config
+
+
+def _detached_pool(profile: str | None, cluster_id: str) -> tuple[str, dict] | None:
+    """The detached pool to attach to: the one of this cluster id, or the only one no kernel holds
+    (None: none is recorded; PoolError: it is held, or several are free)."""
+    import ipyparallel as ipp
+
+    pools = watchdog.detached_pools(ipp.Cluster(**({"profile": profile} if profile else {})).profile_dir)
+    if cluster_id:
+        pools = [(path, record) for path, record in pools if record["cluster_id"] == cluster_id]
+    free = [(path, record) for path, record in pools if not record["held"]]
+    if pools and not free:
+        held = pools[0][1]
+        raise PoolError(
+            f"the detached rank pool {held['cluster_id']} is held by a running kernel (pid {held['owner'][0]}); "
+            "%fabric stop-pool there, or end that kernel first"
+        )
+    if len(free) > 1:
+        ids = ", ".join(record["cluster_id"] for _, record in free)
+        raise PoolError(f"there are {len(free)} detached rank pools ({ids}); choose one with --cluster-id=ID")
+    return free[0] if free else None
 
 
 def _job_dir(profile: str | None) -> str:

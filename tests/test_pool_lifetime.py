@@ -1,0 +1,183 @@
+"""A rank pool never outlives its kernel by accident: a kernel killed with SIGKILL takes its pool
+(controller, engines, nannies, watchdog) along within 10 s; a detached pool waits for `%fabric
+attach` in another kernel, its names still on the ranks, or ends itself after its idle limit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from test_magic import Kernel
+from test_slurm import our_jobs, slurm  # noqa: F401 - the fixture of a two-node Slurm cluster
+
+POOL = "%%fabric --no-widgets"
+GONE_WITHIN = 10.0  # seconds from the kernel's death to the pool's end (the issue's promise)
+
+
+@pytest.fixture
+def ipython_dir(tmp_path, monkeypatch):
+    """The kernels of one test keep their ipyparallel profile (cluster files, pool records) apart."""
+    folder = tmp_path / "ipython"
+    monkeypatch.setenv("IPYTHONDIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def kernels(tmp_path, ipython_dir):
+    """Starts kernels; afterwards kills, by pid, each one and every process it started that is left."""
+    started: list[tuple[Kernel, list[psutil.Process]]] = []
+
+    def start() -> Kernel:
+        kernel = Kernel(tmp_path / "none.json")
+        started.append((kernel, []))
+        return kernel
+
+    def track(kernel: Kernel) -> list[psutil.Process]:
+        """The kernel's processes now (recorded for cleanup)."""
+        processes = psutil.Process(kernel.pid).children(recursive=True)
+        next(found for k, found in started if k is kernel).extend(processes)
+        return processes
+
+    start.track = track
+    yield start
+    for kernel, processes in started:
+        try:
+            processes += psutil.Process(kernel.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+        for process in processes:
+            if running(process):
+                process.kill()
+        kernel.client.stop_channels()
+        kernel.manager.shutdown_kernel(now=True)
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def seconds_until_gone(processes: list[psutil.Process], since: float, limit: float = 15.0) -> float:
+    """Seconds from `since` until none of `processes` runs; fails, naming them, after `limit`."""
+    while any(map(running, processes)):
+        assert time.monotonic() - since < limit, f"still running after {limit} s: {[p.pid for p in processes if running(p)]}"
+        time.sleep(0.05)
+    return time.monotonic() - since
+
+
+def kill(kernel: Kernel) -> float:
+    os.kill(kernel.pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+def start_pool(kernel: Kernel, flags: str = "") -> dict:
+    """Start a pool of 2 local engines; what the cell showed."""
+    out = kernel.run(f"%fabric start --devices=2 {flags}", timeout=180)
+    assert out["error"] is None and "rank 1: node" in out["stdout"], out
+    return out
+
+
+def pool_files(ipython_dir) -> list[str]:
+    """Cluster files, connection files, pool records and process logs left in the profile (not the
+    engine list the controller saves as `log/engines<id>.json` when it stops, as after any stop)."""
+    profile = ipython_dir / "profile_default"
+    files = [p.name for folder in ("security", "log") if (profile / folder).exists() for p in (profile / folder).iterdir()]
+    return sorted(name for name in files if not name.startswith("engines"))
+
+
+def describe(processes: list[psutil.Process]) -> list[str]:
+    return [" ".join(p.cmdline()) for p in processes]
+
+
+def test_a_killed_kernel_takes_its_whole_pool_along_within_10_s(kernels, ipython_dir):
+    kernel = kernels()
+    start_pool(kernel)
+    processes = kernels.track(kernel)
+    commands = describe(processes)
+    assert sum("ipyparallel.engine.nanny" in c for c in commands) == 2 and sum(c.endswith("ipyparallel.engine") for c in commands) == 2
+    assert any("ipyparallel.controller" in c for c in commands) and sum("watchdog.py" in c for c in commands) == 1
+    took = seconds_until_gone(processes, since=kill(kernel))
+    print(f"\nkernel killed -> all {len(processes)} processes of its pool gone in {took:.1f} s")
+    assert took < GONE_WITHIN
+    assert pool_files(ipython_dir) == []
+
+
+def test_a_gracefully_shut_down_kernel_leaves_no_pool_and_no_watchdog(kernels, ipython_dir):
+    kernel = kernels()
+    start_pool(kernel)
+    processes = kernels.track(kernel)
+    since = time.monotonic()
+    kernel.manager.shutdown_kernel(now=False)
+    took = seconds_until_gone(processes, since=since)
+    print(f"\nkernel shut down -> its pool gone in {took:.1f} s")
+    assert pool_files(ipython_dir) == []
+
+
+def test_a_detached_pool_outlives_its_kernel_and_is_attached_with_its_names(kernels, ipython_dir):
+    first = kernels()
+    out = start_pool(first, "--detach")
+    assert "detached: it outlives this kernel" in out["stdout"] and "3600 s" in out["stdout"]
+    bound = first.run(f"{POOL} --no-return\nkept = 40 + fabric.global_rank")
+    assert bound["error"] is None, bound
+    processes = kernels.track(first)
+    kill(first)
+    time.sleep(4)  # several of the watchdog's looks at the dead kernel
+    assert all(map(running, processes)), describe([p for p in processes if not running(p)])
+
+    second = kernels()
+    out = second.run("%fabric attach", timeout=120)
+    assert out["error"] is None and "rank pool of 2 ranks (local engines" in out["stdout"], out
+    out = second.run(f"{POOL}\nprint('kept', kept)\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum').item()")
+    assert out["error"] is None and "[rank 0] kept 40" in out["stdout"] and "[rank 1] kept 41" in out["stdout"], out
+    assert out["result"] == "2.0"
+    assert "is held by a running kernel (pid" in kernels().run("%fabric attach")["stderr"]  # by `second` now
+
+    since = time.monotonic()
+    assert "stopped: no engine is left" in second.run("%fabric stop-pool", timeout=60)["stdout"]
+    took = seconds_until_gone(processes, since=since)
+    print(f"\nstop-pool in the attached kernel -> the pool and its watchdog gone in {took:.1f} s")
+    assert second.children() == []
+    assert pool_files(ipython_dir) == []
+
+
+def test_a_detached_pool_nobody_attaches_to_ends_after_its_idle_limit(kernels, ipython_dir):
+    kernel = kernels()
+    start_pool(kernel, "--detach --idle-timeout=3")
+    processes = kernels.track(kernel)
+    took = seconds_until_gone(processes, since=kill(kernel), limit=20)
+    print(f"\ndetached pool, idle limit 3 s, kernel killed -> pool gone in {took:.1f} s")
+    assert 3 <= took < 3 + GONE_WITHIN
+    assert pool_files(ipython_dir) == []
+
+
+def test_lifetime_flags_are_checked_before_anything_starts(kernels):
+    kernel = kernels()
+    out = kernel.run("%fabric start --devices=2 --idle-timeout=60")
+    assert "--idle-timeout is how long a detached pool waits for a kernel; use it with --detach" in out["stderr"], out
+    out = kernel.run("%fabric start --devices=2 --detach --idle-timeout=0")
+    assert "--idle-timeout=0.0 is not valid" in out["stderr"], out
+    out = kernel.run("%fabric attach")
+    assert "there is no detached rank pool to attach to (%fabric start --detach makes one)" in out["stderr"], out
+    assert kernel.children() == []
+
+
+def test_a_killed_kernel_cancels_its_pools_slurm_job(slurm, kernels, ipython_dir):  # noqa: F811 - the fixture
+    kernel = kernels()
+    out = kernel.run("%fabric start --engines=slurm --num-nodes=2 --devices=1 --controller-ip=127.0.0.1", timeout=240)
+    assert out["error"] is None and "node n2" in out["stdout"], out
+    (record,) = (ipython_dir / "profile_default" / "security").glob("nbfabric-pool-*.json")
+    job_name = record.stem.replace("nbfabric-pool-", "nbfabric-")  # the job is named after the cluster id
+    (job,) = [line for line in our_jobs(job_name) if line.split()[1] == job_name]
+    processes = kernels.track(kernel)
+    since = kill(kernel)
+    took = seconds_until_gone(processes, since=since)
+    while job in our_jobs("nbfabric-"):
+        assert time.monotonic() - since < 15, f"the pool's Slurm job is still queued: {job}"
+        time.sleep(0.2)
+    print(f"\nkernel killed -> its pool's processes here gone in {took:.1f} s, its Slurm job in {time.monotonic() - since:.1f} s")
+    assert time.monotonic() - since < GONE_WITHIN
