@@ -226,7 +226,7 @@ def test_picker_dashboard_and_stop_in_jupyterlab(lab, page):
     long.get_by_role("button", name="Stop").click()
     expect(long).to_contain_text("KeyboardInterrupt", timeout=30_000)
     expect(long).to_contain_text(": stopped after ")
-    expect(long).to_contain_text("Where the ranks were when the run stopped:\nrank 0: time.sleep at Cell In[3], line 6")
+    expect(long).to_contain_text("KeyboardInterrupt: every rank was stopped\n\nWhere the ranks were then:\nrank 0: time.sleep at Cell In[3], line 6")
     assert time.monotonic() - clicked < 30
     (kernel,) = lab.kernels()
     deadline = time.monotonic() + 10
