@@ -41,6 +41,10 @@ from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, t
 CONSEQUENCE_EXIT_DELAY = 1.0  # seconds a script's rank failing in torch.distributed waits before it exits
 
 
+def _do_nothing(*_: Any) -> None:
+    """`launch()`'s function when none is given: the ranks go on with the calling script."""
+
+
 class Fabric:
     """Lightning Fabric's API on plain torch.distributed.
 
@@ -162,7 +166,7 @@ class Fabric:
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Override in a subclass with the training code; calling ``fabric.run(...)`` then runs it on every rank."""
 
-    def launch(self, function: Callable[..., Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+    def launch(self, function: Callable[..., Any] = _do_nothing, *args: Any, **kwargs: Any) -> Any:
         """Start the ranks and run ``function(fabric, *args, **kwargs)`` on each.
 
         Without a function: join ranks started by a launcher (torchrun-style environment), or,
@@ -176,6 +180,14 @@ class Fabric:
             TypeError: `function` is not callable, or takes no argument for the Fabric.
             RuntimeError: launched twice, or a bare launch() in a notebook.
         """
+        if function is _do_nothing:
+            if self.config.start_method == "spawn":
+                raise TypeError(
+                    f"To spawn processes with the `{self.config.strategy}` strategy, `.launch()` needs to be called with a "
+                    "function that contains the code to launch in processes."
+                )
+            return self._launch(None, args, kwargs)
+        _check_launchable(function)
         return self._launch(function, args, kwargs)
 
     def _launch(
@@ -601,7 +613,10 @@ def _leave_after_script(fabric: Fabric) -> None:
 
 def _check_launchable(function: Any) -> None:
     if not callable(function):
-        raise TypeError(f"`Fabric.launch(...)` needs a callable, not {function!r}: write `.launch(train)`, not `.launch(train())`.")
+        raise TypeError(
+            f"`Fabric.launch(...)` needs to be a callable, but got {function!r}. "
+            "HINT: do `.launch(your_fn)` instead of `.launch(your_fn())`"
+        )
     try:
         parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):

@@ -73,6 +73,10 @@ class Precision:
         return default_dtype(self.param_dtype) if self.param_dtype is not None else nullcontext()
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module in the precision's dtype: 64-true turns floating-point tensors into float64
+        (`double()`, which leaves complex ones complex), 16-true and bf16-true every tensor `to` it."""
+        if self.param_dtype is torch.float64:
+            return module.double()
         return module.to(dtype=self.param_dtype) if self.param_dtype is not None else module
 
     def convert_input(self, data: Any) -> Any:

@@ -133,6 +133,11 @@ class DDPStrategy(SingleDeviceStrategy):
         else:
             dist.barrier()
 
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        votes = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+        return bool(votes == dist.get_world_size()) if all else bool(votes)
+
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         box = [obj]
         dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)

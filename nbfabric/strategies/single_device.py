@@ -90,6 +90,10 @@ class SingleDeviceStrategy:
         """Wait for every rank."""
         pass
 
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        """Every rank's `decision` together: True if all (`all`) or any of them is True."""
+        return decision
+
     def save(self, path: Any, state: dict[str, Any], is_global_zero: bool, filter: dict[str, Any] | None = None) -> None:
         """Rank 0 writes the state atomically; every rank waits for it."""
         if is_global_zero:
