@@ -1,6 +1,7 @@
 """A warm rank pool against fork-per-cell, in one real Jupyter kernel: an empty 2-rank `%%fabric`
-cell and a short training cell, contenders alternating; then the time to start a pool of 2 local
-engines, and of 2 engines on two Slurm nodes where Slurm runs.
+cell and a short training cell, contenders alternating; an empty `%%fabric` cell on the pool
+against ipyparallel's own `%%px` cell on the same two engines (bar: at most 1.5x); then the time to
+start a pool of 2 local engines, and of 2 engines on two Slurm nodes where Slurm runs.
 
     python benchmarks/pool.py [--runs 10] [--starts 2]
 """
@@ -36,6 +37,13 @@ def timed(cell, on_pool):
     in_use.use(None)
     assert wait_for_reaping(10)  # untimed: forked ranks may still be exiting
     return elapsed
+
+pool.client[[place.engine for place in pool.ranks]].activate()  # ipyparallel's %%px on the pool's engines
+
+def timed_px(cell):
+    started = time.perf_counter()
+    get_ipython().run_cell_magic("px", "", cell)
+    return (time.perf_counter() - started) * 1000
 """
 
 TRAINING = """
@@ -52,11 +60,18 @@ for step in range(100):
 CELLS = {"empty 2-rank cell": "pass", "training cell (100 DDP steps)": TRAINING}
 
 
-def cells_side_by_side(runs: int) -> list[tuple[str, float, float]]:
+def cells_side_by_side(runs: int) -> tuple[list[tuple[str, float, float]], tuple[float, float]]:
+    """Each cell on the pool and forked (medians, ms), and the empty cell on the pool against %%px."""
     manager, client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"])
     rows = []
     try:
         run(client, SETUP)
+        against_px: dict[str, list[float]] = {"pool": [], "px": []}
+        for name in ("pool", "px"):  # warm-up, untimed
+            run(client, "timed('pass', True)" if name == "pool" else "timed_px('pass')")
+        for round_ in range(runs):
+            for name in ("pool", "px") if round_ % 2 == 0 else ("px", "pool"):
+                against_px[name].append(float(run(client, "timed('pass', True)" if name == "pool" else "timed_px('pass')")))
         for name, cell in CELLS.items():
             times = {True: [], False: []}
             for on_pool in (True, False):  # warm-up, untimed
@@ -70,7 +85,7 @@ def cells_side_by_side(runs: int) -> list[tuple[str, float, float]]:
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
-    return rows
+    return rows, (statistics.median(against_px["pool"]), statistics.median(against_px["px"]))
 
 
 def start_times(starts: int, engines: str) -> list[float]:
@@ -101,8 +116,14 @@ def main() -> None:
 
     print(f"| cell ({args.runs} runs, median) | warm pool ms | fork per cell ms | pool / fork |")
     print("| --- | ---: | ---: | ---: |")
-    for name, pool_ms, fork_ms in cells_side_by_side(args.runs):
-        print(f"| {name} | {pool_ms:.1f} | {fork_ms:.1f} | {pool_ms / fork_ms:.2f} |")
+    rows, (pool_ms, px_ms) = cells_side_by_side(args.runs)
+    for name, on_pool_ms, fork_ms in rows:
+        print(f"| {name} | {on_pool_ms:.1f} | {fork_ms:.1f} | {on_pool_ms / fork_ms:.2f} |")
+    print()
+    print(f"| empty cell on the pool's 2 engines ({args.runs} runs, median) | %%fabric ms | ipyparallel %%px ms | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    verdict = "PASS" if pool_ms <= 1.5 * px_ms else "FAIL"
+    print(f"| warm pool | {pool_ms:.1f} | {px_ms:.1f} | {pool_ms / px_ms:.2f} (bar <= 1.5: {verdict}) |")
     print()
     print(f"| start a pool of 2 ranks ({args.starts} starts) | median s | max s |")
     print("| --- | ---: | ---: |")
