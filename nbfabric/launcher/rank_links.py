@@ -26,7 +26,7 @@ class RankLinks:
         return self._store
 
 
-_this_process: RankLinks | None = None
+_this_process: RankLinks | None = None  # per process: a rank has one set of links to its launcher
 
 
 def set_rank_links(links: RankLinks | None) -> None:

@@ -110,7 +110,7 @@ def bound_names(tree: ast.Module) -> list[str]:
     return list(names)
 
 
-_rank_namespace: dict[str, Any] = {}
+_rank_namespace: dict[str, Any] = {}  # per process: the names cells bound in this rank (kept between cells on a pool)
 
 
 def rank_namespace() -> dict[str, Any]:
