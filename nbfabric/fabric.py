@@ -41,6 +41,9 @@ from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, t
 CONSEQUENCE_EXIT_DELAY = 1.0  # seconds a script's rank failing in torch.distributed waits before it exits
 
 
+_resident: dict[RunConfig, tuple[Any, Any]] = {}  # per process: a pool rank's strategy and precision per settings
+
+
 def _do_nothing(*_: Any) -> None:
     """`launch()`'s function when none is given: the ranks go on with the calling script."""
 
@@ -95,6 +98,7 @@ class Fabric:
         self.config = config
         self.timeout = check_timeout(timeout)
         self._debug = False
+        self._ranks_stay = False  # the ranks outlive the run (a rank pool's)
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
         self._ranks = RankInfo(world_size=config.world_size)
@@ -210,6 +214,7 @@ class Fabric:
             _check_launchable(function)
         self._launch_called = True
         launcher = launcher or select_launcher(self.config, timeout=self.timeout, sink=sink, place=place, new_processes=new_processes)
+        self._ranks_stay = getattr(launcher, "ranks_stay", False)
         if function is None:
             launcher.continue_script(prepare=self._strategy.preload)  # returns in each rank
             self._join_for_script()
@@ -225,7 +230,8 @@ class Fabric:
         self._join(RankInfo.from_environment())
         try:
             value = function(self, *args, **kwargs)
-            self._strategy.before_return()
+            if not self._ranks_stay:  # a pool's ranks keep their (sharded) models for the next run
+                self._strategy.before_return()
             value = (finish or _on_cpu)(self, value)
             self._wait_for_peers()
             return value
@@ -254,6 +260,8 @@ class Fabric:
         if self._launched:
             return
         self._ranks = ranks
+        if self._ranks_stay:
+            self._go_on_with_resident_strategy()
         rank_zero_only.rank = ranks.global_rank
         if self._debug:
             os.environ.update(DEBUG_ENV)
@@ -263,6 +271,16 @@ class Fabric:
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)
         self._launched = True
+
+    def _go_on_with_resident_strategy(self) -> None:
+        """On a rank that outlives its runs (a pool's), a run with the settings of an earlier one
+        goes on with that run's strategy and precision: the DeepSpeed engine, the gradient scaler
+        and the groups that the objects set up then still use."""
+        try:
+            kept = _resident.setdefault(self.config, (self._strategy, self._precision))
+        except TypeError:  # settings with an object that cannot be a key (a strategy instance)
+            return
+        self._strategy, self._precision = kept
 
     def _check_launched(self) -> None:
         if not self._launched and self.config.distributed:

@@ -144,6 +144,46 @@ def test_tqdm_auto_bars_from_pool_ranks_show_as_text_bars(kernel):
         assert f"[rank {rank}] 100%" in shown and "40/40" in shown, shown
 
 
+RESIDENT_SETUP = """{pool} --strategy={strategy}
+import os
+os.environ["DS_ACCELERATOR"] = "cpu"
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+{model}, {opt} = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.05))
+{losses} = []"""
+
+RESIDENT_STEPS = """{pool} --strategy={strategy}
+for _ in range({segments}):  # a segment: 2 steps on a batch drawn from the number of steps so far
+    g = torch.Generator().manual_seed(len({losses}))
+    x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
+    for _ in range(2):
+        loss = torch.nn.functional.mse_loss({model}(x), y)
+        fabric.backward(loss)
+        {opt}.step()
+        {opt}.zero_grad()
+        {losses}.append(loss.item())
+weights = sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).double().sum()) for p in {model}.parameters())
+({losses}, round(weights, 6)) if fabric.global_rank == 0 else None"""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+def test_a_model_set_up_on_the_pool_trains_on_across_cells_as_in_one_cell(kernel, strategy):
+    names = {"pool": POOL, "strategy": strategy}
+    split = dict(names, model="model", opt="opt", losses="losses")
+    whole = dict(names, model="whole", opt="whole_opt", losses="whole_losses")
+    shown = [kernel.run(RESIDENT_SETUP.format(**split), timeout=300)]
+    shown += [kernel.run(RESIDENT_STEPS.format(segments=1, **split), timeout=300) for _ in range(3)]
+    shown += [kernel.run(RESIDENT_SETUP.format(**whole), timeout=300)]
+    shown += [kernel.run(RESIDENT_STEPS.format(segments=3, **whole), timeout=300)]
+    assert [out["error"] for out in shown] == [None] * 6, [out["error"] for out in shown]
+    assert "setting up again" not in "".join(out["stderr"] for out in shown)
+    three_cells, one_cell = eval(shown[3]["result"]), eval(shown[5]["result"])
+    assert len(three_cells[0]) == 6 and three_cells == one_cell  # the same losses, and the same weights
+    if strategy != "ddp":  # said plainly, not as a pickling error
+        assert "held over the ranks by" in shown[0]["stderr"] and "stay on the pool's ranks" in shown[0]["stderr"]
+        assert "cannot be pickled" not in shown[0]["stderr"], shown[0]["stderr"]
+
+
 def test_a_background_cell_on_the_pool_leaves_its_names_on_the_ranks(kernel):
     kernel.run(f"{POOL} --background\nimport time\ntime.sleep(1)\nlater = 5 + fabric.global_rank")
     kernel.run("%fabric wait")

@@ -54,7 +54,8 @@ class RankError(ShortInIPython, RuntimeError):
             lines.append("then " + "; ".join(f"rank {o.rank}: {o.summary}" for o in also_failed))
         if stopped:
             lines.append(f"stopped: rank {', '.join(map(str, stopped))}")
-        others = {rank: place for rank, place in places.items() if rank != cause.rank and not place.failing}
+        failed = {cause.rank, *(failure.rank for failure in also_failed)}
+        others = {rank: place for rank, place in places.items() if rank not in failed and not place.failing}
         if others:
             lines.append(f"where the other ranks were: {describe(others)}")
         last = usage.get(cause.rank)

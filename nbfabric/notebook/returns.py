@@ -1,4 +1,5 @@
-"""Carry the names a cell bound on rank 0 back to the notebook: on the CPU, picklable, bounded in size."""
+"""Carry the names a cell bound on rank 0 back to the notebook: on the CPU (copies: the rank's own
+objects stay as they are), picklable, bounded in size; a model sharded over the ranks is named."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from nbfabric.wrappers import unwrap
 
 MAX_BYTES_PER_NAME = 2 * 1024**3  # a name whose pickle is larger stays in the rank
+SHARDED = "held over the ranks by {how}; fabric.save(path, {{...}}) writes it whole"
 LAST_VALUE = "<last expression>"
 
 
@@ -120,7 +122,10 @@ class _CellPickler(cloudpickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor) and obj.device.type not in ("cpu", "meta"):
-            return obj.detach().cpu().__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+            copy = obj.detach().cpu()  # the rank's own tensor stays where it is (a pool's rank goes on with it)
+            if type(obj) is torch.nn.Parameter:
+                return torch.nn.Parameter, (copy, obj.requires_grad)
+            return copy.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         if isinstance(obj, (types.FunctionType, type)) and getattr(obj, "__module__", None) == "__main__":
             if id(obj) in self._known_ids:
                 return NotImplemented  # by name: the notebook's own object
@@ -185,12 +190,19 @@ def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], las
         if isinstance(value, types.ModuleType):
             returned.modules[name] = value.__name__
             continue
+        sharded = _sharded_parameters(_unwrap_any(value))
+        if sharded:  # no pickling tried: it would fail, and torch would warn about it
+            returned.skipped[name] = SHARDED.format(how=sharded)
+            continue
         start = buffer.tell()
         try:
-            pickler.dump(_on_cpu(value))
+            pickler.dump(_unwrap_any(value))
             why = "too large" if buffer.tell() - start > MAX_BYTES_PER_NAME else None
         except Exception as exc:  # noqa: BLE001 - any pickling failure only skips the name
-            why = f"cannot be pickled: {type(exc).__name__}: {exc}"
+            engine = _deepspeed_engine(value)
+            why = SHARDED.format(how=engine) if engine else f"cannot be pickled: {type(exc).__name__}: {exc}"
+            if not engine and "ProcessGroup" in str(exc):  # a module a strategy set up keeps hooks into the run
+                why = "holds the run's process group, as a module a strategy set up does; fabric.save(path, {...}) writes it whole"
         if why is None:
             returned.names.append(name)
             returned.ends.append(buffer.tell())
@@ -205,13 +217,15 @@ def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], las
 
 
 def _unwrap_any(value: Any) -> Any:
-    """The user's module or optimizer behind the wrappers of nbfabric, DDP, Lightning or Accelerate."""
+    """The user's module or optimizer behind the wrappers of nbfabric, DDP, DeepSpeed, Lightning or Accelerate."""
     while True:
         inner = unwrap(value)
         if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
             inner = inner.module
         elif isinstance(getattr(inner, "_original_module", None), torch.nn.Module):
             inner = inner._original_module
+        elif type(inner).__name__ == "DeepSpeedEngine":
+            inner = inner.module
         elif isinstance(inner, torch.optim.Optimizer) and isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
         if inner is value:
@@ -219,15 +233,27 @@ def _unwrap_any(value: Any) -> Any:
         value = inner
 
 
-def _on_cpu(value: Any) -> Any:
-    """Modules and optimizers as the user's own objects, moved to the CPU in place (keeping the
-    parameters an optimizer refers to the same objects as the module's)."""
-    value = _unwrap_any(value)
+def _sharded_parameters(value: Any) -> str:
+    """How a module's or optimizer's parameters are split over the ranks ("FSDP", "DeepSpeed
+    ZeRO-3"), or "" when each rank holds them whole."""
     if isinstance(value, torch.nn.Module):
-        return value.cpu()
-    if isinstance(value, torch.optim.Optimizer):
-        for state in value.state.values():
-            for key, tensor in state.items():
-                if isinstance(tensor, torch.Tensor):
-                    state[key] = tensor.cpu()
-    return value
+        tensors = list(value.parameters())
+    elif isinstance(value, torch.optim.Optimizer):
+        tensors = [p for group in value.param_groups for p in group["params"]]
+    else:
+        return ""
+    for tensor in tensors:
+        if type(tensor).__name__ == "DTensor":
+            return "FSDP"
+        if hasattr(tensor, "ds_id"):
+            return "DeepSpeed ZeRO-3"
+    return ""
+
+
+def _deepspeed_engine(value: Any) -> str:
+    """"DeepSpeed ZeRO-2" for a module or optimizer that a DeepSpeed engine still holds, else ""."""
+    inner = getattr(value, "_forward_module", None) or unwrap(value)  # a set-up module runs through its engine
+    if not type(inner).__module__.startswith("deepspeed"):
+        return ""
+    stage = inner.zero_optimization_stage() if hasattr(inner, "zero_optimization_stage") else None
+    return "DeepSpeed" if stage is None else f"DeepSpeed ZeRO-{stage}"

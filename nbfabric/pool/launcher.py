@@ -25,6 +25,8 @@ _DEAD_CHECK = 0.5  # seconds between two looks for engines that are gone
 class PoolLauncher:
     """Runs a rank callable (pickled: see nbfabric.rank_call) on every rank of `pool`; returns rank 0's value."""
 
+    ranks_stay = True  # what the ranks set up (models, optimizers) stays there for the next run
+
     def __init__(self, pool: EngineCluster, *, timeout: float | None = None, sink: Sink | None = None):
         self.pool = pool
         self.timeout = timeout
