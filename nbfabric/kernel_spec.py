@@ -12,6 +12,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 DISPLAY_NAME = "Python (nbfabric)"
 # Count GPUs through NVML, so that asking how many there are leaves CUDA uninitialised and forking safe.
 KERNEL_ENV = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+# Loaded before the first cell, nbfabric sees what initialises CUDA, and a refused fork names it.
 LOAD_EXTENSION = "--InteractiveShellApp.extensions=nbfabric"
 
 
