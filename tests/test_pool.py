@@ -166,7 +166,7 @@ weights = sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).double
 ({losses}, round(weights, 6)) if fabric.global_rank == 0 else None"""
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"])
 def test_a_model_set_up_on_the_pool_trains_on_across_cells_as_in_one_cell(kernel, strategy):
     names = {"pool": POOL, "strategy": strategy}
     split = dict(names, model="model", opt="opt", losses="losses")
