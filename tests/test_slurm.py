@@ -5,15 +5,19 @@ CI (CI=true), where a missing cluster fails them."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 from conftest import missing_service
 from test_magic import Kernel
+
+from nbfabric.pool import slurm_job
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
@@ -49,6 +53,39 @@ def our_jobs(name_prefix: str) -> list[str]:
     listed = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=30)
     assert listed.returncode == 0, f"squeue failed with status {listed.returncode}: {listed.stderr.strip()}"
     return [line for line in listed.stdout.splitlines() if line.split()[1].startswith(name_prefix)]
+
+
+START = "%fabric start --engines=slurm --num-nodes=2 --devices=1 --controller-ip=127.0.0.1"
+SLEEPING_CELL = "%%fabric --no-widgets\nimport time\nprint('working', flush=True)\ntime.sleep(600)"
+
+
+def job_of(text: str) -> str:
+    found = re.search(r"Slurm job (\d+)", text)
+    assert found, f"no Slurm job named in: {text}"
+    return found.group(1)
+
+
+def cancel_and_wait(job: str, timeout: float = 90) -> None:
+    """Cancel this test's job (by id) and wait until it has left the queue."""
+    if job:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+        slurm_job.wait_until_gone([job], timeout)
+        assert slurm_job.time_left(job) == "", f"Slurm job {job} is still in the queue"
+
+
+def run_until_job_ends(kernel: Kernel, end_job) -> tuple[dict, float]:
+    """Run a cell that sleeps on the pool, calling `end_job()` once the ranks run: what the cell
+    showed, and the seconds from that call to the cell's end."""
+    ended: list[float] = []
+
+    def once_running(outputs: dict) -> None:
+        if not ended and "working" in outputs["stdout"]:
+            end_job()
+            ended.append(time.monotonic())
+
+    out = kernel.run(SLEEPING_CELL, timeout=300, on_output=once_running)
+    assert ended, f"the cell never ran: {out}"
+    return out, time.monotonic() - ended[0]
 
 
 def test_a_pool_on_two_slurm_nodes_reduces_across_both_and_stops_clean(slurm, tmp_path):
@@ -128,4 +165,88 @@ def test_bad_slurm_options_are_refused_before_any_job(tmp_path):
         if _idle_nodes() >= 2:  # where no Slurm controller runs, no job can have been submitted
             assert our_jobs("nbfabric-") == []
     finally:
+        kernel.close()
+
+
+def test_a_job_asking_for_more_nodes_than_the_cluster_has_fails_at_once_and_leaves_no_job(slurm, tmp_path):
+    kernel, before = Kernel(tmp_path / "none.json"), set(our_jobs("nbfabric-"))
+    try:
+        started = time.monotonic()
+        out = kernel.run("%fabric start --engines=slurm --num-nodes=3 --devices=1 --controller-ip=127.0.0.1", timeout=60)
+        took = time.monotonic() - started
+        assert "Slurm refuses the job (--nodes=3 --ntasks-per-node=1)" in out["stderr"], out
+        assert "Requested node configuration is not available" in out["stderr"] and "--num-nodes" in out["stderr"]
+        assert took < 10, f"refused after {took:.1f} s"
+        assert set(our_jobs("nbfabric-")) <= before and kernel.children() == []  # others' tests may run jobs
+        assert "no rank pool" in kernel.run("%fabric pool")["stdout"]
+    finally:
+        kernel.close()
+
+
+def test_an_unknown_partition_is_refused_naming_slurms_message(slurm, tmp_path):
+    kernel = Kernel(tmp_path / "none.json")
+    try:
+        out = kernel.run("%fabric start --engines=slurm --num-nodes=1 --devices=1 --partition=nosuchpartition")
+        assert "invalid partition specified: nosuchpartition" in out["stderr"], out
+        assert "Change --partition" in out["stderr"]
+        assert kernel.children() == []
+    finally:
+        kernel.close()
+
+
+def test_a_pending_job_that_can_never_start_is_told_apart_from_one_that_waits(slurm, tmp_path):
+    """Where sbatch takes a job no node can run (here: 3 nodes of 2), it pends for ever: seen at once."""
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=3", "--job-name=nbfabric-test-hopeless", f"--output={tmp_path / 'out'}", "--wrap=true"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    try:
+        started = time.monotonic()
+        with pytest.raises(slurm_job.SlurmRefusal, match=rf"Slurm job {job} cannot start: .*--num-nodes"):
+            slurm_job.wait_for_engines(job, lambda: 0, 3, nodes=3, partition=None, timeout=60)
+        assert time.monotonic() - started < 10
+    finally:
+        cancel_and_wait(job)
+
+
+def test_a_cancelled_job_fails_the_running_cell_within_15_s_and_ends_the_pool(slurm, tmp_path):
+    kernel, job = Kernel(tmp_path / "none.json"), ""
+    try:
+        out = kernel.run(START, timeout=240)
+        assert out["error"] is None, out
+        job = job_of(out["stdout"])
+        assert any(f"Slurm job {job}: RUNNING" in shown for shown in out["displays"]), out["displays"]
+        out, took = run_until_job_ends(kernel, lambda: subprocess.run(["scancel", job], timeout=30))
+        print(f"cancelled job {job}: the cell failed {took:.1f} s after scancel")
+        shown = out["stderr"] + "".join(out["error"]["traceback"] if out["error"] else [])
+        assert out["error"] is not None and took < 15, (took, out)
+        assert f"Slurm job {job} was cancelled by scancel" in shown, shown
+        assert "KeyError" not in shown, shown
+        assert "no rank pool: " in kernel.run("%fabric pool")["stdout"]
+        slurm_job.wait_until_gone([job], 90)
+        kernel.assert_no_ranks_left(grace=15)
+    finally:
+        cancel_and_wait(job)
+        kernel.close()
+
+
+def test_a_job_that_reaches_its_time_limit_fails_the_running_cell_saying_so(slurm, tmp_path):
+    kernel, job = Kernel(tmp_path / "none.json"), ""
+    try:
+        out = kernel.run(START + " --time=1", timeout=240)
+        assert out["error"] is None, out
+        job = job_of(out["stdout"])
+        assert re.search(rf"Slurm job {job}, time left: (1:00|0:[0-5]\d)\n", kernel.run("%fabric pool")["stdout"])
+        started = time.monotonic()
+        out = kernel.run(SLEEPING_CELL, timeout=300)  # Slurm ends the job 60 s in, give or take its 30 s checks
+        print(f"time-limited job {job}: the cell failed {time.monotonic() - started:.1f} s after it started")
+        shown = out["stderr"] + "".join(out["error"]["traceback"] if out["error"] else [])
+        assert f"Slurm job {job} was ended by its time limit (--time)" in shown, shown
+        assert "KeyError" not in shown, shown
+        slurm_job.wait_until_gone([job], 90)
+        kernel.assert_no_ranks_left(grace=15)
+    finally:
+        cancel_and_wait(job)
         kernel.close()

@@ -7,19 +7,18 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from nbfabric.config import RunConfig
-from nbfabric.pool import engine_side, watchdog
+from nbfabric.pool import engine_side, slurm_job, watchdog
 from nbfabric.tracebacks import ShortInIPython
 from nbfabric.launcher.environment import rank_environment
 
 ENGINE_KINDS = ("local", "slurm", "mpi", "ssh")
 START_TIMEOUT = 300.0  # seconds to wait for every engine to register (a Slurm job may queue)
-JOB_END_WAIT = 60.0  # seconds to wait for a cancelled Slurm job to leave the queue
+JOB_CHECK = 1.0  # seconds between two looks at a running pool's Slurm job
 # The controller drops an engine that missed this many heartbeats of this period (ms); engines on
 # this machine are also watched by their pid, at once.
 HEARTBEAT = ["--HeartMonitor.period=1000", "--HeartMonitor.max_heartmonitor_misses=10"]
@@ -72,12 +71,16 @@ class EngineCluster:
     ):
         self.config = _check(devices, num_nodes, accelerator, engines, partition, time, detach, idle_timeout)
         self.kind, self.attached, self.broken = engines, False, ""
-        self._record, self._watchdog = "", None
+        self._record, self._watchdog, self._job_checked = "", None, 0.0
         import ipyparallel as ipp
 
         options = {"profile": profile} if profile else {}
         if engines == "slurm":
-            options["config"] = _slurm_config(self.config, partition, time, _job_dir(profile))
+            try:
+                slurm_job.check_submittable(self.config, partition, time)
+            except slurm_job.SlurmRefusal as refused:
+                raise PoolError(str(refused)) from None
+            options["config"] = slurm_job.batch_config(self.config, partition, time, _job_dir(profile))
         self.cluster = ipp.Cluster(
             n=self.config.world_size,
             engines=engines,
@@ -98,10 +101,18 @@ class EngineCluster:
                 idle_timeout=watchdog.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
             )
             self.client = self.cluster.connect_client_sync()
-            self.client.wait_for_engines(self.config.world_size, timeout=start_timeout, interactive=False)
+            if self.job:
+                slurm_job.wait_for_engines(
+                    self.job, lambda: len(self.client.ids), self.config.world_size,
+                    nodes=self.config.num_nodes, partition=partition, timeout=start_timeout,
+                )
+            else:
+                self.client.wait_for_engines(self.config.world_size, timeout=start_timeout, interactive=False)
             self.ranks = self._assign_ranks()
         except BaseException as error:
             self._end()
+            if isinstance(error, slurm_job.SlurmRefusal):
+                raise PoolError(f"{error}. The job was cancelled.") from None
             if isinstance(error, (KeyboardInterrupt, PoolError)):
                 raise
             raise PoolError(f"the {engines} engines did not start: {type(error).__name__}: {error}") from None
@@ -117,7 +128,7 @@ class EngineCluster:
 
         pool = cls.__new__(cls)
         pool.kind, pool.attached, pool.broken = "attached", True, ""
-        pool._record, pool._watchdog = "", None
+        pool._record, pool._watchdog, pool._job_checked = "", None, 0.0
         found = _detached_pool(profile, cluster_id)
         if found is not None:
             pool._record, record = found
@@ -163,11 +174,20 @@ class EngineCluster:
     def up(self) -> bool:
         return self.client is not None and not self.broken
 
+    @property
+    def job(self) -> str:
+        """The id of the Slurm job that holds the engines ('' for engines started otherwise)."""
+        jobs = [getattr(engines, "job_id", "") for engines in self.cluster.engines.values()] if self.kind == "slurm" else []
+        return next((job for job in jobs if job), "")
+
     def describe(self) -> str:
         """The ranks, their nodes, addresses and processes, as `%fabric pool` shows them."""
         if not self.up:
             return f"no rank pool: {self.broken}" if self.broken else "no rank pool"
         lines = [f"rank pool of {self.world_size} ranks ({self.kind} engines, {self.config.as_flags()}):"]
+        if self.job:
+            left = slurm_job.time_left(self.job)
+            lines.append(f"  Slurm job {self.job}, time left: {left or 'unknown'}")
         for r in self.ranks:
             device = f"{self.config.accelerator}:{r.local_rank}" if self.config.accelerator == "cuda" else "cpu"
             lines.append(f"  rank {r.rank}: node {r.node} ({r.address}), local rank {r.local_rank}, {device}, engine {r.engine}, pid {r.pid}")
@@ -210,6 +230,14 @@ class EngineCluster:
         if remote:
             self.cluster.signal_engines_sync(signal.SIGINT)
 
+    def job_ended(self) -> str:
+        """How the pool's Slurm job ended (e.g. 'Slurm job 7 was cancelled by scancel'), looked at
+        most once a JOB_CHECK; '' while it runs, or for engines started otherwise."""
+        if not self.job or time.monotonic() < self._job_checked + JOB_CHECK:
+            return ""
+        self._job_checked = time.monotonic()
+        return slurm_job.ending(self.job, slurm_job.state(self.job))
+
     def dead_ranks(self) -> list[int]:
         """Ranks whose engine is gone: its process ended (engines here) or the controller dropped it."""
         registered = set(self.client.ids)
@@ -237,9 +265,11 @@ class EngineCluster:
         if client is not None:
             client.close()
         if not self.attached:
-            jobs = [job for job in (getattr(engines, "job_id", "") for engines in self.cluster.engines.values()) if job]
+            job = self.job
+            ending = slurm_job.ending(job, slurm_job.state(job)) if job else ""
             self.cluster.stop_cluster_sync()
-            _wait_until_gone(jobs)
+            if job and not ending:  # a job Slurm ends already is left to end (its KillWait can be 30 s)
+                slurm_job.wait_until_gone([job])
         if self._record:
             watchdog.forget(self._record, self._watchdog)
             self._record, self._watchdog = "", None
@@ -329,36 +359,6 @@ def _job_dir(profile: str | None) -> str:
     folder = os.path.join(get_ipython_dir(), f"profile_{profile or 'default'}", "log")
     os.makedirs(folder, exist_ok=True)
     return folder
-
-
-def _slurm_config(config: RunConfig, partition: str | None, time: str | None, job_dir: str) -> Any:
-    """ipyparallel's settings for its Slurm engine launcher: one job, one task per rank."""
-    from traitlets.config import Config
-
-    settings = Config()
-    settings.SlurmEngineSetLauncher.batch_file_name = os.path.join(job_dir, "nbfabric-engines.sbatch")
-    settings.SlurmEngineSetLauncher.batch_template = (
-        "#!/bin/sh\n"
-        "#SBATCH --job-name=nbfabric-{cluster_id}\n"
-        f"#SBATCH --output={os.path.join(job_dir, 'nbfabric-slurm-%j.out')}\n"
-        f"#SBATCH --nodes={config.num_nodes}\n"
-        f"#SBATCH --ntasks-per-node={config.num_processes}\n"
-        "#SBATCH --export=ALL\n"
-        + (f"#SBATCH --partition={partition}\n" if partition else "")
-        + (f"#SBATCH --time={time}\n" if time else "")
-        + "srun {program_and_args}\n"
-    )
-    return settings
-
-
-def _wait_until_gone(jobs: list[str], timeout: float = JOB_END_WAIT) -> None:
-    """Wait until the cancelled Slurm jobs have left the queue (they pass through COMPLETING)."""
-    deadline = time.monotonic() + timeout
-    while jobs and time.monotonic() < deadline:
-        listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True, text=True)
-        if listed.returncode != 0 or not listed.stdout.strip():
-            return
-        time.sleep(0.5)
 
 
 def _missing(program: str) -> bool:

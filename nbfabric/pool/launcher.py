@@ -113,13 +113,15 @@ class _PoolRun(RunLoop):
         self.sink.rank_exited(rank, self.outcome.returncodes[rank])
 
     def _look_for_dead_ranks(self) -> None:
-        dead = [rank for rank in self.pool.dead_ranks() if rank in self.pending]
+        """Every running rank is lost when the pool's Slurm job ended; else those whose engine is gone."""
+        ended = self.pool.job_ended()
+        dead = sorted(self.pending) if ended else [rank for rank in self.pool.dead_ranks() if rank in self.pending]
         for rank in dead:
-            self.pending.pop(rank)
             place = self.pool.ranks[rank]
-            self._lost(rank, f"pid {place.pid} on {place.node} ended while the run went on")
+            self._lost(rank, ended or f"pid {place.pid} on {place.node} ended while the run went on")
 
     def _lost(self, rank: int, why: str) -> None:
+        self.pending.pop(rank, None)  # the first loss ends the pool, which clears the rest
         self.outcome.failures.setdefault(rank, Failure(rank, "engine lost", why, "", now(), False))
         self.outcome.returncodes[rank] = 1
         self.outcome.exit_times[rank] = now()
