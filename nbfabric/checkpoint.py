@@ -5,6 +5,7 @@ checkpoint's metadata is read with an unpickler that builds only checkpoint-meta
 
 from __future__ import annotations
 
+import enum
 import os
 import pickle
 import shutil
@@ -269,6 +270,14 @@ _PLAIN_GLOBALS = {
 }
 
 
+def enum_member(cls: Any, name: str) -> Any:
+    """`getattr` as pickles of enum members use it (`getattr(Color, "RED")`), and for nothing else:
+    an unpickler that allows it cannot reach any other attribute through it."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__:
+        return cls.__members__[name]
+    raise pickle.UnpicklingError(f"the file asks for getattr({cls!r}, {name!r}), which is no enum member; it is not loaded")
+
+
 class MetadataUnpickler(pickle.Unpickler):
     """Builds what a sharded checkpoint's metadata holds (the dataclasses of
     torch.distributed.checkpoint.metadata, sizes, dtypes, paths) and refuses any other global,
@@ -283,6 +292,8 @@ class MetadataUnpickler(pickle.Unpickler):
                 return found
         if (module, name) == ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"):
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):  # how some Pythons (3.11.2) pickle an enum member
+            return enum_member
         raise pickle.UnpicklingError(
             f"the checkpoint's metadata asks for {module}.{name}, which checkpoint metadata never holds, "
             "so it is not loaded (it could run code). Load with weights_only=False only if you trust the file."

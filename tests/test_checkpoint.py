@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import pickle
 import signal
@@ -352,3 +353,32 @@ def test_a_sharded_save_stopped_between_its_two_renames_is_found_again(tmp_path)
     restored = nn.Linear(3, 2)
     assert _fabric().load(directory, {"model": restored}) == {"step": 7}
     torch.testing.assert_close(restored.weight, model.weight)
+
+
+class _Shade(enum.Enum):
+    DARK = 1
+
+
+class _PickledAsGetattr:
+    """What some Pythons (3.11.2) write for an enum member: getattr(its class, its name)."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_metadata_may_name_enum_members_through_getattr_and_nothing_else():
+    import io
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from nbfabric.checkpoint import MetadataUnpickler, enum_member
+
+    member = pickle.dumps(_PickledAsGetattr(_MEM_FORMAT_ENCODING, "TORCH_CONTIGUOUS_FORMAT"))
+    assert MetadataUnpickler(io.BytesIO(member)).load() is _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    assert enum_member(_Shade, "DARK") is _Shade.DARK
+    for owner, name in ((_MEM_FORMAT_ENCODING, "__class__"), (_Shade, "__init__"), (int, "real")):
+        with pytest.raises(pickle.UnpicklingError, match="no enum member"):
+            enum_member(owner, name)

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from nbfabric.checkpoint import restore_entries
+from nbfabric.checkpoint import enum_member, restore_entries
 from nbfabric.launcher.environment import preserved_environment
 from nbfabric.wrappers import unwrap
 
@@ -63,7 +63,8 @@ def trusted_loads(trusted: bool) -> Iterator[None]:
 
     def weights_only_load(*args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, (enum_member, "builtins.getattr")]
+        with torch.serialization.safe_globals(allowed):
             return original(*args, **kwargs)
 
     torch.load = weights_only_load
