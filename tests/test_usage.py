@@ -12,22 +12,24 @@ import pytest
 from nbfabric import Fabric, RankError
 from nbfabric.launcher.output import Sink
 from nbfabric.launcher.usage import UsageMeter, size
+from nbfabric.notebook.tally import RunTally
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
 MB = 1 << 20
 
 
-def test_the_meter_sees_a_process_allocate_and_keeps_the_peak():
-    meter = UsageMeter({0: os.getpid()})
+def test_the_meter_sees_a_process_allocate_and_the_tally_keeps_the_peak():
+    meter, tally = UsageMeter({0: os.getpid()}), RunTally(1)
     try:
         before = meter.sample()[0].rss
         held = bytearray(200 * MB)
-        during = meter.sample()[0].rss
+        tally.usage(meter.sample())
+        during = meter.last[0].rss
         del held
-        meter.sample()
+        tally.usage(meter.sample())
         assert during - before >= 190 * MB
-        assert meter.peak[0].rss >= during
+        assert tally.usage_peak[0].rss >= during
         assert meter.last[0].gpu_memory is None  # no GPU here
     finally:
         meter.close()

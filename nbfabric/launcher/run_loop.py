@@ -31,7 +31,6 @@ class Outcome:
     still_running_at_stop: tuple[int, ...] = ()
     places: dict[int, RankPlace] = field(default_factory=dict)  # where those ranks were, taken before the stop
     usage: dict[int, Usage] = field(default_factory=dict)  # each rank's last measured usage
-    peak_usage: dict[int, Usage] = field(default_factory=dict)
 
 
 class RunLoop:
@@ -104,7 +103,7 @@ class RunLoop:
             return
         self.outcome.stop_time = now()
         self.outcome.still_running_at_stop = self.running_ranks()
-        asked = tuple(rank for rank in self.outcome.still_running_at_stop if rank not in self.outcome.failures)
+        asked = self._not_failed(self.outcome.still_running_at_stop)
         if asked:
             self.outcome.places = self.where(asked)
             self.sink.places(self.outcome.places, live=False)
@@ -117,7 +116,7 @@ class RunLoop:
         if now() >= self._next_sample and self.outcome.stop_time is None:
             self._sample_usage()
         if self.sink.take_where_request() and self.outcome.stop_time is None:
-            running = tuple(rank for rank in self.running_ranks() if rank not in self.outcome.failures)
+            running = self._not_failed(self.running_ranks())
             self.sink.places(self.where(running) if running else {}, live=True)
         if self.interrupts:
             self.stop(interrupted=True)
@@ -127,12 +126,16 @@ class RunLoop:
         if self.outcome.stop_time is not None:
             self.escalate(now() - self.outcome.stop_time, self.interrupts > 1)
 
+    def _not_failed(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
+        """The ranks worth asking where they are: those not reporting a failure of their own."""
+        return tuple(rank for rank in ranks if rank not in self.outcome.failures)
+
     def _sample_usage(self) -> None:
         self._next_sample = now() + SAMPLE_EVERY
         if self._meter is None:
             self._meter = UsageMeter(self.rank_pids())
         usage = self._meter.sample()
-        self.outcome.usage, self.outcome.peak_usage = self._meter.last, self._meter.peak
+        self.outcome.usage = self._meter.last
         if usage:
             self.sink.usage(usage)
 

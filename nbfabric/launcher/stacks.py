@@ -32,9 +32,15 @@ _QUIET = 0.05  # seconds without new bytes after which a dump is taken as comple
 
 
 def listen(fd: int) -> None:
-    """Rank side: on WHERE_SIGNAL, write every thread's stack to `fd` (kept open for good)."""
-    os.write(fd, f"{HEADER}0x{threading.main_thread().ident:016x}\n".encode())
+    """Rank side: on WHERE_SIGNAL, write every thread's stack to `fd` (kept open for good), after
+    a header that names this process's main thread."""
+    os.write(fd, header().encode())
     faulthandler.register(WHERE_SIGNAL, file=fd, all_threads=True, chain=False)
+
+
+def header() -> str:
+    """The line that tells `parse` which of the dumped threads is this process's main thread."""
+    return f"{HEADER}0x{threading.main_thread().ident:016x}\n"
 
 
 @dataclass(frozen=True)

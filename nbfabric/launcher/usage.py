@@ -39,7 +39,7 @@ def size(count: int) -> str:
 
 
 class UsageMeter:
-    """Samples the ranks with these pids (rank -> pid); keeps each rank's last sample and its peak."""
+    """Samples the ranks with these pids (rank -> pid); keeps each rank's last sample."""
 
     def __init__(self, pids: dict[int, int]):
         self._ranks: dict[int, psutil.Process] = {}
@@ -50,7 +50,6 @@ class UsageMeter:
                 pass
         self._children: dict[int, psutil.Process] = {}  # pid -> process, so that CPU times carry on
         self.last: dict[int, Usage] = {}
-        self.peak: dict[int, Usage] = {}
         self._gpus = _Gpus()
 
     def sample(self) -> dict[int, Usage]:
@@ -72,9 +71,7 @@ class UsageMeter:
             memory = sum(used for used, _ in held) if held else None
             utilization = max(percent for _, percent in held) if held else None
             taken[rank] = Usage(int(rss), cpu, memory, utilization)
-        for rank, usage in taken.items():
-            self.last[rank] = usage
-            self.peak[rank] = highest(self.peak.get(rank), usage)
+        self.last.update(taken)
         return taken
 
     def close(self) -> None:

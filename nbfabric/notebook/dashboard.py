@@ -133,7 +133,7 @@ class Dashboard(Sink):
         text.flush()
         elapsed = self.duration if self.duration is not None else time.monotonic() - self.started
         display({"text/plain": self.tally.summary(self.config, self.state, elapsed, with_last_lines=False)}, raw=True)
-        if self._stacks_text and self.state != "stopped" and self.state != "timed out":  # else the error shows them
+        if self._stacks_text and self.state not in ("stopped", "timed out"):  # else the error shows them
             display({"text/plain": self._stacks_text}, raw=True)
         png = self.chart_png()
         if png is not None:

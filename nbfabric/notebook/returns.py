@@ -190,13 +190,14 @@ def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], las
         if isinstance(value, types.ModuleType):
             returned.modules[name] = value.__name__
             continue
-        sharded = _sharded_parameters(_unwrap_any(value))
+        own = _unwrap_any(value)
+        sharded = _sharded_parameters(own)
         if sharded:  # no pickling tried: it would fail, and torch would warn about it
             returned.skipped[name] = SHARDED.format(how=sharded)
             continue
         start = buffer.tell()
         try:
-            pickler.dump(_unwrap_any(value))
+            pickler.dump(own)
             why = "too large" if buffer.tell() - start > MAX_BYTES_PER_NAME else None
         except Exception as exc:  # noqa: BLE001 - any pickling failure only skips the name
             engine = _deepspeed_engine(value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -215,20 +214,20 @@ class EngineCluster:
     def engine(self, rank: int) -> Any:
         return self.client[self.ranks[rank].engine]
 
-    def interrupt(self, ranks: list[int]) -> None:
-        """SIGINT to these ranks' engines (directly where they run here, else through their launcher)."""
+    def signal(self, ranks: list[int] | tuple[int, ...], sig: int) -> None:
+        """`sig` to these ranks' engines (directly where they run here, else through their launcher)."""
         remote = False
         for rank in ranks:
             place = self.ranks[rank]
             if place.here:
                 try:
-                    os.kill(place.pid, signal.SIGINT)
+                    os.kill(place.pid, sig)
                 except ProcessLookupError:
                     pass
             else:
                 remote = True
         if remote:
-            self.cluster.signal_engines_sync(signal.SIGINT)
+            self.cluster.signal_engines_sync(sig)
 
     def job_ended(self) -> str:
         """How the pool's Slurm job ended (e.g. 'Slurm job 7 was cancelled by scancel'), looked at

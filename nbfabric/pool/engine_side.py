@@ -243,7 +243,7 @@ def _answering_where(channel: EngineChannel) -> Iterator[None]:
         _stack_pipes.extend((read_end, *os.pipe()))
     read_end, wake_read, wake_write = _stack_pipes
     _drain(read_end)  # dumps written between runs, and the listener's header
-    header = f"{stacks.HEADER}0x{threading.main_thread().ident:016x}\n"
+    header = stacks.header()
 
     def answer() -> None:
         while read_end in select.select([read_end, wake_read], [], [])[0]:

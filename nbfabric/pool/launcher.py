@@ -3,8 +3,8 @@ failure, interrupt or timeout ends as for ranks started per run, with the pool s
 
 from __future__ import annotations
 
-import os
 import pickle
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -138,18 +138,7 @@ class _PoolRun(RunLoop):
             return {}
         for rank in ranks:
             self._stacks.pop(rank, None)
-        remote = False
-        for rank in ranks:
-            place = self.pool.ranks[rank]
-            if place.here:
-                try:
-                    os.kill(place.pid, WHERE_SIGNAL)
-                except ProcessLookupError:
-                    pass
-            else:
-                remote = True
-        if remote:
-            self.pool.cluster.signal_engines_sync(WHERE_SIGNAL)
+        self.pool.signal(ranks, WHERE_SIGNAL)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and not all(rank in self._stacks for rank in ranks):
             time.sleep(0.02)
@@ -160,7 +149,7 @@ class _PoolRun(RunLoop):
     def stop_ranks(self) -> None:
         """SIGINT to the engines of the ranks still running (see `escalate` for the rest)."""
         if self.pending and not self.pool.broken:
-            self.pool.interrupt(list(self.pending))
+            self.pool.signal(list(self.pending), signal.SIGINT)
 
     def escalate(self, waited: float, impatient: bool) -> None:
         """Ranks that do not stop are mostly waiting in a collective for a peer that left it: the
