@@ -5,17 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import runpy
 import sys
 import warnings
-from functools import partial
 from importlib import metadata
 from typing import Any
 
-from nbfabric.launcher import RankError, RankTimeoutError, TextSink, launch
-from nbfabric.launcher.environment import in_slurm_step, slurm_rank_environment
-from nbfabric.launcher.processes import exit_status
-from nbfabric.nodes import run_on_nodes
+from nbfabric.launcher.environment import RUN_KEY_ENV, in_slurm_step, slurm_rank_environment
+from nbfabric.nodes import run_node, run_script
 from nbfabric.report import environment_report
 from nbfabric.run_flags import RunPlan, add_run_flags, plan_run, run_command_environment
 from nbfabric.user_config import CONFIG_ENV, config_path, load_defaults
@@ -30,12 +26,14 @@ Settings come from the flags, else the settings file (the one %%fabric uses), el
 Each rank also sees torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...), so scripts written
 for torchrun or `accelerate launch` run unchanged.
 
-Several machines: run the same command on each, changing only --node-rank, e.g.
+Several machines: make a key once, then run the same command on each, changing only --node-rank:
+  export NBFABRIC_RUN_KEY=$(python -c "import secrets; print(secrets.token_hex(16))")  # the same on every node
   nbfabric run --num-nodes=2 --node-rank=0 --main-address=10.0.0.1 --devices=8 train.py
-Each node starts its ranks with torch.distributed.run, as fresh interpreters (`python -u SCRIPT`):
-the nodes meet through its static rendezvous, a TCP store that node 0 hosts at --main-address:
---main-port, and its --tee tags each line with the global rank. When a rank fails, its node stops
-its other ranks; the other nodes stop when their next collective fails for want of that peer.
+Each node starts and supervises its own ranks, as on one node, tagging each line with the global
+rank. The ranks meet through the run's store, which global rank 0 serves at --main-address:
+--main-port (that address only); it admits only processes that prove they know the key. When a
+rank fails, its node stops its other ranks; the other nodes stop when their next collective fails
+for want of that peer.
 
 Exit status: 0 on success; the failed rank's status (1 for an exception, 128+N for signal N);
 124 after --timeout; 130 when interrupted; 2 for bad flags (nothing is started)."""
@@ -104,9 +102,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _run_as_slurm_task(parser, args)
     plan = _plan(parser, args)
     os.environ.update(run_command_environment(plan))
-    if plan.config.num_nodes > 1:
-        return run_on_nodes(args, plan)
-    return _run_on_this_node(args, plan)
+    return run_node(args, plan)
 
 
 def _run_as_slurm_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -117,6 +113,8 @@ def _run_as_slurm_task(parser: argparse.ArgumentParser, args: argparse.Namespace
     args.num_nodes = args.num_nodes or os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1"))
     plan = _plan(parser, args, main_address_known=True)
     os.environ.update({**ranks, **run_command_environment(plan)})
+    if plan.place.run_key is not None:  # then the tasks meet through the keyed store (see keyed_store)
+        os.environ[RUN_KEY_ENV] = plan.place.run_key
     run_script(args.script, args.script_args)
     return 0
 
@@ -144,7 +142,8 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, main_addres
     try:
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always")
-            plan = plan_run({**load_defaults(args.config), **{name: value for name, value in vars(args).items() if value is not None}})
+            settings = {**load_defaults(args.config), **{name: value for name, value in vars(args).items() if value is not None}}
+            plan = plan_run(settings, ranks_exist=main_address_known)
     except ValueError as error:
         parser.error(str(error))
     for note in notes:  # such as a precision this accelerator runs otherwise
@@ -152,49 +151,6 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, main_addres
     if plan.config.num_nodes > 1 and not (args.main_address or main_address_known):
         parser.error(f"--num-nodes={plan.config.num_nodes} needs --main-address, the address of node 0 that every node can reach")
     return plan
-
-
-def _run_on_this_node(args: argparse.Namespace, plan: RunPlan) -> int:
-    sink = _ExitCodeSink(ranks=plan.shown_ranks)
-    try:
-        launch(
-            partial(run_script, args.script, args.script_args),
-            nprocs=plan.config.num_processes,
-            start_method=plan.config.start_method,
-            main_address=plan.place.main_address,
-            main_port=plan.place.main_port,
-            timeout=plan.timeout,
-            sink=sink,
-        )
-    except RankError as error:
-        print(f"nbfabric run: {error}", file=sys.stderr)
-        return exit_status(sink.returncodes.get(error.rank)) or 1  # a failure never reads as success
-    except RankTimeoutError as error:
-        print(f"nbfabric run: {error}", file=sys.stderr)
-        return 124
-    except KeyboardInterrupt:
-        print("nbfabric run: interrupted; every rank was stopped", file=sys.stderr)
-        return 130
-    return 0
-
-
-def run_script(script: str, args: list[str]) -> None:
-    """In a rank: run `script` as `python script args...` would."""
-    path = os.path.abspath(script)
-    sys.argv = [path, *args]
-    sys.path[0] = os.path.dirname(path)
-    runpy.run_path(path, run_name="__main__")
-
-
-class _ExitCodeSink(TextSink):
-    """Shows rank output as TextSink does and remembers how each rank exited."""
-
-    def __init__(self, ranks: set[int] | None):
-        super().__init__(ranks=ranks)
-        self.returncodes: dict[int, int] = {}
-
-    def rank_exited(self, rank: int, returncode: int) -> None:
-        self.returncodes[rank] = returncode
 
 
 # ----------------------------------------------------------------- env and install-kernel

@@ -12,7 +12,8 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from nbfabric.config import ACCELERATORS, PRECISIONS, START_METHODS, STRATEGIES, RunConfig
-from nbfabric.launcher.environment import launched_world
+from nbfabric.launcher.environment import RUN_KEY_ENV, launched_world
+from nbfabric.launcher.keyed_store import MAKE_A_KEY, check_run_key
 from nbfabric.launcher.launchers import MULTI_NODE_PORT, NodePlace
 from nbfabric.launcher.output import parse_rank_filter
 from nbfabric.user_config import SETTING_NAMES
@@ -44,6 +45,12 @@ RUN_FLAGS = (
     RunFlag("node_rank", "this machine's index among the nodes, 0 to num-nodes - 1", type=int, default="0"),
     RunFlag("main_address", "address of node 0, which hosts the rendezvous (several nodes)"),
     RunFlag("main_port", f"port of the rendezvous on node 0 (a free port on one node, {MULTI_NODE_PORT} on several)", type=int),
+    RunFlag(
+        "run_key",
+        f"the run's key, the same on every node (several nodes): the run's store admits only processes that know it; "
+        f"make one with `{MAKE_A_KEY}`. The environment variable {RUN_KEY_ENV} is the better place, as a flag shows "
+        "in the process list (and in a saved notebook)",
+    ),
     RunFlag("start_method", " or ".join(START_METHODS) + " (one node only)", default="fork"),
     RunFlag("timeout", "stop every rank after this many seconds", type=float),
     RunFlag("ranks", "whose output to show: all, 0, or a list such as 0,2", default="all"),
@@ -87,8 +94,10 @@ class RunPlan:
         return " ".join(extra)
 
 
-def plan_run(settings: dict[str, Any]) -> RunPlan:
-    """Check every run setting (None: not given); ValueError, naming the valid choices, for a bad one."""
+def plan_run(settings: dict[str, Any], *, ranks_exist: bool = False) -> RunPlan:
+    """Check every run setting (None: not given); ValueError, naming the valid choices, for a bad one.
+    Several nodes need the run's key (--run-key, else RUN_KEY_ENV), unless `ranks_exist` (tasks of
+    srun, which meet through the keyed store only where a key is given)."""
     config = RunConfig.resolve(**{name: settings[name] for name in SETTING_NAMES if settings.get(name) is not None})
     node_rank = settings.get("node_rank")
     node_rank = 0 if node_rank is None else node_rank
@@ -98,9 +107,12 @@ def plan_run(settings: dict[str, Any]) -> RunPlan:
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"--main-port={port} is not valid; choose a port from 1 to 65535")
     shown = parse_rank_filter(settings.get("ranks") or "all", config.world_size)
+    run_key = settings.get("run_key") or os.environ.get(RUN_KEY_ENV)
+    if config.num_nodes > 1 and not (ranks_exist and run_key is None):
+        check_run_key(run_key, f"--num-nodes={config.num_nodes}")
     return RunPlan(
         config,
-        NodePlace(node_rank, settings.get("main_address") or "127.0.0.1", port),
+        NodePlace(node_rank, settings.get("main_address") or "127.0.0.1", port, run_key if config.num_nodes > 1 else None),
         check_timeout(settings.get("timeout")),
         None if shown is None else frozenset(shown),
         bool(settings.get("debug")),

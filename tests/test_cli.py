@@ -18,13 +18,15 @@ import psutil
 import pytest
 
 import nbfabric
-from nbfabric import cli, nodes
-from nbfabric.run_flags import plan_run
+from nbfabric import cli
+from nbfabric.launcher.environment import RUN_KEY_ENV
+from nbfabric.launcher.keyed_store import MAKE_A_KEY
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
 NBFABRIC = [sys.executable, "-m", "nbfabric"]
 CPU2 = ["--accelerator=cpu", "--devices=2"]
+KEY = "5f0c7a4e9d2b41c3a8e6f1d07b9c2e45"  # a run key for the runs on several nodes
 MARKER = "NBFABRIC_CLI_TEST_RUN"
 
 
@@ -165,15 +167,18 @@ def test_a_bad_flag_exits_2_naming_the_choices_and_starts_nothing(tmp_path, env)
     [
         (["--accelerator=tpu"], "accelerator='tpu' is not valid; choose one of auto, cpu, cuda, gpu, mps"),
         (["--devices=0"], "devices='0' is not valid"),
-        (["--num-nodes=2"], "--num-nodes=2 needs --main-address"),
+        (["--num-nodes=2", f"--run-key={KEY}"], "--num-nodes=2 needs --main-address"),
         (["--num-nodes=2", "--node-rank=2", "--main-address=h"], "--node-rank=2 is not valid with --num-nodes=2; choose 0 to 1"),
+        (["--num-nodes=2", "--main-address=h"], f"--num-nodes=2 needs a run key, the same on every node, so that its store admits only the run's own processes: make one with `{MAKE_A_KEY}`"),
+        (["--num-nodes=2", "--main-address=h", "--run-key=short"], "--num-nodes=2 has a run key of 5 characters; it needs 16 or more"),
         (["--ranks=2"], "--ranks='2' is not valid; use all, or ranks from 0 to 1"),
         (["--timeout=0"], "timeout=0 is not valid; give a number of seconds above 0"),
         (["--main-port=70000"], "--main-port=70000 is not valid"),
         (["--config=BROKEN"], "cannot read the nbfabric settings file"),
     ],
 )
-def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys, no_leaks, flags, message):
+def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys, monkeypatch, no_leaks, flags, message):
+    monkeypatch.delenv(RUN_KEY_ENV, raising=False)
     (tmp_path / "BROKEN").write_text("{not json")
     script = write(tmp_path / "train.py", "")
     flags = [flag.replace("BROKEN", str(tmp_path / "BROKEN")) for flag in flags]
@@ -327,7 +332,7 @@ def run_two_nodes(tmp_path: Path, env: dict, failing_rank: int) -> list[subproce
     nodes = [
         subprocess.Popen(
             [*NBFABRIC, "run", *flags, f"--node-rank={node}", str(script), str(failing_rank)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**env, RUN_KEY_ENV: KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for node in (0, 1)
     ]
@@ -355,19 +360,23 @@ def test_a_failure_on_one_node_stops_the_other(tmp_path, env):
     nodes = run_two_nodes(tmp_path, env, failing_rank=3)
     assert time.monotonic() - started < 60
     assert [node.returncode for node in nodes] == [1, 1]
-    assert "[rank 3]" in nodes[1].stderr and "ValueError: bad batch on rank 3" in nodes[1].stderr
-    assert "rank 3 failed first on this node (exited with code 1); its other ranks were stopped" in nodes[1].stderr
+    assert "nbfabric run: rank 3 failed: ValueError: bad batch on rank 3" in nodes[1].stderr
+    assert f'line 11, in <module>\n    raise ValueError("bad batch on rank " + sys.argv[1])' in nodes[1].stderr
+    assert "stopped: rank 2" in nodes[1].stderr
     assert all("finished" not in node.stdout for node in nodes)
 
 
+JOIN_THEN_PRINT = "from nbfabric import Fabric\nFabric().launch()\nprint('started')\n"
+
+
 def test_a_node_waiting_for_the_others_stops_at_the_timeout(tmp_path, env):
-    script = write(tmp_path / "train.py", "print('started')\n")
+    script = write(tmp_path / "train.py", JOIN_THEN_PRINT)
     flags = [*CPU2, "--num-nodes=2", "--main-address=127.0.0.1", f"--main-port={free_port()}", "--timeout=3"]
     started = time.monotonic()
-    done = nbfabric_command("run", *flags, str(script), env=env)
+    done = nbfabric_command("run", *flags, str(script), env={**env, RUN_KEY_ENV: KEY})
     assert time.monotonic() - started < 30
     assert done.returncode == 124
-    assert "did not finish within --timeout=3 s" in done.stderr
+    assert "did not finish within timeout=3 s" in done.stderr
     assert "started" not in done.stdout
 
 
@@ -383,10 +392,12 @@ def _listens(pid: int, port: int) -> bool:
 
 
 def test_an_interrupt_stops_a_node_waiting_for_the_others(tmp_path, env):
-    script = write(tmp_path / "train.py", "print('started')\n")
+    script = write(tmp_path / "train.py", JOIN_THEN_PRINT)
     port = free_port()
     flags = [*CPU2, "--num-nodes=2", "--main-address=127.0.0.1", f"--main-port={port}"]
-    command = subprocess.Popen([*NBFABRIC, "run", *flags, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = subprocess.Popen(
+        [*NBFABRIC, "run", *flags, str(script)], env={**env, RUN_KEY_ENV: KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 30
         while not _listens(command.pid, port) and time.monotonic() < deadline:
@@ -398,19 +409,8 @@ def test_an_interrupt_stops_a_node_waiting_for_the_others(tmp_path, env):
         command.kill()
         command.wait()
     assert command.returncode == 130
-    assert "interrupted; stopping this node's ranks" in stderr
+    assert "interrupted; every rank of this node was stopped" in stderr
     assert "started" not in stdout
-
-
-def test_torchrun_arguments_show_only_this_nodes_chosen_ranks(tmp_path):
-    args = cli._parser().parse_args(["run", "--node-rank=1", "--main-address=h", "--main-port=7", "s.py", "-x"])
-    settings = {"accelerator": "cpu", "devices": 2, "num_nodes": 2, "node_rank": 1, "main_address": "h", "main_port": 7}
-    plan = plan_run({**settings, "ranks": "0,3"})
-    assert nodes.torchrun_argv(args, plan, "logs")[3:] == [
-        "--rdzv-backend=static", "--master-addr=h", "--master-port=7", "--log-dir=logs",
-        "--tee=3", "--local-ranks-filter=1", "s.py", "-x",
-    ]
-    assert nodes.torchrun_argv(args, plan_run({**settings, "ranks": "0"}), "logs")[7] == "--redirects=3"
 
 
 # ----------------------------------------------------------------- env and install-kernel

@@ -394,7 +394,7 @@ def test_on_several_nodes_the_store_listens_on_the_main_address_only(no_leaks):
 
     def node(node_rank):
         fabric = Fabric(accelerator="cpu", devices=1, num_nodes=2)
-        place = NodePlace(node_rank, "127.0.0.1", port)
+        place = NodePlace(node_rank, "127.0.0.1", port, run_key="c3f1a9e27b5d4086a4e2f0b1d3c5e7a9")
         fabric.timeout = 60
         results[node_rank] = fabric._launch(_listening_addresses, sink=Sink(), place=place)
 

@@ -313,7 +313,7 @@ def test_two_notebooks_join_as_two_nodes(kernel, tmp_path):
     other = Kernel(tmp_path / "none.json")
     cell = (
         "%%fabric --accelerator=cpu --devices=2 --num-nodes=2 --node-rank={node} --main-address=127.0.0.1 "
-        f"--main-port={port} --timeout=120\n"
+        f"--main-port={port} --run-key=4d8e2a6c0f1b3957e4a2c6d8b0f13579 --timeout=120\n"
         "total = fabric.all_reduce(torch.tensor(fabric.global_rank + 1.0), reduce_op='sum').item()\n"
         "(fabric.node_rank, fabric.world_size, total)"
     )

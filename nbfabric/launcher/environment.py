@@ -14,6 +14,7 @@ from nbfabric.launcher.rank_links import RankLinks, rank_links
 
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE")  # set in every rank that a launcher started
+RUN_KEY_ENV = "NBFABRIC_RUN_KEY"  # the run's key: a rank that has it meets through the keyed store (keyed_store)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ def rank_environment(
     main_port: int,
     threads: int | None,
 ) -> dict[str, str]:
-    """Variables torchrun would set for this rank."""
+    """Variables torchrun would set for this rank; on several nodes also the run's key, from this
+    process's RUN_KEY_ENV."""
     env = {
         "MASTER_ADDR": main_address,
         "MASTER_PORT": str(main_port),
@@ -190,4 +192,6 @@ def rank_environment(
         env["OMP_NUM_THREADS"] = str(threads)
     if num_nodes == 1 or is_loopback(main_address):
         env.update(loopback_sockets())
+    if num_nodes > 1 and RUN_KEY_ENV in os.environ:
+        env[RUN_KEY_ENV] = os.environ[RUN_KEY_ENV]
     return env

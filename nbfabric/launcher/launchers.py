@@ -9,14 +9,17 @@ from it. A rank pool (nbfabric.pool) is another implementation, handed in by who
 
 from __future__ import annotations
 
+import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
 
 from nbfabric.config import RunConfig
 from nbfabric.launcher import launch
 from nbfabric.launcher.cell_labels import label_error_cells
-from nbfabric.launcher.environment import started_by_launcher
+from nbfabric.launcher.environment import RUN_KEY_ENV, started_by_launcher
+from nbfabric.launcher.keyed_store import check_run_key
 from nbfabric.launcher.output import Sink
 
 MULTI_NODE_PORT = 29500  # node 0's rendezvous port when none is given, as torchrun's
@@ -40,6 +43,7 @@ class NodePlace:
     node_rank: int = 0
     main_address: str = "127.0.0.1"
     main_port: int | None = None  # a free port on one node; MULTI_NODE_PORT on several
+    run_key: str | None = field(default=None, repr=False)  # several nodes: else RUN_KEY_ENV (keyed_store)
 
 
 class JoinLauncher:
@@ -67,21 +71,24 @@ class ProcessLauncher:
 
     def launch(self, rank_main: RankMain | None, *, prepare: Callable[[], None] | None = None) -> Any:
         port = self.place.main_port
-        if port is None and self.config.num_nodes > 1:
+        nodes = self.config.num_nodes
+        if port is None and nodes > 1:
             port = MULTI_NODE_PORT
+        key = check_run_key(self.place.run_key or os.environ.get(RUN_KEY_ENV), f"num_nodes={nodes}") if nodes > 1 else None
         try:
-            return launch(
-                rank_main,
-                nprocs=self.config.num_processes,
-                start_method=self.start_method,
-                num_nodes=self.config.num_nodes,
-                node_rank=self.place.node_rank,
-                main_address=self.place.main_address,
-                main_port=port,
-                timeout=self.timeout,
-                sink=self.sink,
-                wait_for_exit=self.config.accelerator != "cpu",
-            )
+            with _run_key_for_ranks(key):
+                return launch(
+                    rank_main,
+                    nprocs=self.config.num_processes,
+                    start_method=self.start_method,
+                    num_nodes=nodes,
+                    node_rank=self.place.node_rank,
+                    main_address=self.place.main_address,
+                    main_port=port,
+                    timeout=self.timeout,
+                    sink=self.sink,
+                    wait_for_exit=self.config.accelerator != "cpu",
+                )
         except BaseException as error:
             label_error_cells(error)
             raise
@@ -130,6 +137,25 @@ def select_launcher(
         return JoinLauncher()
     launcher = ForkLauncher if config.start_method == "fork" else SpawnLauncher
     return launcher(config, timeout=timeout, sink=sink, place=place)
+
+
+@contextmanager
+def _run_key_for_ranks(key: str | None) -> Iterator[None]:
+    """The run's key in RUN_KEY_ENV while the ranks start (they take it from there); as it was
+    after, in this process (a rank forked to go on with the script keeps it)."""
+    if key is None:
+        yield
+        return
+    launcher, before = os.getpid(), os.environ.get(RUN_KEY_ENV)
+    os.environ[RUN_KEY_ENV] = key
+    try:
+        yield
+    finally:
+        if os.getpid() == launcher:
+            if before is None:
+                del os.environ[RUN_KEY_ENV]
+            else:
+                os.environ[RUN_KEY_ENV] = before
 
 
 def _interactive() -> bool:

@@ -1,6 +1,9 @@
-"""The key-value store the ranks of one machine meet through, kept by the supervisor.
+"""The key-value store the ranks of one machine meet through, kept by the supervisor; its
+requests are also those of the keyed store of a run on several nodes (`keyed_store`).
 
-Each rank reaches it over its own socket (`store_client.SupervisorStore` on the rank's side).
+Each rank reaches it over its own socket (`store_client.SupervisorStore` on the rank's side): one
+end of a socket pair that the rank inherits as it starts. It listens on no port and has no
+address, so no other process can reach it, and it needs no key.
 A request is a frame `(request_id, op, args)`; the answer, `(request_id, value)`, is sent as soon
 as it is known: `get` and `wait` are answered the moment another rank sets the key, where a file
 store would look again every 10 ms and a TCP store would need a server thread and a free port.

@@ -1,5 +1,7 @@
-"""A rank's side of the supervisor's rendezvous store (see `rendezvous`): a torch.distributed
-Store, so that `init_process_group(store=...)` and gloo or NCCL use it like any other."""
+"""A rank's side of a rendezvous store (see `rendezvous`): a torch.distributed Store, so that
+`init_process_group(store=...)` and gloo or NCCL use it like any other. `SupervisorStore` reaches
+the supervisor of one machine over the socket the rank inherited; `keyed_store.KeyedStore` reaches
+the store of a run on several nodes over TCP."""
 
 from __future__ import annotations
 
@@ -9,22 +11,32 @@ import socket
 import threading
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
 from nbfabric.channel import ChannelWriter, FrameReader
 
 
-class SupervisorStore(dist.Store):
-    """Each call is one request to the supervisor and waits for its answer; thread-safe."""
+class Writer(Protocol):
+    def send(self, value: Any) -> None: ...
 
-    def __init__(self, fd: int, timeout: timedelta = timedelta(minutes=30)):
+
+class Reader(Protocol):
+    def feed(self, chunk: bytes) -> list[Any]: ...
+
+
+class SocketStore(dist.Store):
+    """Each call is one request `(request_id, op, args)` over `sock`, and waits for its answer
+    `(request_id, value)`; thread-safe. `name` says which store in errors."""
+
+    def __init__(self, sock: socket.socket, writer: Writer, reader: Reader, timeout: timedelta, name: str):
         super().__init__()
         self.set_timeout(timeout)
-        self._socket = socket.socket(fileno=os.dup(fd))
-        self._writer = ChannelWriter(self._socket.fileno())
-        self._reader = FrameReader()
+        self._socket = sock
+        self._writer = writer
+        self._reader = reader
+        self._name = name
         self._answers: list[tuple[int, Any]] = []
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -72,15 +84,23 @@ class SupervisorStore(dist.Store):
                     return value
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise dist.DistStoreError(f"the launcher's rendezvous store did not answer {op}{args!r} in time")
+                raise dist.DistStoreError(f"{self._name} did not answer {op}{args!r} in time")
             self._socket.settimeout(remaining)
             try:
                 chunk = self._socket.recv(1 << 16)
             except TimeoutError:
                 continue
             if not chunk:
-                raise dist.DistStoreError("the launcher's rendezvous store closed (the launching process ended)")
+                raise dist.DistStoreError(f"{self._name} closed (the process that served it ended)")
             self._answers += self._reader.feed(chunk)
+
+
+class SupervisorStore(SocketStore):
+    """The supervisor's store, over the socket this rank inherited (`fd`)."""
+
+    def __init__(self, fd: int, timeout: timedelta = timedelta(minutes=30)):
+        sock = socket.socket(fileno=os.dup(fd))
+        super().__init__(sock, ChannelWriter(sock.fileno()), FrameReader(), timeout, "the launcher's rendezvous store")
 
 
 def _as_bytes(value: Any) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import socket
 import sys
 from contextlib import nullcontext
 from datetime import timedelta
@@ -16,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import RankInfo, preserved_environment
+from nbfabric.launcher.keyed_store import RUN_KEY_ENV, KeyedStore, KeyedStoreServer, check_run_key
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
 REDUCE_OPS = ("mean", "avg", "sum", "min", "max", "product")  # any case, or torch.distributed.ReduceOp
@@ -61,7 +61,7 @@ class DDPStrategy(SingleDeviceStrategy):
         self.process_group_backend = process_group_backend
         self.backend = process_group_backend or "gloo"
         self._private_group = False
-        self._listener: socket.socket | None = None  # global rank 0's listening socket, on several nodes
+        self._store_server: KeyedStoreServer | None = None  # global rank 0's, on several nodes
 
     def bind(self, config: RunConfig) -> DDPStrategy:
         super().bind(config)
@@ -78,15 +78,17 @@ class DDPStrategy(SingleDeviceStrategy):
             import torch._dynamo  # noqa: F401
 
     def setup_environment(self, ranks: RankInfo) -> None:
-        """Join the process group: through the launcher's store, torchrun's env://, or, for a single
-        process of its own, an in-memory store."""
+        """Join the process group: through the launcher's store (one machine), the run's keyed store
+        (ranks nbfabric started on several nodes, and any rank whose environment holds the run's key,
+        `keyed_store.RUN_KEY_ENV`), torchrun's env://, or, for a single process of its own, an
+        in-memory store."""
         super().setup_environment(ranks)
         if dist.is_initialized():
             return
         rank, world_size = ranks.global_rank, ranks.world_size
         store = ranks.links.store if ranks.links is not None else None
-        if store is None and ranks.links is not None and world_size > 1:
-            store = self._node_zero_store(rank, world_size)  # ranks nbfabric started on several nodes
+        if store is None and world_size > 1 and (ranks.links is not None or RUN_KEY_ENV in os.environ):
+            store = self._node_zero_store(rank, world_size)
         if store is not None:
             dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
         elif world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -95,19 +97,14 @@ class DDPStrategy(SingleDeviceStrategy):
         else:
             dist.init_process_group(self.backend, init_method="env://", rank=rank, world_size=world_size, timeout=self.timeout)
 
-    def _node_zero_store(self, rank: int, world_size: int) -> dist.TCPStore:
-        """The run's store at MASTER_ADDR:MASTER_PORT, which global rank 0 serves. It listens on
-        that address only where the address is this machine's (torch's own listens on all)."""
+    def _node_zero_store(self, rank: int, world_size: int) -> KeyedStore:
+        """The run's store at MASTER_ADDR:MASTER_PORT, which global rank 0 serves on that address
+        only; it admits only processes that know the run's key, every rank's RUN_KEY_ENV."""
         address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        timeout = self.timeout or timedelta(minutes=30)
-        if rank != 0:
-            return dist.TCPStore(address, port, world_size, False, timeout)
-        try:
-            family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
-            self._listener = socket.create_server((address, port), family=family)
-        except OSError:  # not an address of this machine: listen as torch does
-            return dist.TCPStore(address, port, world_size, True, timeout, wait_for_workers=False)
-        return dist.TCPStore(address, port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=self._listener.fileno())
+        key = check_run_key(os.environ.get(RUN_KEY_ENV), f"A run of {world_size} ranks on several nodes")
+        if rank == 0:
+            self._store_server = KeyedStoreServer(address, port, key)
+        return KeyedStore(address, port, key, self.timeout or timedelta(minutes=30))
 
     def release(self) -> None:
         """End the single-process group this strategy made, so the process can fork ranks again."""
@@ -116,9 +113,12 @@ class DDPStrategy(SingleDeviceStrategy):
         self._private_group = False
 
     def leave(self) -> None:
-        """Leave the process group."""
+        """Leave the process group (and stop serving its store, on global rank 0 of several nodes)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._store_server is not None:
+            self._store_server.close()
+            self._store_server = None
 
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
