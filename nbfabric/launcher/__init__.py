@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import sys
+from contextlib import nullcontext
 from typing import Any, Callable
 
 from nbfabric.config import START_METHODS
@@ -15,6 +16,7 @@ from nbfabric.launcher.fork_safety import check_fork_safe
 from nbfabric.launcher.machine import free_port, threads_per_rank
 from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
+from nbfabric.launcher.shared_tensors import SharedFiles
 from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
 from nbfabric.launcher.supervisor import Supervisor
 from nbfabric.launcher.inherited import find_inherited
@@ -54,12 +56,15 @@ def launch(
     elif target is None:
         raise ValueError("continuing the calling script in each rank needs start_method='fork'")
     specs = _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port or free_port())
-    ranks = _start(target, specs, start_method)
-    if ranks is None:
-        return None  # this process is now a rank
+    shared = SharedFiles()  # large tensors the spawned ranks are sent, and only while this run lasts
     try:
+        with shared.placing() if start_method == "spawn" else nullcontext():
+            ranks = _start(target, specs, start_method)
+        if ranks is None:
+            return None  # this process is now a rank
         outcome = Supervisor(ranks, sink or TextSink(), timeout).run()
     finally:
+        shared.remove()
         if start_method == "spawn":
             stop_spawn_helper()
     try:

@@ -1,16 +1,25 @@
 """Notebook values sent to ranks in other interpreters (spawned, or a pool's engines): pickled once
 with cloudpickle, which carries functions and classes defined in the notebook by value, together
-with the notebook globals they reach."""
+with the notebook globals they reach. The bytes of tensor storages and large arrays stay out of
+that pickle: they go to spawned ranks through shared memory (nbfabric.launcher.shared_tensors),
+and inside the pickle elsewhere."""
 
 from __future__ import annotations
 
+import ctypes
 import io
 import linecache
+import pickle
+import sys
 import types
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import cloudpickle
+
+from nbfabric.launcher import shared_tensors
+from nbfabric.launcher.shared_tensors import LARGE
 
 
 @dataclass(frozen=True)
@@ -22,12 +31,21 @@ class Shipment:
     left: dict[str, str] = field(default_factory=dict)
 
     sources: dict[str, list[str]] = field(default_factory=dict)  # file name -> lines, for tracebacks
+    buffers: tuple[Any, ...] = ()  # the pickle's out-of-band buffers (large arrays), in its order
+    storages: tuple[Any, ...] = ()  # the bytes of each tensor storage the pickle refers to
+    arrived: bool = False  # unpickled in the receiving process
 
     def unpack(self) -> dict[str, Any]:
         """The values, in the receiving process (whose tracebacks can then show the notebook's lines)."""
+        if not self.arrived:  # still in the sending process: copies, as a receiving process gets them
+            return pickle.loads(dumps(self)).unpack()
         for filename, lines in self.sources.items():
             linecache.cache.setdefault(filename, (sum(map(len, lines)), None, lines, filename))
-        return cloudpickle.loads(self.data) if self.data else {}
+        token = _arriving.set(_Storages(self.storages))
+        try:
+            return pickle.loads(self.data, buffers=self.buffers) if self.data else {}
+        finally:
+            _arriving.reset(token)
 
     def refusal(self, where: str) -> str:
         """One message naming every name that cannot be shipped, and why."""
@@ -35,6 +53,77 @@ class Shipment:
         lines += [f"  {name}: {why}" for name, why in self.left.items()]
         lines.append("Create these inside the cell, or leave them out of it.")
         return "\n".join(lines)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """While spawned ranks start, large blobs go to a shared file (a link per rank); else, or if
+        it lacks room, every blob goes inside the pickle."""
+        fields = (self.data, self.names, self.left, self.sources)
+        blobs = [memoryview(blob) for blob in (*self.buffers, *self.storages)]
+        large = [index for index, blob in enumerate(blobs) if blob.nbytes >= LARGE]
+        files = shared_tensors.placing()
+        placed = files.place(self, [blobs[i] for i in large]) if files is not None and large else None
+        offsets, mapping = {}, None
+        if placed is not None:
+            path, at, size = placed
+            offsets, mapping = dict(zip(large, at)), (path, size)
+        inside = [
+            (offsets[i], blob.nbytes, blob.readonly) if i in offsets else _inside(blob, protocol) for i, blob in enumerate(blobs)
+        ]
+        count = len(self.buffers)
+        return _arrive, (fields, inside[:count], inside[count:], mapping)
+
+
+def _inside(blob: memoryview, protocol: int) -> Any:
+    """`blob` as the pickle carries it: bytes if read-only, else a bytearray where it arrives."""
+    if protocol >= 5:
+        return pickle.PickleBuffer(blob)
+    return bytes(blob) if blob.readonly else bytearray(blob)
+
+
+def _arrive(fields: tuple, buffers: list, storages: list, mapping: tuple[str, int] | None = None) -> Shipment:
+    """The shipment in the receiving process; blobs given as (offset, size, read-only) are parts of
+    this rank's private mapping of the shared file."""
+    if mapping is not None:
+        mapped = shared_tensors.map_file(*mapping)
+
+        def part(blob: Any) -> Any:
+            if not isinstance(blob, tuple):
+                return blob
+            offset, size, readonly = blob
+            view = mapped[offset : offset + size]
+            return view.toreadonly() if readonly else view
+
+        buffers, storages = [part(b) for b in buffers], [part(s) for s in storages]
+    return Shipment(*fields, tuple(buffers), tuple(storages), arrived=True)
+
+
+class _Storages:
+    """The storages of the shipment being unpacked, each made once: views share it as they did."""
+
+    def __init__(self, blobs: tuple[Any, ...]):
+        self.blobs, self.made = blobs, {}
+
+    def get(self, index: int) -> Any:
+        if index not in self.made:
+            import torch
+
+            blob = self.blobs[index]
+            if isinstance(blob, memoryview):  # a part of the private mapping: used in place
+                self.made[index] = torch.frombuffer(blob, dtype=torch.uint8).untyped_storage()
+            else:  # inside the pickle: a storage of its own, as torch's pickling makes
+                self.made[index] = torch.UntypedStorage.from_buffer(blob, dtype=torch.uint8)
+        return self.made[index]
+
+
+_arriving: ContextVar[_Storages] = ContextVar("nbfabric_arriving_storages")
+
+
+def _storage(index: int, dtype: Any) -> Any:
+    """Storage `index` of the shipment being unpacked; typed as `dtype` unless None."""
+    import torch
+
+    untyped = _arriving.get().get(index)
+    return untyped if dtype is None else torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
 
 def ship(values: dict[str, Any], sources: Iterable[str] = ()) -> Shipment:
@@ -44,7 +133,7 @@ def ship(values: dict[str, Any], sources: Iterable[str] = ()) -> Shipment:
     whose lines go along."""
     lines = {name: linecache.getlines(name) for name in sources}
     try:
-        return Shipment(dumps(values), tuple(values), sources=lines)
+        return _shipment(values, lines, {})
     except Exception:  # noqa: BLE001 - find which names fail
         pass
     left = {}
@@ -54,7 +143,14 @@ def ship(values: dict[str, Any], sources: Iterable[str] = ()) -> Shipment:
         except Exception as exc:  # noqa: BLE001 - any pickling failure names the value
             left[name] = f"{type(exc).__name__}: {exc}"
     kept = {name: value for name, value in values.items() if name not in left}
-    return Shipment(dumps(kept), tuple(kept), left, lines)
+    return _shipment(kept, lines, left)
+
+
+def _shipment(values: dict[str, Any], sources: dict[str, list[str]], left: dict[str, str]) -> Shipment:
+    buffer = io.BytesIO()
+    pickler = _ShippingPickler(buffer)
+    pickler.dump(values)
+    return Shipment(buffer.getvalue(), tuple(values), left, sources, tuple(pickler.buffers), tuple(pickler.storages))
 
 
 class _Pickler(cloudpickle.Pickler):
@@ -64,6 +160,53 @@ class _Pickler(cloudpickle.Pickler):
         if isinstance(obj, types.CodeType) and obj.co_filename != _UNNAMED:
             return _named, (obj.replace(co_filename=_UNNAMED), obj.co_filename)
         return super().reducer_override(obj)
+
+
+class _ShippingPickler(_Pickler):
+    """Keeps out of the pickle the bytes of CPU tensor storages (each storage once, however many
+    tensors view it) and large out-of-band buffers (numpy arrays). Large ones are read when the
+    shipment is sent; smaller ones are copied now, as the pickle would have."""
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file, protocol=5, buffer_callback=self._keep_buffer)
+        self.buffers: list[memoryview] = []
+        self.storages: list[Any] = []
+        self._indices: dict[tuple[int, int], int] = {}  # (address, size) -> index in storages
+        torch = sys.modules.get("torch")
+        self._storage_types = (torch.storage.TypedStorage, torch.UntypedStorage) if torch is not None else ()
+
+    def _keep_buffer(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: inside the pickle
+            return True
+        if raw.nbytes < LARGE:
+            return True
+        self.buffers.append(raw)
+        return False
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) in self._storage_types:
+            typed = type(obj) is self._storage_types[0]
+            untyped = obj._untyped_storage if typed else obj
+            if untyped.device.type == "cpu" and untyped.nbytes() > 0:
+                return _storage, (self._index(untyped), obj.dtype if typed else None)
+        return super().reducer_override(obj)
+
+    def _index(self, untyped: Any) -> int:
+        key = (untyped.data_ptr(), untyped.nbytes())
+        if key not in self._indices:
+            self._indices[key] = len(self.storages)
+            view = _storage_bytes(untyped)
+            self.storages.append(view if view.nbytes >= LARGE else bytearray(view))
+        return self._indices[key]
+
+
+def _storage_bytes(untyped: Any) -> memoryview:
+    """The bytes of a CPU storage, without a copy; the view keeps the storage alive."""
+    array = (ctypes.c_ubyte * untyped.nbytes()).from_address(untyped.data_ptr())
+    array.storage = untyped
+    return memoryview(array).cast("B")
 
 
 _UNNAMED = "<dynamic-code>"  # the name cloudpickle gives every code object it pickles
