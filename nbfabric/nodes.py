@@ -10,6 +10,7 @@ import sys
 from functools import partial
 
 from nbfabric.launcher import RankError, RankTimeoutError, TextSink
+from nbfabric.launcher.keyed_store import keyed_rendezvous_wanted, route_env_rendezvous
 from nbfabric.launcher.launchers import ForkLauncher, SpawnLauncher
 from nbfabric.launcher.processes import exit_status
 from nbfabric.run_flags import RunPlan
@@ -37,7 +38,10 @@ def run_node(args: argparse.Namespace, plan: RunPlan) -> int:
 
 
 def run_script(script: str, args: list[str]) -> None:
-    """In a rank: run `script` as `python script args...` would."""
+    """In a rank: run `script` as `python script args...` would. With the run's key (several
+    nodes), a process group the script makes itself meets through the keyed store too."""
+    if keyed_rendezvous_wanted():
+        route_env_rendezvous()
     path = os.path.abspath(script)
     sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(path)

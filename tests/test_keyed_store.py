@@ -20,7 +20,7 @@ import torch.distributed as dist
 from nbfabric import Fabric
 from nbfabric.launcher import keyed_store
 from nbfabric.launcher.environment import RUN_KEY_ENV
-from nbfabric.launcher.keyed_store import MAKE_A_KEY, KeyedStore, KeyedStoreServer
+from nbfabric.launcher.keyed_store import MAKE_A_KEY, KeyedStore, KeyedStoreServer, new_run_key
 from nbfabric.launcher.launchers import NodePlace
 from nbfabric.launcher.machine import free_port
 from nbfabric.launcher.output import Sink
@@ -128,9 +128,19 @@ def _listening(root: int, port: int) -> list[str]:
     return found
 
 
-def test_nbfabric_run_on_two_nodes_refuses_strangers_and_reduces_over_gloo(tmp_path):
+def _end(processes: list[subprocess.Popen]) -> None:
+    """Kill what is left of `processes` and close their pipes, also when a test fails half way."""
+    for process in processes:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def _two_nodes(tmp_path: Path, source: str, while_node_0_waits=lambda port: None) -> list[tuple[str, str]]:
+    """`nbfabric run` on two nodes of this machine, one CPU rank each; (stdout, stderr) of each node."""
     script = tmp_path / "train.py"
-    script.write_text(TWO_NODES)
+    script.write_text(source)
     port = free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("NBFABRIC_")}
     env.update({"NBFABRIC_CONFIG": str(tmp_path / "none.json"), RUN_KEY_ENV: KEY})
@@ -147,15 +157,33 @@ def test_nbfabric_run_on_two_nodes_refuses_strangers_and_reduces_over_gloo(tmp_p
                 while not _listening(nodes[0].pid, port) and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert _listening(nodes[0].pid, port) == [ADDRESS]  # the main address only, not every interface
-                _refuses_strangers(port)
+                while_node_0_waits(port)
         outputs = [node.communicate(timeout=90) for node in nodes]
     finally:
-        for node in nodes:
-            node.kill()
-            node.wait()
+        _end(nodes)
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, err
+    return outputs
+
+
+def test_nbfabric_run_on_two_nodes_refuses_strangers_and_reduces_over_gloo(tmp_path):
+    outputs = _two_nodes(tmp_path, TWO_NODES, while_node_0_waits=_refuses_strangers)
     assert outputs[0][0] == "[rank 0] rank 0 of 2 sum 3\n" and outputs[1][0] == "[rank 1] rank 1 of 2 sum 3\n"
+
+
+TORCHRUN_STYLE = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.tensor(dist.get_rank() + 1.0)
+dist.all_reduce(total)
+print("sum", int(total))
+dist.destroy_process_group()
+"""
+
+
+def test_a_script_that_makes_its_own_process_group_meets_through_the_keyed_store_too(tmp_path):
+    outputs = _two_nodes(tmp_path, TORCHRUN_STYLE)  # torch's own store would listen on every interface
+    assert [out for out, _ in outputs] == ["[rank 0] sum 3\n", "[rank 1] sum 3\n"]
 
 
 POOL_RANK = """
@@ -189,7 +217,7 @@ def test_ranks_whose_environment_holds_the_key_meet_through_the_keyed_store(tmp_
     common = {name: value for name, value in os.environ.items() if not name.startswith("NBFABRIC_")}
     common.update({
         "MASTER_ADDR": ADDRESS, "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-        "GLOO_SOCKET_IFNAME": "lo", RUN_KEY_ENV: KEY, "NBFABRIC_CONFIG": str(tmp_path / "none.json"),
+        "GLOO_SOCKET_IFNAME": "lo", RUN_KEY_ENV: new_run_key(), "NBFABRIC_CONFIG": str(tmp_path / "none.json"),
     })
     ranks = []
     try:
@@ -198,9 +226,7 @@ def test_ranks_whose_environment_holds_the_key_meet_through_the_keyed_store(tmp_
             ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outputs = [rank.communicate(timeout=90) for rank in ranks]
     finally:
-        for rank in ranks:
-            rank.kill()
-            rank.wait()
+        _end(ranks)
     assert [rank.returncode for rank in ranks] == [0, 0], [err for _, err in outputs]
     assert outputs[0][0] == f"sum 3 store listens on ['{ADDRESS}']\n"
     assert outputs[1][0] == "sum 3 another key: refused\n"

@@ -13,6 +13,7 @@ their traffic.
 from __future__ import annotations
 
 import hmac
+import importlib
 import io
 import os
 import pickle
@@ -24,7 +25,8 @@ import threading
 import time
 from datetime import timedelta
 from hashlib import sha256
-from typing import Any
+from typing import Any, Iterator
+from urllib.parse import parse_qsl, urlparse
 
 import torch.distributed as dist
 
@@ -292,3 +294,44 @@ def _prove(sock: socket.socket, key: str, deadline: float, where: str) -> None:
     sock.sendall(nonce + _proof(key, b"client", server_nonce, nonce))
     if not hmac.compare_digest(_receive(sock, 32, deadline, where), _proof(key, b"server", nonce, server_nonce)):
         raise dist.DistStoreError(f"{where} does not know the run's key; is another program listening on that port?")
+
+
+# ----------------------------------------------------------------- a rank joining the run
+def keyed_rendezvous_wanted() -> bool:
+    """Whether this rank meets through the keyed store: its environment holds the run's key, and
+    torchrun's agent does not serve a store of its own at MASTER_PORT."""
+    return RUN_KEY_ENV in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
+def join_run_store(rank: int, world_size: int, timeout: timedelta) -> tuple[KeyedStore, KeyedStoreServer | None]:
+    """This rank's client of the run's store at MASTER_ADDR:MASTER_PORT, and the server if this is
+    global rank 0, which serves it there (on that address only) for as long as it keeps it."""
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    key = check_run_key(os.environ.get(RUN_KEY_ENV), f"A run of {world_size} ranks")
+    server = KeyedStoreServer(address, port, key) if rank == 0 else None
+    try:
+        return KeyedStore(address, port, key, timeout), server
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+
+
+_env_servers: list[KeyedStoreServer] = []  # per process: what rank 0 serves for env://, kept for its life
+
+
+def route_env_rendezvous() -> None:
+    """torch's env:// rendezvous (`init_process_group()` without a store, as scripts written for
+    torchrun call it) meets through the run's keyed store in this process, instead of torch's own
+    store, which admits any client on every interface."""
+    importlib.import_module("torch.distributed.rendezvous")._rendezvous_handlers["env"] = _env_rendezvous
+
+
+def _env_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **kwargs: Any) -> Iterator[tuple[KeyedStore, int, int]]:
+    query = dict(parse_qsl(urlparse(url).query))
+    rank, world_size = int(query.get("rank", os.environ["RANK"])), int(query.get("world_size", os.environ["WORLD_SIZE"]))
+    store, server = join_run_store(rank, world_size, timeout)
+    if server is not None:
+        _env_servers.append(server)
+    yield store, rank, world_size
+    raise RuntimeError("the run's store cannot meet a second time through the same env:// rendezvous")

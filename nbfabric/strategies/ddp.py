@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import RankInfo, preserved_environment
-from nbfabric.launcher.keyed_store import RUN_KEY_ENV, KeyedStore, KeyedStoreServer, check_run_key
+from nbfabric.launcher.keyed_store import KeyedStore, KeyedStoreServer, join_run_store, keyed_rendezvous_wanted
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 
 REDUCE_OPS = ("mean", "avg", "sum", "min", "max", "product")  # any case, or torch.distributed.ReduceOp
@@ -87,7 +87,7 @@ class DDPStrategy(SingleDeviceStrategy):
             return
         rank, world_size = ranks.global_rank, ranks.world_size
         store = ranks.links.store if ranks.links is not None else None
-        if store is None and world_size > 1 and (ranks.links is not None or RUN_KEY_ENV in os.environ):
+        if store is None and world_size > 1 and (ranks.links is not None or keyed_rendezvous_wanted()):
             store = self._node_zero_store(rank, world_size)
         if store is not None:
             dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
@@ -100,11 +100,8 @@ class DDPStrategy(SingleDeviceStrategy):
     def _node_zero_store(self, rank: int, world_size: int) -> KeyedStore:
         """The run's store at MASTER_ADDR:MASTER_PORT, which global rank 0 serves on that address
         only; it admits only processes that know the run's key, every rank's RUN_KEY_ENV."""
-        address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        key = check_run_key(os.environ.get(RUN_KEY_ENV), f"A run of {world_size} ranks on several nodes")
-        if rank == 0:
-            self._store_server = KeyedStoreServer(address, port, key)
-        return KeyedStore(address, port, key, self.timeout or timedelta(minutes=30))
+        store, self._store_server = join_run_store(rank, world_size, self.timeout or timedelta(minutes=30))
+        return store
 
     def release(self) -> None:
         """End the single-process group this strategy made, so the process can fork ranks again."""
