@@ -218,12 +218,10 @@ class KeyedStoreServer:
 
     def _serve_requests(self, client: _Client, chunk: bytes) -> None:
         try:
-            requests = client.reader.feed(chunk)
-        except Exception:  # noqa: BLE001 - not a request of this store's: the client goes
+            for request in client.reader.feed(chunk):
+                self._store.handle(client.socket.fileno(), request, client.reply)
+        except Exception:  # noqa: BLE001 - not a request of this store's: the client goes, the store stays
             self._drop(client)
-            return
-        for request in requests:
-            self._store.handle(client.socket.fileno(), request, client.reply)
 
     def _drop(self, client: _Client) -> None:
         fd = client.socket.fileno()
