@@ -17,10 +17,11 @@ POOL_COMMANDS = ("start", "attach", "pool", "stop-pool", "pull")
 POOL_HELP = """\
 rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it):
   %fabric start --devices=N [--num-nodes=M] [--accelerator=cpu|cuda] [--engines=local|slurm|mpi|ssh]
-                [--partition=P] [--time=T] [--profile=NAME] [--controller-ip=ADDRESS]
+                [--partition=P] [--time=T] [--hosts=HOST,...] [--profile=NAME] [--controller-ip=ADDRESS]
                 [--detach [--idle-timeout=SECONDS]]
-                (ssh engines take their hosts from the profile's ipcluster_config.py; the pool ends
-                when the kernel dies, unless --detach keeps it for %fabric attach, 3600 s by default)
+                (mpi and ssh engines: N on each of --hosts, one host per node; ssh and mpiexec
+                options in the profile's ipcluster_config.py; the pool ends when the kernel
+                dies, unless --detach keeps it for %fabric attach, 3600 s by default)
   %fabric attach [--profile=NAME] [--cluster-id=ID]  hold the detached pool no kernel holds, or use
                                                      engines started with ipcluster
   %fabric pool                                       show the ranks, their nodes and devices
@@ -56,6 +57,7 @@ def _parser(command: str) -> _Parser:
         parser.add_argument("--engines", default="local", choices=ENGINE_KINDS)
         parser.add_argument("--partition")
         parser.add_argument("--time")
+        parser.add_argument("--hosts")
         parser.add_argument("--profile")
         parser.add_argument("--controller-ip", dest="controller_ip")
         parser.add_argument("--detach", action="store_true")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,7 @@ from nbfabric.config import RunConfig
 from nbfabric.pool import engine_side, slurm_job, watchdog
 from nbfabric.tracebacks import ShortInIPython
 from nbfabric.launcher.environment import rank_environment
+from nbfabric.launcher.machine import is_loopback
 
 ENGINE_KINDS = ("local", "slurm", "mpi", "ssh")
 START_TIMEOUT = 300.0  # seconds to wait for every engine to register (a Slurm job may queue)
@@ -47,8 +50,9 @@ class PoolRank:
 
 class EngineCluster:
     """The engines of a rank pool, one per rank, made one process group: started here (``devices=2``),
-    by Slurm (``engines="slurm"``, ``partition``, ``time``), MPI or SSH, or found (``attach``);
-    watched, interrupted, regrouped and stopped. `RankPool` runs functions on them.
+    by Slurm (``engines="slurm"``, ``partition``, ``time``), by MPI or SSH (``engines="mpi"`` or
+    ``"ssh"``, ``hosts=["a", "b"]``: ``devices`` engines on each host, one node per host), or found
+    (``attach``); watched, interrupted, regrouped and stopped. `RankPool` runs functions on them.
 
     A watchdog process ends the pool when the kernel that holds it is gone; ``detach=True`` keeps
     it then, for a later ``attach()``, until no kernel has held it for ``idle_timeout`` seconds."""
@@ -62,13 +66,14 @@ class EngineCluster:
         engines: str = "local",
         partition: str | None = None,
         time: str | None = None,
+        hosts: str | Sequence[str] | None = None,
         profile: str | None = None,
         controller_ip: str | None = None,
         detach: bool = False,
         idle_timeout: float | None = None,
         start_timeout: float = START_TIMEOUT,
     ):
-        self.config = _check(devices, num_nodes, accelerator, engines, partition, time, detach, idle_timeout)
+        self.config, hosts = _check(devices, num_nodes, accelerator, engines, partition, time, hosts, detach, idle_timeout)
         self.kind, self.attached, self.broken = engines, False, ""
         self._record, self._watchdog, self._job_checked = "", None, 0.0
         import ipyparallel as ipp
@@ -80,10 +85,12 @@ class EngineCluster:
             except slurm_job.SlurmRefusal as refused:
                 raise PoolError(str(refused)) from None
             options["config"] = slurm_job.batch_config(self.config, partition, time, _job_dir(profile))
+        elif engines in ("mpi", "ssh"):
+            options["config"] = _launcher_config(engines, hosts, self.config.num_processes)
         self.cluster = ipp.Cluster(
             n=self.config.world_size,
             engines=engines,
-            controller_ip=controller_ip or ("127.0.0.1" if engines in ("local", "mpi") else "*"),
+            controller_ip=controller_ip or ("127.0.0.1" if _on_this_machine(engines, hosts, self.config.num_nodes) else "*"),
             controller_args=HEARTBEAT,
             log_level=logging.ERROR,  # an engine stopped by a signal is no warning here
             shutdown_atexit=not detach,
@@ -147,7 +154,7 @@ class EngineCluster:
                 f"no running cluster to attach to (profile={profile or 'default'!r}, cluster id={cluster_id!r}): {error}. "
                 "Start one with `ipcluster start -n 2`, or use %fabric start."
             ) from None
-        nodes = {info["node"] for info in pool.client[:].apply_sync(engine_side.describe)}
+        nodes = {_node(info) for info in pool.client[:].apply_sync(engine_side.describe)}
         per_node, extra = divmod(len(pool.client.ids), len(nodes))
         if extra:
             pool.client.close()
@@ -279,17 +286,18 @@ class EngineCluster:
         ids = sorted(self.client.ids)
         infos = dict(zip(ids, self.client[ids].apply_sync(engine_side.describe)))
         engines = sorted(ids, key=lambda e: (infos[e]["task"] is None, infos[e]["task"] or 0, e))
-        nodes = list(dict.fromkeys(infos[e]["node"] for e in engines))
+        nodes = list(dict.fromkeys(_node(infos[e]) for e in engines))
         per_node = self.config.num_processes
-        if len(nodes) != self.config.num_nodes or any(sum(i["node"] == n for i in infos.values()) != per_node for n in nodes):
-            found = ", ".join(f"{n}: {sum(i['node'] == n for i in infos.values())}" for n in nodes)
+        counts = {node: sum(_node(info) == node for info in infos.values()) for node in nodes}
+        if len(nodes) != self.config.num_nodes or any(count != per_node for count in counts.values()):
+            found = ", ".join(f"{name} ({address}): {count}" for (name, address), count in counts.items())
             raise PoolError(f"expected {per_node} engines on each of {self.config.num_nodes} nodes, found {found}")
         ranks = []
         for node_rank, node in enumerate(nodes):
-            mine = [e for e in engines if infos[e]["node"] == node]
+            mine = [e for e in engines if _node(infos[e]) == node]
             for local_rank, engine in enumerate(mine):
                 info = infos[engine]
-                ranks.append(PoolRank(len(ranks), local_rank, node_rank, node, info["address"], info["pid"], engine))
+                ranks.append(PoolRank(len(ranks), local_rank, node_rank, node[0], info["address"], info["pid"], engine))
         one_host = len({infos[r.engine]["host"] for r in ranks}) == 1
         main_address = "127.0.0.1" if one_host else ranks[0].address
         port = self.client[ranks[0].engine].apply_sync(engine_side.free_port)
@@ -309,13 +317,22 @@ class EngineCluster:
 
 def _check(
     devices: Any, num_nodes: int, accelerator: str, engines: str, partition: str | None, time: str | None,
-    detach: bool, idle_timeout: float | None,
-) -> RunConfig:
-    """The pool's settings, checked before anything starts."""
+    hosts: str | Sequence[str] | None, detach: bool, idle_timeout: float | None,
+) -> tuple[RunConfig, tuple[str, ...]]:
+    """The pool's settings and its hosts, checked before anything starts."""
     if engines not in ENGINE_KINDS:
         raise ValueError(f"engines={engines!r} is not valid; choose one of {', '.join(ENGINE_KINDS)}")
     if (partition or time) and engines != "slurm":
         raise ValueError("--partition and --time are Slurm's; use them with --engines=slurm")
+    hosts = tuple(host.strip() for host in (hosts.split(",") if isinstance(hosts, str) else hosts or ()))
+    if hosts and engines not in ("mpi", "ssh"):
+        raise ValueError("--hosts names the machines of MPI or SSH engines; use it with --engines=mpi or --engines=ssh")
+    if engines == "ssh" and not hosts:
+        raise ValueError("--engines=ssh needs --hosts=HOST[,HOST...]: the machines to start engines on over SSH")
+    if "" in hosts or len(set(hosts)) != len(hosts):
+        raise ValueError(f"--hosts={','.join(hosts)} is not valid; name each host once, separated by commas")
+    if hosts and len(hosts) != num_nodes:
+        raise ValueError(f"--hosts names {len(hosts)} host(s) but --num-nodes={num_nodes}; give one host per node")
     if idle_timeout is not None and not detach:
         raise ValueError("--idle-timeout is how long a detached pool waits for a kernel; use it with --detach")
     if idle_timeout is not None and not idle_timeout > 0:
@@ -326,7 +343,49 @@ def _check(
     needed = {"slurm": "sbatch", "mpi": "mpiexec", "ssh": "ssh"}.get(engines)
     if needed and _missing(needed):
         raise ValueError(f"--engines={engines} needs {needed}, which is not on PATH here")
-    return config
+    return config, hosts
+
+
+def _launcher_config(engines: str, hosts: tuple[str, ...], per_host: int) -> Any:
+    """ipyparallel's settings for MPI or SSH engines: `per_host` engines on each host, added to what
+    the profile sets (its ssh and scp options, remote python, mpiexec options)."""
+    from traitlets.config import Config
+
+    settings = Config()
+    if engines == "ssh":
+        settings.SSHEngineSetLauncher.engines = {host: per_host for host in hosts}
+    elif _open_mpi():  # spread over the hosts, not bound to one core (a rank shares out its threads), as root where we are root
+        host_list = ["--host", ",".join(f"{host}:{per_host}" for host in hosts)] if hosts else []
+        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        settings.MPIEngineSetLauncher.mpi_args.extend([*host_list, "--bind-to", "none", *root])
+    elif hosts:
+        raise ValueError(
+            "--hosts speaks Open MPI's mpiexec; for another MPI, set its host options in the profile "
+            "(c.MPILauncher.mpi_args in ipcluster_config.py) and leave out --hosts"
+        )
+    return settings
+
+
+def _open_mpi() -> bool:
+    """Whether the mpiexec on PATH is Open MPI's."""
+    try:
+        version = subprocess.run(["mpiexec", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in version or "OpenRTE" in version
+
+
+def _on_this_machine(engines: str, hosts: tuple[str, ...], num_nodes: int) -> bool:
+    """Whether every engine runs on this machine (the controller then listens on loopback only)."""
+    if hosts:
+        return all(is_loopback(host.rpartition("@")[2].partition(":")[0]) for host in hosts)
+    return engines == "local" or (engines == "mpi" and num_nodes == 1)
+
+
+def _node(info: dict[str, Any]) -> tuple[str, str]:
+    """An engine's node: its name and the address it was reached at (which tells apart the hosts of
+    an SSH pool that share a name)."""
+    return info["node"], info["address"]
 
 
 def _detached_pool(profile: str | None, cluster_id: str) -> tuple[str, dict] | None:

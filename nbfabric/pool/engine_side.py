@@ -23,14 +23,17 @@ _OUTPUT_FLUSH = 0.05  # seconds a partial line may wait before it is sent anyway
 
 def describe() -> dict[str, Any]:
     """Where this engine runs: its node (Slurm's name for it, else the host name), address, pid, and
-    its task number under Slurm or MPI (which orders the ranks as the launcher did)."""
+    its task number under Slurm or MPI (which orders the ranks as the launcher did). An engine that
+    no launcher numbered and that SSH started is at the address SSH reached (what tells apart hosts
+    that share a name); the others are at their host name's address."""
     host = socket.gethostname()
     task = os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK")))
+    reached = os.environ.get("SSH_CONNECTION", "").split()[2:3] if task is None else []
     return {
         "task": None if task is None else int(task),
         "node": os.environ.get("SLURMD_NODENAME", host),
         "host": host,
-        "address": _address(host),
+        "address": reached[0] if reached else _address(host),
         "pid": os.getpid(),
     }
 
