@@ -23,6 +23,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from datetime import timedelta
 from hashlib import sha256
 from typing import Any, Iterator
@@ -144,9 +145,13 @@ class KeyedStoreServer:
         self._selector.register(self._woken, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._serve, name="nbfabric-run-store", daemon=True)
         self._thread.start()
+        _serving.add(self)
 
     def close(self) -> None:
-        """Stop serving and close every connection."""
+        """Stop serving and close every connection (once; later calls do nothing)."""
+        if self not in _serving:
+            return
+        _serving.discard(self)
         if self._thread.is_alive():
             self._wake.send(b"x")
             self._thread.join()
@@ -301,6 +306,9 @@ def keyed_rendezvous_wanted() -> bool:
     return RUN_KEY_ENV in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
 
 
+_joined: list[KeyedStore] = []  # per process: the store of its process group, kept alive for the C++ half torch holds
+
+
 def join_run_store(rank: int, world_size: int, timeout: timedelta) -> tuple[KeyedStore, KeyedStoreServer | None]:
     """This rank's client of the run's store at MASTER_ADDR:MASTER_PORT, and the server if this is
     global rank 0, which serves it there (on that address only) for as long as it keeps it."""
@@ -308,11 +316,22 @@ def join_run_store(rank: int, world_size: int, timeout: timedelta) -> tuple[Keye
     key = check_run_key(os.environ.get(RUN_KEY_ENV), f"A run of {world_size} ranks")
     server = KeyedStoreServer(address, port, key) if rank == 0 else None
     try:
-        return KeyedStore(address, port, key, timeout), server
+        store = KeyedStore(address, port, key, timeout)
+        _joined[:] = [store]
+        return store, server
     except BaseException:
         if server is not None:
             server.close()
         raise
+
+
+_serving: weakref.WeakSet[KeyedStoreServer] = weakref.WeakSet()  # per process: the servers not closed yet
+
+
+def close_servers() -> None:
+    """Close every store this process serves (a pool rank leaving its process group, whose store goes with it)."""
+    for server in list(_serving):
+        server.close()
 
 
 _env_servers: list[KeyedStoreServer] = []  # per process: what rank 0 serves for env://, kept for its life

@@ -159,7 +159,7 @@ class FabricMagics(Magics):
         else:
             settings = {**self._saved_defaults(), **self.defaults, **cell_flags}
         widgets = settings.pop("widgets", None) != "off"
-        plan = _plan(settings)
+        plan = _plan(settings, ranks_exist=pool is not None)
         if pool is not None:
             try:
                 pool.check_fits(plan.config)
@@ -339,10 +339,11 @@ def _flag(name: str) -> str:
     return "stop or wait" if name == "action" else f"--{name.replace('_names', '').replace('_', '-')}"
 
 
-def _plan(settings: dict[str, Any]) -> RunPlan:
-    """The run's checked settings; a bad value is a UsageError that lists the valid choices."""
+def _plan(settings: dict[str, Any], *, ranks_exist: bool = False) -> RunPlan:
+    """The run's checked settings; a bad value is a UsageError that lists the valid choices.
+    `ranks_exist`: a pool's ranks run it (their store has its own key)."""
     try:
-        return plan_run(settings)
+        return plan_run(settings, ranks_exist=ranks_exist)
     except ValueError as error:
         raise UsageError(str(error)) from None
 

@@ -15,7 +15,8 @@ from typing import Any
 from nbfabric.config import RunConfig
 from nbfabric.pool import engine_side, slurm_job, watchdog
 from nbfabric.tracebacks import ShortInIPython
-from nbfabric.launcher.environment import rank_environment
+from nbfabric.launcher.environment import RUN_KEY_ENV, rank_environment
+from nbfabric.launcher.keyed_store import new_run_key
 from nbfabric.launcher.machine import is_loopback
 
 ENGINE_KINDS = ("local", "slurm", "mpi", "ssh")
@@ -301,6 +302,7 @@ class EngineCluster:
         one_host = len({infos[r.engine]["host"] for r in ranks}) == 1
         main_address = "127.0.0.1" if one_host else ranks[0].address
         port = self.client[ranks[0].engine].apply_sync(engine_side.free_port)
+        key = new_run_key()  # the ranks' store admits only them
         for r in ranks:
             env = rank_environment(
                 local_rank=r.local_rank,
@@ -311,7 +313,7 @@ class EngineCluster:
                 main_port=port,
                 threads=None,
             )
-            self.client[r.engine].apply_sync(engine_side.join, env, per_node)
+            self.client[r.engine].apply_sync(engine_side.join, {**env, RUN_KEY_ENV: key}, per_node)
         return ranks
 
 

@@ -79,6 +79,9 @@ def leave_group() -> None:
     objects kept from earlier runs (a DDP model) hold the group, whose connections would stay open."""
     import torch.distributed as dist
 
+    from nbfabric.launcher.keyed_store import close_servers
+
+    close_servers()  # rank 0's store of the group, served on a thread, before its sockets go
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         for fd, inode in _group_sockets:

@@ -100,6 +100,8 @@ class DDPStrategy(SingleDeviceStrategy):
     def _node_zero_store(self, rank: int, world_size: int) -> KeyedStore:
         """The run's store at MASTER_ADDR:MASTER_PORT, which global rank 0 serves on that address
         only; it admits only processes that know the run's key, every rank's RUN_KEY_ENV."""
+        if self._store_server is not None:  # the store of a group this rank left (a pool's, after a stop)
+            self._store_server.close()
         store, self._store_server = join_run_store(rank, world_size, self.timeout or timedelta(minutes=30))
         return store
 
