@@ -42,7 +42,7 @@ pool.client[[place.engine for place in pool.ranks]].activate()  # ipyparallel's 
 
 def timed_px(cell):
     started = time.perf_counter()
-    get_ipython().run_cell_magic("px", "", cell)
+    get_ipython().run_cell_magic("px", "--block", cell)
     return (time.perf_counter() - started) * 1000
 """
 

@@ -34,14 +34,13 @@ from nbfabric.seeding import seed_everything, seed_workers
 from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
 from nbfabric.init import SkippedInit
 from nbfabric.rank_call import RankCall
+from nbfabric.resident import Resident, resident
 from nbfabric.tracebacks import raised_by_torch_distributed
 from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, to_cpu, unwrap
 
 
 CONSEQUENCE_EXIT_DELAY = 1.0  # seconds a script's rank failing in torch.distributed waits before it exits
 
-
-_resident: dict[RunConfig, tuple[Any, Any]] = {}  # per process: a pool rank's strategy and precision per settings
 
 
 def _do_nothing(*_: Any) -> None:
@@ -99,6 +98,7 @@ class Fabric:
         self.timeout = check_timeout(timeout)
         self._debug = False
         self._ranks_stay = False  # the ranks outlive the run (a rank pool's)
+        self._resident: Resident | None = None  # what such a rank keeps between runs of these settings
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
         self._ranks = RankInfo(world_size=config.world_size)
@@ -260,8 +260,9 @@ class Fabric:
         if self._launched:
             return
         self._ranks = ranks
-        if self._ranks_stay:
-            self._go_on_with_resident_strategy()
+        kept = resident(self.config, self._strategy, self._precision) if self._ranks_stay else None
+        if kept is not None:  # a run with the settings of an earlier one on this rank goes on with its strategy
+            self._strategy, self._precision, self._resident = kept.strategy, kept.precision, kept
         rank_zero_only.rank = ranks.global_rank
         if self._debug:
             os.environ.update(DEBUG_ENV)
@@ -270,17 +271,9 @@ class Fabric:
         tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)
+        if self._resident is not None:
+            self._resident.resume(after_stop=ranks.links is not None and ranks.links.after_stop)
         self._launched = True
-
-    def _go_on_with_resident_strategy(self) -> None:
-        """On a rank that outlives its runs (a pool's), a run with the settings of an earlier one
-        goes on with that run's strategy and precision: the DeepSpeed engine, the gradient scaler
-        and the groups that the objects set up then still use."""
-        try:
-            kept = _resident.setdefault(self.config, (self._strategy, self._precision))
-        except TypeError:  # settings with an object that cannot be a key (a strategy instance)
-            return
-        self._strategy, self._precision = kept
 
     def _check_launched(self) -> None:
         if not self._launched and self.config.distributed:
@@ -350,6 +343,8 @@ class Fabric:
     ) -> FabricModule:
         first = next(original.parameters(), None)
         wrapped = FabricModule(forward_module, original, self._precision, self.device if moved or first is None else first.device)
+        if self._resident is not None:
+            self._resident.modules.add(wrapped)
         if hasattr(original, "_fabric"):  # a LightningModule: its self.log and hooks go through this Fabric
             original._fabric = self
             original._fabric_optimizers = list(optimizers)

@@ -36,6 +36,7 @@ class FabricModule(torch.nn.Module):
         self.__dict__["_precision"] = precision
         self.__dict__["_forward_methods"] = set(STEP_METHODS)
         self.__dict__["_setup_device"] = device
+        self.__dict__["_unusable"] = ""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -54,7 +55,13 @@ class FabricModule(torch.nn.Module):
         first = _first_tensor(self._original_module, floating=True)
         return torch.get_default_dtype() if first is None else first.dtype
 
+    def mark_unusable(self, reason: str) -> None:
+        """From now on, running the module raises `reason` (its strategy cannot go on with it)."""
+        self.__dict__["_unusable"] = reason
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._unusable:
+            raise RuntimeError(self._unusable)
         args, kwargs = self._precision.convert_input((args, kwargs))
         with self._precision.forward_context():
             output = self._forward_module(*args, **kwargs)

@@ -184,6 +184,53 @@ def test_a_model_set_up_on_the_pool_trains_on_across_cells_as_in_one_cell(kernel
         assert "cannot be pickled" not in shown[0]["stderr"], shown[0]["stderr"]
 
 
+STOPPED_TRAINING = """{pool} --strategy={strategy}
+import time
+for step in range(10_000):
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    if fabric.global_rank == {slow_rank}:
+        time.sleep(0.2)  # the stop finds this rank here, and (if it is one rank only) its peer in the step's all-reduce
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    fabric.backward(loss)
+    opt.step()
+    opt.zero_grad()
+    print("step", step, flush=True)"""
+
+TRAIN_ON = """{pool} --strategy={strategy}
+before = [p.detach().clone() for p in model.parameters()]
+for _ in range(3):
+    loss = torch.nn.functional.mse_loss(model(torch.randn(16, 8)), torch.randn(16, 1))
+    fabric.backward(loss)
+    opt.step()
+    opt.zero_grad()
+whole = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double()
+moved = any(not torch.equal(whole(a), whole(b)) for a, b in zip(before, model.parameters()))
+weights = fabric.all_gather(torch.tensor(sum(float(whole(p).sum()) for p in model.parameters()), dtype=torch.float64))
+(moved, weights.tolist()) if fabric.global_rank == 0 else None"""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2"])
+@pytest.mark.parametrize("stopped_in", ["a collective", "python"])
+def test_a_model_trains_on_after_an_interrupted_training_cell(kernel, strategy, stopped_in):
+    """Interrupted with one rank in the step's all-reduce, the ranks leave their process group and the
+    next run meets in a new one, where DDP and FSDP models go on (DeepSpeed's is refused, saying why);
+    interrupted with both ranks in Python, every model goes on in the same group."""
+    names = {"pool": POOL, "strategy": strategy}
+    assert kernel.run(RESIDENT_SETUP.format(model="model", opt="opt", losses="losses", **names), timeout=300)["error"] is None
+    slow_rank = 0 if stopped_in == "a collective" else "fabric.global_rank"
+    out, _ = kernel.run_interrupted(STOPPED_TRAINING.format(slow_rank=slow_rank, **names), when="[rank 0] step 2")
+    assert out["error"]["ename"] == "KeyboardInterrupt", out["error"]
+    assert ("left their process group" in out["stderr"]) == (stopped_in == "a collective"), out["stderr"]
+    after = kernel.run(TRAIN_ON.format(**names), timeout=300)
+    if strategy.startswith("deepspeed") and stopped_in == "a collective":
+        assert after["error"]["ename"] == "RankError"
+        assert "DeepSpeed model set up before the stop is bound to the process group the stop ended" in "\n".join(after["error"]["traceback"])
+        return
+    assert after["error"] is None, after["error"]
+    moved, weights = eval(after["result"])
+    assert moved and weights[0] == weights[1]  # it trained, and both ranks hold the same model
+
+
 def test_a_background_cell_on_the_pool_leaves_its_names_on_the_ranks(kernel):
     kernel.run(f"{POOL} --background\nimport time\ntime.sleep(1)\nlater = 5 + fabric.global_rank")
     kernel.run("%fabric wait")

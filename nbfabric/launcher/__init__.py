@@ -39,6 +39,7 @@ def launch(
     timeout: float | None = None,
     sink: Sink | None = None,
     wait_for_exit: bool = False,
+    run_key: str | None = None,
 ) -> Any:
     """Run `target()` on `nprocs` new processes and return rank 0's return value.
 
@@ -47,7 +48,8 @@ def launch(
     that held a GPU: its memory is free when this returns) or the run failed.
 
     With `target=None` (fork only) the ranks return from this call and go on running the
-    caller's script, while this process supervises them and never returns.
+    caller's script, while this process supervises them and never returns. `run_key`: the key of
+    the store the ranks of several nodes meet through (keyed_store).
     """
     if start_method not in START_METHODS:
         raise ValueError(f"start_method={start_method!r} is not valid; choose one of {', '.join(START_METHODS)}")
@@ -55,7 +57,7 @@ def launch(
         check_fork_safe()
     elif target is None:
         raise ValueError("continuing the calling script in each rank needs start_method='fork'")
-    specs = _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port or free_port())
+    specs = _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port or free_port(), run_key)
     shared = SharedFiles()  # large tensors the spawned ranks are sent, and only while this run lasts
     try:
         with shared.placing() if start_method == "spawn" else nullcontext():
@@ -79,7 +81,7 @@ def launch(
     return pickle.loads(outcome.result.payload) if outcome.result is not None else None
 
 
-def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port) -> list[RankSpec]:
+def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port, run_key) -> list[RankSpec]:
     threads = threads_per_rank(nprocs)
     specs = []
     for local_rank in range(nprocs):
@@ -91,6 +93,7 @@ def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port) -> list[R
             main_address=main_address,
             main_port=main_port,
             threads=threads,
+            run_key=run_key,
         )
         rank = int(env["RANK"])
         specs.append(

@@ -174,9 +174,9 @@ def rank_environment(
     main_address: str,
     main_port: int,
     threads: int | None,
+    run_key: str | None = None,
 ) -> dict[str, str]:
-    """Variables torchrun would set for this rank; on several nodes also the run's key, from this
-    process's RUN_KEY_ENV."""
+    """Variables torchrun would set for this rank, and the run's key (RUN_KEY_ENV) where one is given."""
     env = {
         "MASTER_ADDR": main_address,
         "MASTER_PORT": str(main_port),
@@ -192,6 +192,6 @@ def rank_environment(
         env["OMP_NUM_THREADS"] = str(threads)
     if num_nodes == 1 or is_loopback(main_address):
         env.update(loopback_sockets())
-    if num_nodes > 1 and RUN_KEY_ENV in os.environ:
-        env[RUN_KEY_ENV] = os.environ[RUN_KEY_ENV]
+    if run_key is not None:
+        env[RUN_KEY_ENV] = run_key
     return env

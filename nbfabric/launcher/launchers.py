@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 from nbfabric.config import RunConfig
 from nbfabric.launcher import launch
@@ -76,19 +75,19 @@ class ProcessLauncher:
             port = MULTI_NODE_PORT
         key = check_run_key(self.place.run_key or os.environ.get(RUN_KEY_ENV), f"num_nodes={nodes}") if nodes > 1 else None
         try:
-            with _run_key_for_ranks(key):
-                return launch(
-                    rank_main,
-                    nprocs=self.config.num_processes,
-                    start_method=self.start_method,
-                    num_nodes=nodes,
-                    node_rank=self.place.node_rank,
-                    main_address=self.place.main_address,
-                    main_port=port,
-                    timeout=self.timeout,
-                    sink=self.sink,
-                    wait_for_exit=self.config.accelerator != "cpu",
-                )
+            return launch(
+                rank_main,
+                nprocs=self.config.num_processes,
+                start_method=self.start_method,
+                num_nodes=nodes,
+                node_rank=self.place.node_rank,
+                main_address=self.place.main_address,
+                main_port=port,
+                timeout=self.timeout,
+                sink=self.sink,
+                wait_for_exit=self.config.accelerator != "cpu",
+                run_key=key,
+            )
         except BaseException as error:
             label_error_cells(error)
             raise
@@ -137,25 +136,6 @@ def select_launcher(
         return JoinLauncher()
     launcher = ForkLauncher if config.start_method == "fork" else SpawnLauncher
     return launcher(config, timeout=timeout, sink=sink, place=place)
-
-
-@contextmanager
-def _run_key_for_ranks(key: str | None) -> Iterator[None]:
-    """The run's key in RUN_KEY_ENV while the ranks start (they take it from there); as it was
-    after, in this process (a rank forked to go on with the script keeps it)."""
-    if key is None:
-        yield
-        return
-    launcher, before = os.getpid(), os.environ.get(RUN_KEY_ENV)
-    os.environ[RUN_KEY_ENV] = key
-    try:
-        yield
-    finally:
-        if os.getpid() == launcher:
-            if before is None:
-                del os.environ[RUN_KEY_ENV]
-            else:
-                os.environ[RUN_KEY_ENV] = before
 
 
 def _interactive() -> bool:

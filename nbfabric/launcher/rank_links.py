@@ -14,6 +14,7 @@ from nbfabric.launcher.store_client import SupervisorStore
 class RankLinks:
     channel: ChannelWriter
     store_fd: int | None = None
+    after_stop: bool = False  # the rank's previous run (a pool's) was stopped or failed
     pid: int = field(default_factory=os.getpid)
     _store: SupervisorStore | None = field(default=None, repr=False)
 

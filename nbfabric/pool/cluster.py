@@ -15,7 +15,7 @@ from typing import Any
 from nbfabric.config import RunConfig
 from nbfabric.pool import engine_side, slurm_job, watchdog
 from nbfabric.tracebacks import ShortInIPython
-from nbfabric.launcher.environment import RUN_KEY_ENV, rank_environment
+from nbfabric.launcher.environment import rank_environment
 from nbfabric.launcher.keyed_store import new_run_key
 from nbfabric.launcher.machine import is_loopback
 
@@ -77,6 +77,7 @@ class EngineCluster:
         self.config, hosts = _check(devices, num_nodes, accelerator, engines, partition, time, hosts, detach, idle_timeout)
         self.kind, self.attached, self.broken = engines, False, ""
         self._record, self._watchdog, self._job_checked = "", None, 0.0
+        self.last_run_stopped = False  # the ranks' last run was stopped or failed (see engine_side.run)
         import ipyparallel as ipp
 
         options = {"profile": profile} if profile else {}
@@ -136,6 +137,7 @@ class EngineCluster:
         pool = cls.__new__(cls)
         pool.kind, pool.attached, pool.broken = "attached", True, ""
         pool._record, pool._watchdog, pool._job_checked = "", None, 0.0
+        pool.last_run_stopped = True  # unknown: what the ranks hold goes on from a fresh state
         found = _detached_pool(profile, cluster_id)
         if found is not None:
             pool._record, record = found
@@ -312,8 +314,9 @@ class EngineCluster:
                 main_address=main_address,
                 main_port=port,
                 threads=None,
+                run_key=key,
             )
-            self.client[r.engine].apply_sync(engine_side.join, {**env, RUN_KEY_ENV: key}, per_node)
+            self.client[r.engine].apply_sync(engine_side.join, env, per_node)
         return ranks
 
 

@@ -92,21 +92,32 @@ def leave_group() -> None:
     _group_sockets.clear()
     if dist.is_available() and dist.is_initialized():
         _left_groups.append(dist.group.WORLD)  # freeing it would unregister fds gloo no longer owns
-        dist.destroy_process_group()
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()  # DeepSpeed forgets the groups it keeps too
+        else:
+            dist.destroy_process_group()
 
 
 @contextmanager
 def _noting_group_sockets() -> Iterator[None]:
-    """Around a run: note the sockets of a process group the run creates (see `leave_group`)."""
-    import torch.distributed as dist
-
-    fresh = not (dist.is_available() and dist.is_initialized())
-    before = _sockets() if fresh else {}
+    """Around a run: note the sockets of the process groups the run creates, the world's or more
+    (DeepSpeed's, a device mesh's), see `leave_group`."""
+    groups, before = _group_count(), _sockets()
     try:
         yield
     finally:
-        if fresh and dist.is_available() and dist.is_initialized():
-            _group_sockets[:] = sorted(set(_sockets().items()) - set(before.items()))
+        if _group_count() > groups:
+            _group_sockets[:] = sorted(set(_group_sockets) | (set(_sockets().items()) - set(before.items())))
+
+
+def _group_count() -> int:
+    """How many process groups this process is in."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return len(dist.distributed_c10d._world.pg_map)
 
 
 def _sockets() -> dict[int, str]:
@@ -126,9 +137,10 @@ def _inode(fd: int) -> str:
         return ""
 
 
-def run(payload: bytes) -> tuple[str, Any]:
+def run(payload: bytes, after_stop: bool = False) -> tuple[str, Any]:
     """Run a launcher's pickled rank callable in this rank: ("done", rank 0's pickled value or None)
-    or ("failed", Failure). Output and metrics stream meanwhile."""
+    or ("failed", Failure). Output and metrics stream meanwhile. `after_stop`: the pool's previous
+    run was stopped or failed (what it set up goes on from a fresh state)."""
     from nbfabric.launcher.rank_links import RankLinks, set_rank_links
 
     rank = int(os.environ["RANK"])
@@ -137,7 +149,7 @@ def run(payload: bytes) -> tuple[str, Any]:
         try:
             with _interruptible():
                 rank_main = pickle.loads(payload)
-                set_rank_links(RankLinks(channel))
+                set_rank_links(RankLinks(channel, after_stop=after_stop))
                 with _noting_group_sockets():
                     value = rank_main()
             return "done", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else None

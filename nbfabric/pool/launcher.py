@@ -64,7 +64,8 @@ class _PoolRun(RunLoop):
         self._stacks: dict[int, str] = {}  # the last stack each rank sent
 
     def start(self) -> None:
-        self.pending = {r.rank: self.pool.engine(r.rank).apply_async(engine_side.run, self.payload) for r in self.pool.ranks}
+        after_stop = self.pool.last_run_stopped
+        self.pending = {r.rank: self.pool.engine(r.rank).apply_async(engine_side.run, self.payload, after_stop) for r in self.pool.ranks}
         self.results = dict(self.pending)
         self.sequence = dict.fromkeys(self.pending, 0)
 
@@ -87,9 +88,10 @@ class _PoolRun(RunLoop):
 
     def end(self) -> None:
         self._drain_final()
+        self.pool.last_run_stopped = self.outcome.stop_time is not None or bool(self.outcome.failures) or any(self.outcome.returncodes.values())
         if self._left_group and not self.pool.broken:
             self.pool.regroup()
-            print("the ranks left their process group to stop; objects set up before (fabric.setup) need setting up again", file=sys.stderr)
+            print("the ranks left their process group to stop; the next run meets in a new one, and what was set up before goes on there", file=sys.stderr)
 
     def _finished(self, rank: int, result: Any) -> None:
         from ipyparallel.error import EngineError

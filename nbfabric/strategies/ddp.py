@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, ContextManager
 
@@ -123,6 +122,13 @@ class DDPStrategy(SingleDeviceStrategy):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, **self.ddp_options)
 
+    def resume_module(self, module: torch.nn.Module, *, new_group: bool, after_stop: bool) -> str:
+        """DDP's wrapper moves to this run's group, its gradient reducer reset (a stop between forward
+        and backward leaves it expecting a backward); no collective, so every rank can do it alone."""
+        if isinstance(module, DistributedDataParallel):
+            module._update_process_group(dist.group.WORLD)
+        return ""
+
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
         return module.no_sync()
 
@@ -144,12 +150,16 @@ class DDPStrategy(SingleDeviceStrategy):
 
     def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
         """Every rank's `tensor` of `group`, stacked; with `sync_grads`, gradients flow back to each rank's input."""
-        from torch.distributed.nn.functional import all_gather
-
         tensor = tensor.contiguous()
         group = group if group is not None else dist.group.WORLD
-        with nullcontext() if sync_grads else torch.no_grad():
+        if sync_grads:
+            from torch.distributed.nn.functional import all_gather
+
             return torch.stack(all_gather(tensor, group))
+        with torch.no_grad():
+            gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(gathered, tensor, group)
+            return torch.stack(gathered)
 
     def all_reduce(self, tensor: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
         """Reduce in place over `group`, as Lightning does; the mean of integers is returned as floats."""

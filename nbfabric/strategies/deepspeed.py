@@ -113,6 +113,17 @@ class DeepSpeedStrategy(DDPStrategy):
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.setup_module_and_optimizers(module, [])[0]
 
+    def resume_module(self, module: torch.nn.Module, *, new_group: bool, after_stop: bool) -> str:
+        """A DeepSpeed engine keeps the process group it was made in, in many places, and has no way
+        to move to another one: after a stop that ended that group, it is refused."""
+        if not new_group:
+            return ""
+        return (
+            "the DeepSpeed model set up before the stop is bound to the process group the stop ended, and DeepSpeed "
+            "cannot move it to the new one: build and set up the model again (fabric.setup), and load its state from "
+            "a checkpoint saved before (fabric.load)"
+        )
+
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         raise RuntimeError("With DeepSpeed, set up the model and its optimizer together: fabric.setup(model, optimizer)")
 

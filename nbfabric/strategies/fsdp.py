@@ -117,6 +117,22 @@ class FSDPStrategy(DDPStrategy):
                 fully_shard(submodule, **settings)
         return fully_shard(module, **settings)
 
+    def resume_module(self, module: torch.nn.Module, *, new_group: bool, after_stop: bool) -> str:
+        """Each shard stays where it is (the same ranks meet again); the sharded units look up their
+        process group anew, by its name in the device mesh, which the new group has taken over."""
+        if not new_group:
+            return ""
+        from torch.distributed.fsdp import FSDPModule
+
+        for unit in module.modules():
+            group = unit._get_fsdp_state()._fsdp_param_group if isinstance(unit, FSDPModule) else None
+            for info in {id(i): i for i in (getattr(group, "mesh_info", None), getattr(group, "post_forward_mesh_info", None)) if i}.values():
+                try:
+                    info.shard_process_group = info.mesh.get_group(info.shard_mesh_dim)
+                except (KeyError, RuntimeError, ValueError) as error:
+                    return f"the FSDP model set up before the stop cannot move to the new process group ({error}); set it up again with fabric.setup, or load it with fabric.load"
+        return ""
+
     @contextmanager
     def no_backward_sync(self, module: torch.nn.Module) -> Iterator[None]:
         module.set_requires_gradient_sync(False)

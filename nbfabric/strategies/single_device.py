@@ -63,6 +63,12 @@ class SingleDeviceStrategy:
         """The module as this strategy runs it (here: itself; DDP, FSDP and DeepSpeed wrap or shard it)."""
         return module
 
+    def resume_module(self, module: torch.nn.Module, *, new_group: bool, after_stop: bool) -> str:
+        """On a rank that outlives its runs, in a later run: make `module` (what `setup_module` gave)
+        go on in this run's process group (`new_group`: not the one it was set up in) after a
+        stopped or failed run (`after_stop`); '' when it can, else why it cannot."""
+        return ""
+
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer as this strategy steps it."""
         return optimizer

@@ -1,0 +1,54 @@
+"""What a rank that outlives its runs (a rank pool's) keeps between them: per settings, the
+strategy, the precision and the modules set up, and how those modules go on in the next run
+after a stop (a fresh state for the strategy's wrapper) or in a new process group."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nbfabric.config import RunConfig
+
+
+@dataclass
+class Resident:
+    """One setting's kept strategy and precision, the modules set up with them, and the process
+    group those modules last ran in."""
+
+    strategy: Any
+    precision: Any
+    modules: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    group: Any = None
+
+    def resume(self, *, after_stop: bool) -> None:
+        """In the next run, after joining its process group: each module set up before goes on in
+        this group, with a fresh wrapper state after a stop; one that cannot is marked, and says
+        why when it is next used."""
+        group = _world_group()
+        new_group = self.group is not None and group is not self.group
+        self.group = group
+        if not (new_group or after_stop):
+            return
+        for module in list(self.modules):
+            reason = self.strategy.resume_module(module._forward_module, new_group=new_group, after_stop=after_stop)
+            if reason:
+                module.mark_unusable(reason)
+
+
+_kept: dict[RunConfig, Resident] = {}  # per process: a pool rank's kept runs, by their settings
+
+
+def resident(config: RunConfig, strategy: Any, precision: Any) -> Resident | None:
+    """The run kept for these settings (made from this run's strategy and precision the first time);
+    None for settings that cannot be a key (a strategy instance), which then start afresh."""
+    try:
+        return _kept.setdefault(config, Resident(strategy, precision))
+    except TypeError:
+        return None
+
+
+def _world_group() -> Any:
+    return torch.distributed.group.WORLD if torch.distributed.is_available() and torch.distributed.is_initialized() else None
