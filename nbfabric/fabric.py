@@ -34,7 +34,8 @@ from nbfabric.seeding import seed_everything, seed_workers
 from nbfabric.strategies import make_strategy, reduce_op_name, strategy_name
 from nbfabric.init import SkippedInit
 from nbfabric.rank_call import RankCall
-from nbfabric.resident import Resident, resident
+from nbfabric.resident import Resident, kept_modules, resident, resume_all
+from nbfabric.whole import Snapshot, snapshot, whole_copy
 from nbfabric.tracebacks import raised_by_torch_distributed
 from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, to_cpu, unwrap
 
@@ -239,6 +240,15 @@ class Fabric:
             self._metrics.close()
             self._strategy.release()
 
+    def _whole(self, value: Any) -> Any:
+        """`%fabric pull NAME` on a pool, on every rank: a model set up in an earlier run (it, or the
+        module inside it) as a plain copy with the full weights on global rank 0 (a collective where
+        it is sharded); any other value as it is."""
+        for module in kept_modules() if self._ranks_stay else ():
+            if value is module or value is module.module:
+                return whole_copy(module.module, module.__dict__["_before_setup"])
+        return value
+
     def _wait_for_peers(self) -> None:
         """A rank whose process ends after the run must not leave while a peer still talks to it. The
         barrier fails when a peer has left already (sys.exit, or a failure reported for that peer);
@@ -271,8 +281,8 @@ class Fabric:
         tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)
-        if self._resident is not None:
-            self._resident.resume(after_stop=ranks.links is not None and ranks.links.after_stop)
+        if self._ranks_stay:
+            resume_all(after_stop=ranks.links is not None and ranks.links.after_stop)
         self._launched = True
 
     def _check_launched(self) -> None:
@@ -311,9 +321,10 @@ class Fabric:
         if any(isinstance(optimizer, FabricOptimizer) for optimizer in optimizers):
             raise ValueError("An optimizer should be passed only once to the `setup` method.")
         module, original = self._prepare_module(module, move_to_device, _reapply_compile)
+        before = self._snapshot(original)
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, [unwrap(o) for o in optimizers])
         wrapped_optimizers = self._wrap_optimizers(prepared)
-        wrapped_module = self._wrap_module(forward_module, original, move_to_device, wrapped_optimizers)
+        wrapped_module = self._wrap_module(forward_module, original, move_to_device, wrapped_optimizers, before)
         if not optimizers:
             return wrapped_module
         wrapped = (wrapped_module, *wrapped_optimizers)
@@ -323,7 +334,8 @@ class Fabric:
         """The model wrapped for this run, without optimizers (set those up with `setup_optimizers`).
         A `torch.compile`d model keeps running compiled; see `setup` for `_reapply_compile`."""
         module, original = self._prepare_module(module, move_to_device, _reapply_compile)
-        return self._wrap_module(self._strategy.setup_module(module), original, move_to_device)
+        before = self._snapshot(original)
+        return self._wrap_module(self._strategy.setup_module(module), original, move_to_device, before=before)
 
     def _prepare_module(self, module: torch.nn.Module, move_to_device: bool, inside_compiled: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The module in the precision's dtype on the device, and the user's model: the one inside a
@@ -338,13 +350,23 @@ class Fabric:
         compiled = type(module).__name__ == "OptimizedModule"
         return module, module._orig_mod if compiled and inside_compiled else module
 
+    def _snapshot(self, module: torch.nn.Module) -> Snapshot | None:
+        """On a pool's rank, the module before its setup (for `_whole`)."""
+        return snapshot(module) if self._resident is not None else None
+
     def _wrap_module(
-        self, forward_module: torch.nn.Module, original: torch.nn.Module, moved: bool, optimizers: Sequence[FabricOptimizer] = ()
+        self,
+        forward_module: torch.nn.Module,
+        original: torch.nn.Module,
+        moved: bool,
+        optimizers: Sequence[FabricOptimizer] = (),
+        before: Snapshot | None = None,
     ) -> FabricModule:
         first = next(original.parameters(), None)
         wrapped = FabricModule(forward_module, original, self._precision, self.device if moved or first is None else first.device)
         if self._resident is not None:
             self._resident.modules.add(wrapped)
+            wrapped.__dict__["_before_setup"] = before
         if hasattr(original, "_fabric"):  # a LightningModule: its self.log and hooks go through this Fabric
             original._fabric = self
             original._fabric_optimizers = list(optimizers)

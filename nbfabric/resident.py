@@ -50,5 +50,17 @@ def resident(config: RunConfig, strategy: Any, precision: Any) -> Resident | Non
         return None
 
 
+def resume_all(*, after_stop: bool) -> None:
+    """In a run on a rank that outlives its runs, once it joined its process group: every kept
+    run's modules go on in it (see `Resident.resume`), whichever settings set them up."""
+    for kept in _kept.values():
+        kept.resume(after_stop=after_stop)
+
+
+def kept_modules() -> list[Any]:
+    """Every module set up in an earlier run on this rank (with any settings) and still in use."""
+    return [module for kept in _kept.values() for module in kept.modules]
+
+
 def _world_group() -> Any:
     return torch.distributed.group.WORLD if torch.distributed.is_available() and torch.distributed.is_initialized() else None

@@ -231,6 +231,26 @@ def test_a_model_trains_on_after_an_interrupted_training_cell(kernel, strategy, 
     assert moved and weights[0] == weights[1]  # it trained, and both ranks hold the same model
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+def test_pull_brings_a_model_set_up_on_the_pool_whole_while_the_ranks_train_on(kernel, strategy):
+    names = {"pool": POOL, "strategy": strategy, "model": "pulled", "opt": "pulled_opt", "losses": "pulled_losses"}
+    assert kernel.run(RESIDENT_SETUP.format(**names), timeout=300)["error"] is None
+    assert kernel.run(RESIDENT_STEPS.format(segments=1, **names), timeout=300)["error"] is None
+    probe = "probe = torch.linspace(-1, 1, 24).reshape(3, 8)"
+    kernel.run(probe)
+    on_ranks = kernel.run(f"{POOL} --strategy={strategy}\nwith torch.no_grad():\n    out = pulled(probe)\nout.double().sum().item()", timeout=300)
+    assert on_ranks["error"] is None, on_ranks["error"]
+    pulled = kernel.run("%fabric pull pulled", timeout=300)
+    assert pulled["error"] is None and "not brought back" not in pulled["stderr"], pulled
+    here = kernel.run(
+        "(type(pulled).__name__, {type(p).__name__ for p in pulled.parameters()}, {p.device.type for p in pulled.parameters()}, "
+        "torch.no_grad()(pulled)(probe).double().sum().item())"
+    )
+    assert eval(here["result"]) == ("Sequential", {"Parameter"}, {"cpu"}, float(on_ranks["result"]))
+    on = kernel.run(RESIDENT_STEPS.format(segments=1, **names), timeout=300)  # the ranks' model trains on
+    assert on["error"] is None and len(eval(on["result"])[0]) == 4, on["error"]
+
+
 def test_a_background_cell_on_the_pool_leaves_its_names_on_the_ranks(kernel):
     kernel.run(f"{POOL} --background\nimport time\ntime.sleep(1)\nlater = 5 + fabric.global_rank")
     kernel.run("%fabric wait")

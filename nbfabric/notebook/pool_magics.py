@@ -25,7 +25,8 @@ rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it)
   %fabric attach [--profile=NAME] [--cluster-id=ID]  hold the detached pool no kernel holds, or use
                                                      engines started with ipcluster
   %fabric pool                                       show the ranks, their nodes and devices
-  %fabric pull NAME [--rank=N]                       bring one name back from a rank
+  %fabric pull NAME [--rank=N]                       bring one name back from a rank (a model set up
+                                                     on the pool comes whole, gathered from every rank)
   %fabric stop-pool                                  end every engine (and the Slurm job)"""
 
 
@@ -120,18 +121,32 @@ def _attach(args: argparse.Namespace, in_use: PoolInUse) -> None:
 
 
 def _pull(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> Any:
+    """Bind NAME in the notebook to its value on a rank. From rank 0 this runs on every rank: a
+    model set up on the pool comes whole (gathered where it is sharded), a plain copy on the CPU,
+    while the ranks keep theirs."""
     pool = in_use.pool
     if pool is None:
         raise UsageError("there is no rank pool; %fabric start makes one")
     pool.check_usable()
+    if not args.name.isidentifier():
+        raise UsageError(f"{args.name!r} is not a name; give one name the ranks hold, e.g. %fabric pull model")
     if not 0 <= args.rank < pool.world_size:
         raise UsageError(f"--rank={args.rank} is not valid; choose 0 to {pool.world_size - 1}")
-    returned = pool.engine(args.rank).apply_sync(pack_rank_name, args.name)
-    values = returned.load()
-    if args.name not in values:
-        why = returned.skipped.get(args.name, "not defined")
-        print(f"{args.name} was not brought back from rank {args.rank}: {why}", file=sys.stderr)
-        return None
-    shell.user_ns[args.name] = values[args.name]
-    in_use.names_on_ranks[args.name] = values[args.name]  # the ranks keep their own in later cells
+    if args.rank == 0:
+        if args.name in in_use.names_on_ranks:  # the ranks' own value, not the notebook's, is wanted
+            in_use.names_on_ranks[args.name] = shell.user_ns.get(args.name, in_use.names_on_ranks[args.name])
+        value = shell.run_cell_magic("fabric", "--no-return --no-widgets", f"fabric._whole({args.name})")
+        if value is None:
+            print(f"{args.name} was not brought back from rank 0", file=sys.stderr)
+            return None
+    else:
+        returned = pool.engine(args.rank).apply_sync(pack_rank_name, args.name)
+        values = returned.load()
+        if args.name not in values:
+            why = returned.skipped.get(args.name, "not defined")
+            print(f"{args.name} was not brought back from rank {args.rank}: {why}", file=sys.stderr)
+            return None
+        value = values[args.name]
+    shell.user_ns[args.name] = value
+    in_use.names_on_ranks[args.name] = value  # the ranks keep their own in later cells
     return None

@@ -101,7 +101,7 @@ class DeepSpeedStrategy(DDPStrategy):
         """One engine for the module and its optimizer; the engine's (ZeRO) optimizer stands for the user's."""
         if len(optimizers) > 1:
             raise ValueError(f"DeepSpeed trains with exactly one optimizer; fabric.setup got {len(optimizers)}")
-        from nbfabric.strategies.deepspeed_checkpoint import snapshot
+        from nbfabric.whole import snapshot
 
         self._before_engine = snapshot(module)
         engine, optimizer, _, _ = _deepspeed(self.device).initialize(

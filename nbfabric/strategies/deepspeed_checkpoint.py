@@ -12,6 +12,7 @@ import torch
 
 from nbfabric.checkpoint import enum_member, restore_entries
 from nbfabric.launcher.environment import preserved_environment
+from nbfabric.whole import Snapshot, hook_dicts
 from nbfabric.wrappers import unwrap
 
 CLIENT_KEY = "nbfabric"  # in DeepSpeed's client state: {"model_key": the key of the model in `state`, "extras": the rest}
@@ -86,12 +87,7 @@ def consolidate(directory: Path, *, trusted: bool) -> dict[str, Any]:
     return {client["model_key"]: dict(weights), **client["extras"]}
 
 
-def snapshot(module: torch.nn.Module) -> dict[int, tuple[set[str], set[int]]]:
-    """The attributes and hooks each submodule has now (so that those DeepSpeed adds can be taken off again)."""
-    return {id(m): (set(vars(m)), set(_hook_ids(m))) for m in module.modules()}
-
-
-def unshard(engine: Any, before: dict[int, tuple[set[str], set[int]]]) -> None:
+def unshard(engine: Any, before: Snapshot) -> None:
     """On every rank: the engine's module gets ordinary parameters holding the full weights (under
     ZeRO-3 gathered from all ranks, a collective), and loses the attributes and hooks DeepSpeed added."""
     import deepspeed
@@ -102,22 +98,14 @@ def unshard(engine: Any, before: dict[int, tuple[set[str], set[int]]]) -> None:
         full = {id(p): p.data.detach().clone() for p in parameters}
     engine.destroy()
     for submodule in module.modules():
-        attributes, hooks = before.get(id(submodule), (set(vars(submodule)), set()))
+        was = before.get(id(submodule))
+        attributes, hooks = (was.attributes, was.hooks) if was is not None else (set(vars(submodule)), set())
         submodule._parameters = {
             name: None if p is None else torch.nn.Parameter(full[id(p)], requires_grad=p.requires_grad)
             for name, p in submodule._parameters.items()
         }
         for name in set(vars(submodule)) - attributes:
             delattr(submodule, name)
-        for registered in _hook_dicts(submodule):
+        for registered in hook_dicts(submodule):
             for key in [key for key in registered if key not in hooks]:
                 del registered[key]
-
-
-def _hook_dicts(module: torch.nn.Module) -> list[dict[int, Any]]:
-    return [value for name, value in vars(module).items() if "hooks" in name and isinstance(value, dict)]
-
-
-def _hook_ids(module: torch.nn.Module) -> Iterator[int]:
-    for hooks in _hook_dicts(module):
-        yield from hooks
