@@ -208,7 +208,7 @@ class FabricMagics(Magics):
         self.shell.user_ns.update(values)
         if returned is not None and returned.skipped:
             skipped = ", ".join(f"{name} ({why})" for name, why in returned.skipped.items())
-            kept = "; they stay on the pool's ranks for the next cell" if self.pool.pool is not None and self.pool.pool.up else ""
+            kept = "; they stay on the pool's ranks for the next cell (%fabric pull NAME brings a model here whole)" if self.pool.pool is not None and self.pool.pool.up else ""
             print(f"not brought back from rank 0: {skipped}{kept}", file=sys.stderr)
         return last_value
 
