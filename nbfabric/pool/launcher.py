@@ -7,6 +7,7 @@ import pickle
 import signal
 import sys
 import time
+from concurrent import futures
 from typing import Any, Callable
 
 from nbfabric.channel import Failure, Metrics, now
@@ -56,7 +57,8 @@ class _PoolRun(RunLoop):
         super().__init__(sink, timeout)
         self.pool, self.payload = pool, payload
         self.pending: dict[int, Any] = {}
-        self.results: dict[int, Any] = {}
+        self.request: Any = None  # the one request to every rank's engine
+        self.data: dict[int, dict] = {}  # each rank's events, as the client receives them
         self.splitters: dict[tuple[int, str], LineSplitter] = {}
         self.sequence: dict[int, int] = {}
         self._left_group = False
@@ -65,8 +67,11 @@ class _PoolRun(RunLoop):
 
     def start(self) -> None:
         after_stop = self.pool.last_run_stopped
-        self.pending = {r.rank: self.pool.engine(r.rank).apply_async(engine_side.run, self.payload, after_stop) for r in self.pool.ranks}
-        self.results = dict(self.pending)
+        engines = self.pool.client[[r.engine for r in self.pool.ranks]]  # in rank order
+        self.request = engines.apply_async(engine_side.run, self.payload, after_stop)
+        # one request for all ranks (as %%px sends), followed rank by rank: its per-engine parts
+        self.pending = dict(enumerate(self.request._children))
+        self.data = {rank: metadata["data"] for rank, metadata in enumerate(self.request._metadata)}
         self.sequence = dict.fromkeys(self.pending, 0)
 
     def done(self) -> bool:
@@ -76,11 +81,11 @@ class _PoolRun(RunLoop):
         return tuple(sorted(self.pending))
 
     def poll(self, wait: float) -> None:
-        next(iter(self.pending.values())).wait(wait)
+        futures.wait([next(iter(self.pending.values()))], timeout=wait)
         for rank in list(self.pending):
-            if self.pending[rank].ready():
+            if self.pending[rank].done():
                 self._finished(rank, self.pending.pop(rank))
-        for rank in self.results:
+        for rank in self.data:
             self._replay(rank)
         if self.pending and now() >= self._next_dead_check:
             self._next_dead_check = now() + _DEAD_CHECK
@@ -93,11 +98,14 @@ class _PoolRun(RunLoop):
             self.pool.regroup()
             print("the ranks left their process group to stop; the next run meets in a new one, and what was set up before goes on there", file=sys.stderr)
 
-    def _finished(self, rank: int, result: Any) -> None:
+    def _finished(self, rank: int, result: futures.Future) -> None:
         from ipyparallel.error import EngineError
 
         try:
-            status, value = result.get(0)
+            answer = result.result(0)  # an error the engine reported arrives as its value
+            if isinstance(answer, Exception):
+                raise answer
+            status, value = answer
         except Exception as error:  # noqa: BLE001 - the engine is gone, or could not run the rank's side
             if isinstance(error, EngineError) or getattr(error, "ename", "") == "EngineError":
                 self._lost(rank, f"its engine died ({getattr(error, 'evalue', error)})")
@@ -176,7 +184,7 @@ class _PoolRun(RunLoop):
 
     def _replay(self, rank: int) -> None:
         """Pass on, in order, the events rank `rank` published so far."""
-        data = self.results[rank]["data"]  # the very dict the client fills as messages arrive
+        data = self.data[rank]  # the very dict the client fills as messages arrive
         key = str(self.sequence[rank])
         while key in data:
             event = data.pop(key)
@@ -193,13 +201,12 @@ class _PoolRun(RunLoop):
 
     def _drain_final(self) -> None:
         """The events that arrived after the runs' results, and each stream's unterminated rest."""
-        if not self.pool.broken:
-            for result in self.results.values():
-                try:
-                    result.wait_for_output(2.0)
-                except Exception:  # noqa: BLE001 - a lost engine sends nothing more
-                    pass
-        for rank in self.results:
+        if not self.pool.broken and self.request is not None:
+            try:
+                self.request.wait_for_output(2.0)
+            except Exception:  # noqa: BLE001 - a lost engine sends nothing more
+                pass
+        for rank in self.data:
             self._replay(rank)
         for (rank, stream), splitter in self.splitters.items():
             emit_segments(self.sink, rank, stream, splitter.close())
