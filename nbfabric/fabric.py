@@ -250,14 +250,20 @@ class Fabric:
         return value
 
     def _wait_for_peers(self) -> None:
-        """A rank whose process ends after the run must not leave while a peer still talks to it. The
-        barrier fails when a peer has left already (sys.exit, or a failure reported for that peer);
-        this rank's own result stands."""
-        if self.world_size > 1:
-            try:
-                self._strategy.barrier()
-            except RuntimeError:
-                pass
+        """A rank whose process ends after the run must not leave while a peer still talks to it.
+        The ranks of one machine on the CPU meet through the launcher's store, where a rank that has
+        ended counts as finished; others through a barrier, which fails when a peer has left already
+        (sys.exit, or a failure reported for that peer). This rank's own result stands."""
+        if self.world_size <= 1:
+            return
+        store = self._ranks.links.store if self._ranks.links is not None else None
+        if store is not None and self.device.type == "cpu":
+            store.wait_for_peers(self.global_rank, self.world_size)
+            return
+        try:
+            self._strategy.barrier()
+        except RuntimeError:
+            pass
 
     def _join_for_script(self) -> None:
         """Join the run and stay in it for the rest of the script."""

@@ -15,6 +15,12 @@ from typing import Any, Callable
 
 Reply = Callable[[int, Any], None]  # (request_id, value) back to the rank that asked
 
+
+def finished_key(rank: int) -> str:
+    """Set once `rank` has done its part of the run, by the rank or, once it has ended, the supervisor."""
+    return f"nbfabric/finished/{rank}"
+
+
 class StoreServer:
     """The store's data, and the requests that wait for keys not yet set."""
 
@@ -36,6 +42,12 @@ class StoreServer:
     def forget(self, rank: int) -> None:
         """Drop the waiting requests of a rank that is gone."""
         self._waiting = [entry for entry in self._waiting if entry[0] != rank]
+
+    def rank_ended(self, rank: int) -> None:
+        """A rank that has ended is finished for its peers that wait for it (`finished_key`)."""
+        self.forget(rank)
+        self.data[finished_key(rank)] = b""
+        self._answer_ready()
 
     def _apply(self, op: str, args: tuple) -> Any:
         data = self.data

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from nbfabric.channel import ChannelWriter, FrameReader
+from nbfabric.launcher.rendezvous import finished_key
 
 
 class Writer(Protocol):
@@ -101,6 +102,13 @@ class SupervisorStore(SocketStore):
     def __init__(self, fd: int, timeout: timedelta = timedelta(minutes=30)):
         sock = socket.socket(fileno=os.dup(fd))
         super().__init__(sock, ChannelWriter(sock.fileno()), FrameReader(), timeout, "the launcher's rendezvous store")
+
+    def wait_for_peers(self, rank: int, world_size: int) -> None:
+        """Say this rank is finished and wait until every rank is finished or has ended: a barrier
+        of two requests to the supervisor, where a collective would take a round of messages
+        between the ranks."""
+        self.set(finished_key(rank), b"")
+        self.wait([finished_key(peer) for peer in range(world_size)])
 
 
 def _as_bytes(value: Any) -> bytes:

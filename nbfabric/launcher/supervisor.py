@@ -89,7 +89,7 @@ class Supervisor(RunLoop):
             self._selector.unregister(fd)
             os.close(fd)
             if kind == "store":
-                self.store.forget(rank)
+                self.store.rank_ended(rank)
                 return
             if kind != "channel":
                 emit_segments(self.sink, rank, kind, reader.close())
@@ -128,7 +128,7 @@ class Supervisor(RunLoop):
         if store is not None and store in self._selector.get_map():  # its children may still hold the socket
             self._selector.unregister(store)
             os.close(store)
-            self.store.forget(rank)
+        self.store.rank_ended(rank)
         self.outcome.returncodes[rank] = code
         self.outcome.exit_times[rank] = now()
         self.sink.rank_exited(rank, code)

@@ -139,7 +139,7 @@ def _redirect_output(stdout_fd: int, stderr_fd: int, handlers: list[tuple[loggin
     sys.stdout = sys.__stdout__ = _text_stream(1)
     sys.stderr = sys.__stderr__ = _text_stream(2)
     for handler, name in handlers:
-        handler.setStream(getattr(sys, name))
+        handler.stream = getattr(sys, name)  # not setStream: it would flush the kernel's stream from here
 
 
 def _text_stream(fd: int) -> io.TextIOWrapper:
