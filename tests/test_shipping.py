@@ -1,5 +1,6 @@
 """Notebook values sent to spawned ranks: exact, each rank's own copy, large ones through shared
-memory that nothing leaves behind, and through pipes when /dev/shm lacks room."""
+memory (written while the ranks start, waited for by each) that nothing leaves behind, through pipes
+when /dev/shm lacks room, and a clear error in the ranks when writing it fails."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import glob
 import hashlib
 import os
 import pickle
+import signal
 import threading
 import time
 from functools import partial
@@ -17,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+import nbfabric.launcher
 from nbfabric import launch
 from nbfabric.launcher import shared_tensors
-from nbfabric.launcher.errors import RankTimeoutError
+from nbfabric.launcher.errors import RankError, RankTimeoutError
 from nbfabric.launcher.output import Sink
-from nbfabric.launcher.shared_tensors import LARGE, SHM_DIR, SharedFiles
+from nbfabric.launcher.shared_tensors import LARGE, SHM_DIR, NotDelivered, SharedFiles
 from nbfabric.launcher.shipping import ship
 from kernels import KernelProcess
 
@@ -161,15 +164,9 @@ def _no_room(*args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize(
-    ("patch", "why"),
-    [
-        (("statvfs", _statvfs_with(6 * MB)), "they need 9 MB and /dev/shm has 6 MB free (half of it may be used)"),
-        (("posix_fallocate", _no_room), "writing 9 MB to /dev/shm failed: [Errno 28] No space left on device"),
-    ],
-)
-def test_without_room_in_dev_shm_the_values_go_inside_the_pickle_and_it_says_so(monkeypatch, capsys, patch, why):
-    monkeypatch.setattr(shared_tensors.os, *patch)
+def test_without_room_in_dev_shm_the_values_go_inside_the_pickle_and_it_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(shared_tensors.os, "statvfs", _statvfs_with(6 * MB))
+    why = "they need 9 MB and /dev/shm has 6 MB free (half of it may be used)"
     values = {"big": torch.randn(2 * MB), "array": np.random.default_rng(0).random(MB // 8)}
     shipment, files = ship(values), SharedFiles()
     try:
@@ -186,6 +183,80 @@ def test_without_room_in_dev_shm_the_values_go_inside_the_pickle_and_it_says_so(
     err = capsys.readouterr().err
     assert err.count("nbfabric: the notebook's large tensors and arrays go to the spawned ranks through pipes") == 1
     assert why in err
+
+
+def test_a_rank_waits_until_the_file_is_written():
+    real_pwrite, gate = os.pwrite, threading.Event()
+
+    def held_pwrite(*args):
+        gate.wait()
+        return real_pwrite(*args)
+
+    values = {"big": torch.randn(2 * MB)}
+    shipment, files, got = ship(values), SharedFiles(), {}
+    try:
+        os.pwrite = held_pwrite  # the writer thread's calls wait for the gate
+        with files.placing():
+            sent = pickle.dumps(shipment, protocol=5)
+        rank = threading.Thread(target=lambda: got.update(pickle.loads(sent).unpack()))
+        rank.start()
+        rank.join(0.3)
+        assert rank.is_alive() and got == {}  # waiting on the file's lock
+        gate.set()
+        rank.join(10)
+        assert not rank.is_alive()
+    finally:
+        gate.set()
+        os.pwrite = real_pwrite
+        files.remove()
+    assert_same(values["big"], got["big"])
+    assert shm_files() == []
+
+
+def test_a_failed_write_reaches_each_rank_as_a_clear_error(monkeypatch):
+    monkeypatch.setattr(shared_tensors.os, "pwrite", _no_room)
+    shipment, files = ship({"big": torch.randn(2 * MB), "array": np.zeros(MB // 8)}), SharedFiles()
+    try:
+        with files.placing():
+            sent = [pickle.dumps(shipment, protocol=5) for _rank in range(2)]
+        for data in sent:
+            with pytest.raises(NotDelivered, match=r"did not reach this rank: writing 9 MB to /dev/shm failed: \[Errno 28\] No space left on device\. More room in /dev/shm"):
+                pickle.loads(data).unpack()
+    finally:
+        files.remove()
+    assert shm_files() == []
+
+
+def test_a_run_that_ends_while_writing_releases_its_ranks():
+    real_pwrite, started = os.pwrite, threading.Event()
+
+    def slow_pwrite(fd, data, offset):
+        started.set()
+        time.sleep(0.2)
+        return real_pwrite(fd, data[: 1 << 16], offset)
+
+    def rank():
+        try:
+            pickle.loads(sent).unpack()
+        except NotDelivered as error:
+            failed.append(str(error))
+
+    shipment, files, failed = ship({"big": torch.zeros(8 * MB)}), SharedFiles(), []
+    waiting = threading.Thread(target=rank)
+    try:
+        os.pwrite = slow_pwrite
+        with files.placing():
+            sent = pickle.dumps(shipment, protocol=5)
+        assert started.wait(10)
+        waiting.start()
+        time.sleep(0.3)  # the rank waits on the file's lock
+        files.remove()  # as the launcher does when the run ends: stops the writer within one write
+        waiting.join(10)
+    finally:
+        os.pwrite = real_pwrite
+        files.remove()
+    assert not waiting.is_alive() and failed and "the run ended first" in failed[0]
+    assert shm_files() == []
 
 
 def _digest(value) -> str:
@@ -221,6 +292,29 @@ def test_spawned_ranks_get_the_values_through_pipes_without_room(tmp_path, monke
     digests, _ = launch(partial(_read_and_write, ship(values), str(tmp_path / "written")), nprocs=2, start_method="spawn", sink=Sink())
     assert digests == {name: _digest(value) for name, value in values.items()}
     assert "go to the spawned ranks through pipes" in capsys.readouterr().err
+
+
+def test_spawned_ranks_fail_clearly_when_the_file_cannot_be_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(shared_tensors.os, "pwrite", _no_room)  # in this process: the launcher's writer
+    values = {"big": torch.randn(4 * MB), "array": np.random.default_rng(0).random(MB)}
+    with pytest.raises(RankError, match=r"did not reach this rank: writing 24 MB to /dev/shm failed: \[Errno 28\]"):
+        launch(partial(_read_and_write, ship(values), str(tmp_path / "written")), nprocs=2, start_method="spawn", sink=Sink())
+    assert shm_files() == []
+
+
+def test_an_interrupt_while_spawned_ranks_start_stops_them_all_once_started(monkeypatch):
+    real_spawn, spawned = nbfabric.launcher.spawn_rank, []
+
+    def spawn_then_interrupt(target, spec):
+        process = real_spawn(target, spec)
+        spawned.append(process.pid)
+        signal.raise_signal(signal.SIGINT)  # deferred: the next rank still starts
+        return process
+
+    monkeypatch.setattr(nbfabric.launcher, "spawn_rank", spawn_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        launch(partial(print, ship({"big": torch.zeros(MB)})), nprocs=2, start_method="spawn", sink=Sink())
+    assert len(spawned) == 2 and shm_files() == []  # both started, both stopped (no_leaks: no process left)
 
 
 class _Slow:

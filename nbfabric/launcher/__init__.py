@@ -7,8 +7,9 @@ import os
 import pickle
 import signal
 import sys
-from contextlib import nullcontext
-from typing import Any, Callable
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from nbfabric.config import START_METHODS
 from nbfabric.launcher.environment import rank_environment
@@ -60,8 +61,7 @@ def launch(
     specs = _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port or free_port(), run_key)
     shared = SharedFiles()  # large tensors the spawned ranks are sent, and only while this run lasts
     try:
-        with shared.placing() if start_method == "spawn" else nullcontext():
-            ranks = _start(target, specs, start_method)
+        ranks = _start(target, specs, start_method, shared)
         if ranks is None:
             return None  # this process is now a rank
         outcome = Supervisor(ranks, sink or TextSink(), timeout).run()
@@ -102,8 +102,9 @@ def _rank_specs(nprocs, num_nodes, node_rank, main_address, main_port, run_key) 
     return specs
 
 
-def _start(target, specs: list[RankSpec], start_method: str) -> list[RankProcess] | None:
-    """Start every rank; if one cannot start, kill those already started."""
+def _start(target, specs: list[RankSpec], start_method: str, shared: SharedFiles) -> list[RankProcess] | None:
+    """Start every rank; if one cannot start, kill those already started. Spawned ranks start with
+    interrupts deferred, and the files of `shared` are written while their interpreters start."""
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             # A rank would write its pending bytes out again when it drops the inherited stream. A
@@ -113,10 +114,12 @@ def _start(target, specs: list[RankSpec], start_method: str) -> list[RankProcess
     inherited = find_inherited() if start_method == "fork" else None
     started: list[RankProcess] = []
     try:
+        if start_method == "spawn":
+            with _interrupts_deferred(), shared.placing():
+                for spec in specs:
+                    started.append(spawn_rank(target, spec))
+            return started
         for spec in specs:
-            if start_method == "spawn":
-                started.append(spawn_rank(target, spec))
-                continue
             process = fork_rank(target, spec, [fd for p in started for fd in p.fds], inherited)
             if process is None:
                 return None
@@ -130,3 +133,22 @@ def _start(target, specs: list[RankSpec], start_method: str) -> list[RankProcess
                     os.close(fd)
         raise
     return started
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """An interrupt that comes inside is raised when it ends: inside multiprocess's start of a
+    process, it could leave that process running with nobody to stop it. Interrupts reach only
+    the main thread; elsewhere this does nothing."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    came: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came:
+        signal.raise_signal(signal.SIGINT)  # to the handler it would have reached

@@ -34,18 +34,38 @@ class Shipment:
     buffers: tuple[Any, ...] = ()  # the pickle's out-of-band buffers (large arrays), in its order
     storages: tuple[Any, ...] = ()  # the bytes of each tensor storage the pickle refers to
     arrived: bool = False  # unpickled in the receiving process
+    mapping: tuple[str, int] | None = None  # arrived: this rank's link to the shared file, and its size
 
     def unpack(self) -> dict[str, Any]:
-        """The values, in the receiving process (whose tracebacks can then show the notebook's lines)."""
+        """The values, in the receiving process (whose tracebacks can then show the notebook's lines).
+        A spawned rank unpacks once: it maps the shared file (waiting until it is written) and
+        removes its link to it."""
         if not self.arrived:  # still in the sending process: copies, as a receiving process gets them
             return pickle.loads(dumps(self)).unpack()
         for filename, lines in self.sources.items():
             linecache.cache.setdefault(filename, (sum(map(len, lines)), None, lines, filename))
-        token = _arriving.set(_Storages(self.storages))
+        buffers, storages = self._blobs()
+        token = _arriving.set(_Storages(storages))
         try:
-            return pickle.loads(self.data, buffers=self.buffers) if self.data else {}
+            return pickle.loads(self.data, buffers=buffers) if self.data else {}
         finally:
             _arriving.reset(token)
+
+    def _blobs(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """The buffers and storages; those given as (offset, size, read-only) are parts of this
+        rank's private mapping of the shared file."""
+        if self.mapping is None:
+            return self.buffers, self.storages
+        mapped = shared_tensors.map_file(*self.mapping)
+
+        def part(blob: Any) -> Any:
+            if not isinstance(blob, tuple):
+                return blob
+            offset, size, readonly = blob
+            view = mapped[offset : offset + size]
+            return view.toreadonly() if readonly else view
+
+        return tuple(map(part, self.buffers)), tuple(map(part, self.storages))
 
     def refusal(self, where: str) -> str:
         """One message naming every name that cannot be shipped, and why."""
@@ -55,8 +75,8 @@ class Shipment:
         return "\n".join(lines)
 
     def __reduce_ex__(self, protocol: int) -> tuple:
-        """While spawned ranks start, large blobs go to a shared file (a link per rank); else, or if
-        it lacks room, every blob goes inside the pickle."""
+        """While spawned ranks start, large blobs go to a shared file (a link per rank, written once
+        they have started); else, or if it lacks room, every blob goes inside the pickle."""
         fields = (self.data, self.names, self.left, self.sources)
         blobs = [memoryview(blob) for blob in (*self.buffers, *self.storages)]
         large = [index for index, blob in enumerate(blobs) if blob.nbytes >= LARGE]
@@ -81,20 +101,9 @@ def _inside(blob: memoryview, protocol: int) -> Any:
 
 
 def _arrive(fields: tuple, buffers: list, storages: list, mapping: tuple[str, int] | None = None) -> Shipment:
-    """The shipment in the receiving process; blobs given as (offset, size, read-only) are parts of
-    this rank's private mapping of the shared file."""
-    if mapping is not None:
-        mapped = shared_tensors.map_file(*mapping)
-
-        def part(blob: Any) -> Any:
-            if not isinstance(blob, tuple):
-                return blob
-            offset, size, readonly = blob
-            view = mapped[offset : offset + size]
-            return view.toreadonly() if readonly else view
-
-        buffers, storages = [part(b) for b in buffers], [part(s) for s in storages]
-    return Shipment(*fields, tuple(buffers), tuple(storages), arrived=True)
+    """The shipment in the receiving process; the shared file is mapped when it is unpacked, where
+    a failure is the rank's own, reported as any other."""
+    return Shipment(*fields, tuple(buffers), tuple(storages), arrived=True, mapping=mapping)
 
 
 class _Storages:

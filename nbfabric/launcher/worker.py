@@ -47,6 +47,7 @@ def become_rank(
     """Turn a just-started process into rank `spec.rank`: signals, output pipes, environment.
     `inherited`: what the forking process found for it, or None to look here."""
     _die_with_parent(spec.parent_pid)
+    _leave_spawn_helper()
     stacks.listen(stack_fd)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
@@ -126,6 +127,20 @@ def _die_with_parent(parent_pid: int) -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def _leave_spawn_helper() -> None:
+    """A spawned rank closes its end of the spawning process's resource tracker (multiprocess's):
+    the launcher, stopping the tracker, then waits for the tracker alone, not for this rank's exit.
+    Should the rank use multiprocess itself, that starts a tracker of its own."""
+    module = sys.modules.get("multiprocess.resource_tracker")
+    tracker = getattr(module, "_resource_tracker", None)
+    if tracker is None:
+        return
+    with tracker._lock:
+        if tracker._fd is not None and tracker._pid is None:  # inherited: started by the launching process
+            os.close(tracker._fd)
+            tracker._fd = None
 
 
 def _redirect_output(stdout_fd: int, stderr_fd: int, handlers: list[tuple[logging.StreamHandler, str]]) -> None:
