@@ -22,6 +22,7 @@ def _settle_process_wide_state() -> None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
     from tqdm import tqdm
 
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # what Lightning sets when it is first imported
     ensure_event_loop()  # jupyter_client's blocking calls run on this thread's loop (an epoll fd, a socket pair)
     cache_dir()  # torch sets TORCHINDUCTOR_CACHE_DIR at its first compile or optimizer step
     tqdm.monitor_interval = 0  # no monitor thread, which the first progress bar would start and keep

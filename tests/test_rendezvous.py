@@ -84,26 +84,32 @@ def test_spawned_ranks_meet_through_it_too(no_leaks):
     assert Fabric(accelerator="cpu", devices=2, start_method="spawn").launch(_sum_of_ones) == 2
 
 
+def _listening(pids) -> set:
+    import psutil
+
+    return {c.laddr for pid in pids for c in psutil.Process(pid).net_connections("all") if c.status == psutil.CONN_LISTEN}
+
+
 def _listening_while_meeting():
     """In a rank: meet through the store, then the listening sockets of this rank and of its launcher."""
     import os
     import socket
-
-    import psutil
 
     from nbfabric.launcher.rank_links import rank_links
 
     store = rank_links().store
     store.set(f"here/{os.environ['RANK']}", b"")
     store.wait(["here/0", "here/1"])
-    listening = [
-        c.laddr for pid in (os.getpid(), os.getppid()) for c in psutil.Process(pid).net_connections("all") if c.status == psutil.CONN_LISTEN
-    ]
-    return store._socket.family == socket.AF_UNIX, listening
+    return store._socket.family == socket.AF_UNIX, _listening((os.getpid(), os.getppid()))
 
 
 def test_the_one_machine_store_listens_on_no_port(no_leaks):
-    """It needs no key: a rank reaches it only over the socket pair it inherited."""
+    """It needs no key: a rank reaches it only over the socket pair it inherited. (Sockets this test
+    process listened on before, from earlier tests, are not the launcher's.)"""
+    import os
+
     from nbfabric.launcher import launch
 
-    assert launch(_listening_while_meeting, nprocs=2) == (True, [])
+    before = _listening([os.getpid()])
+    over_a_socket_pair, listening = launch(_listening_while_meeting, nprocs=2)
+    assert over_a_socket_pair and listening - before == set()
