@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import runpy
 import sys
@@ -39,13 +40,23 @@ def run_node(args: argparse.Namespace, plan: RunPlan) -> int:
 
 def run_script(script: str, args: list[str]) -> None:
     """In a rank: run `script` as `python script args...` would. With the run's key (several
-    nodes), a process group the script makes itself meets through the keyed store too."""
+    nodes), a process group the script makes itself meets through the keyed store too. When the
+    script ends, or calls sys.exit() with status 0, its atexit handlers run, as at the end of an
+    interpreter (Fabric's among them: it waits for the peers before leaving the process group).
+    After an uncaught exception or a failing status they do not: the rank reports its failure
+    and the launcher stops the others, which may be waiting for it in a collective."""
     if keyed_rendezvous_wanted():
         route_env_rendezvous()
     path = os.path.abspath(script)
     sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(path)
-    runpy.run_path(path, run_name="__main__")
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exited:
+        if exited.code in (None, 0):
+            atexit._run_exitfuncs()
+        raise
+    atexit._run_exitfuncs()
 
 
 class _ExitCodeSink(TextSink):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -268,6 +269,31 @@ def test_a_failing_rank_stops_the_others_and_sets_the_exit_status(tmp_path, env,
     if status == 1:  # the rank's own traceback, down to the line that raised
         assert "Traceback from rank 1:" in done.stderr
         assert f'File "{script}", line 8, in step\n    {failure}\n' in done.stderr
+
+
+def test_a_script_s_atexit_handlers_run_in_each_rank_after_fabric_waited_for_its_peers(tmp_path, env):
+    """As at the end of `python script.py`: the handlers run at the script's end and after
+    sys.exit(0); Fabric's own (registered later, so run earlier) first waits for the peers, so a
+    rank never leaves the process group while a peer still joins or uses it."""
+    script = write(
+        tmp_path / "train.py",
+        """
+        import atexit, sys, time
+        atexit.register(lambda: print(f"last handler at {time.monotonic():.6f}"))
+        from nbfabric import Fabric
+        fabric = Fabric()
+        if fabric.global_rank == 1:
+            time.sleep(0.5)
+            print(f"done at {time.monotonic():.6f}")
+            sys.exit(0)
+        """,
+    )
+    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    assert done.returncode == 0, done.stderr
+    last = {rank: float(value) for rank, value in re.findall(r"^\[rank (\d)\] last handler at ([\d.]+)$", done.stdout, re.M)}
+    rank_1_done = float(re.search(r"^\[rank 1\] done at ([\d.]+)$", done.stdout, re.M).group(1))
+    assert set(last) == {"0", "1"}, done.stdout
+    assert last["0"] >= rank_1_done  # rank 0 waited for rank 1 before its last handler ran
 
 
 def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
