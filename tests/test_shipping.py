@@ -26,7 +26,7 @@ from nbfabric.launcher.errors import RankError, RankTimeoutError
 from nbfabric.launcher.output import Sink
 from nbfabric.launcher.shared_tensors import LARGE, SHM_DIR, NotDelivered, SharedFiles
 from nbfabric.launcher.shipping import ship
-from kernels import KernelProcess
+from test_magic import Kernel
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
@@ -346,28 +346,9 @@ def test_files_go_when_ranks_are_stopped_before_they_map_them():
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    kernel = KernelProcess(tmp_path_factory.mktemp("settings") / "none.json")
-    kernel.client.execute_interactive("%load_ext nbfabric\n%fabric --no-widgets\nimport torch", timeout=120)
+    kernel = Kernel(tmp_path_factory.mktemp("settings") / "none.json")
     yield kernel
     kernel.close()
-
-
-def run(kernel: KernelProcess, code: str, on_output=None) -> dict:
-    outputs = {"stdout": "", "stderr": "", "result": None, "error": None}
-
-    def collect(message):
-        kind, content = message["msg_type"], message["content"]
-        if kind == "stream":
-            outputs[content["name"]] += content["text"]
-        elif kind == "execute_result":
-            outputs["result"] = content["data"]["text/plain"]
-        elif kind == "error":
-            outputs["error"] = content
-        if on_output is not None:
-            on_output()
-
-    kernel.client.execute_interactive(code, output_hook=collect, timeout=120)
-    return outputs
 
 
 @pytest.fixture
@@ -381,16 +362,14 @@ SPAWN2 = "%%fabric --accelerator=cpu --devices=2 --start-method=spawn\n"
 
 @pytest.mark.usefixtures("no_rank_left")
 def test_a_spawn_cell_reads_notebook_tensors_and_arrays_exactly_and_writes_only_its_own(kernel):
-    setup = run(
-        kernel,
+    setup = kernel.run(
         "import glob, hashlib, os, numpy as np\n"
         "def digest(x):\n    return hashlib.sha256(np.ascontiguousarray(x.numpy() if torch.is_tensor(x) else x).tobytes()).hexdigest()\n"
         "big = torch.randn(2048, 1024, dtype=torch.float64)\narray = np.random.default_rng(0).random((1000, 300))\n"
         "expected = (digest(big), digest(array))",
     )
     assert setup["error"] is None, setup["error"]
-    out = run(
-        kernel,
+    out = kernel.run(
         SPAWN2
         + "arrived = (digest(big), digest(array))\n"
         "if fabric.global_rank == 1:\n    big[0, 0], array[0, 0] = -1.0, -1.0\n"
@@ -402,15 +381,15 @@ def test_a_spawn_cell_reads_notebook_tensors_and_arrays_exactly_and_writes_only_
     assert out["error"] is None, out["error"]
     assert "through pipes" not in out["stderr"]  # through shared memory
     assert out["result"] == "(torch.float64, (2048, 1024), (1024, 1), (1000, 300), True)"
-    checks = run(kernel, "(arrived == expected, kept == expected, left, (digest(big), digest(array)) == expected)")
+    checks = kernel.run("(arrived == expected, kept == expected, left, (digest(big), digest(array)) == expected)")
     assert checks["result"] == "(True, True, [], True)"  # rank 0's copy and the notebook's are untouched by rank 1
     assert shm_files(kernel.pid) == []
 
 
 @pytest.mark.usefixtures("no_rank_left")
 def test_no_file_is_left_after_a_failure_or_an_interrupt(kernel):
-    run(kernel, "big = torch.randn(4 * 2**20)")
-    failed = run(kernel, SPAWN2 + "if fabric.global_rank == 1:\n    raise ValueError('broken on purpose')\nfabric.barrier()\nbig.sum()")
+    kernel.run("big = torch.randn(4 * 2**20)")
+    failed = kernel.run(SPAWN2 + "if fabric.global_rank == 1:\n    raise ValueError('broken on purpose')\nfabric.barrier()\nbig.sum()")
     assert failed["error"]["ename"] == "RankError" and "broken on purpose" in "\n".join(failed["error"]["traceback"])
     assert shm_files(kernel.pid) == []
     seen = []
@@ -431,11 +410,11 @@ def test_no_file_is_left_after_a_failure_or_an_interrupt(kernel):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        stopped = run(kernel, SPAWN2 + "import time\ntime.sleep(60)\nbig.sum()")
+        stopped = kernel.run(SPAWN2 + "import time\ntime.sleep(60)\nbig.sum()")
     finally:
         watcher_done.set()
         watcher.join()
     assert seen, "the ranks' files never appeared"
     assert stopped["error"]["ename"] == "KeyboardInterrupt"
     assert shm_files(kernel.pid) == []
-    assert run(kernel, "1 + 1")["result"] == "2"  # the kernel goes on
+    assert kernel.run("1 + 1")["result"] == "2"  # the kernel goes on
