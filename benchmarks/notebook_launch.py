@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from jupyter_client.manager import start_new_kernel
-from kernel_cell import run
+from kernel_cell import alternating, run
 
 SETUP = """
 %load_ext nbfabric
@@ -54,11 +54,7 @@ def main() -> None:
         run(client, SETUP, timeout=300)
         for code in CONTENDERS.values():  # warm-up: first imports, first fork
             run(client, code, timeout=300)
-        times = {name: [] for name in CONTENDERS}
-        for round_index in range(args.runs):  # the order reverses every other round
-            names = list(CONTENDERS) if round_index % 2 == 0 else list(reversed(CONTENDERS))
-            for name in names:
-                times[name].append(float(run(client, CONTENDERS[name], timeout=300)))
+        times = alternating(CONTENDERS, args.runs, lambda name: float(run(client, CONTENDERS[name], timeout=300)))
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from jupyter_client.manager import start_new_kernel
-from kernel_cell import run
+from kernel_cell import alternating, run
 
 SETUP = """
 %load_ext nbfabric
@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--pipe-runs", type=int, default=1)
     args = parser.parse_args()
     manager, client = start_new_kernel(kernel_name="python3")
-    times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     try:
         run(client, SETUP.format(elements=args.mb * 2**20 // 4), timeout=300)
         exact = int(run(client, "exact"))
@@ -75,10 +74,7 @@ def main() -> None:
 
         for flags, body in CONTENDERS.values():  # warm-up: first imports, first fork and spawn
             cell(f"timed({flags!r}, {body!r})")
-        for round_index in range(args.runs):  # the order reverses every other round
-            names = list(CONTENDERS) if round_index % 2 == 0 else list(reversed(CONTENDERS))
-            for name in names:
-                times[name].append(cell("timed({!r}, {!r})".format(*CONTENDERS[name])))
+        times = alternating(CONTENDERS, args.runs, lambda name: cell("timed({!r}, {!r})".format(*CONTENDERS[name])))
         pipes = [cell(PIPES.format(reads=READS)) for _ in range(args.pipe_runs)]
     finally:
         client.stop_channels()

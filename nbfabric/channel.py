@@ -8,7 +8,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 _HEADER = struct.Struct("!Q")
 
@@ -78,6 +78,12 @@ class Exiting:
 Event = Metrics | Result | Failure | Display | Left | Exiting
 
 
+def frame(value: Any) -> bytes:
+    """`value` pickled, after its length: what `FrameReader` reads back."""
+    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
 class ChannelWriter:
     """Rank side: writes whole frames to the pipe; blocking, so nothing is dropped; thread-safe."""
 
@@ -86,8 +92,7 @@ class ChannelWriter:
         self._lock = threading.Lock()
 
     def send(self, event: Event) -> None:
-        body = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
-        view = memoryview(_HEADER.pack(len(body)) + body)
+        view = memoryview(frame(event))
         with self._lock:
             while view:
                 view = view[os.write(self.fd, view) :]
@@ -97,23 +102,25 @@ class ChannelWriter:
 
 
 class FrameReader:
-    """Parent side: reassembles frames from the chunks read off the pipe."""
+    """Reassembles frames from the chunks read off a pipe or socket; `loads` unpickles each body
+    (a memoryview, valid only during the call)."""
 
-    def __init__(self):
+    def __init__(self, loads: Callable[[memoryview], Any] = pickle.loads):
         self._buffer = bytearray()
+        self._loads = loads
 
-    def feed(self, chunk: bytes) -> list[Event]:
+    def feed(self, chunk: bytes) -> list[Any]:
         self._buffer += chunk
-        events = []
+        values = []
         while len(self._buffer) >= _HEADER.size:
             (size,) = _HEADER.unpack_from(self._buffer)
             end = _HEADER.size + size
             if len(self._buffer) < end:
                 break
             with memoryview(self._buffer) as view, view[_HEADER.size : end] as body:
-                events.append(pickle.loads(body))
+                values.append(self._loads(body))
             del self._buffer[:end]
-        return events
+        return values
 
 
 def now() -> float:

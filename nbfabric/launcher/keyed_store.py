@@ -20,7 +20,6 @@ import pickle
 import secrets
 import selectors
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -31,6 +30,7 @@ from urllib.parse import parse_qsl, urlparse
 
 import torch.distributed as dist
 
+from nbfabric.channel import FrameReader, frame
 from nbfabric.launcher.environment import RUN_KEY_ENV
 from nbfabric.launcher.rendezvous import StoreServer
 from nbfabric.launcher.store_client import SocketStore
@@ -41,7 +41,6 @@ HANDSHAKE_SECONDS = 10.0
 
 _HELLO = b"nbfabric-store/1\n"
 _NONCE = 32
-_HEADER = struct.Struct("!I")
 
 
 def new_run_key() -> str:
@@ -65,11 +64,6 @@ def _proof(key: str, side: bytes, first: bytes, second: bytes) -> bytes:
 
 
 # ----------------------------------------------------------------- framing
-def _frame(value: Any) -> bytes:
-    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(body)) + body
-
-
 class _PlainValues(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("builtins", "ValueError"):  # the store's answer to an unknown operation
@@ -77,23 +71,8 @@ class _PlainValues(pickle.Unpickler):
         raise pickle.UnpicklingError(f"the run's store carries plain values only, not {module}.{name}")
 
 
-class PlainFrameReader:
-    """Reassembles frames from chunks; unpickles plain values only."""
-
-    def __init__(self):
-        self._buffer = bytearray()
-
-    def feed(self, chunk: bytes) -> list[Any]:
-        self._buffer += chunk
-        values = []
-        while len(self._buffer) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self._buffer)
-            end = _HEADER.size + size
-            if len(self._buffer) < end:
-                break
-            values.append(_PlainValues(io.BytesIO(bytes(self._buffer[_HEADER.size : end]))).load())
-            del self._buffer[:end]
-        return values
+def _plain_loads(body: memoryview) -> Any:
+    return _PlainValues(io.BytesIO(body)).load()
 
 
 class _SocketWriter:
@@ -101,7 +80,7 @@ class _SocketWriter:
         self._socket = sock
 
     def send(self, value: Any) -> None:
-        self._socket.sendall(_frame(value))
+        self._socket.sendall(frame(value))
 
 
 # ----------------------------------------------------------------- server
@@ -111,11 +90,11 @@ class _Client:
         self.nonce = nonce
         self.deadline: float | None = time.monotonic() + HANDSHAKE_SECONDS  # None once admitted
         self.received = bytearray()
-        self.reader = PlainFrameReader()
+        self.reader = FrameReader(_plain_loads)
 
     def reply(self, request_id: int, value: Any) -> None:
         try:
-            self.socket.sendall(_frame((request_id, value)))
+            self.socket.sendall(frame((request_id, value)))
         except OSError:
             pass  # gone: its socket reads as closed next
 
@@ -253,7 +232,7 @@ class KeyedStore(SocketStore):
         except BaseException:
             sock.close()
             raise
-        super().__init__(sock, _SocketWriter(sock), PlainFrameReader(), timeout, where)
+        super().__init__(sock, _SocketWriter(sock), FrameReader(_plain_loads), timeout, where)
 
 
 def _connect(address: str, port: int, deadline: float, where: str) -> socket.socket:
