@@ -5,7 +5,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from nbfabric.config import RunConfig
 from nbfabric.fabric import Fabric
 from nbfabric.strategies import FSDP
-from nbfabric.launcher import ForkUnsafeError, RankError, RankTimeoutError, launch
+from nbfabric.launcher import ForkUnsafeError, RankError, RankTimeoutError, UnreachedCollectiveError, launch
 from nbfabric.pool import PoolError, RankPool
 from nbfabric.seeding import seed_everything
 from nbfabric.wrappers import is_wrapped
@@ -26,5 +26,5 @@ def picker(config=None):
     return show(config)
 
 
-__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "seed_everything", "is_wrapped", "rank_zero_only", "RankPool", "RankError", "RankTimeoutError", "ForkUnsafeError", "PoolError", "load_ipython_extension", "picker"]
+__all__ = ["Fabric", "FSDP", "RunConfig", "launch", "seed_everything", "is_wrapped", "rank_zero_only", "RankPool", "RankError", "RankTimeoutError", "UnreachedCollectiveError", "ForkUnsafeError", "PoolError", "load_ipython_extension", "picker"]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import runpy
 import sys
 from functools import partial
 
-from nbfabric.launcher import RankError, RankTimeoutError, TextSink
+from nbfabric.launcher import RankError, RankTimeoutError, TextSink, UnreachedCollectiveError
 from nbfabric.launcher.keyed_store import keyed_rendezvous_wanted, route_env_rendezvous
 from nbfabric.launcher.launchers import ForkLauncher, SpawnLauncher
 from nbfabric.launcher.processes import exit_status
@@ -28,6 +28,8 @@ def run_node(args: argparse.Namespace, plan: RunPlan) -> int:
         launcher(plan.config, timeout=plan.timeout, sink=sink, place=plan.place).launch(partial(run_script, args.script, args.script_args))
     except RankError as error:
         print(f"nbfabric run: {error}", file=sys.stderr)
+        if isinstance(error, UnreachedCollectiveError):  # its ranks were stopped: their codes say nothing
+            return 1
         return exit_status(sink.returncodes.get(error.rank)) or 1  # a failure never reads as success
     except RankTimeoutError as error:
         print(f"nbfabric run: {error}", file=sys.stderr)

@@ -296,6 +296,26 @@ def test_a_script_s_atexit_handlers_run_in_each_rank_after_fabric_waited_for_its
     assert last["0"] >= rank_1_done  # rank 0 waited for rank 1 before its last handler ran
 
 
+def test_a_collective_that_one_rank_never_reaches_fails_the_run_instead_of_waiting_forever(tmp_path, env):
+    script = write(
+        tmp_path / "train.py",
+        """
+        from nbfabric import Fabric
+        fabric = Fabric()
+        if fabric.global_rank == 0:
+            fabric.barrier()
+        print("end of script")
+        """,
+    )
+    started = time.monotonic()
+    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 1
+    assert f"nbfabric run: rank 0 waits in barrier at {script}, line 5: a collective that rank 1 will never reach" in done.stderr
+    assert "rank 1: finished, waiting for the other ranks" in done.stderr
+    assert done.stdout == "[rank 1] end of script\n"
+
+
 def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
     script = write(tmp_path / "train.py", "import time\ntime.sleep(60)\nprint('finished')\n")
     started = time.monotonic()

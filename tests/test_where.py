@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_magic import Kernel
 
-from nbfabric import Fabric, RankError, RankTimeoutError
+from nbfabric import Fabric, RankError, RankTimeoutError, UnreachedCollectiveError
 from nbfabric.launcher import stacks
 from nbfabric.launcher.output import Sink
 
@@ -136,6 +136,49 @@ def test_a_failure_names_where_the_stopped_peer_waited(tmp_path):
     assert caught.value.rank == 0
     where = f"rank 1: all_reduce at {__file__}, line {_line_of('fabric.all_reduce(torch.ones(2))  # rank 1 waits here')}"
     assert f"\nwhere the other ranks were: {where}\n" in str(caught.value)
+
+
+def _barrier_on_rank_0_only(fabric):
+    if fabric.global_rank == 0:
+        fabric.barrier()  # only rank 0 calls it
+    return "done"
+
+
+@pytest.mark.timeout(60)
+def test_a_collective_that_a_finished_rank_never_reaches_ends_the_run_naming_both():
+    """Without a timeout, such a run would wait forever: rank 1 has finished and waits for rank 0."""
+    started = time.monotonic()
+    with pytest.raises(UnreachedCollectiveError) as caught:
+        Fabric(accelerator="cpu", devices=2).launch(_barrier_on_rank_0_only)
+    assert time.monotonic() - started < 15
+    error = caught.value
+    assert isinstance(error, RankError) and error.rank == 0 and error.finished == (1,)
+    barrier = f"barrier at {__file__}, line {_line_of('fabric.barrier()  # only rank 0 calls it')}"
+    assert str(error).startswith(f"rank 0 waits in {barrier}: a collective that rank 1 will never reach, having finished the run.")
+    assert error.places[0].summary() == barrier
+    assert error.places[1].finished
+    assert "rank 1: finished, waiting for the other ranks\n" in str(error) + "\n"
+
+
+def test_ranks_busy_in_collectives_among_themselves_while_a_peer_has_finished_are_not_stopped():
+    """Ranks 0 and 2 reduce on their own group, again and again at one line, past three looks at
+    the ranks, while rank 1 waits at the end: they use the CPU, so nothing is stranded."""
+
+    def train(fabric):
+        import torch.distributed as dist
+
+        pair = dist.new_group([0, 2])
+        rounds = 0
+        if fabric.global_rank != 1:
+            deadline = time.monotonic() + 5
+            going = torch.ones(1)
+            while going.item():  # rank 0 decides when both stop
+                going = torch.tensor([float(fabric.global_rank != 0 or time.monotonic() < deadline)])
+                dist.all_reduce(going, op=dist.ReduceOp.MIN, group=pair)
+                rounds += 1
+        return rounds  # rank 1 has none: it finished at once
+
+    assert Fabric(accelerator="cpu", devices=3).launch(train) > 100
 
 
 # ----------------------------------------------------------------- in a notebook

@@ -15,7 +15,7 @@ from nbfabric.config import START_METHODS
 from nbfabric.launcher.environment import rank_environment
 from nbfabric.launcher.fork_safety import check_fork_safe
 from nbfabric.launcher.machine import free_port, threads_per_rank
-from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, raise_for_outcome
+from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, UnreachedCollectiveError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.launcher.shared_tensors import SharedFiles
 from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
@@ -23,7 +23,7 @@ from nbfabric.launcher.supervisor import Supervisor
 from nbfabric.launcher.inherited import find_inherited
 from nbfabric.launcher.worker import RankSpec
 
-__all__ = ["launch", "RankError", "RankTimeoutError", "ForkUnsafeError", "Sink", "TextSink"]
+__all__ = ["launch", "RankError", "RankTimeoutError", "UnreachedCollectiveError", "ForkUnsafeError", "Sink", "TextSink"]
 
 EXIT_WAIT = 10.0  # seconds to wait for ranks that announced their exit to be gone
 

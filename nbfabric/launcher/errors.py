@@ -18,7 +18,7 @@ class RankFailure:
 
     rank: int
     time: float
-    how: str  # "exception" | "signal" | "exit" | "left" (sys.exit(0) while others went on)
+    how: str  # "exception" | "signal" | "exit" | "left" (sys.exit(0) while others went on) | "unreached" (see below)
     summary: str  # one line, e.g. "ValueError: bad batch" or "killed by SIGKILL"
     traceback: str = ""
     distributed: bool = False
@@ -67,6 +67,25 @@ class RankError(ShortInIPython, RuntimeError):
         if cause.traceback:
             lines += ["", f"Traceback from rank {cause.rank}:", cause.traceback.rstrip()]
         return "\n".join(lines)
+
+
+class UnreachedCollectiveError(RankError):
+    """Ranks waited in a collective that a finished rank never reached (a call that not every rank
+    makes); every rank was stopped. `rank` is the first rank that waited, `finished` the ranks done."""
+
+    def __init__(self, waiting: list[RankFailure], finished: tuple[int, ...], places: dict[int, RankPlace], usage: dict[int, Usage]):
+        self.finished = finished
+        super().__init__(waiting[0], waiting[1:], list(finished), places, usage)
+
+    def _message(self, cause, also_failed, stopped, places, usage) -> str:
+        done = _ranks(self.finished)
+        waiting = "; ".join(f"rank {f.rank} {f.summary}" for f in (cause, *also_failed))
+        what = "a collective" if not also_failed else "collectives"
+        return (
+            f"{waiting}: {what} that {done} will never reach, having finished the run.\n"
+            "Every rank must make the same collective calls in the same order; look at the conditions "
+            "around this one. Every rank was stopped." + _where_they_were(places, "then")
+        )
 
 
 class RankTimeoutError(ShortInIPython, TimeoutError):
@@ -126,6 +145,14 @@ def raise_for_outcome(outcome: Outcome, timeout: float | None) -> None:
             "such as a collective that not every rank reaches." + _where_they_were(places, "at the deadline"),
             places,
         )
+    if outcome.stranded:
+        waiting = [
+            RankFailure(rank, outcome.stop_time or 0.0, "unreached", f"waits in {places[rank].summary()}")
+            for rank in outcome.still_running_at_stop
+            if rank in places and not places[rank].finished
+        ]
+        if waiting:
+            raise UnreachedCollectiveError(waiting, outcome.stranded, places, outcome.usage)
     if failures:
         cause = root_cause(failures, outcome.stop_time)
         stop = outcome.stop_time if outcome.stop_time is not None else float("inf")
@@ -133,6 +160,10 @@ def raise_for_outcome(outcome: Outcome, timeout: float | None) -> None:
         also_failed = [f for f in failures if f is not cause and (f.time <= stop or (f.rank in places and places[f.rank].failing))]
         stopped = [rank for rank in outcome.still_running_at_stop if rank != cause.rank and rank not in {f.rank for f in also_failed}]
         raise RankError(cause, also_failed, stopped, places, outcome.usage)
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
 def _where_they_were(places: dict[int, RankPlace], when: str) -> str:

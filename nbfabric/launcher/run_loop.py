@@ -15,6 +15,8 @@ from nbfabric.launcher.output import Sink
 from nbfabric.launcher.stacks import RankPlace
 from nbfabric.launcher.usage import SAMPLE_EVERY, Usage, UsageMeter
 
+IDLE_CPU_PERCENT = 5.0  # of one core: a rank blocked in a collective uses about none
+
 
 @dataclass
 class Outcome:
@@ -30,15 +32,18 @@ class Outcome:
     timed_out: bool = False
     still_running_at_stop: tuple[int, ...] = ()
     places: dict[int, RankPlace] = field(default_factory=dict)  # where those ranks were, taken before the stop
+    stranded: tuple[int, ...] = ()  # finished ranks whose peers were stopped waiting for them in a collective
     usage: dict[int, Usage] = field(default_factory=dict)  # each rank's last measured usage
 
 
 class RunLoop:
     """`run()` polls the ranks until `done()`, and after each poll: passes the output on, takes an
-    interrupt or the Stop button as a stop request, stops the ranks at the deadline, and presses
-    ranks that were asked to stop and still run (`escalate`)."""
+    interrupt or the Stop button as a stop request, stops the ranks at the deadline or when they wait
+    in a collective that a finished peer will never join, and presses ranks that were asked to stop
+    and still run (`escalate`)."""
 
     tick_seconds = 0.1
+    stranded_look_seconds = 1.5  # between two looks at ranks that may wait for a finished peer
 
     def __init__(self, sink: Sink, timeout: float | None):
         self.sink = sink
@@ -47,6 +52,7 @@ class RunLoop:
         self.interrupts = 0
         self._meter: UsageMeter | None = None
         self._next_sample = now() + SAMPLE_EVERY / 2
+        self._stranded_look: tuple[float, dict[int, str] | None] | None = None  # (when next, what the last look saw)
 
     # What a launcher fills in.
     def start(self) -> None:
@@ -63,6 +69,10 @@ class RunLoop:
     def running_ranks(self) -> tuple[int, ...]:
         """The ranks that have not ended yet."""
         raise NotImplementedError
+
+    def finished_ranks(self) -> tuple[int, ...]:
+        """The ranks that have done their part of the run, and wait for their peers or have ended."""
+        return ()
 
     def rank_pids(self) -> dict[int, int]:
         """rank -> pid of the ranks whose usage can be measured from here (those on this machine)."""
@@ -123,8 +133,38 @@ class RunLoop:
         if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:
             self.outcome.timed_out = True
             self.stop()
+        if self.outcome.stop_time is None:
+            self._look_for_stranded()
         if self.outcome.stop_time is not None:
             self.escalate(now() - self.outcome.stop_time, self.interrupts > 1)
+
+    def _look_for_stranded(self) -> None:
+        """Stop the run when a rank has finished and every other rank still running waits, without
+        using the CPU, in a torch.distributed call at the same place on two looks in a row: a
+        collective that the finished rank never reached, which would otherwise wait forever."""
+        finished = set(self.finished_ranks())
+        others = tuple(rank for rank in self._not_failed(self.running_ranks()) if rank not in finished)
+        if not finished or not others:
+            self._stranded_look = None
+            return
+        if self._stranded_look is None:
+            self._stranded_look = (now() + self.stranded_look_seconds, None)
+            return
+        due, before = self._stranded_look
+        if now() < due:
+            return
+        places = self.where(others)
+        seen = {rank: place.summary() for rank, place in places.items() if place.collective and self._idle(rank)}
+        if len(seen) == len(others) and seen == before:
+            self.outcome.stranded = tuple(sorted(finished))
+            self.stop()
+            return
+        self._stranded_look = (now() + self.stranded_look_seconds, seen)
+
+    def _idle(self, rank: int) -> bool:
+        """Whether the rank used (almost) no CPU when last measured; False when it is not measured."""
+        usage = self.outcome.usage.get(rank)
+        return usage is not None and usage.cpu < IDLE_CPU_PERCENT
 
     def _not_failed(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
         """The ranks worth asking where they are: those not reporting a failure of their own."""

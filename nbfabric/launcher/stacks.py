@@ -28,6 +28,7 @@ _THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+)(?: \[[^\]]*\])? 
 _FRAME = re.compile(r'^  File "(.*)", line (\d+) in (.*)$')
 _LIBRARY_DIRS = tuple({sysconfig.get_paths()[key] + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")})
 _REPORTING = ("report_failure", "from_exception")  # nbfabric's functions that send a rank's failure
+_WAITING_FOR_PEERS = "wait_for_peers"  # the store client's call a rank makes once its part is done
 _QUIET = 0.05  # seconds without new bytes after which a dump is taken as complete
 
 
@@ -72,10 +73,22 @@ class RankPlace:
         """Whether the rank was reporting an exception of its own (it failed by itself, not by the stop)."""
         return any(f.filename.startswith(PACKAGE_DIR) and f.function in _REPORTING for f in self.frames)
 
+    @property
+    def finished(self) -> bool:
+        """Whether the rank has done its part of the run and waits for its peers to do theirs."""
+        return any(f.filename.startswith(PACKAGE_DIR) and f.function == _WAITING_FOR_PEERS for f in self.frames)
+
+    @property
+    def collective(self) -> str:
+        """The torch.distributed call the rank waits in (its outermost frame there), or ""."""
+        return _collective(self._in_rank())
+
     def summary(self) -> str:
         """"all_reduce at Cell In[7], line 12": what the rank waits in, at the user's innermost line."""
         if self.missing:
             return self.missing
+        if self.finished:
+            return "finished, waiting for the other ranks"
         frames = self._in_rank()
         mine = [i for i, frame in enumerate(frames) if frame.mine]
         if not mine:
@@ -86,7 +99,7 @@ class RankPlace:
 
     def details(self, depth: int = 3) -> list[str]:
         """The innermost run of the user's frames (at most `depth`), each with its line of code."""
-        if self.missing:
+        if self.missing or self.finished:
             return []
         frames: list[Frame] = []
         for frame in reversed(self._in_rank()):
@@ -109,10 +122,14 @@ class RankPlace:
 def _waiting_in(user: Frame, inside: tuple[Frame, ...]) -> str:
     """The collective a rank waits in (torch.distributed's outermost frame), else the call on the
     user's line (a native call such as time.sleep leaves no frame of its own)."""
-    for frame in inside:
+    return _collective(inside) or _call_on(user.text, in_lambda=user.function == "<lambda>") or (inside[0].function if inside else user.function)
+
+
+def _collective(frames: tuple[Frame, ...]) -> str:
+    for frame in frames:
         if f"{os.sep}torch{os.sep}distributed{os.sep}" in frame.filename and frame.function not in ("wrapper", "<lambda>"):
             return frame.function
-    return _call_on(user.text, in_lambda=user.function == "<lambda>") or (inside[0].function if inside else user.function)
+    return ""
 
 
 def _call_on(line: str, in_lambda: bool = False) -> str:

@@ -10,7 +10,7 @@ from functools import partial
 from nbfabric.channel import ChannelWriter, Display, Exiting, Failure, FrameReader, Left, Metrics, Result, now
 from nbfabric.launcher.output import LineSplitter, Sink, emit_segments
 from nbfabric.launcher.processes import RankProcess, reap_in_background
-from nbfabric.launcher.rendezvous import StoreServer
+from nbfabric.launcher.rendezvous import StoreServer, finished_key
 from nbfabric.launcher.run_loop import RunLoop
 from nbfabric.launcher.stacks import RankPlace, take
 
@@ -45,6 +45,9 @@ class Supervisor(RunLoop):
 
     def running_ranks(self) -> tuple[int, ...]:
         return tuple(r for r in self.ranks if r not in self.outcome.returncodes)
+
+    def finished_ranks(self) -> tuple[int, ...]:
+        return tuple(rank for rank in self.ranks if finished_key(rank) in self.store.data)
 
     def rank_pids(self) -> dict[int, int]:
         return {rank: process.pid for rank, process in self.ranks.items()}
