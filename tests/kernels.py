@@ -15,6 +15,7 @@ class KernelProcess:
 
     def __init__(self, settings_file):
         env = {**os.environ, "NBFABRIC_CONFIG": str(settings_file)}
+        env.pop("PYTEST_CURRENT_TEST", None)  # ipykernel then shows output written to its file descriptors, as in a notebook
         self.manager, self.client = start_new_kernel(
             kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"], env=env
         )

@@ -392,29 +392,53 @@ def test_no_file_is_left_after_a_failure_or_an_interrupt(kernel):
     failed = kernel.run(SPAWN2 + "if fabric.global_rank == 1:\n    raise ValueError('broken on purpose')\nfabric.barrier()\nbig.sum()")
     assert failed["error"]["ename"] == "RankError" and "broken on purpose" in "\n".join(failed["error"]["traceback"])
     assert shm_files(kernel.pid) == []
-    seen = []
+    seen = _interrupted_when(kernel, SPAWN2 + "import time\ntime.sleep(60)\nbig.sum()", lambda files: bool(files))
+    stopped = seen.pop()
+    assert seen, "the ranks' files never appeared"
+    assert stopped["error"]["ename"] == "KeyboardInterrupt"
+    assert shm_files(kernel.pid) == []
+    assert kernel.run("1 + 1")["result"] == "2"  # the kernel goes on
 
-    def interrupt_once_the_files_are_there():
-        files = shm_files(kernel.pid)
-        if files and not seen:
-            seen.extend(files)
-            kernel.interrupt()
 
+@pytest.mark.usefixtures("no_rank_left")
+def test_an_interrupt_while_spawned_interpreters_import_stops_them_quietly(kernel):
+    """Jupyter's interrupt reaches the kernel's process group, where new interpreters are while
+    they import: they must neither print its traceback into the cell nor delay the stop."""
+    kernel.run("big = torch.randn(4 * 2**20)")
+    seen = _interrupted_when(kernel, SPAWN2 + "big.sum()", _every_rank_started, after=0.2)  # the launch has returned: the ranks import for a second or more
+    stopped = seen.pop()
+    assert seen, "the ranks never started"
+    assert stopped["error"]["ename"] == "KeyboardInterrupt"
+    assert "it was still starting" in stopped["error"]["evalue"]
+    assert stopped["stderr"] == ""
+    assert shm_files(kernel.pid) == []
+
+
+def _every_rank_started(files: list[str]) -> bool:
+    """Only the ranks' links to the file are left: its own name goes once every rank has started."""
+    return bool(files) and all(name.rpartition(".")[2].isdigit() for name in files)
+
+
+def _interrupted_when(kernel, cell: str, ready, after: float = 0.0) -> list:
+    """Run `cell`, interrupting the kernel `after` seconds once `ready(its files in /dev/shm)`: the
+    files seen then, followed by what the cell showed."""
+    seen: list = []
     watcher_done = threading.Event()
 
     def watch():
         while not watcher_done.is_set() and not seen:
-            interrupt_once_the_files_are_there()
+            files = shm_files(kernel.pid)
+            if ready(files):
+                seen.extend(files)
+                time.sleep(after)
+                kernel.interrupt()
             time.sleep(0.005)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        stopped = kernel.run(SPAWN2 + "import time\ntime.sleep(60)\nbig.sum()")
+        shown = kernel.run(cell)
     finally:
         watcher_done.set()
         watcher.join()
-    assert seen, "the ranks' files never appeared"
-    assert stopped["error"]["ename"] == "KeyboardInterrupt"
-    assert shm_files(kernel.pid) == []
-    assert kernel.run("1 + 1")["result"] == "2"  # the kernel goes on
+    return [*seen, shown]

@@ -167,6 +167,7 @@ def _continue_as_rank(spec: RankSpec, fds: tuple[int, ...], inherited: Inherited
 def spawn_rank(target: Callable[[], Any], spec: RankSpec) -> RankProcess:
     """Start one rank in a fresh interpreter; `target` travels with dill (`multiprocess`)."""
     import multiprocess
+    from multiprocess import resource_tracker
     from multiprocess.connection import Connection
 
     links, stacks = _links(spec)
@@ -174,9 +175,15 @@ def spawn_rank(target: Callable[[], Any], spec: RankSpec) -> RankProcess:
     process = multiprocess.get_context("spawn").Process(
         target=_spawned_main, args=(target, spec, ends), name=f"nbfabric-rank-{spec.rank}"
     )
+    # SIGINT is blocked in the new interpreter (the mask survives exec) until it has its own handlers
+    # (become_rank): the notebook's interrupt reaches the kernel's process group, and an interpreter
+    # still importing would print the KeyboardInterrupt's traceback into the cell.
+    resource_tracker.ensure_running()  # starting it would unblock SIGINT here
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         process.start()
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for end in ends:
             end.close()
     parent_ends = [parent_end for parent_end, _ in links]

@@ -212,7 +212,7 @@ def take(ranks: dict[int, tuple[int, StackFile]], wait: float = 1.0) -> dict[int
     places = {}
     for rank, (_, file) in ranks.items():
         text = file.read()
-        if sizes[rank] == before[rank]:
+        if sizes[rank] == before[rank] or not before[rank]:  # not listening yet when asked: its header at most
             why = "it has ended" if not asked[rank] else "it was still starting" if not before[rank] else "it did not answer"
             places[rank] = RankPlace(rank, missing=why)
             continue

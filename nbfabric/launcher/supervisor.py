@@ -141,12 +141,14 @@ class Supervisor(RunLoop):
             self._drain_deadline = now() + DRAIN_SECONDS
 
     def escalate(self, waited: float, impatient: bool) -> None:
-        """SIGINT at once, then SIGTERM and SIGKILL (STOP_LADDER); all at once on a second interrupt."""
+        """SIGINT at once, then SIGTERM and SIGKILL (STOP_LADDER); all at once on a second interrupt.
+        A rank still starting (an interpreter importing, before it listens for where-requests) has
+        nothing to stop gracefully and would print the interrupt's traceback: it gets SIGKILL."""
         due = len(STOP_LADDER) if impatient else sum(1 for delay, _ in STOP_LADDER if waited >= delay)
         while self._stop_signals_sent < due:
             _, sig = STOP_LADDER[self._stop_signals_sent]
             for process in self.ranks.values():
-                process.signal(sig)
+                process.signal(sig if process.stacks.size() else signal.SIGKILL)
             self._stop_signals_sent += 1
 
     def _abandon(self) -> None:
