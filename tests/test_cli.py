@@ -407,7 +407,7 @@ def test_a_failure_on_one_node_stops_the_other(tmp_path, env):
     assert time.monotonic() - started < 60
     assert [node.returncode for node in nodes] == [1, 1]
     assert "nbfabric run: rank 3 failed: ValueError: bad batch on rank 3" in nodes[1].stderr
-    assert f'line 11, in <module>\n    raise ValueError("bad batch on rank " + sys.argv[1])' in nodes[1].stderr
+    assert 'line 11, in <module>\n    raise ValueError("bad batch on rank " + sys.argv[1])' in nodes[1].stderr
     assert "stopped: rank 2" in nodes[1].stderr
     assert all("finished" not in node.stdout for node in nodes)
 
