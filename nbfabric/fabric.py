@@ -253,8 +253,9 @@ class Fabric:
         """A rank whose process ends after the run must not leave while a peer still talks to it.
         The ranks of one machine on the CPU meet through the launcher's store, where a rank that has
         ended counts as finished; others through a barrier, which fails when a peer has left already
-        (sys.exit, or a failure reported for that peer). This rank's own result stands."""
-        if self.world_size <= 1:
+        (sys.exit, or a failure reported for that peer). This rank's own result stands. A pool's
+        ranks stay, so they do not wait: a barrier here would pair with a peer's stray one."""
+        if self.world_size <= 1 or self._ranks_stay:
             return
         store = self._ranks.links.store if self._ranks.links is not None else None
         if store is not None and self.device.type == "cpu":

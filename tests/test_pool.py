@@ -293,6 +293,20 @@ def test_a_rank_failing_while_its_peer_waits_in_a_collective_frees_the_peer_and_
     assert kernel.run(f"{POOL}\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum').item()")["result"] == "2.0"
 
 
+@pytest.mark.parametrize("rank, call", [(0, "fabric.barrier()"), (1, "fabric.all_reduce(torch.tensor(5.0))")])
+def test_a_collective_that_one_rank_never_reaches_ends_the_cell_and_the_pool_goes_on(kernel, rank, call):
+    """No timeout: once the other rank has finished the cell, the one left waiting is named and the
+    collective freed. (A rank at the end of a pool cell does not wait in a barrier, which would pair
+    with a stray one and leave the peer waiting in the next.)"""
+    started = time.monotonic()
+    out = kernel.run(f"{POOL}\nimport torch\nif fabric.global_rank == {rank}:\n    {call}\nfabric.global_rank")
+    assert time.monotonic() - started < 30
+    assert out["error"]["ename"] == "UnreachedCollectiveError"
+    name = call.split("(")[0].split(".")[1]
+    assert out["error"]["evalue"].startswith(f"rank {rank} waits in {name} at Cell In[") and f"line 4: a collective that rank {1 - rank} will never reach" in out["error"]["evalue"]
+    assert kernel.run(f"{POOL}\nfabric.all_reduce(torch.ones(1), reduce_op='sum').item()")["result"] == "2.0"
+
+
 def test_a_name_that_cannot_be_sent_is_named_before_anything_runs(kernel):
     kernel.run("import threading\nguard = threading.Lock()")
     out = kernel.run(f"{POOL}\nprint('ran', guard)")

@@ -80,6 +80,9 @@ class _PoolRun(RunLoop):
     def running_ranks(self) -> tuple[int, ...]:
         return tuple(sorted(self.pending))
 
+    def finished_ranks(self) -> tuple[int, ...]:
+        return tuple(rank for rank, code in self.outcome.returncodes.items() if code == 0)
+
     def poll(self, wait: float) -> None:
         futures.wait([next(iter(self.pending.values()))], timeout=wait)
         for rank in list(self.pending):
