@@ -153,8 +153,11 @@ class RunLoop:
         due, before = self._stranded_look
         if now() < due:
             return
+        if not all(map(self._idle, others)):  # at work: not asked where (each answer grows its stack file)
+            self._stranded_look = (now() + self.stranded_look_seconds, None)
+            return
         places = self.where(others)
-        seen = {rank: place.summary() for rank, place in places.items() if place.collective and self._idle(rank)}
+        seen = {rank: place.summary() for rank, place in places.items() if place.collective}
         if len(seen) == len(others) and seen == before:
             self.outcome.stranded = tuple(sorted(finished))
             self.stop()
