@@ -156,3 +156,18 @@ def test_a_function_the_notebook_already_had_comes_back_as_itself(notebook):
     rank = {"__name__": "__main__", "existing": existing, "alias": existing}
     values = pack(rank, ["alias"], known={"existing": existing}).load()
     assert values["alias"] is existing
+
+
+def test_tensors_that_share_a_storage_in_the_rank_share_it_in_the_notebook():
+    """As with Lightning's launch (torch.multiprocessing), where plain pickling would copy each."""
+    base = torch.arange(10.0)
+    model = torch.nn.Linear(2, 2)
+    namespace = {"base": base, "middle": base[2:5], "both": [base[:3], base[7:]], "model": model, "weight": model.weight}
+    values = pack(namespace, list(namespace), {}).load()
+    storage = values["base"].untyped_storage().data_ptr()
+    assert values["middle"].untyped_storage().data_ptr() == storage and values["middle"].storage_offset() == 2
+    assert all(view.untyped_storage().data_ptr() == storage for view in values["both"])
+    values["middle"].add_(100)
+    assert values["base"].tolist() == [0, 1, 102, 103, 104, 5, 6, 7, 8, 9]  # the notebook's view writes into its base, as in the rank
+    assert values["weight"] is values["model"].weight
+    assert torch.equal(values["both"][1], torch.arange(7.0, 10.0))

@@ -206,12 +206,12 @@ class _ShippingPickler(_Pickler):
         key = (untyped.data_ptr(), untyped.nbytes())
         if key not in self._indices:
             self._indices[key] = len(self.storages)
-            view = _storage_bytes(untyped)
+            view = storage_bytes(untyped)
             self.storages.append(view if view.nbytes >= LARGE else bytearray(view))
         return self._indices[key]
 
 
-def _storage_bytes(untyped: Any) -> memoryview:
+def storage_bytes(untyped: Any) -> memoryview:
     """The bytes of a CPU storage, without a copy; the view keeps the storage alive."""
     array = (ctypes.c_ubyte * untyped.nbytes()).from_address(untyped.data_ptr())
     array.storage = untyped

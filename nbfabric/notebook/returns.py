@@ -15,6 +15,7 @@ from typing import Any
 import cloudpickle
 import torch
 
+from nbfabric.launcher.shipping import storage_bytes
 from nbfabric.wrappers import unwrap
 
 MAX_BYTES_PER_NAME = 2 * 1024**3  # a name whose pickle is larger stays in the rank
@@ -108,7 +109,8 @@ def _ops(data: memoryview):
 class _CellPickler(cloudpickle.Pickler):
     """Pickles what already existed in the notebook by reference, what the cell created by value
     (classes as cloudpickle does; functions, methods included, so that they read the notebook's
-    globals once they are there), and tensors left on an accelerator as CPU copies."""
+    globals once they are there), and tensors left on an accelerator as CPU copies. Tensors that
+    share a storage (views, a parameter and a name for it) still share it in the notebook."""
 
     def __init__(self, file: io.BytesIO, known: dict[str, Any]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -121,6 +123,10 @@ class _CellPickler(cloudpickle.Pickler):
         self.memo = {key: entry for key, entry in self.memo.copy().items() if entry[0] < kept}
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is torch.storage.TypedStorage:  # a wrapper made anew for each tensor: its storage goes once
+            return _typed_storage, (obj._untyped_storage, obj.dtype)
+        if type(obj) is torch.UntypedStorage and obj.device.type == "cpu":
+            return _untyped_storage, (pickle.PickleBuffer(storage_bytes(obj)) if obj.nbytes() else b"",)
         if isinstance(obj, torch.Tensor) and obj.device.type not in ("cpu", "meta"):
             copy = obj.detach().cpu()  # the rank's own tensor stays where it is (a pool's rank goes on with it)
             if type(obj) is torch.nn.Parameter:
@@ -132,6 +138,14 @@ class _CellPickler(cloudpickle.Pickler):
             if isinstance(obj, types.FunctionType):
                 return _notebook_function(obj)
         return super().reducer_override(obj)
+
+
+def _typed_storage(untyped: Any, dtype: Any) -> Any:
+    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _untyped_storage(data: bytes | bytearray) -> Any:
+    return torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage()
 
 
 class _EmptyCell:
