@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import Any, ContextManager
 
@@ -22,6 +23,7 @@ _DDP_OPTIONS = tuple(
     name for name in inspect.signature(DistributedDataParallel.__init__).parameters
     if name not in ("self", "module", "device_ids", "output_device", "process_group", "kwargs", "args")
 )
+GLOO_WORKER_NAME = "pt_gloo_runloop"  # the name torch gives the threads that run gloo's collectives
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "product": dist.ReduceOp.PRODUCT}
 
 
@@ -35,6 +37,39 @@ def reduce_op_name(op: Any) -> str:
         if op == torch_op:
             return name
     raise ValueError(f"reduce_op={op!r} is not valid; choose one of {', '.join(REDUCE_OPS)} or a torch.distributed.ReduceOp of them")
+
+
+def let_gloo_workers_finish(limit: float = 2.0) -> None:
+    """Yield the CPU and the GIL until no gloo worker thread of this process is running (at most
+    `limit` seconds). A worker releases a collective's tensors after the caller already has its
+    result, and that release takes the GIL: if it comes once the interpreter has begun to shut down,
+    the process aborts ("terminate called without an active exception"). A rank pinned to one core,
+    as mpiexec pins them, meets this often, since the caller runs on before the worker."""
+    deadline = time.monotonic() + limit
+    idle_looks = 0
+    while idle_looks < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+        idle_looks = idle_looks + 1 if not _running_threads(GLOO_WORKER_NAME) else 0
+
+
+def _running_threads(name: str) -> list[str]:
+    """The ids of this process's threads called `name` that are running or runnable (Linux's
+    /proc; elsewhere none are seen, and the caller's sleeps alone give the workers their turn)."""
+    running = []
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return running
+    for thread in threads:
+        try:
+            with open(f"/proc/self/task/{thread}/stat") as file:
+                stat = file.read()
+        except OSError:  # it ended
+            continue
+        thread_name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:][:1]
+        if thread_name == name and state == "R":
+            running.append(thread)
+    return running
 
 
 class DDPStrategy(SingleDeviceStrategy):
@@ -111,9 +146,11 @@ class DDPStrategy(SingleDeviceStrategy):
         self._private_group = False
 
     def leave(self) -> None:
-        """Leave the process group (and stop serving its store, on global rank 0 of several nodes)."""
+        """Leave the process group (and stop serving its store, on global rank 0 of several nodes),
+        once gloo's workers have let go of the last collective (see `let_gloo_workers_finish`)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+            let_gloo_workers_finish()
         if self._store_server is not None:
             self._store_server.close()
             self._store_server = None
