@@ -150,7 +150,7 @@ class DDPStrategy(SingleDeviceStrategy):
         once gloo's workers have let go of the last collective (see `let_gloo_workers_finish`)."""
         if dist.is_initialized():
             dist.destroy_process_group()
-            let_gloo_workers_finish()
+        let_gloo_workers_finish()  # also when the script destroyed the group itself
         if self._store_server is not None:
             self._store_server.close()
             self._store_server = None
