@@ -226,6 +226,32 @@ def test_the_notebook_interrupt_stops_every_rank_and_keeps_the_kernel(kernel):
     assert kernel.run("1 + 1")["result"] == "2"
 
 
+
+def test_an_interrupt_while_the_first_cell_prepares_the_ranks_leaves_the_kernel_working(tmp_path):
+    """The first cell imports, in the kernel, what every rank would import (torch._dynamo, about
+    2 s); an interrupt in the middle left it half-imported, and every later cell failed."""
+    fresh = Kernel(tmp_path / "none.json")
+    try:
+        fresh.run(
+            """
+            import os, signal, sys
+            class InterruptDuringImport:  # Jupyter's interrupt, landing while torch._dynamo loads
+                def find_spec(self, name, path=None, target=None):
+                    if name == "torch.distributed._symmetric_memory":  # one of the modules it loads
+                        sys.meta_path.remove(self)
+                        os.kill(os.getpid(), signal.SIGINT)
+                    return None
+            sys.meta_path.insert(0, InterruptDuringImport())
+            """
+        )
+        out = fresh.run(f"{CPU2}\nprint('ran')")
+        assert out["error"]["ename"] == "KeyboardInterrupt" and "ran" not in out["stdout"]
+        out = fresh.run(f"{CPU2}\nmodel = fabric.setup(torch.nn.Linear(2, 1))\nprint('hello', fabric.global_rank)")
+        assert out["error"] is None, out["error"]
+        assert "[rank 0] hello 0" in out["stdout"] and "[rank 1] hello 1" in out["stdout"]
+    finally:
+        fresh.close()
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -115,7 +115,7 @@ def _start(target, specs: list[RankSpec], start_method: str, shared: SharedFiles
     started: list[RankProcess] = []
     try:
         if start_method == "spawn":
-            with _interrupts_deferred(), shared.placing():
+            with interrupts_deferred(), shared.placing():
                 for spec in specs:
                     started.append(spawn_rank(target, spec))
             return started
@@ -136,10 +136,11 @@ def _start(target, specs: list[RankSpec], start_method: str, shared: SharedFiles
 
 
 @contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """An interrupt that comes inside is raised when it ends: inside multiprocess's start of a
-    process, it could leave that process running with nobody to stop it. Interrupts reach only
-    the main thread; elsewhere this does nothing."""
+    process, it could leave that process running with nobody to stop it; inside an import, a
+    half-imported module for every later cell. Interrupts reach only the main thread; elsewhere
+    this does nothing."""
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous is None:
         yield

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from nbfabric.config import RunConfig
-from nbfabric.launcher import launch
+from nbfabric.launcher import interrupts_deferred, launch
 from nbfabric.launcher.cell_labels import label_error_cells
 from nbfabric.launcher.environment import RUN_KEY_ENV, started_by_launcher
 from nbfabric.launcher.keyed_store import check_run_key
@@ -110,7 +110,8 @@ class ForkLauncher(ProcessLauncher):
 
     def launch(self, rank_main: RankMain | None, *, prepare: Callable[[], None] | None = None) -> Any:
         if prepare is not None:
-            prepare()
+            with interrupts_deferred():  # it imports modules into this process, for good
+                prepare()
         return super().launch(rank_main)
 
     def continue_script(self, *, prepare: Callable[[], None] | None = None) -> None:
