@@ -5,6 +5,8 @@ Found before forking; applied in the rank."""
 
 from __future__ import annotations
 
+import builtins
+import getpass
 import importlib.util
 import logging
 import os
@@ -75,15 +77,22 @@ _TQDM_NOTEBOOK_METHODS = ("__init__", "__iter__", "status_printer", "display", "
 
 def detach_from_kernel(display_publisher: Any) -> None:
     """In a rank forked from a Jupyter kernel (whose sockets belong to the kernel): displays go to
-    the launching process, and tqdm's notebook bars (ipywidgets) fall back to its text bars, which
-    reach the notebook as progress lines."""
+    the launching process, tqdm's notebook bars (ipywidgets) fall back to its text bars, which
+    reach the notebook as progress lines, and input() meets the rank's empty stdin."""
     if display_publisher is None:
         return
     display_publisher.shell.display_pub = display_publisher
     for prompt in ("ps1", "ps2"):  # a rank is no interactive session (libraries check this)
         if hasattr(sys, prompt):
             delattr(sys, prompt)
+    builtins.input = getpass.getpass = _no_input  # the kernel's would wait for a reply that never comes
     text_progress_bars()
+
+
+def _no_input(prompt: str = "", stream: Any = None) -> str:
+    """input() and getpass() in a rank, whose stdin is empty: EOFError, as for a script run with
+    its input from /dev/null."""
+    raise EOFError("a rank has no input for input() or getpass() to read: ask in the notebook, before the %%fabric cell")
 
 
 def text_progress_bars() -> None:
