@@ -154,11 +154,26 @@ def test_a_collective_that_a_finished_rank_never_reaches_ends_the_run_naming_bot
     error = caught.value
     assert isinstance(error, RankError) and error.rank == 0 and error.finished == (1,)
     barrier = f"barrier at {__file__}, line {_line_of('fabric.barrier()  # only rank 0 calls it')}"
-    assert str(error).startswith(f"rank 0 waits in {barrier}: a collective that rank 1 will never reach, having finished the run.")
+    assert str(error).startswith(f"rank 0 waits in {barrier}: a collective that rank 1 will not take part in, having finished the run.")
     assert error.places[0].summary() == barrier
     assert error.places[1].finished
     assert "rank 1: finished, waiting for the other ranks\n" in str(error) + "\n"
 
+
+
+def _reduce_of_other_shapes(fabric):
+    fabric.all_reduce(torch.ones(3 + fabric.global_rank), reduce_op="sum")  # 3 elements on rank 0, 4 on rank 1
+    return "done"
+
+
+@pytest.mark.timeout(60)
+def test_a_collective_called_with_other_shapes_on_each_rank_ends_the_run_saying_so():
+    """gloo completes the reduce on the rank with fewer elements, which finishes while its peer waits."""
+    with pytest.raises(UnreachedCollectiveError) as caught:
+        Fabric(accelerator="cpu", devices=2).launch(_reduce_of_other_shapes)
+    assert caught.value.finished == (0,) and caught.value.rank == 1
+    assert "a collective that rank 0 will not take part in, having finished the run" in str(caught.value)
+    assert "with tensors of the same shapes" in str(caught.value) and "--debug" in str(caught.value)
 
 def test_ranks_busy_in_collectives_among_themselves_while_a_peer_has_finished_are_not_stopped():
     """Ranks 0 and 2 reduce on their own group, again and again at one line, past three looks at

@@ -70,8 +70,8 @@ class RankError(ShortInIPython, RuntimeError):
 
 
 class UnreachedCollectiveError(RankError):
-    """Ranks waited in a collective that a finished rank never reached (a call that not every rank
-    makes); every rank was stopped. `rank` is the first rank that waited, `finished` the ranks done."""
+    """Ranks waited in a collective that a finished rank will not take part in (a call that not
+    every rank makes, or one with tensors of other shapes); every rank was stopped. `rank` is the first rank that waited, `finished` the ranks done."""
 
     def __init__(self, waiting: list[RankFailure], finished: tuple[int, ...], places: dict[int, RankPlace], usage: dict[int, Usage]):
         self.finished = finished
@@ -82,9 +82,10 @@ class UnreachedCollectiveError(RankError):
         waiting = "; ".join(f"rank {f.rank} {f.summary}" for f in (cause, *also_failed))
         what = "a collective" if not also_failed else "collectives"
         return (
-            f"{waiting}: {what} that {done} will never reach, having finished the run.\n"
-            "Every rank must make the same collective calls in the same order; look at the conditions "
-            "around this one. Every rank was stopped." + _where_they_were(places, "then")
+            f"{waiting}: {what} that {done} will not take part in, having finished the run.\n"
+            "Every rank must make the same collective calls in the same order, with tensors of the same "
+            "shapes; look at the conditions around this one, or run with --debug to have each call "
+            "checked. Every rank was stopped." + _where_they_were(places, "then")
         )
 
 
