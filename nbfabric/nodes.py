@@ -25,7 +25,7 @@ def run_node(args: argparse.Namespace, plan: RunPlan) -> int:
     launcher = ForkLauncher if plan.config.start_method == "fork" else SpawnLauncher
     several = plan.config.num_nodes > 1
     try:
-        launcher(plan.config, timeout=plan.timeout, sink=sink, place=plan.place).launch(partial(run_script, args.script, args.script_args))
+        launcher(plan.config, timeout=plan.timeout, sink=sink, place=plan.place, result_wanted=False).launch(partial(run_script, args.script, args.script_args))
     except RankError as error:
         print(f"nbfabric run: {error}", file=sys.stderr)
         if isinstance(error, UnreachedCollectiveError):  # its ranks were stopped: their codes say nothing

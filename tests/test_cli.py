@@ -316,6 +316,27 @@ def test_a_collective_that_one_rank_never_reaches_fails_the_run_instead_of_waiti
     assert done.stdout == "[rank 1] end of script\n"
 
 
+
+def test_a_script_ending_with_os_exit_0_succeeds_and_one_that_leaves_its_peer_in_a_collective_is_named(tmp_path, env):
+    ends = write(tmp_path / "ends.py", "import os\nprint('done', flush=True)\nos._exit(0)\n")  # a script's own way to skip teardown
+    done = nbfabric_command("run", *CPU2, str(ends), env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["[rank 0] done", "[rank 1] done"]
+    leaves = write(
+        tmp_path / "leaves.py",
+        """
+        import os, torch
+        from nbfabric import Fabric
+        fabric = Fabric()
+        if fabric.global_rank == 1:
+            os._exit(0)
+        fabric.all_reduce(torch.ones(1))
+        """,
+    )
+    done = nbfabric_command("run", *CPU2, str(leaves), env=env)
+    assert done.returncode == 1
+    assert "nbfabric run: rank 1 failed: ended with exit status 0 in the middle of the run" in done.stderr
+
 def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
     script = write(tmp_path / "train.py", "import time\ntime.sleep(60)\nprint('finished')\n")
     started = time.monotonic()

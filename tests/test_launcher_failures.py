@@ -178,3 +178,30 @@ def test_an_exception_whose_str_fails_keeps_its_type_and_traceback(no_leaks):
         launch(lambda: _sleep_unless(1, _raise_unprintable), nprocs=2, sink=Sink())
     assert caught.value.how == "exception" and "rank 1 failed: _Unprintable: <its message could not be made" in str(caught.value)
     assert "raise _Unprintable()" in caught.value.rank_traceback
+
+
+def _rank_1_vanishes_before_a_collective(fabric):
+    if fabric.global_rank == 1:
+        os._exit(0)
+    fabric.all_reduce(torch.ones(1))
+
+
+def _rank_0_vanishes(fabric):
+    if fabric.global_rank == 0:
+        os._exit(0)
+    return "rank 1's value"
+
+
+def test_a_rank_that_ends_with_status_0_in_the_middle_is_named_as_the_cause():
+    """Its peer then fails in the collective (gloo: connection reset); the cause is the rank that left."""
+    with pytest.raises(RankError) as caught:
+        Fabric(accelerator="cpu", devices=2).launch(_rank_1_vanishes_before_a_collective)
+    assert caught.value.rank == 1
+    assert str(caught.value).startswith("rank 1 failed: ended with exit status 0 in the middle of the run, without a word (os._exit(0)")
+    assert "then rank 0: RuntimeError" in str(caught.value)
+
+
+def test_rank_0_ending_with_status_0_before_its_value_came_back_fails_the_run():
+    """Else the run would return None as rank 0's value, with nothing said."""
+    with pytest.raises(RankError, match=r"^rank 0 failed: ended with exit status 0 in the middle of the run"):
+        Fabric(accelerator="cpu", devices=2).launch(_rank_0_vanishes)

@@ -41,6 +41,7 @@ def launch(
     sink: Sink | None = None,
     wait_for_exit: bool = False,
     run_key: str | None = None,
+    result_wanted: bool = True,
 ) -> Any:
     """Run `target()` on `nprocs` new processes and return rank 0's return value.
 
@@ -50,7 +51,8 @@ def launch(
 
     With `target=None` (fork only) the ranks return from this call and go on running the
     caller's script, while this process supervises them and never returns. `run_key`: the key of
-    the store the ranks of several nodes meet through (keyed_store).
+    the store the ranks of several nodes meet through (keyed_store). Unless `result_wanted` is
+    False, a rank 0 that ends with status 0 without sending its value back fails the run.
     """
     if start_method not in START_METHODS:
         raise ValueError(f"start_method={start_method!r} is not valid; choose one of {', '.join(START_METHODS)}")
@@ -70,7 +72,7 @@ def launch(
         if start_method == "spawn":
             stop_spawn_helper()
     try:
-        raise_for_outcome(outcome, timeout)
+        raise_for_outcome(outcome, timeout, result_wanted=result_wanted and target is not None and node_rank == 0)
     except BaseException:
         wait_for_reaping(EXIT_WAIT)  # after a failure or a stop, no rank is left when the error shows
         raise

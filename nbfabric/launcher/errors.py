@@ -12,13 +12,16 @@ from nbfabric.launcher.usage import Usage
 from nbfabric.tracebacks import ShortInIPython
 
 
+VANISHED = "ended with exit status 0 in the middle of the run, without a word (os._exit(0), or a library that called exit())"
+
+
 @dataclass(frozen=True)
 class RankFailure:
     """How one rank ended badly: by an exception, a signal, or a non-zero exit code."""
 
     rank: int
     time: float
-    how: str  # "exception" | "signal" | "exit" | "left" (sys.exit(0) while others went on) | "unreached" (see below)
+    how: str  # "exception" | "signal" | "exit" | "left" (sys.exit(0) while others went on) | "vanished" (VANISHED) | "unreached" (see below)
     summary: str  # one line, e.g. "ValueError: bad batch" or "killed by SIGKILL"
     traceback: str = ""
     distributed: bool = False
@@ -112,6 +115,8 @@ def rank_failures(outcome: Outcome) -> list[RankFailure]:
         elif left is not None:
             how, ended = ("left", "left the run early") if code == 0 else ("exit", describe_exit(code))
             failures.append(RankFailure(rank, left.time, how, f"{ended}: sys.exit({left.code}) at {left.where}"))
+        elif code == 0 and outcome.announced is not None and rank not in outcome.announced:
+            failures.append(RankFailure(rank, outcome.exit_times[rank], "vanished", VANISHED))
         elif code < 0:
             failures.append(RankFailure(rank, outcome.exit_times[rank], "signal", describe_exit(code)))
         elif code > 0:
@@ -128,11 +133,13 @@ def root_cause(failures: list[RankFailure], stop_time: float | None) -> RankFail
     )
 
 
-def raise_for_outcome(outcome: Outcome, timeout: float | None) -> None:
-    """Raise the one exception that describes a failed launch; return if every rank succeeded."""
+def raise_for_outcome(outcome: Outcome, timeout: float | None, *, result_wanted: bool = False) -> None:
+    """Raise the one exception that describes a failed launch; return if every rank succeeded.
+    `result_wanted`: rank 0 was to send a value back, so its vanishing is a failure of its own."""
     failures = rank_failures(outcome)
-    if all(failure.how == "left" for failure in failures):
-        failures = []  # ranks that ended with sys.exit(0) while no other rank failed: a success
+    lost_result = result_wanted and outcome.result is None and any(f.rank == 0 and f.how == "vanished" for f in failures)
+    if all(failure.how in ("left", "vanished") for failure in failures) and not lost_result:
+        failures = []  # ranks that ended with status 0 (sys.exit(0), os._exit(0)) while no other rank failed: a success
     places = outcome.places
     if outcome.interrupted:
         stopped = KeyboardInterrupt("every rank was stopped" + _where_they_were(places, "then"))

@@ -62,11 +62,14 @@ class ProcessLauncher:
 
     start_method = ""
 
-    def __init__(self, config: RunConfig, *, timeout: float | None = None, sink: Sink | None = None, place: NodePlace = NodePlace()):
+    def __init__(
+        self, config: RunConfig, *, timeout: float | None = None, sink: Sink | None = None, place: NodePlace = NodePlace(), result_wanted: bool = True
+    ):
         self.config = config
         self.timeout = timeout
         self.sink = sink
         self.place = place
+        self.result_wanted = result_wanted  # False: rank 0's value does not matter (a script's), nor its ending without one
 
     def launch(self, rank_main: RankMain | None, *, prepare: Callable[[], None] | None = None) -> Any:
         port = self.place.main_port
@@ -87,6 +90,7 @@ class ProcessLauncher:
                 sink=self.sink,
                 wait_for_exit=self.config.accelerator != "cpu",
                 run_key=key,
+                result_wanted=self.result_wanted,
             )
         except BaseException as error:
             label_error_cells(error)

@@ -26,6 +26,7 @@ class Outcome:
     exit_times: dict[int, float] = field(default_factory=dict)
     failures: dict[int, Failure] = field(default_factory=dict)
     left: dict[int, Left] = field(default_factory=dict)  # ranks whose code called sys.exit
+    announced: dict[int, int] | None = None  # rank -> the exit code it said it ends with (None: ranks that do not say, a pool's)
     result: Result | Any = None  # rank 0's value as the launcher received it
     stop_time: float | None = None  # when the loop began stopping ranks
     interrupted: bool = False

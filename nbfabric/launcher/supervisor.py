@@ -35,6 +35,7 @@ class Supervisor(RunLoop):
         self._drain_deadline: float | None = None
         self._open_pipes = {p.rank: {p.stdout, p.stderr, p.channel} for p in ranks}
         self._announced: dict[int, int] = {}  # rank -> exit code it announced
+        self.outcome.announced = self._announced
 
     def start(self) -> None:
         for process in self.ranks.values():
