@@ -375,6 +375,42 @@ def test_an_interrupt_stops_every_rank_with_status_130(tmp_path, env):
     assert not [pid for pid in rank_pids if psutil.pid_exists(pid)]
 
 
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_stops_every_rank_and_what_they_started_then_ends_the_command(tmp_path, env, sig):
+    """As `kill`, `timeout`, a scheduler or a closed terminal send them: the ranks and their own
+    children end, rather than the children outliving the ranks."""
+    script = write(
+        tmp_path / "train.py",
+        f"""
+        import os, pathlib, subprocess, time
+        child = subprocess.Popen(["sleep", "120"])
+        pathlib.Path({str(tmp_path)!r}, "ready-" + os.environ["RANK"]).write_text(f"{{os.getpid()}} {{child.pid}}")
+        time.sleep(120)
+        """,
+    )
+    command = subprocess.Popen([*NBFABRIC, "run", *CPU2, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = [tmp_path / "ready-0", tmp_path / "ready-1"]
+        deadline = time.monotonic() + 30
+        while not all(path.exists() and path.read_text() for path in ready) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(pid) for path in ready for pid in path.read_text().split()]
+        command.send_signal(sig)
+        _, stderr = command.communicate(timeout=30)
+    finally:
+        command.kill()
+        command.wait()
+    assert command.returncode == -sig
+    assert f"nbfabric: {sig.name}: every rank was stopped" in stderr
+    deadline = time.monotonic() + 5
+    while [pid for pid in pids if psutil.pid_exists(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if psutil.pid_exists(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
 # ----------------------------------------------------------------- two nodes on this machine
 TWO_NODES = """
 import os

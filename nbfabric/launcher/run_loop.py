@@ -5,6 +5,7 @@ watched (`poll`), asked to stop (`stop_ranks`) and pressed when they do not (`es
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from nbfabric.launcher.stacks import RankPlace
 from nbfabric.launcher.usage import SAMPLE_EVERY, Usage, UsageMeter
 
 IDLE_CPU_PERCENT = 5.0  # of one core: a rank blocked in a collective uses about none
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # stop the ranks first, then end as they ask
 
 
 @dataclass
@@ -51,6 +53,7 @@ class RunLoop:
         self.deadline = None if timeout is None else now() + timeout
         self.outcome = Outcome()
         self.interrupts = 0
+        self.terminated_by: int | None = None  # SIGTERM or SIGHUP, once received
         self._meter: UsageMeter | None = None
         self._next_sample = now() + SAMPLE_EVERY / 2
         self._stranded_look: tuple[float, dict[int, str] | None] | None = None  # (when next, what the last look saw)
@@ -95,7 +98,7 @@ class RunLoop:
     # The loop.
     def run(self) -> Outcome:
         try:
-            with interrupts_as_requests(self._count_interrupt):
+            with interrupts_as_requests(self._count_interrupt, self._terminate):
                 self.start()
                 while not self.done():
                     self.poll(self._wait_time())
@@ -104,6 +107,9 @@ class RunLoop:
             if self._meter is not None:
                 self._meter.close()
             self.end()
+        if self.terminated_by is not None:  # every rank has been stopped: now end as the signal asked
+            print(f"nbfabric: {signal.Signals(self.terminated_by).name}: every rank was stopped", file=sys.stderr, flush=True)
+            signal.raise_signal(self.terminated_by)
         return self.outcome
 
     def stop(self, *, interrupted: bool = False) -> None:
@@ -192,16 +198,27 @@ class RunLoop:
     def _count_interrupt(self) -> None:
         self.interrupts += 1
 
+    def _terminate(self, signum: int) -> None:
+        """SIGTERM or SIGHUP: stop the ranks as an interrupt does (their own cleanup runs, then
+        SIGTERM and SIGKILL), and then let the signal end this process."""
+        self.terminated_by = signum
+        self.interrupts = max(self.interrupts, 1)
+
 
 @contextmanager
-def interrupts_as_requests(on_interrupt: Callable[[], None]) -> Iterator[None]:
+def interrupts_as_requests(on_interrupt: Callable[[], None], on_termination: Callable[[int], None] | None = None) -> Iterator[None]:
     """While the block runs, Ctrl-C / the notebook's interrupt calls `on_interrupt` (a request to
-    stop the ranks) instead of raising; only in the main thread, where signals arrive."""
+    stop the ranks) instead of raising, and SIGTERM or SIGHUP (`kill`, a scheduler, a closed
+    terminal) calls `on_termination(signum)`; only in the main thread, where signals arrive."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: on_interrupt())
+    handlers = {signal.SIGINT: lambda signum, frame: on_interrupt()}
+    if on_termination is not None:
+        handlers.update(dict.fromkeys(TERMINATION_SIGNALS, lambda signum, frame: on_termination(signum)))
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
