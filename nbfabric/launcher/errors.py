@@ -164,10 +164,18 @@ def raise_for_outcome(outcome: Outcome, timeout: float | None, *, result_wanted:
     if failures:
         cause = root_cause(failures, outcome.stop_time)
         stop = outcome.stop_time if outcome.stop_time is not None else float("inf")
-        # a failure that came after the stop began is its consequence, unless the rank was failing already then
-        also_failed = [f for f in failures if f is not cause and (f.time <= stop or (f.rank in places and places[f.rank].failing))]
+        also_failed = [f for f in failures if f is not cause and not _caused_by_stop(f, stop, places)]
         stopped = [rank for rank in outcome.still_running_at_stop if rank != cause.rank and rank not in {f.rank for f in also_failed}]
         raise RankError(cause, also_failed, stopped, places, outcome.usage)
+
+
+def _caused_by_stop(failure: RankFailure, stop: float, places: dict[int, RankPlace]) -> bool:
+    """Whether a rank's failure was the stop's doing: one that came after the stop began and is
+    what a stop brings about (the interrupt it sends, a collective broken by a peer that ended),
+    unless the rank was reporting a failure of its own already then."""
+    if failure.time <= stop or (failure.rank in places and places[failure.rank].failing):
+        return False
+    return failure.how != "exception" or failure.distributed or failure.summary.startswith("KeyboardInterrupt")
 
 
 def _ranks(ranks: tuple[int, ...]) -> str:
