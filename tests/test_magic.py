@@ -257,8 +257,7 @@ def test_input_in_a_forked_rank_fails_at_once_instead_of_waiting_for_the_kernel(
     out = kernel.run(f"{CPU2}\nimport getpass\nname = input('name? ') if fabric.global_rank == 0 else getpass.getpass()", timeout=60)
     assert out["error"]["ename"] == "RankError"
     message = "EOFError: a rank has no input for input() or getpass() to read: ask in the notebook, before the %%fabric cell"
-    first_lines = out["error"]["evalue"].split("\n\n")[0]  # "rank R failed: ..." then "then rank S: ..."
-    assert first_lines.count(message) == 2 and "rank 0" in first_lines and "rank 1" in first_lines
+    assert out["error"]["evalue"].startswith(f"rank 0 failed: {message}") or out["error"]["evalue"].startswith(f"rank 1 failed: {message}")
 
 
 @pytest.mark.parametrize(
