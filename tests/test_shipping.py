@@ -442,3 +442,27 @@ def _interrupted_when(kernel, cell: str, ready, after: float = 0.0) -> list:
         watcher_done.set()
         watcher.join()
     return [*seen, shown]
+
+
+@pytest.mark.usefixtures("no_rank_left")
+def test_a_spawn_cell_brings_back_objects_of_notebook_classes_as_the_notebook_s_own(kernel):
+    """A spawned rank gets the notebook's classes and functions by value; what the cell binds
+    comes back made of the notebook's own (isinstance holds), as with fork."""
+    setup = kernel.run(
+        "class Scaler(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.weight = torch.nn.Parameter(torch.ones(2))\n"
+        "    def forward(self, x):\n        return x * self.weight\n"
+        "def triple(x):\n    return 3 * x\n"
+    )
+    assert setup["error"] is None, setup["error"]
+    out = kernel.run(
+        SPAWN2
+        + "scaler = fabric.setup(Scaler())\n"
+        "fabric.backward(scaler(torch.ones(2)).sum())\n"
+        "with torch.no_grad():\n    scaler.weight -= 0.5 * scaler.weight.grad\n"
+        "f = triple\n"
+    )
+    assert out["error"] is None, out["error"]
+    assert "not brought back" not in out["stderr"], out["stderr"]
+    checks = kernel.run("(type(scaler) is Scaler, f is triple, scaler.weight.tolist())")
+    assert checks["result"] == "(True, True, [0.5, 0.5])"

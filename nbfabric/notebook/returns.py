@@ -114,7 +114,7 @@ class _CellPickler(cloudpickle.Pickler):
 
     def __init__(self, file: io.BytesIO, known: dict[str, Any]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._known_ids = {id(value) for value in known.values()}
+        self._known_names = {id(value): name for name, value in known.items()}
 
     def forget_since(self, written: memoryview) -> None:
         """Drop what a failed dump put in the memo: the memo again matches the pickles in `written`,
@@ -133,11 +133,19 @@ class _CellPickler(cloudpickle.Pickler):
                 return torch.nn.Parameter, (copy, obj.requires_grad)
             return copy.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         if isinstance(obj, (types.FunctionType, type)) and getattr(obj, "__module__", None) == "__main__":
-            if id(obj) in self._known_ids:
-                return NotImplemented  # by name: the notebook's own object
+            if id(obj) in self._known_names:  # the notebook's own object, by the name it has there
+                return _notebook_name, (self._known_names[id(obj)],)  # a spawned rank's __main__ does not hold it
             if isinstance(obj, types.FunctionType):
                 return _notebook_function(obj)
         return super().reducer_override(obj)
+
+
+def _notebook_name(name: str) -> Any:
+    """In the notebook: the object its `name` holds (a class or function the cell used)."""
+    namespace = vars(sys.modules["__main__"])
+    if name not in namespace:
+        raise LookupError(f"the notebook has no {name} any more")
+    return namespace[name]
 
 
 def _typed_storage(untyped: Any, dtype: Any) -> Any:
