@@ -186,7 +186,7 @@ class Fabric:
             RuntimeError: launched twice, or a bare launch() in a notebook.
         """
         if function is _do_nothing:
-            if self.config.start_method == "spawn":
+            if self.config.start_method == "spawn" and not started_by_launcher():  # `nbfabric run --start-method=spawn` started it
                 raise TypeError(
                     f"To spawn processes with the `{self.config.strategy}` strategy, `.launch()` needs to be called with a "
                     "function that contains the code to launch in processes."

@@ -337,6 +337,17 @@ def test_a_script_ending_with_os_exit_0_succeeds_and_one_that_leaves_its_peer_in
     assert done.returncode == 1
     assert "nbfabric run: rank 1 failed: ended with exit status 0 in the middle of the run" in done.stderr
 
+
+@pytest.mark.parametrize("flag", ["--start-method=spawn", "--strategy=ddp_spawn"])
+def test_a_script_s_bare_launch_joins_the_spawned_ranks_and_the_command_ends_cleanly(tmp_path, env, flag):
+    """The usual `fabric = Fabric(); fabric.launch()` script: under `nbfabric run` its ranks exist
+    already, however they were started."""
+    script = write(tmp_path / "train.py", "from nbfabric import Fabric\nfabric = Fabric()\nfabric.launch()\nprint('rank', fabric.global_rank)\n")
+    done = nbfabric_command("run", "--accelerator=cpu", "--devices=2", flag, str(script), env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["[rank 0] rank 0", "[rank 1] rank 1"]
+    assert done.stderr == ""  # nothing at exit either (the ranks were waited for once)
+
 def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
     script = write(tmp_path / "train.py", "import time\ntime.sleep(60)\nprint('finished')\n")
     started = time.monotonic()

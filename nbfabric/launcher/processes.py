@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import atexit
 import gc
 import os
 import signal
@@ -68,6 +69,19 @@ def reap_in_background(processes: list[RankProcess]) -> None:
         done.acquire()
         _reaping.append(done)
         _thread.start_new_thread(_reap_all, (processes, done))
+
+
+def _reap_before_multiprocess_exits() -> None:
+    """At this process's exit, multiprocess joins the spawned ranks it still counts as its own;
+    one that a background reaper waits for at the same time would be waited for twice (an error
+    at exit). Registered after multiprocess's own handler, so that it runs first."""
+    if not _reap_at_exit:
+        atexit.register(wait_for_reaping, EXIT_REAP_SECONDS)
+        _reap_at_exit.append(True)
+
+
+_reap_at_exit: list[bool] = []
+EXIT_REAP_SECONDS = 10.0
 
 
 def wait_for_reaping(timeout: float) -> bool:
@@ -169,6 +183,8 @@ def spawn_rank(target: Callable[[], Any], spec: RankSpec) -> RankProcess:
     import multiprocess
     from multiprocess import resource_tracker
     from multiprocess.connection import Connection
+
+    _reap_before_multiprocess_exits()
 
     links, stacks = _links(spec)
     ends = [Connection(rank_end) for _, rank_end in links]
