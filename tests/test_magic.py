@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import queue
+import re
 import textwrap
 import threading
 import time
@@ -259,6 +261,22 @@ def test_input_in_a_forked_rank_fails_at_once_instead_of_waiting_for_the_kernel(
     message = "EOFError: a rank has no input for input() or getpass() to read: ask in the notebook, before the %%fabric cell"
     assert out["error"]["evalue"].startswith(f"rank 0 failed: {message}") or out["error"]["evalue"].startswith(f"rank 1 failed: {message}")
 
+
+
+def test_a_failed_background_run_says_so_in_its_cell_at_once_and_later_as_an_error(kernel):
+    kernel.run(f"{CPU2} --background\nraise ValueError('failed in the background')")
+    seen, deadline = "", time.monotonic() + 60
+    while "%fabric wait shows the whole error" not in seen and time.monotonic() < deadline:
+        try:
+            message = kernel.client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if message["msg_type"] == "stream":
+            seen += message["content"]["text"]
+    assert re.search(r"the background run of cell \[\d+\] \(.*\) failed: RankError: rank \d failed: ValueError: failed in the background\n", seen), seen
+    out = kernel.run(f"{CPU2}\nprint('next run')")
+    assert re.search(r"dropping the unwaited error \(RankError: rank \d failed: ValueError: failed in the background\) of the background run", out["stderr"])
+    assert "[rank 0] next run" in out["stdout"]
 
 @pytest.mark.parametrize(
     ("flags", "message"),

@@ -263,13 +263,15 @@ class FabricMagics(Magics):
             )
 
     def _drop_finished_background(self) -> None:
-        if self.background is not None:
-            print(f"dropping the unwaited result of the background run {self.background.label}", file=sys.stderr)
+        run = self.background
+        if run is not None:
+            what = f"error ({_first_line(run.record.error)})" if run.record.error is not None else "result"
+            print(f"dropping the unwaited {what} of the background run {run.label}", file=sys.stderr)
             self.background = None
 
     def _start_background(self, launch: Any, record: RunRecord, view: Any, dashboard: Any) -> None:
         label = f"of cell [{cell_number(self.shell)}] ({record.config.as_flags()})"
-        finish = dashboard.finish if dashboard is not None else (lambda error: None)
+        finish = dashboard.finish if dashboard is not None else partial(_say_if_failed, label)
         self.background = BackgroundRun(label, launch, record, view, finish)
         if dashboard is None:
             print("running in the background: %fabric wait brings back its names, %fabric where shows where its ranks are, %fabric stop ends it", file=sys.stderr)
@@ -356,3 +358,13 @@ def _wanted_names(args: Any) -> list[str] | None:
     if args.return_names:
         return [name.strip() for name in args.return_names.split(",") if name.strip()]
     return None
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+
+
+def _say_if_failed(label: str, error: BaseException | None) -> None:
+    """Text output's end of a background run: a failure shows in its cell at once."""
+    if error is not None and not isinstance(error, KeyboardInterrupt):  # a stop says so itself
+        print(f"the background run {label} failed: {_first_line(error)}\n%fabric wait shows the whole error", file=sys.stderr)
