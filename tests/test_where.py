@@ -54,6 +54,26 @@ def test_a_rank_in_a_native_call_is_named_by_the_call_on_its_line(tmp_path):
     assert stacks.parse(_dump((str(script), 3, "<module>")), 1).summary() == f"time.sleep at {script}, line 3"
 
 
+
+@pytest.mark.parametrize(
+    ("inner", "shown"),
+    [
+        ([("fabric.py", "_join"), (f"{LIB}/distributed/distributed_c10d.py", "init_process_group"), ("launcher/store_client.py", "_answer")],
+         "joining the run (init_process_group)"),
+        ([("notebook/cell.py", "pack_for_notebook"), (f"{os.path.dirname(LIB)}/cloudpickle/cloudpickle.py", "dump")], "packing the cell's names for the notebook"),
+        ([("launcher/worker.py", "report_failure"), ("channel.py", "send")], "reporting its failure"),
+        ([("launcher/worker.py", "become_rank"), ("launcher/worker.py", "_redirect_output")], "starting"),
+    ],
+    ids=["joining", "packing", "reporting", "starting"],
+)
+def test_a_rank_in_nbfabric_s_own_steps_is_named_by_the_step(inner, shown):
+    """Outside the user's code, the innermost nbfabric or library function says little ("_answer at
+    .../store_client.py"); the step the rank is in says what it does."""
+    package = os.path.dirname(stacks.__file__).rsplit(os.sep, 1)[0]
+    frames = [(f"{package}/launcher/worker.py", 1, "rank_main"), (f"{package}/launcher/worker.py", 2, "run_rank")]
+    frames += [(name if name.startswith("/") else f"{package}/{name}", 10, function) for name, function in inner]
+    assert stacks.parse(_dump(*reversed(frames)), 1).summary() == shown
+
 def test_a_dump_without_the_main_thread_says_so():
     assert stacks.parse("garbage\n", 0).summary() == "its stack could not be read"
 

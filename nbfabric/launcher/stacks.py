@@ -28,6 +28,13 @@ _THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+)(?: \[[^\]]*\])? 
 _FRAME = re.compile(r'^  File "(.*)", line (\d+) in (.*)$')
 _LIBRARY_DIRS = tuple({sysconfig.get_paths()[key] + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")})
 _REPORTING = ("report_failure", "from_exception")  # nbfabric's functions that send a rank's failure
+_PHASES = {  # nbfabric's functions a rank runs outside the user's code -> what the rank is doing there
+    "become_rank": "starting",
+    "_join": "joining the run",
+    "pack_for_notebook": "packing the cell's names for the notebook",
+    "report_failure": "reporting its failure",
+    "from_exception": "reporting its failure",
+}
 _WAITING_FOR_PEERS = "wait_for_peers"  # the store client's call a rank makes once its part is done
 _QUIET = 0.05  # seconds without new bytes after which a dump is taken as complete
 
@@ -93,6 +100,9 @@ class RankPlace:
         mine = [i for i, frame in enumerate(frames) if frame.mine]
         if not mine:
             inner = frames[-1] if frames else None
+            phase = _phase(frames)
+            if phase:
+                return phase
             return "no Python frame" if inner is None else f"{inner.function} at {place_label(inner.filename, inner.line)}"
         user = frames[mine[-1]]
         return f"{_waiting_in(user, frames[mine[-1] + 1:])} at {place_label(user.filename, user.line)}"
@@ -117,6 +127,18 @@ class RankPlace:
             if frame.filename.startswith(PACKAGE_DIR):
                 return self.frames[index:]
         return self.frames
+
+
+def _phase(frames: tuple[Frame, ...]) -> str:
+    """What nbfabric's own code was doing in the rank, outside the user's code: the innermost of
+    its steps that the frames show ("joining the run (init_process_group)"), or ""."""
+    for index in range(len(frames) - 1, -1, -1):
+        frame = frames[index]
+        phase = _PHASES.get(frame.function) if frame.filename.startswith(PACKAGE_DIR) else None
+        if phase:
+            collective = _collective(frames[index + 1:])
+            return f"{phase} ({collective})" if collective else phase
+    return ""
 
 
 def _waiting_in(user: Frame, inside: tuple[Frame, ...]) -> str:
