@@ -278,6 +278,13 @@ def test_a_failed_background_run_says_so_in_its_cell_at_once_and_later_as_an_err
     assert re.search(r"dropping the unwaited error \(RankError: rank \d failed: ValueError: failed in the background\) of the background run", out["stderr"])
     assert "[rank 0] next run" in out["stdout"]
 
+
+def test_a_rank_that_leaves_by_sys_exit_is_shown_at_its_cell_line(kernel):
+    out = kernel.run(f"{CPU2}\nimport sys\nif fabric.global_rank == 1:\n    sys.exit(0)\nprint('stayed')")
+    assert out["error"] is None, out["error"]
+    assert re.search(r"\[rank 1\] left the run: sys.exit\(0\) at Cell In\[\d+\], line 4\n", out["stderr"]), out["stderr"]
+    assert "[rank 0] stayed" in out["stdout"]
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

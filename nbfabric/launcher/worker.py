@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from nbfabric.channel import ChannelWriter, Exiting, Failure, Left, Result, now
+from nbfabric.launcher.cell_labels import place_label
 from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited
 from nbfabric.launcher import stacks
 from nbfabric.launcher.rank_links import RankLinks, set_rank_links
@@ -171,10 +172,10 @@ def _flush_output() -> None:
 
 
 def _where(exc: BaseException) -> str:
-    """The user's line that raised `exc`, as "file, line N"."""
+    """The user's line that raised `exc`, as "file, line N" or "Cell In[5], line N"."""
     frames = traceback.extract_tb(exc.__traceback__)
     user = [frame for frame in frames if not frame.filename.startswith(PACKAGE_DIR)] or frames
-    return f"{user[-1].filename}, line {user[-1].lineno}" if user else "an unknown place"
+    return place_label(user[-1].filename, user[-1].lineno or 0) if user else "an unknown place"
 
 
 def _exit_code(exc: SystemExit) -> int:
