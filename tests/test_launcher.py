@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
 
 import nbfabric
-from nbfabric import ForkUnsafeError, launch
+from nbfabric import Fabric, ForkUnsafeError, launch
 from nbfabric.launcher.output import Sink
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
@@ -260,3 +262,22 @@ def test_fork_is_refused_while_a_process_group_is_active(no_leaks):
             launch(lambda: None, nprocs=2, sink=Sink())
     finally:
         dist.destroy_process_group()
+
+
+def _start_a_thread_that_writes_late(fabric, directory):
+    def write_late():
+        time.sleep(0.5)
+        (directory / f"rank{fabric.global_rank}.txt").write_text("whole")
+        print("thread done", flush=True)
+
+    threading.Thread(target=write_late).start()
+    return "returned"
+
+
+def test_threads_a_rank_left_running_finish_before_the_launch_returns(tmp_path, capsys):
+    """As at the end of a Python process (and of Lightning's ranks, multiprocessing processes):
+    a thread still writing a file is not cut off, and what it prints arrives."""
+    assert Fabric(accelerator="cpu", devices=2).launch(_start_a_thread_that_writes_late, tmp_path) == "returned"
+    assert sorted(path.read_text() for path in tmp_path.glob("rank*.txt")) == ["whole", "whole"]
+    shown = capsys.readouterr().out
+    assert "[rank 0] thread done" in shown and "[rank 1] thread done" in shown

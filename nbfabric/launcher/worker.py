@@ -9,6 +9,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -71,6 +72,7 @@ def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) 
         value = target()
         if spec.send_result:
             channel.send(Result(spec.rank, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+        _join_threads()
         return 0
     except SystemExit as exc:
         code = _exit_code(exc)
@@ -82,6 +84,15 @@ def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) 
         return 130 if isinstance(exc, KeyboardInterrupt) else 1
     finally:
         _flush_output()
+
+
+def _join_threads() -> None:
+    """Wait for the threads the rank's code started and left running (daemon threads excepted), as
+    a Python process, and a multiprocessing one, does at its end: a thread still writing a file
+    finishes it."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
 
 
 def report_failure(channel: ChannelWriter, rank: int, exc: BaseException) -> None:
