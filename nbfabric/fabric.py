@@ -372,7 +372,7 @@ class Fabric:
         first = next(original.parameters(), None)
         wrapped = FabricModule(forward_module, original, self._precision, self.device if moved or first is None else first.device)
         if self._resident is not None:
-            self._resident.modules.add(wrapped)
+            self._resident.add(wrapped, optimizers)
             wrapped.__dict__["_before_setup"] = before
         if hasattr(original, "_fabric"):  # a LightningModule: its self.log and hooks go through this Fabric
             original._fabric = self

@@ -4,6 +4,8 @@ after a stop (a fresh state for the strategy's wrapper) or in a new process grou
 
 from __future__ import annotations
 
+import gc
+import itertools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,27 +17,47 @@ from nbfabric.config import RunConfig
 
 @dataclass
 class Resident:
-    """One setting's kept strategy and precision, the modules set up with them, and the process
-    group those modules last ran in."""
+    """One setting's kept strategy and precision, the modules and optimizers set up with them (in
+    the order they were set up, the same on every rank), and the process group they last ran in."""
 
     strategy: Any
     precision: Any
-    modules: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    modules: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)  # setup order -> module
+    optimizers: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)  # setup order -> optimizer
     group: Any = None
+
+    def add(self, module: Any, optimizers: Any = ()) -> None:
+        """Keep `module` and its optimizers for the runs to come (while they are in use)."""
+        self.modules[next(_setup_order)] = module
+        for optimizer in optimizers:
+            self.optimizers[next(_setup_order)] = optimizer
 
     def resume(self, *, after_stop: bool) -> None:
         """In the next run, after joining its process group: each module set up before goes on in
         this group, with a fresh wrapper state after a stop; one that cannot is marked, and says
-        why when it is next used."""
+        why when it is next used. After a stop, which may have cut one rank's optimizer step short
+        and not another's, the replicas take rank 0's state again (`strategy.resync`)."""
         group = _world_group()
         new_group = self.group is not None and group is not self.group
         self.group = group
         if not (new_group or after_stop):
             return
-        for module in list(self.modules):
+        if after_stop:
+            gc.collect()  # every rank then holds the same modules: those its code still uses
+        modules = _in_setup_order(self.modules)
+        for module in modules:
             reason = self.strategy.resume_module(module._forward_module, new_group=new_group, after_stop=after_stop)
             if reason:
                 module.mark_unusable(reason)
+        if after_stop:
+            self.strategy.resync([m._forward_module for m in modules if not m._unusable], _in_setup_order(self.optimizers))
+
+
+_setup_order = itertools.count()
+
+
+def _in_setup_order(kept: weakref.WeakValueDictionary) -> list[Any]:
+    return [value for _, value in sorted(kept.items(), key=lambda item: item[0])]
 
 
 _kept: dict[RunConfig, Resident] = {}  # per process: a pool rank's kept runs, by their settings
@@ -59,7 +81,7 @@ def resume_all(*, after_stop: bool) -> None:
 
 def kept_modules() -> list[Any]:
     """Every module set up in an earlier run on this rank (with any settings) and still in use."""
-    return [module for kept in _kept.values() for module in kept.modules]
+    return [module for kept in _kept.values() for module in kept.modules.values()]
 
 
 def _world_group() -> Any:

@@ -378,3 +378,36 @@ def test_attach_uses_engines_started_elsewhere_and_leaves_them_running(kernel_wi
     finally:
         kernel.run("outside.stop_cluster_sync()")
     kernel.assert_no_ranks_left(grace=15)
+
+
+REPLICAS = """{pool} --strategy=ddp
+def replicas():
+    \"\"\"Per rank: the sum of the weights and of the optimizer's momentum, as float64.\"\"\"
+    weights = sum(float(p.detach().double().sum()) for p in drift_model.parameters())
+    momentum = sum(float(s["momentum_buffer"].double().sum()) for s in drift_opt.state.values())
+    return fabric.all_gather(torch.tensor([weights, momentum], dtype=torch.float64)).tolist()
+"""
+
+
+def test_ddp_replicas_that_a_stop_left_apart_are_equal_again_in_the_next_cell(kernel):
+    """A stop can cut an optimizer step short on one rank (SGD updates one parameter after
+    another): here rank 1 has changed some weights and momentum when its cell fails. The next cell
+    goes on with rank 0's model and optimizer state on every rank, not with replicas apart."""
+    setup = kernel.run(
+        f"{POOL} --strategy=ddp\ntorch.manual_seed(0)\nnet = torch.nn.Linear(8, 4)\n"
+        "drift_model, drift_opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))\n"
+        "fabric.backward(drift_model(torch.randn(16, 8)).pow(2).mean()); drift_opt.step(); drift_opt.zero_grad()",
+        timeout=300,
+    )
+    assert setup["error"] is None, setup["error"]
+    kernel.run(REPLICAS.format(pool=POOL))
+    before = eval(kernel.run(f"{POOL}\nreplicas()")["result"])
+    assert before[0] == before[1]
+    half_step = kernel.run(
+        f"{POOL}\nif fabric.global_rank == 1:\n    with torch.no_grad():\n"
+        "        drift_model.module.weight += 1.0\n        drift_opt.state[drift_model.module.weight]['momentum_buffer'] += 1.0\n"
+        "    raise ValueError('stopped half way through a step')"
+    )
+    assert half_step["error"]["ename"] == "RankError"
+    after = eval(kernel.run(f"{POOL}\nreplicas()")["result"])
+    assert after[0] == after[1] == before[0]

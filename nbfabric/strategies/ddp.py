@@ -11,18 +11,21 @@ from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.utils import _sync_module_states
 from torch.nn.parallel import DistributedDataParallel
 
 from nbfabric.config import RunConfig
 from nbfabric.launcher.environment import RankInfo, preserved_environment
 from nbfabric.launcher.keyed_store import KeyedStore, KeyedStoreServer, join_run_store, keyed_rendezvous_wanted
 from nbfabric.strategies.single_device import SingleDeviceStrategy
+from nbfabric.wrappers import unwrap
 
 REDUCE_OPS = ("mean", "avg", "sum", "min", "max", "product")  # any case, or torch.distributed.ReduceOp
 _DDP_OPTIONS = tuple(
     name for name in inspect.signature(DistributedDataParallel.__init__).parameters
     if name not in ("self", "module", "device_ids", "output_device", "process_group", "kwargs", "args")
 )
+RESYNC_BUCKET_BYTES = 250 * 1024 * 1024  # as DDP's own broadcast of the module at setup
 GLOO_WORKER_NAME = "pt_gloo_runloop"  # the name torch gives the threads that run gloo's collectives
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "product": dist.ReduceOp.PRODUCT}
 
@@ -165,6 +168,21 @@ class DDPStrategy(SingleDeviceStrategy):
         if isinstance(module, DistributedDataParallel):
             module._update_process_group(dist.group.WORLD)
         return ""
+
+    def resync(self, modules: list[torch.nn.Module], optimizers: list[Any]) -> None:
+        """Each replica takes rank 0's parameters, buffers and optimizer state: a stop can land in
+        the middle of an optimizer step (which updates one parameter after another) on one rank and
+        not on another, and DDP alone would go on with the copies apart. Collectives, made in the
+        order of setup on every rank."""
+        for module in modules:
+            inner = module.module if isinstance(module, DistributedDataParallel) else module
+            _sync_module_states(inner, dist.group.WORLD, RESYNC_BUCKET_BYTES, src=0, params_and_buffers_to_ignore=())
+        for optimizer in optimizers:
+            inner = unwrap(optimizer)
+            state = [inner.state_dict() if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(state, src=0)
+            if dist.get_rank() != 0:
+                inner.load_state_dict(state[0])
 
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
         return module.no_sync()

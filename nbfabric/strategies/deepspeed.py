@@ -113,6 +113,10 @@ class DeepSpeedStrategy(DDPStrategy):
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.setup_module_and_optimizers(module, [])[0]
 
+    def resync(self, modules: list[torch.nn.Module], optimizers: list[Any]) -> None:
+        """DeepSpeed's engine keeps its own copies of the parameters and optimizer state; they are
+        left as they are."""
+
     def resume_module(self, module: torch.nn.Module, *, new_group: bool, after_stop: bool) -> str:
         """A DeepSpeed engine keeps the process group it was made in, in many places, and has no way
         to move to another one: after a stop that ended that group, it is refused."""

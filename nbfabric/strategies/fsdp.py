@@ -117,6 +117,10 @@ class FSDPStrategy(DDPStrategy):
                 fully_shard(submodule, **settings)
         return fully_shard(module, **settings)
 
+    def resync(self, modules: list[torch.nn.Module], optimizers: list[Any]) -> None:
+        """Each rank holds its own shard of the parameters and of their optimizer state: there is no
+        copy to make equal."""
+
     def resume_module(self, module: torch.nn.Module, *, new_group: bool, after_stop: bool) -> str:
         """Each shard stays where it is (the same ranks meet again); the sharded units look up their
         process group anew, by its name in the device mesh, which the new group has taken over."""

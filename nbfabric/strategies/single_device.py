@@ -69,6 +69,10 @@ class SingleDeviceStrategy:
         stopped or failed run (`after_stop`); '' when it can, else why it cannot."""
         return ""
 
+    def resync(self, modules: list[torch.nn.Module], optimizers: list[Any]) -> None:
+        """On a rank that outlives its runs, after a stopped or failed run: make the state that
+        every rank holds a copy of (replicas) equal on every rank again. Here: nothing is replicated."""
+
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer as this strategy steps it."""
         return optimizer
