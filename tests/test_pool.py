@@ -334,10 +334,13 @@ def test_bad_pool_commands_are_refused_and_start_nothing(kernel, line, message):
     assert set(engines(kernel)) == before
 
 
-def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel):
-    out = kernel.run(f"{POOL}\nimport os, signal, time\nif fabric.global_rank == 1:\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(30)")
+@pytest.mark.parametrize("lost", [0, 1])
+def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel, lost):
+    """The other rank waits in a collective, which fails as the engine goes: both end at once."""
+    out = kernel.run(f"{POOL}\nimport os, signal, time\nif fabric.global_rank == {lost}:\n    time.sleep(1)\n    os.kill(os.getpid(), signal.SIGKILL)\nfabric.all_reduce(torch.ones(1))")
+    assert out["error"]["ename"] == "RankError", out["error"]
     error = "\n".join(out["error"]["traceback"])
-    assert "rank 1 failed: engine lost" in error
+    assert f"rank {lost} failed: engine lost" in error
     assert "the rank pool was ended" in out["stderr"]
     refused = kernel.run(f"{POOL}\nprint('ran')")
     assert "ran" not in refused["stdout"] and "the rank pool is broken" in refused["stderr"]

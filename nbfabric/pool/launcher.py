@@ -85,9 +85,9 @@ class _PoolRun(RunLoop):
 
     def poll(self, wait: float) -> None:
         futures.wait([next(iter(self.pending.values()))], timeout=wait)
-        for rank in list(self.pending):
-            if self.pending[rank].done():
-                self._finished(rank, self.pending.pop(rank))
+        for rank, request in list(self.pending.items()):
+            if request.done() and self.pending.pop(rank, None) is not None:  # a lost rank ends the pool, clearing the rest
+                self._finished(rank, request)
         for rank in self.data:
             self._replay(rank)
         if self.pending and now() >= self._next_dead_check:
@@ -135,7 +135,9 @@ class _PoolRun(RunLoop):
 
     def _lost(self, rank: int, why: str) -> None:
         self.pending.pop(rank, None)  # the first loss ends the pool, which clears the rest
-        self.outcome.failures.setdefault(rank, Failure(rank, "engine lost", why, "", now(), False))
+        # It died before a peer's collective broke on it, however late it is noticed: the cause.
+        died = min([now(), *(f.time for f in self.outcome.failures.values() if f.distributed)])
+        self.outcome.failures.setdefault(rank, Failure(rank, "engine lost", why, "", died, False))
         self.outcome.returncodes[rank] = 1
         self.outcome.exit_times[rank] = now()
         self.sink.rank_exited(rank, 1)
