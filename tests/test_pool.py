@@ -252,8 +252,11 @@ def test_pull_brings_a_model_set_up_on_the_pool_whole_while_the_ranks_train_on(k
 
 
 def test_a_background_cell_on_the_pool_leaves_its_names_on_the_ranks(kernel):
-    kernel.run(f"{POOL} --background\nimport time\ntime.sleep(1)\nlater = 5 + fabric.global_rank")
-    kernel.run("%fabric wait")
+    kernel.run(f"{POOL} --background\nimport time\ntime.sleep(3)\nlater = 5 + fabric.global_rank")
+    for line in ("%fabric stop-pool", "%fabric pull later"):  # not from under the running cell
+        refused = kernel.run(line)
+        assert "UsageError: the background run of cell [" in refused["stderr"] and "is still running" in refused["stderr"], refused
+    assert kernel.run("%fabric wait")["error"] is None
     assert kernel.run("later")["result"] == "5"
     assert "[rank 1] 6" in kernel.run(f"{POOL}\nprint(later)")["stdout"]
 

@@ -98,6 +98,8 @@ class FabricMagics(Magics):
         and its companions (below) manage a rank pool.
         """
         if cell is None and line.split(None, 1)[:1] and line.split()[0] in POOL_COMMANDS:
+            if line.split()[0] in ("stop-pool", "pull"):
+                self._refuse_while_running()  # a background run may be on the pool's ranks
             return pool_command(self.shell, line, self.pool)
         args = magic_arguments.parse_argstring(self.fabric, line)
         given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
