@@ -360,37 +360,9 @@ def test_timeout_stops_every_rank_with_status_124(tmp_path, env):
     assert "finished" not in done.stdout
 
 
-def test_an_interrupt_stops_every_rank_with_status_130(tmp_path, env):
-    script = write(
-        tmp_path / "train.py",
-        f"""
-        import os, pathlib, time
-        pathlib.Path({str(tmp_path)!r}, "ready-" + os.environ["RANK"]).write_text(str(os.getpid()))
-        time.sleep(60)
-        """,
-    )
-    command = subprocess.Popen([*NBFABRIC, "run", *CPU2, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        ready = [tmp_path / "ready-0", tmp_path / "ready-1"]
-        deadline = time.monotonic() + 30
-        while not all(path.exists() and path.read_text() for path in ready) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        rank_pids = [int(path.read_text()) for path in ready]
-        command.send_signal(signal.SIGINT)
-        _, stderr = command.communicate(timeout=30)
-    finally:
-        command.kill()
-        command.wait()
-    assert command.returncode == 130
-    assert "interrupted; every rank was stopped" in stderr
-    assert not [pid for pid in rank_pids if psutil.pid_exists(pid)]
-
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_or_sighup_stops_every_rank_and_what_they_started_then_ends_the_command(tmp_path, env, sig):
-    """As `kill`, `timeout`, a scheduler or a closed terminal send them: the ranks and their own
-    children end, rather than the children outliving the ranks."""
+def _signalled_while_running(tmp_path, env, sig) -> tuple[int, str, list[int]]:
+    """Run a script whose ranks each start a child and sleep; once they are all there, send `sig`
+    to `nbfabric run`: its status, its stderr, and the pids of the ranks and their children."""
     script = write(
         tmp_path / "train.py",
         f"""
@@ -412,14 +384,29 @@ def test_sigterm_or_sighup_stops_every_rank_and_what_they_started_then_ends_the_
     finally:
         command.kill()
         command.wait()
-    assert command.returncode == -sig
-    assert f"nbfabric: {sig.name}: every rank was stopped" in stderr
     deadline = time.monotonic() + 5
     while [pid for pid in pids if psutil.pid_exists(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
     left = [pid for pid in pids if psutil.pid_exists(pid)]
     for pid in left:
         os.kill(pid, signal.SIGKILL)
+    return command.returncode, stderr, left
+
+
+def test_an_interrupt_stops_every_rank_and_what_they_started_with_status_130(tmp_path, env):
+    returncode, stderr, left = _signalled_while_running(tmp_path, env, signal.SIGINT)
+    assert returncode == 130
+    assert "interrupted; every rank was stopped" in stderr
+    assert not left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_stops_every_rank_and_what_they_started_then_ends_the_command(tmp_path, env, sig):
+    """As `kill`, `timeout`, a scheduler or a closed terminal send them: the ranks and their own
+    children end, rather than the children outliving the ranks."""
+    returncode, stderr, left = _signalled_while_running(tmp_path, env, sig)
+    assert returncode == -sig
+    assert f"nbfabric: {sig.name}: every rank was stopped" in stderr
     assert not left
 
 # ----------------------------------------------------------------- two nodes on this machine
