@@ -283,12 +283,7 @@ class Fabric:
         rank_zero_only.rank = ranks.global_rank
         if self._debug:
             os.environ.update(DEBUG_ENV)
-            _debug_set_here.append(True)
-        elif _debug_set_here:  # a rank that stays, after a --debug run: back to no checks
-            for name in DEBUG_ENV:
-                os.environ.pop(name, None)
-            _debug_set_here.clear()
-        if (os.environ.get("TORCH_DISTRIBUTED_DEBUG") or self._ranks_stay) and torch.distributed.is_available():
+        if os.environ.get("TORCH_DISTRIBUTED_DEBUG") and torch.distributed.is_available():
             torch.distributed.set_debug_level_from_env()  # torch read it at import, maybe before this rank was started
         tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
@@ -636,9 +631,6 @@ def _call_run(fabric: Fabric, *args: Any, **kwargs: Any) -> Any:
 
 def _on_cpu(fabric: Fabric, value: Any) -> Any:
     return to_cpu(value)
-
-
-_debug_set_here: list[bool] = []  # this process's environment holds DEBUG_ENV because a run asked for it
 
 
 def _leave_after_script(fabric: Fabric) -> None:

@@ -417,16 +417,3 @@ def test_ddp_replicas_that_a_stop_left_apart_are_equal_again_in_the_next_cell(ke
     assert half_step["error"]["ename"] == "RankError"
     after = eval(kernel.run(f"{POOL}\nreplicas()")["result"])
     assert after[0] == after[1] == before[0]
-
-
-
-def test_debug_on_a_pool_checks_the_cell_s_collectives_and_the_next_cell_runs_without_checks(kernel):
-    """torch.distributed checks collectives in a group made with its debug mode on: the ranks meet
-    in a new group for a --debug cell, and again for the next cell without it."""
-    assert kernel.run(f"{POOL}\nfabric.barrier()")["error"] is None  # the pool's group exists
-    out = kernel.run(f"{POOL} --debug --timeout=60\nfabric.all_reduce(torch.ones(2 + fabric.global_rank))")
-    assert "with torch.distributed's checks (--debug)" in out["stderr"]
-    assert out["error"]["ename"] == "RankError" and "Detected mismatch between collectives on ranks" in "\n".join(out["error"]["traceback"])
-    after = kernel.run(f"{POOL}\nimport os\n(str(torch.distributed.get_debug_level()), os.environ.get('TORCH_DISTRIBUTED_DEBUG'))")
-    assert "without torch.distributed's checks" in after["stderr"]
-    assert after["result"] == "('DebugLevel.OFF', None)", after

@@ -199,7 +199,7 @@ class FabricMagics(Magics):
         """The run, ready to start: the cell on every rank, on the pool or through the launcher for its settings."""
         plan = request.plan
         fabric = Fabric.from_config(plan.config, timeout=plan.timeout, debug=plan.debug)
-        launcher = PoolLauncher(request.pool, timeout=plan.timeout, sink=sink, debug=plan.debug) if request.pool is not None else None
+        launcher = PoolLauncher(request.pool, timeout=plan.timeout, sink=sink) if request.pool is not None else None
         finish = partial(pack_for_notebook, cell, request.names)
         return partial(fabric._launch, run_in_rank, (cell, values), launcher=launcher, sink=sink, place=plan.place, new_processes=True, finish=finish)
 

@@ -78,7 +78,6 @@ class EngineCluster:
         self.kind, self.attached, self.broken = engines, False, ""
         self._record, self._watchdog, self._job_checked = "", None, 0.0
         self.last_run_stopped = False  # the ranks' last run was stopped or failed (see engine_side.run)
-        self.group_debug = False  # the ranks' process group was made with torch.distributed's checks (--debug)
         import ipyparallel as ipp
 
         options = {"profile": profile} if profile else {}
@@ -139,7 +138,6 @@ class EngineCluster:
         pool.kind, pool.attached, pool.broken = "attached", True, ""
         pool._record, pool._watchdog, pool._job_checked = "", None, 0.0
         pool.last_run_stopped = True  # unknown: what the ranks hold goes on from a fresh state
-        pool.group_debug = False
         found = _detached_pool(profile, cluster_id)
         if found is not None:
             pool._record, record = found

@@ -28,19 +28,13 @@ class PoolLauncher:
 
     ranks_stay = True  # what the ranks set up (models, optimizers) stays there for the next run
 
-    def __init__(self, pool: EngineCluster, *, timeout: float | None = None, sink: Sink | None = None, debug: bool = False):
+    def __init__(self, pool: EngineCluster, *, timeout: float | None = None, sink: Sink | None = None):
         self.pool = pool
         self.timeout = timeout
         self.sink = sink or TextSink()
-        self.debug = debug  # the run wants torch.distributed's checks (--debug)
 
     def launch(self, rank_main: Callable[[], Any], *, prepare: Callable[[], None] | None = None) -> Any:
         self.pool.check_usable()
-        if self.debug != self.pool.group_debug:  # torch checks collectives in a group made with them on
-            self.pool.regroup()
-            self.pool.group_debug = self.debug
-            checks = "with torch.distributed's checks (--debug)" if self.debug else "without torch.distributed's checks"
-            print(f"the ranks meet in a new process group, {checks}; what was set up before goes on there", file=sys.stderr)
         payload = pickle.dumps(rank_main, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             outcome = _PoolRun(self.pool, self.sink, self.timeout, payload).run()

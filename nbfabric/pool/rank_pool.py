@@ -24,4 +24,4 @@ class RankPool(EngineCluster):
             PoolError: the pool is stopped or broken. RankError, RankTimeoutError: as `Fabric.launch`.
         """
         fabric = Fabric.from_config(self.config, timeout=timeout)
-        return fabric._launch(function, args, kwargs, launcher=PoolLauncher(self, timeout=timeout, debug=fabric._debug))
+        return fabric._launch(function, args, kwargs, launcher=PoolLauncher(self, timeout=timeout))
