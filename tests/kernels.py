@@ -42,6 +42,9 @@ class KernelProcess:
 
     def close(self) -> None:
         for pid in self.children():
-            psutil.Process(pid).kill()
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:  # it ended since it was listed
+                pass
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=True)

@@ -328,6 +328,7 @@ def test_cells_that_ask_for_other_ranks_than_the_pool_are_refused(kernel):
         ("%fabric start --engines=bogus", "choose from 'local', 'slurm', 'mpi', 'ssh'"),
         ("%fabric start --devices=2", "a rank pool is already up"),
         ("%fabric pull nothing_here --rank=7", "--rank=7 is not valid; choose 0 to 1"),
+        (f"{POOL} --debug\nprint('ran')", "--debug cannot check a rank pool's collectives"),
     ],
 )
 def test_bad_pool_commands_are_refused_and_start_nothing(kernel, line, message):

@@ -167,6 +167,12 @@ class FabricMagics(Magics):
                 pool.check_fits(plan.config)
             except PoolError as error:
                 raise UsageError(str(error)) from None
+            if plan.debug:
+                raise UsageError(
+                    "--debug cannot check a rank pool's collectives: torch.distributed checks them only in a process "
+                    "group made with its checks on, and the pool's outlives the cell; run the cell on ranks of its "
+                    "own (%fabric stop-pool first)"
+                )
         return CellRequest(plan, _wanted_names(args), args.out, bool(args.background), widgets, pool)
 
     def _values_for_ranks(self, request: CellRequest, cell: Cell) -> dict[str, Any] | Shipment:
