@@ -22,8 +22,8 @@ class Resident:
 
     strategy: Any
     precision: Any
-    modules: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)  # setup order -> module
-    optimizers: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)  # setup order -> optimizer
+    modules: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)  # setup number -> module, in setup order
+    optimizers: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)  # setup number -> optimizer, in setup order
     group: Any = None
 
     def add(self, module: Any, optimizers: Any = ()) -> None:
@@ -44,20 +44,16 @@ class Resident:
             return
         if after_stop:
             gc.collect()  # every rank then holds the same modules: those its code still uses
-        modules = _in_setup_order(self.modules)
+        modules = list(self.modules.values())
         for module in modules:
             reason = self.strategy.resume_module(module._forward_module, new_group=new_group, after_stop=after_stop)
             if reason:
                 module.mark_unusable(reason)
         if after_stop:
-            self.strategy.resync([m._forward_module for m in modules if not m._unusable], _in_setup_order(self.optimizers))
+            self.strategy.resync([m._forward_module for m in modules if not m._unusable], list(self.optimizers.values()))
 
 
 _setup_order = itertools.count()
-
-
-def _in_setup_order(kept: weakref.WeakValueDictionary) -> list[Any]:
-    return [value for _, value in sorted(kept.items(), key=lambda item: item[0])]
 
 
 _kept: dict[RunConfig, Resident] = {}  # per process: a pool rank's kept runs, by their settings

@@ -18,14 +18,12 @@ from nbfabric.launcher.machine import free_port, threads_per_rank
 from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, UnreachedCollectiveError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.launcher.shared_tensors import SharedFiles
-from nbfabric.launcher.processes import RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
+from nbfabric.launcher.processes import EXIT_WAIT, RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
 from nbfabric.launcher.supervisor import Supervisor
 from nbfabric.launcher.inherited import find_inherited
 from nbfabric.launcher.worker import RankSpec
 
 __all__ = ["launch", "RankError", "RankTimeoutError", "UnreachedCollectiveError", "ForkUnsafeError", "Sink", "TextSink"]
-
-EXIT_WAIT = 10.0  # seconds to wait for ranks that announced their exit to be gone
 
 
 def launch(

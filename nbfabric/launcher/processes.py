@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import atexit
+import functools
 import gc
 import os
 import signal
@@ -71,17 +72,15 @@ def reap_in_background(processes: list[RankProcess]) -> None:
         _thread.start_new_thread(_reap_all, (processes, done))
 
 
+EXIT_WAIT = 10.0  # seconds to wait for ranks that announced their exit to be gone
+
+
+@functools.cache
 def _reap_before_multiprocess_exits() -> None:
     """At this process's exit, multiprocess joins the spawned ranks it still counts as its own;
     one that a background reaper waits for at the same time would be waited for twice (an error
-    at exit). Registered after multiprocess's own handler, so that it runs first."""
-    if not _reap_at_exit:
-        atexit.register(wait_for_reaping, EXIT_REAP_SECONDS)
-        _reap_at_exit.append(True)
-
-
-_reap_at_exit: list[bool] = []
-EXIT_REAP_SECONDS = 10.0
+    at exit). Registered (once) after multiprocess's own handler, so that it runs first."""
+    atexit.register(wait_for_reaping, EXIT_WAIT)
 
 
 def wait_for_reaping(timeout: float) -> bool:

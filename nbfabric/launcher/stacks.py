@@ -32,8 +32,7 @@ _PHASES = {  # nbfabric's functions a rank runs outside the user's code -> what 
     "become_rank": "starting",
     "_join": "joining the run",
     "pack_for_notebook": "packing the cell's names for the notebook",
-    "report_failure": "reporting its failure",
-    "from_exception": "reporting its failure",
+    **dict.fromkeys(_REPORTING, "reporting its failure"),
 }
 _WAITING_FOR_PEERS = "wait_for_peers"  # the store client's call a rank makes once its part is done
 _QUIET = 0.05  # seconds without new bytes after which a dump is taken as complete

@@ -52,17 +52,16 @@ def let_gloo_workers_finish(limit: float = 2.0) -> None:
     idle_looks = 0
     while idle_looks < 2 and time.monotonic() < deadline:
         time.sleep(0.001)
-        idle_looks = idle_looks + 1 if not _running_threads(GLOO_WORKER_NAME) else 0
+        idle_looks = 0 if _thread_running(GLOO_WORKER_NAME) else idle_looks + 1
 
 
-def _running_threads(name: str) -> list[str]:
-    """The ids of this process's threads called `name` that are running or runnable (Linux's
-    /proc; elsewhere none are seen, and the caller's sleeps alone give the workers their turn)."""
-    running = []
+def _thread_running(name: str) -> bool:
+    """Whether a thread of this process called `name` is running or runnable (Linux's /proc;
+    elsewhere none is seen, and the caller's sleeps alone give the workers their turn)."""
     try:
         threads = os.listdir("/proc/self/task")
     except OSError:
-        return running
+        return False
     for thread in threads:
         try:
             with open(f"/proc/self/task/{thread}/stat") as file:
@@ -71,8 +70,8 @@ def _running_threads(name: str) -> list[str]:
             continue
         thread_name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:][:1]
         if thread_name == name and state == "R":
-            running.append(thread)
-    return running
+            return True
+    return False
 
 
 class DDPStrategy(SingleDeviceStrategy):
