@@ -74,17 +74,24 @@ class RunConfig:
         strategy: str = "auto",
         precision: str | int = "32-true",
         num_nodes: int | str = 1,
-        start_method: str = "fork",
+        start_method: str | None = None,
         hardware: Hardware | None = None,
     ) -> RunConfig:
-        """Turn user-facing values (aliases, "auto", "-1", "0,2", ...) into a validated RunConfig for `hardware`."""
+        """Turn user-facing values (aliases, "auto", "-1", "0,2", ...) into a validated RunConfig for
+        `hardware`. `start_method` None: the strategy's ("ddp_spawn"), else fork."""
         hardware = detect_hardware() if hardware is None else hardware
         accelerator = _resolve_accelerator(accelerator, hardware)
         device_ids = _resolve_devices(devices, accelerator, hardware)
         num_nodes = _parse_num_nodes(num_nodes)
-        start_method = _pick("start_method", start_method, START_METHODS)
+        start_method = None if start_method is None else _pick("start_method", start_method, START_METHODS)
         if isinstance(strategy, str) and strategy.strip().lower() == "ddp_spawn":  # Lightning's name for ddp by spawn
+            if start_method == "fork":
+                raise ValueError(
+                    "strategy='ddp_spawn' starts ranks with spawn, which conflicts with start_method='fork'; "
+                    "use strategy='ddp' with start_method='fork', or leave start_method out."
+                )
             strategy, start_method = "ddp", "spawn"
+        start_method = start_method or "fork"
         strategy = _resolve_strategy(strategy, start_method, len(device_ids) * num_nodes)
         if strategy in DEEPSPEED_STRATEGIES:
             _check_deepspeed_installed()

@@ -67,7 +67,7 @@ class Fabric:
         callbacks: Any = None,
         loggers: Any = None,
         *,
-        start_method: str = "fork",
+        start_method: str | None = None,
         timeout: float | timedelta | None = None,
     ):
         if plugins:

@@ -131,7 +131,7 @@ def check_timeout(value: Any) -> float | None:
 
 
 # ----------------------------------------------------------------- `nbfabric run` -> `Fabric()` in each rank
-_CODE_DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": "32-true", "num_nodes": 1, "start_method": "fork"}
+_CODE_DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": "32-true", "num_nodes": 1, "start_method": None}
 
 
 def run_command_environment(plan: RunPlan) -> dict[str, str]:
@@ -150,12 +150,19 @@ def with_run_command_settings(**given: Any) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # the comparison must not repeat resolve()'s warnings
         expected = RunConfig.resolve(**merged)
         for name, value in flags.items():
-            if given[name] != _CODE_DEFAULTS[name] and RunConfig.resolve(**{**merged, name: given[name]}) != expected:
+            if given[name] != _CODE_DEFAULTS[name] and not _resolves_to(expected, **{**merged, name: given[name]}):
                 raise ValueError(
                     f"Fabric({name}={given[name]!r}) conflicts with `nbfabric run --{name.replace('_', '-')}={value}`; "
                     "set it in one place only."
                 )
     return merged
+
+
+def _resolves_to(expected: RunConfig, **settings: Any) -> bool:
+    try:
+        return RunConfig.resolve(**settings) == expected
+    except ValueError:  # a contradiction, such as ddp_spawn with the command's fork
+        return False
 
 
 def with_launcher_world(settings: dict[str, Any]) -> dict[str, Any]:

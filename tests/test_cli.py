@@ -176,6 +176,7 @@ def test_a_bad_flag_exits_2_naming_the_choices_and_starts_nothing(tmp_path, env)
         (["--timeout=0"], "timeout=0 is not valid; give a number of seconds above 0"),
         (["--main-port=70000"], "--main-port=70000 is not valid"),
         (["--config=BROKEN"], "cannot read the nbfabric settings file"),
+        (["--strategy=ddp_spawn", "--start-method=fork"], "strategy='ddp_spawn' starts ranks with spawn, which conflicts with start_method='fork'"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys, monkeypatch, no_leaks, flags, message):

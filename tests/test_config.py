@@ -122,6 +122,8 @@ def test_devices_that_do_not_fit_the_hardware(accelerator, devices, hardware, ma
         ({"strategy": "DDP"}, "ddp", "fork"),
         ({"strategy": "ddp_notebook", "devices": 2}, "ddp", "fork"),
         ({"strategy": "ddp_fork", "devices": 2}, "ddp", "fork"),
+        ({"strategy": "ddp_spawn", "devices": 2}, "ddp", "spawn"),
+        ({"strategy": "ddp_spawn", "devices": 2, "start_method": "spawn"}, "ddp", "spawn"),
         ({"strategy": "ddp", "devices": 2, "start_method": "spawn"}, "ddp", "spawn"),
         ({"strategy": "single_device", "start_method": " Spawn"}, "single_device", "spawn"),
     ],
@@ -142,6 +144,7 @@ def test_strategy_and_start_method_resolution(settings, strategy, start_method):
         ({"strategy": "single_device", "devices": 2}, r"runs one process, but 2 device\(s\) on 1 node\(s\) make 2"),
         ({"strategy": "single_device", "num_nodes": 3}, r"1 device\(s\) on 3 node\(s\) make 3"),
         ({"strategy": "ddp_notebook", "start_method": "spawn"}, "conflicts with start_method='spawn'"),
+        ({"strategy": "ddp_spawn", "devices": 2, "start_method": "fork"}, "'ddp_spawn' starts ranks with spawn, which conflicts with start_method='fork'"),
         ({"start_method": "forkserver"}, "start_method='forkserver' is not valid; choose one of fork, spawn"),
     ],
 )

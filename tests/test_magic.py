@@ -293,6 +293,7 @@ def test_a_rank_that_leaves_by_sys_exit_is_shown_at_its_cell_line(kernel):
         ("--accelerator=tpu", "choose one of"),
         ("--devices=2 --ranks=5", "--ranks='5' is not valid"),
         ("--return a --no-return", "exclude each other"),
+        ("--devices=2 --strategy=ddp_spawn --start-method=fork", "conflicts with start_method='fork'"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(kernel, flags, message):

@@ -132,9 +132,9 @@ class Picker:
     def _effective_defaults(self) -> dict[str, Any]:
         return {**_readable_defaults(self.config_path), **(self.magics.defaults if self.magics is not None else {})}
 
-    def _start_method(self) -> str:
-        """The start method in effect, which the form does not set but must agree with."""
-        return self._effective_defaults().get("start_method", "fork")
+    def _start_method(self) -> str | None:
+        """The start method in effect, which the form does not set but must agree with (None: not set)."""
+        return self._effective_defaults().get("start_method")
 
     def _starting_values(self) -> dict[str, Any]:
         settings = self._effective_defaults()
