@@ -319,7 +319,7 @@ def test_a_name_that_cannot_be_sent_is_named_before_anything_runs(kernel):
 
 def test_cells_that_ask_for_other_ranks_than_the_pool_are_refused(kernel):
     out = kernel.run("%%fabric --devices=3 --accelerator=cpu\nprint('ran')")
-    assert "ran" not in out["stdout"] and "the rank pool has 2 on cpu" in out["stderr"]
+    assert "ran" not in out["stdout"] and "the rank pool has 2 rank(s) on cpu;" in out["stderr"]
 
 
 @pytest.mark.parametrize(
@@ -329,6 +329,8 @@ def test_cells_that_ask_for_other_ranks_than_the_pool_are_refused(kernel):
         ("%fabric start --devices=2", "a rank pool is already up"),
         ("%fabric pull nothing_here --rank=7", "--rank=7 is not valid; choose 0 to 1"),
         (f"{POOL} --debug\nprint('ran')", "--debug cannot check a rank pool's collectives"),
+        (f"{POOL} --start-method=spawn --main-port=29999\nprint('ran')", "--start-method, --main-port cannot apply to a cell on the rank pool"),
+        ("%%fabric --accelerator=cpu --devices=1 --num-nodes=2\nprint('ran')", "asks for 2 rank(s) on cpu on 2 nodes, but the rank pool has 2 rank(s) on cpu;"),
     ],
 )
 def test_bad_pool_commands_are_refused_and_start_nothing(kernel, line, message):
@@ -336,6 +338,14 @@ def test_bad_pool_commands_are_refused_and_start_nothing(kernel, line, message):
     out = kernel.run(line)
     assert message in out["stderr"], out
     assert set(engines(kernel)) == before
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_pull_of_a_name_the_ranks_do_not_hold_says_so_and_binds_nothing(kernel, rank):
+    out = kernel.run(f"nothing_here = 'the notebook keeps this'\n%fabric pull nothing_here --rank={rank}\nnothing_here")
+    assert out["error"] is None, out
+    assert out["stderr"].strip() == f"nothing_here was not brought back from rank {rank}: not defined there", out
+    assert "'the notebook keeps this'" in out["result"], out
 
 
 @pytest.mark.parametrize("lost", [0, 1])

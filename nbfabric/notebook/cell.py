@@ -149,3 +149,8 @@ def pack_for_notebook(cell: Cell, names: list[str] | None, fabric: Any, ran: tup
 def pack_rank_name(name: str) -> Returned:
     """In a pool's rank: one name of the cells' namespace, packed as a cell's names come back."""
     return pack(rank_namespace(), [name], {})
+
+
+def rank_holds(name: str) -> bool:
+    """In a pool's rank: whether the cells' namespace binds `name`."""
+    return name in rank_namespace()

@@ -31,6 +31,7 @@ from nbfabric.run_flags import RunPlan, add_run_flags, plan_run
 from nbfabric.user_config import load_defaults
 
 PER_CELL = ("return_names", "no_return", "out", "background")
+NOT_ON_A_POOL = ("start_method", "main_address", "main_port", "node_rank", "run_key")  # a pool's ranks have met already
 LINE_ONLY = ("picker", "config", "action")
 _ABSENT = object()  # a name the notebook does not have
 WHERE_WAIT = 5.0  # seconds %fabric where waits for the run's answer
@@ -156,6 +157,12 @@ class FabricMagics(Magics):
                 pool.check_usable()
             except PoolError as error:
                 raise UsageError(str(error)) from None
+            unused = [_flag(name) for name in NOT_ON_A_POOL if name in cell_flags]
+            if unused:
+                raise UsageError(
+                    f"{', '.join(unused)} cannot apply to a cell on the rank pool, whose ranks are started and have met "
+                    "already; drop it, or %fabric stop-pool first"
+                )
             settings = {**self._saved_defaults(), **self.defaults, **pool.settings, **cell_flags}
             settings.pop("start_method", None)
         else:

@@ -10,7 +10,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from nbfabric.notebook.cell import pack_rank_name
+from nbfabric.notebook.cell import pack_rank_name, rank_holds
 from nbfabric.pool import ENGINE_KINDS, PoolError, RankPool, watchdog
 
 POOL_COMMANDS = ("start", "attach", "pool", "stop-pool", "pull")
@@ -132,6 +132,9 @@ def _pull(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> Any:
         raise UsageError(f"{args.name!r} is not a name; give one name the ranks hold, e.g. %fabric pull model")
     if not 0 <= args.rank < pool.world_size:
         raise UsageError(f"--rank={args.rank} is not valid; choose 0 to {pool.world_size - 1}")
+    if not pool.engine(args.rank).apply_sync(rank_holds, args.name):
+        print(f"{args.name} was not brought back from rank {args.rank}: not defined there", file=sys.stderr)
+        return None
     if args.rank == 0:
         if args.name in in_use.names_on_ranks:  # the ranks' own value, not the notebook's, is wanted
             in_use.names_on_ranks[args.name] = shell.user_ns.get(args.name, in_use.names_on_ranks[args.name])

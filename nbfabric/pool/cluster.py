@@ -214,10 +214,11 @@ class EngineCluster:
 
     def check_fits(self, config: RunConfig) -> None:
         """PoolError unless a run of these settings runs on this pool's ranks (same accelerator and world)."""
-        if (config.accelerator, config.world_size) != (self.config.accelerator, self.world_size):
+        asked, has = (config.world_size, config.accelerator, config.num_nodes), (self.world_size, self.config.accelerator, self.config.num_nodes)
+        if asked != has:
             raise PoolError(
-                f"this run asks for {config.world_size} rank(s) on {config.accelerator}, but the rank pool has "
-                f"{self.world_size} on {self.config.accelerator}; drop those settings, or %fabric stop-pool first"
+                f"this run asks for {_ranks(*asked)}, but the rank pool has {_ranks(*has)}; drop those settings, or "
+                "%fabric stop-pool first"
             )
 
     # ----------------------------------------------------------------- running
@@ -442,3 +443,7 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _ranks(count: int, accelerator: str, nodes: int) -> str:
+    return f"{count} rank(s) on {accelerator}" + (f" on {nodes} nodes" if nodes > 1 else "")
