@@ -7,6 +7,8 @@ import inspect
 import warnings
 from typing import Any, Callable
 
+from nbfabric.tracebacks import users_stacklevel
+
 
 def call_hook(callbacks: list[Any], hook_name: str, *args: Any, **kwargs: Any) -> None:
     for callback in callbacks:
@@ -14,7 +16,7 @@ def call_hook(callbacks: list[Any], hook_name: str, *args: Any, **kwargs: Any) -
         if method is None:
             continue
         if not callable(method):
-            warnings.warn(f"Skipping the callback `{type(callback).__name__}.{hook_name}` because it is not callable.", stacklevel=3)
+            warnings.warn(f"Skipping the callback `{type(callback).__name__}.{hook_name}` because it is not callable.", stacklevel=users_stacklevel())
             continue
         method(*args, **_accepted(method, kwargs))
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from nbfabric.devices import Hardware, detect_hardware
+from nbfabric.tracebacks import users_stacklevel
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 DEEPSPEED_STRATEGIES = (
@@ -328,7 +329,7 @@ def _resolve_precision(value: object, accelerator: str) -> str:
             "precision='16-mixed' (float16 autocast) is meant for GPUs; on CPU this run uses 'bf16-mixed' instead. "
             "Pass precision='bf16-mixed' to silence this warning.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=users_stacklevel(),
         )
         return "bf16-mixed"
     return precision

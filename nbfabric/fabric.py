@@ -36,7 +36,7 @@ from nbfabric.init import SkippedInit
 from nbfabric.rank_call import RankCall
 from nbfabric.resident import Resident, kept_modules, resident, resume_all
 from nbfabric.whole import Snapshot, snapshot, whole_copy
-from nbfabric.tracebacks import raised_by_torch_distributed
+from nbfabric.tracebacks import raised_by_torch_distributed, users_stacklevel
 from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, to_cpu, unwrap
 
 
@@ -673,7 +673,7 @@ def _warn_if_spread(module: torch.nn.Module) -> None:
         warnings.warn(
             f"The model passed to `Fabric.setup()` has parameters on different devices ({', '.join(sorted(map(str, devices)))}); "
             "all are moved to the run's device. Pass move_to_device=False to keep them where they are.",
-            stacklevel=4,
+            stacklevel=users_stacklevel(),
         )
 
 

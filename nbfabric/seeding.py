@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from nbfabric.dataloaders import SEED_VARIABLE
+from nbfabric.tracebacks import users_stacklevel
 
 WORKERS_VARIABLE = "PL_SEED_WORKERS"  # whether loaders set up after seed_everything seed their workers
 SEED_RANGE = (0, 2**32 - 1)  # what numpy accepts
@@ -36,7 +37,7 @@ def seed_everything(seed: int | None = None, workers: bool = False, verbose: boo
         if given is None:
             seed = 0
             if verbose:
-                warnings.warn(f"No seed found, seed set to {seed}", stacklevel=2)
+                warnings.warn(f"No seed found, seed set to {seed}", stacklevel=users_stacklevel())
         else:
             try:
                 seed = int(given)

@@ -4,6 +4,7 @@ errors that IPython shows as their message alone."""
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -14,6 +15,17 @@ class ShortInIPython:
 
     def _render_traceback_(self) -> list[str]:
         return f"{type(self).__name__}: {self}".splitlines()
+
+
+def users_stacklevel() -> int:
+    """The `stacklevel` for a `warnings.warn` in the caller that points at the user's line: the first
+    frame outside nbfabric and IPython (a %%fabric cell's magic line is in the cell's own frame)."""
+    ipython = sys.modules.get("IPython")
+    not_the_users = (PACKAGE_DIR, *([os.path.dirname(ipython.__file__) + os.sep] if ipython else []))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(not_the_users):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def user_traceback(exc: BaseException) -> str:

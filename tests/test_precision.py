@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
@@ -180,3 +183,13 @@ def test_making_a_fabric_and_preparing_to_fork_never_touch_cuda(monkeypatch, str
             select_launcher(fabric.config, new_processes=True)
             fabric.strategy.preload()
             check_fork_safe()
+
+
+def test_warnings_about_the_users_settings_point_at_the_users_line():
+    with pytest.warns(UserWarning, match="'16-mixed' .* is meant for GPUs") as caught:
+        fabric = Fabric(accelerator="cpu", precision="16-mixed")
+    with pytest.warns(UserWarning, match="No seed found") as seeded, mock.patch.dict(os.environ):  # it sets PL_GLOBAL_SEED
+        fabric.seed_everything()
+    with pytest.warns(UserWarning, match="parameters on different devices") as moved, pytest.raises(NotImplementedError):
+        fabric.setup(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to("meta")))
+    assert [w.filename for w in (*caught, *seeded, *moved)] == [__file__] * 3
