@@ -16,6 +16,8 @@ import torch
 import nbfabric
 from nbfabric import Fabric, ForkUnsafeError, launch
 from nbfabric.launcher.output import Sink
+from nbfabric.launcher.processes import wait_for_reaping
+from nbfabric.launcher.worker import LET_GO_WAIT
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
@@ -133,6 +135,20 @@ def test_ranks_that_all_run_on_this_machine_talk_over_loopback(no_leaks, monkeyp
 def test_a_thread_count_the_user_set_is_kept(no_leaks, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launch(lambda: os.environ["OMP_NUM_THREADS"], nprocs=2, sink=Sink()) == "3"
+
+
+def _nothing(fabric):
+    return fabric.global_rank
+
+
+def test_ranks_that_finished_together_are_let_go_as_the_launch_returns(no_leaks):
+    """They stay after their end-of-run barrier, out of the way, only until the launcher has every
+    rank's report (at most LET_GO_WAIT): gone within a fraction of that."""
+    for _ in range(3):
+        assert Fabric(accelerator="cpu", devices=2).launch(_nothing) == 0
+        returned = time.monotonic()
+        assert wait_for_reaping(LET_GO_WAIT)
+        assert time.monotonic() - returned < LET_GO_WAIT / 5
 
 
 def test_fifty_launches_leak_nothing(no_leaks):

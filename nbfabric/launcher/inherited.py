@@ -6,6 +6,7 @@ Found before forking; applied in the rank."""
 from __future__ import annotations
 
 import builtins
+import functools
 import getpass
 import importlib.util
 import logging
@@ -30,7 +31,7 @@ class Inherited:
 
 def find_inherited() -> Inherited:
     publisher = _forwarding_display_publisher()
-    if publisher is not None and importlib.util.find_spec("tqdm") is not None:
+    if publisher is not None and "tqdm.notebook" not in sys.modules and importlib.util.find_spec("tqdm") is not None:
         import tqdm.notebook  # noqa: F401 - in the rank, its bars become text bars (see detach_from_kernel)
     return Inherited(console_handlers(), publisher)
 
@@ -56,6 +57,11 @@ def _forwarding_display_publisher() -> Any:
     interactive = sys.modules.get("IPython.core.interactiveshell")
     if interactive is None or not interactive.InteractiveShell.initialized():
         return None
+    return _publisher_for(interactive.InteractiveShell.instance())
+
+
+@functools.cache
+def _publisher_for(shell: Any) -> Any:
     from IPython.core.displaypub import DisplayPublisher
 
     class ForwardingDisplayPublisher(DisplayPublisher):
@@ -69,7 +75,7 @@ def _forwarding_display_publisher() -> Any:
         def clear_output(self, wait: bool = False) -> None:
             """A rank cannot clear the cell's output."""
 
-    return ForwardingDisplayPublisher(shell=interactive.InteractiveShell.instance())
+    return ForwardingDisplayPublisher(shell=shell)
 
 
 _TQDM_NOTEBOOK_METHODS = ("__init__", "__iter__", "status_printer", "display", "colour", "update", "close", "clear", "reset")

@@ -7,6 +7,7 @@ import atexit
 import functools
 import gc
 import os
+import queue
 import signal
 import socket
 import sys
@@ -62,14 +63,36 @@ class RankProcess:
 
 
 def reap_in_background(processes: list[RankProcess]) -> None:
-    """Reap ranks that are already exiting, on a thread, so that the caller goes on at once. A bare
-    thread: threading.Thread.start would wait until the new thread runs, while the exiting ranks
-    still hold the cores."""
+    """Reap ranks that are already exiting, on another thread, so that the caller goes on at once."""
     if processes:
         done = _thread.allocate_lock()
         done.acquire()
         _reaping.append(done)
-        _thread.start_new_thread(_reap_all, (processes, done))
+        _reaper().put((processes, done))
+
+
+@functools.cache
+def _reaper() -> queue.SimpleQueue:
+    """The queue of the thread that reaps, started at the first use: starting a thread for every
+    launch would cost each launch that start, while its exiting ranks hold the cores. A bare thread:
+    threading.Thread.start would wait until the new thread runs."""
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    _thread.start_new_thread(_reap_forever, (work,))
+    return work
+
+
+def _reap_forever(work: queue.SimpleQueue) -> None:
+    while True:
+        _reap_all(*work.get())
+
+
+def _forget_the_reaper() -> None:
+    """In a forked child, which has neither the reaping thread nor the ranks it reaps."""
+    _reaper.cache_clear()
+    _reaping.clear()
+
+
+os.register_at_fork(after_in_child=_forget_the_reaper)
 
 
 EXIT_WAIT = 10.0  # seconds to wait for ranks that announced their exit to be gone

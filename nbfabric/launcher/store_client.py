@@ -102,6 +102,7 @@ class SupervisorStore(SocketStore):
     def __init__(self, fd: int, timeout: timedelta = timedelta(minutes=30)):
         sock = socket.socket(fileno=os.dup(fd))
         super().__init__(sock, ChannelWriter(sock.fileno()), FrameReader(), timeout, "the launcher's rendezvous store")
+        self.peers_finished = False  # every rank has finished its part: none needs this one any more
 
     def wait_for_peers(self, rank: int, world_size: int) -> None:
         """Say this rank is finished and wait until every rank is finished or has ended: a barrier
@@ -109,6 +110,19 @@ class SupervisorStore(SocketStore):
         between the ranks."""
         self.set(finished_key(rank), b"")
         self.wait([finished_key(peer) for peer in range(world_size)])
+        self.peers_finished = True
+
+    def wait_until_let_go(self, limit: float) -> None:
+        """Stay, idle, until the supervisor closes its end of this socket, which it does once it has
+        every rank's report, or for `limit` seconds."""
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
+            self._socket.settimeout(left)
+            try:
+                if not self._socket.recv(1 << 16):
+                    return
+            except OSError:  # the time is up, or the socket is gone
+                return
 
 
 def _as_bytes(value: Any) -> bytes:

@@ -35,6 +35,7 @@ class Supervisor(RunLoop):
         self._drain_deadline: float | None = None
         self._open_pipes = {p.rank: {p.stdout, p.stderr, p.channel} for p in ranks}
         self._announced: dict[int, int] = {}  # rank -> exit code it announced
+        self._holding: list[int] = []  # store sockets of ranks that announced their end, closed to let them go
         self.outcome.announced = self._announced
 
     def start(self) -> None:
@@ -131,7 +132,10 @@ class Supervisor(RunLoop):
         store = self.ranks[rank].store
         if store is not None and store in self._selector.get_map():  # its children may still hold the socket
             self._selector.unregister(store)
-            os.close(store)
+            if rank in self._announced:
+                self._holding.append(store)  # the rank stays until it is let go (worker._wait_until_let_go)
+            else:
+                os.close(store)
         self.store.rank_ended(rank)
         self.outcome.returncodes[rank] = code
         self.outcome.exit_times[rank] = now()
@@ -165,6 +169,9 @@ class Supervisor(RunLoop):
             process.reap()
             self.outcome.returncodes[process.rank] = process.returncode
             self.outcome.exit_times[process.rank] = now()
+        for fd in self._holding:
+            os.close(fd)
+        self._holding.clear()
         reap_in_background(exiting)
         for key in list(self._selector.get_map().values()):
             self._selector.unregister(key.fd)

@@ -18,10 +18,11 @@ from nbfabric.channel import ChannelWriter, Exiting, Failure, Left, Result, now
 from nbfabric.launcher.cell_labels import place_label
 from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited
 from nbfabric.launcher import stacks
-from nbfabric.launcher.rank_links import RankLinks, set_rank_links
+from nbfabric.launcher.rank_links import RankLinks, rank_links, set_rank_links
 from nbfabric.tracebacks import PACKAGE_DIR
 
 _PR_SET_PDEATHSIG = 1
+LET_GO_WAIT = 5.0  # seconds a rank that has reported its end stays at most, for the supervisor to let it go
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def rank_main(target: Callable[[], Any], spec: RankSpec, fds: tuple[int, ...], i
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a stop request must not cut the exit short
             if channel is not None:
                 _announce_exit(channel, spec.rank, code)
+                _stay_until_let_go()
         finally:
             os._exit(code)  # whatever happened, this process never returns into the caller's code
 
@@ -129,6 +131,17 @@ def _announce_exit(channel: ChannelWriter, rank: int, code: int) -> None:
         os.close(2)
     except OSError:
         pass
+
+
+def _stay_until_let_go() -> None:
+    """A rank that passed the end-of-run barrier of its launcher's store (no peer needs it any more)
+    stays until the launcher has every rank's report (at most LET_GO_WAIT): this process's teardown
+    then does not take a core from the peers still finishing, or from the launcher taking their
+    reports in. A rank that ends otherwise goes at once: its peers may wait for it to leave."""
+    links = rank_links()
+    store = links.store if links is not None else None
+    if store is not None and store.peers_finished:
+        store.wait_until_let_go(LET_GO_WAIT)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
