@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -205,3 +206,19 @@ def test_rank_0_ending_with_status_0_before_its_value_came_back_fails_the_run():
     """Else the run would return None as rank 0's value, with nothing said."""
     with pytest.raises(RankError, match=r"^rank 0 failed: ended with exit status 0 in the middle of the run"):
         Fabric(accelerator="cpu", devices=2).launch(_rank_0_vanishes)
+
+
+def test_a_rank_that_cannot_be_forked_fails_the_launch_and_leaves_nothing(no_leaks, monkeypatch):
+    """The ranks forked before it are killed and reaped, and every pipe is closed (no_leaks)."""
+    real_fork, forks = os.fork, []
+
+    def fork_once():
+        if forks:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        forks.append(real_fork())
+        return forks[-1]
+
+    monkeypatch.setattr(os, "fork", fork_once)
+    with pytest.raises(BlockingIOError):
+        launch(lambda: time.sleep(60), nprocs=2, sink=Sink())
+    assert forks and not psutil.pid_exists(forks[0])

@@ -18,7 +18,7 @@ from nbfabric.launcher.machine import free_port, threads_per_rank
 from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, UnreachedCollectiveError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
 from nbfabric.launcher.shared_tensors import SharedFiles
-from nbfabric.launcher.processes import EXIT_WAIT, RankProcess, fork_rank, spawn_rank, stop_spawn_helper, wait_for_reaping
+from nbfabric.launcher.processes import EXIT_WAIT, RankProcess, fork_ranks, spawn_rank, stop_spawn_helper, wait_for_reaping
 from nbfabric.launcher.supervisor import Supervisor
 from nbfabric.launcher.inherited import find_inherited
 from nbfabric.launcher.worker import RankSpec
@@ -111,19 +111,13 @@ def _start(target, specs: list[RankSpec], start_method: str, shared: SharedFiles
             # kernel's streams keep theirs in order with the rank lines written after them, and
             # their flush waits for the kernel's IO thread.
             stream.flush()
-    inherited = find_inherited() if start_method == "fork" else None
+    if start_method == "fork":
+        return fork_ranks(target, specs, find_inherited())
     started: list[RankProcess] = []
     try:
-        if start_method == "spawn":
-            with interrupts_deferred(), shared.placing():
-                for spec in specs:
-                    started.append(spawn_rank(target, spec))
-            return started
-        for spec in specs:
-            process = fork_rank(target, spec, [fd for p in started for fd in p.fds], inherited)
-            if process is None:
-                return None
-            started.append(process)
+        with interrupts_deferred(), shared.placing():
+            for spec in specs:
+                started.append(spawn_rank(target, spec))
     except BaseException:
         for process in started:
             process.signal(signal.SIGKILL)

@@ -143,40 +143,68 @@ def _process(spec: RankSpec, pid: int, parent_ends: list[int], sentinel: int, wa
     return RankProcess(spec.rank, pid, stdout, stderr, channel, sentinel, wait, stacks, *store)
 
 
-def fork_rank(
-    target: Callable[[], Any] | None, spec: RankSpec, close_in_child: list[int], inherited: Inherited
-) -> RankProcess | None:
-    """Fork one rank. With `target=None` the child returns None and goes on as the rank.
-    `inherited`: what the caller found with `find_inherited()`."""
-    links, stacks = _links(spec)
-    parent_ends, rank_ends = [p for p, _ in links], tuple(r for _, r in links)
-    gc.freeze()  # the rank's garbage collector then skips (and does not copy) the inherited objects
-    # SIGINT stays blocked in the child until it has its own handlers (become_rank): an interrupt
+def fork_ranks(target: Callable[[], Any] | None, specs: list[RankSpec], inherited: Inherited) -> list[RankProcess] | None:
+    """Fork one process per rank, back to back: the parent's bookkeeping waits until every rank is
+    forked, so that the last starts sooner. With `target=None` each child returns None and goes on
+    as its rank. `inherited`: what the caller found with `find_inherited()`. If a fork fails, the
+    ranks forked before it are killed."""
+    links = [_links(spec) for spec in specs]
+    every_fd = [fd for pairs, _ in links for pair in pairs for fd in pair]
+    pids: list[int] = []
+    child = False
+    gc.freeze()  # the ranks' garbage collectors then skip (and do not copy) the inherited objects
+    # SIGINT stays blocked in a child until it has its own handlers (become_rank): an interrupt
     # before that must not raise into the caller's code, which the child would then go on running.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    pid = -1
     try:
-        pid = os.fork()
+        for spec, (pairs, _) in zip(specs, links):
+            pid = os.fork()
+            if pid == 0:
+                child = True
+                rank_ends = tuple(rank_end for _, rank_end in pairs)
+                _become_forked_rank(target, spec, rank_ends, [fd for fd in every_fd if fd not in rank_ends], inherited)
+                return None  # target=None: this process goes on as the rank
+            pids.append(pid)
+        return [_forked(spec, pid, pairs, stacks) for spec, pid, (pairs, stacks) in zip(specs, pids, links)]
+    except BaseException:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for fd in every_fd:
+            try:
+                os.close(fd)
+            except OSError:  # a rank's end, closed already
+                pass
+        raise
     finally:
-        if pid != 0:
+        if not child:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             gc.unfreeze()
-    if pid == 0:
-        try:
-            for fd in (*close_in_child, *parent_ends):
-                os.close(fd)
-            os.setpgid(0, 0)
-            if target is None:
-                _continue_as_rank(spec, rank_ends, inherited)
-                return None
-            rank_main(target, spec, rank_ends, inherited)  # never returns
-        except BaseException:
+
+
+def _become_forked_rank(target: Callable[[], Any] | None, spec: RankSpec, rank_ends: tuple[int, ...], others: list[int], inherited: Inherited) -> None:
+    """In a just-forked child: close the fds of the parent and of the other ranks, take a process
+    group of its own, and run `target` as the rank (never returns), or, without one, become the
+    rank and return."""
+    try:
+        for fd in others:
+            os.close(fd)
+        os.setpgid(0, 0)
+        if target is None:
+            _continue_as_rank(spec, rank_ends, inherited)
+            return
+        rank_main(target, spec, rank_ends, inherited)  # never returns
+    except BaseException:
+        os._exit(1)
+    finally:
+        if target is not None:
             os._exit(1)
-        finally:
-            if target is not None:
-                os._exit(1)
-    for fd in rank_ends:
-        os.close(fd)
+
+
+def _forked(spec: RankSpec, pid: int, pairs: list[tuple[int, int]], stacks: StackFile) -> RankProcess:
+    """The parent's handle on a forked rank."""
+    for _, rank_end in pairs:
+        os.close(rank_end)
     try:
         os.setpgid(pid, pid)
     except (ProcessLookupError, PermissionError):
@@ -187,7 +215,7 @@ def fork_rank(
         os.close(pidfd)
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
-    return _process(spec, pid, parent_ends, pidfd, wait, stacks)
+    return _process(spec, pid, [parent_end for parent_end, _ in pairs], pidfd, wait, stacks)
 
 
 def _continue_as_rank(spec: RankSpec, fds: tuple[int, ...], inherited: Inherited) -> None:

@@ -55,7 +55,7 @@ def become_rank(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # fork_rank and spawn_rank blocked it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # fork_ranks and spawn_rank blocked it
     inherited = inherited or find_inherited()
     _redirect_output(stdout_fd, stderr_fd, inherited.handlers)
     detach_from_kernel(inherited.display_publisher)
