@@ -34,19 +34,30 @@ def check_filter(filter: Any, state: dict[str, Any]) -> None:
 
 
 def filtered(converted: dict[str, Any], filter: dict[str, Any] | None) -> dict[str, Any]:
-    """Each entry named in `filter` keeps the items of its state for which the callable says True."""
+    """Each entry named in `filter` keeps the items of its state for which the callable says True;
+    one that keeps none is left out, as Lightning leaves it."""
     for key, keep in (filter or {}).items():
         if isinstance(converted.get(key), dict):
-            converted[key] = {name: value for name, value in converted[key].items() if keep(name, value)}
+            kept = {name: value for name, value in converted[key].items() if keep(name, value)}
+            if kept:
+                converted[key] = kept
+            else:
+                del converted[key]
     return converted
 
 
+def stateful(value: Any) -> bool:
+    """Whether `value` is saved as its `state_dict()` and loaded in place: it has both methods, as
+    Lightning's `_Stateful` (an object with `state_dict()` alone is saved as itself)."""
+    return hasattr(value, "state_dict") and hasattr(value, "load_state_dict")
+
+
 def to_state(state: dict[str, Any]) -> dict[str, Any]:
-    """Modules, optimizers and anything else with `state_dict()` replaced by their state."""
+    """Modules, optimizers and other stateful objects replaced by their state."""
     converted = {}
     for key, value in state.items():
         value = unwrap(value)
-        converted[key] = value.state_dict() if hasattr(value, "state_dict") else value
+        converted[key] = value.state_dict() if stateful(value) else value
     return converted
 
 
@@ -65,7 +76,7 @@ def distributed_state(state: dict[str, Any], *, full: bool) -> dict[str, Any]:
         elif isinstance(value, torch.optim.Optimizer):
             converted[key] = get_optimizer_state_dict(_owner(value, modules), value, options=options)
         else:
-            converted[key] = value.state_dict() if hasattr(value, "state_dict") else value
+            converted[key] = value.state_dict() if stateful(value) else value
     return converted
 
 
@@ -152,7 +163,7 @@ def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: 
             set_optimizer_state_dict(
                 _owner(target, modules), target, checkpoint.pop(key), options=StateDictOptions(full_state_dict=True)
             )
-        elif hasattr(target, "load_state_dict"):
+        elif stateful(target):
             target.load_state_dict(checkpoint.pop(key))
         else:
             state[key] = checkpoint.pop(key)
@@ -188,7 +199,7 @@ def restore_entries(path: Any, state: dict[str, Any], keys: list[str], available
     _check_keys(path, keys, available, strict)
     for key in [key for key in keys if key in available]:
         target = unwrap(state[key])
-        if hasattr(target, "load_state_dict"):
+        if stateful(target):
             target.load_state_dict(available.pop(key))
         else:
             state[key] = available.pop(key)

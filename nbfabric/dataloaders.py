@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any, Iterator
 
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
+
+from nbfabric.tracebacks import users_stacklevel
 
 SEED_VARIABLE = "PL_GLOBAL_SEED"  # where seed_everything leaves the seed, as Lightning does
 
@@ -53,7 +56,16 @@ def shard(loader: DataLoader, num_replicas: int, rank: int) -> DataLoader:
     seed = int(os.environ.get(SEED_VARIABLE, 0))
     sampler = _distributed(loader.sampler, loader.dataset, num_replicas, rank, seed)
     batch_sampler = loader.batch_sampler
-    if type(batch_sampler) is BatchSampler:
+    batch_size = loader.batch_size
+    if type(batch_sampler) is BatchSampler and loader.batch_size is None:  # given as batch_sampler=
+        warnings.warn(
+            f"setup_dataloaders: the loader's batch_sampler (torch's BatchSampler, {batch_sampler.batch_size} per batch) is "
+            "replaced, as Lightning Fabric replaces it: the loader's sampler split across ranks, one sample per batch. "
+            "Give the DataLoader batch_size= (and shuffle= or sampler=) instead.",
+            stacklevel=users_stacklevel(),
+        )
+        batch_sampler, batch_size = BatchSampler(sampler, 1, False), 1
+    elif type(batch_sampler) is BatchSampler:
         batch_sampler = BatchSampler(sampler, batch_sampler.batch_size, batch_sampler.drop_last)
     elif batch_sampler is not None and isinstance(getattr(batch_sampler, "sampler", None), Sampler):
         batch_sampler = copy.copy(batch_sampler)  # a custom one that draws from a sampler: shard that
@@ -61,7 +73,7 @@ def shard(loader: DataLoader, num_replicas: int, rank: int) -> DataLoader:
     elif batch_sampler is not None:
         batch_sampler = ShardedBatches(batch_sampler, num_replicas, rank)
     sharded = copy.copy(loader)
-    for name, value in (("sampler", sampler), ("batch_sampler", batch_sampler), ("_iterator", None)):
+    for name, value in (("sampler", sampler), ("batch_sampler", batch_sampler), ("batch_size", batch_size), ("_iterator", None)):
         object.__setattr__(sharded, name, value)  # DataLoader refuses to change these after __init__
     return sharded
 

@@ -37,7 +37,7 @@ from nbfabric.rank_call import RankCall
 from nbfabric.resident import Resident, kept_modules, resident, resume_all
 from nbfabric.whole import Snapshot, snapshot, whole_copy
 from nbfabric.tracebacks import raised_by_torch_distributed, users_stacklevel
-from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, to_cpu, unwrap
+from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, to_cpu, uncompiled, unwrap
 
 
 CONSEQUENCE_EXIT_DELAY = 1.0  # seconds a script's rank failing in torch.distributed waits before it exits
@@ -332,6 +332,7 @@ class Fabric:
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, [unwrap(o) for o in optimizers])
         wrapped_optimizers = self._wrap_optimizers(prepared)
         wrapped_module = self._wrap_module(forward_module, original, move_to_device, wrapped_optimizers, before)
+        call_hook(self._callbacks, "on_after_setup", fabric=self, module=wrapped_module)  # as Lightning: not from setup_module
         if not optimizers:
             return wrapped_module
         wrapped = (wrapped_module, *wrapped_optimizers)
@@ -379,7 +380,6 @@ class Fabric:
             original._fabric_optimizers = list(optimizers)
             if original not in self._callbacks:
                 self._callbacks.append(original)
-        call_hook(self._callbacks, "on_after_setup", fabric=self, module=wrapped)
         return wrapped
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
@@ -421,7 +421,7 @@ class Fabric:
             raise TypeError("Only PyTorch DataLoader are currently supported in `setup_dataloaders`.")
         wrapped = []
         for loader in dataloaders:
-            if use_distributed_sampler and self.world_size > 1:
+            if use_distributed_sampler and self.config.strategy != "single_device":  # as Lightning: also for one rank of DDP
                 loader = shard(loader, self.world_size, self.global_rank)
             seed_workers(loader, self.global_rank)
             wrapped.append(FabricDataLoader(loader, self.device if move_to_device else None))
@@ -439,6 +439,7 @@ class Fabric:
         Raises:
             TypeError: `model` is not a model returned by `setup`.
         """
+        model = uncompiled(model)
         if model is not None and not isinstance(model, FabricModule):
             raise TypeError(f"backward(model=...) takes the model returned by fabric.setup(), not {type(model).__name__}")
         self._precision.in_backward = True
@@ -485,6 +486,7 @@ class Fabric:
 
     def no_backward_sync(self, module: FabricModule, enabled: bool = True) -> ContextManager:
         """Skip the gradient all-reduce in backward (gradient accumulation)."""
+        module = uncompiled(module)
         if not isinstance(module, FabricModule):
             raise TypeError("no_backward_sync needs the module returned by fabric.setup()")
         if not enabled:
@@ -585,8 +587,13 @@ class Fabric:
         return self._strategy.load(path, state, strict=strict, weights_only=weights_only)
 
     def load_raw(self, path: str | os.PathLike, obj: Any, strict: bool = True, weights_only: bool | None = None) -> None:
-        """Load a plain state_dict file (as saved by torch.save) into a module or optimizer;
-        `weights_only=False` only for a file you trust (it may run code)."""
+        """Load a plain state_dict file (as saved by torch.save) into a module or optimizer, or a
+        checkpoint into the modules and optimizers of a dict (in place, as `load`; the dict's other
+        entries stay as they are, as Lightning leaves them); `weights_only=False` only for a file you
+        trust (it may run code)."""
+        if isinstance(obj, dict):
+            self._strategy.load(path, dict(obj), strict=strict, weights_only=weights_only is not False)
+            return
         state = torch.load(path, map_location="cpu", weights_only=weights_only is not False)
         target = unwrap(obj)
         if isinstance(target, torch.nn.Module):

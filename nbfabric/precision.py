@@ -27,19 +27,22 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 class Precision:
     """One precision setting ("32-true", "bf16-mixed", ...) on one device type."""
 
-    def __init__(self, name: str, device_type: str):
+    def __init__(self, name: str, device_type: str, *, strategy_backward: bool = False):
         self.name = name
         self.device_type = device_type
         self.autocast_dtype = _MIXED.get(name)
         self.param_dtype = _TRUE.get(name)
         self._scales_gradients = name == "16-mixed" and device_type == "cuda"
         self._scaler: torch.amp.GradScaler | None = None
+        self._strategy_backward = strategy_backward  # the strategy has steps of its own in fabric.backward (FSDP)
         self.in_backward = False  # set by fabric.backward while it runs
 
     @property
     def requires_fabric_backward(self) -> bool:
-        """Whether a plain `loss.backward()` would skip what this precision does in `fabric.backward`."""
-        return self._scales_gradients
+        """Whether a plain `loss.backward()` is refused: where Lightning's is, under the mixed
+        precisions (whose backward scales the loss where it must) and strategies with backward steps
+        of their own."""
+        return self.autocast_dtype is not None or self._strategy_backward
 
     def guard_backward(self, tensor: torch.Tensor) -> torch.Tensor:
         """Make a backward through `tensor` that does not come from `fabric.backward` raise."""

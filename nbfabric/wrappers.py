@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import sys
@@ -141,6 +142,21 @@ class FabricModule(torch.nn.Module):
         """Pickled, it is the original module: the wrappers belong to the rank that made them."""
         return _identity, (self._original_module,)
 
+    def __copy__(self) -> FabricModule:
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FabricModule:
+        """A set-up model too, as Lightning's copy (an EMA or best-so-far model runs under the
+        precision setting); it shares the run's precision, through which `fabric.backward` goes."""
+        memo[id(self._precision)] = self._precision
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            copied.__dict__[name] = copy.deepcopy(value, memo)
+        return copied
+
 
 def _restore_forward(module: torch.nn.Module, own_forward: Any) -> None:
     if own_forward is None:
@@ -231,6 +247,12 @@ class FabricOptimizer:
     def __reduce__(self):
         return _identity, (self._fabric_optimizer,)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FabricOptimizer:
+        """A set-up optimizer too, as Lightning's copy, stepping through the same strategy."""
+        copied = FabricOptimizer(copy.deepcopy(self._fabric_optimizer, memo), self._fabric_step_with, self._fabric_after_step)
+        memo[id(self)] = copied
+        return copied
+
 
 class FabricDataLoader:
     """Iterates the sharded loader, moving batches to the device and reshuffling every epoch."""
@@ -289,8 +311,15 @@ def to_cpu(data: Any) -> Any:
     return tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), data)
 
 
+def uncompiled(obj: Any) -> Any:
+    """The set-up model inside `torch.compile(fabric.setup(model))`, else `obj` itself."""
+    inner = getattr(obj, "_orig_mod", None) if type(obj).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, FabricModule) else obj
+
+
 def unwrap(obj: Any) -> Any:
-    """The user's own object behind a Fabric wrapper (or `obj` itself)."""
+    """The user's own object behind a Fabric wrapper, also one compiled after `setup` (or `obj` itself)."""
+    obj = uncompiled(obj)
     if isinstance(obj, FabricModule):
         return obj.module
     if isinstance(obj, FabricOptimizer):

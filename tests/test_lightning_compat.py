@@ -102,6 +102,9 @@ def _collectives(fabric):
     seen["in place"] = (reduced is tensor, tensor.tolist())
     ops = ("mean", "avg", "SUM", "max", dist.ReduceOp.SUM, dist.ReduceOp.MIN)
     seen["ops"] = [fabric.all_reduce(torch.tensor([rank + 1.0]), reduce_op=op).tolist() for op in ops]
+    counts = torch.tensor([rank + 1, 4])
+    seen["mean of integers"] = (fabric.all_reduce(counts, reduce_op="mean") is counts, str(counts.dtype), counts.tolist())
+    seen["bitwise"] = [fabric.all_reduce(torch.tensor([rank + 1, 3]), reduce_op=op).tolist() for op in ("band", "BOR", "bxor", dist.ReduceOp.BAND)]
     numbers = {"int": fabric.all_reduce(rank + 1, reduce_op="sum"), "float": fabric.all_gather(rank + 0.5), "bool": fabric.all_gather(True)}
     seen["numbers"] = {name: (str(value.dtype), value.tolist()) for name, value in numbers.items()}
     first_only = dist.new_group([0])
@@ -129,14 +132,6 @@ def test_an_unknown_reduce_op_is_refused_naming_the_choices():
             return str(error)
 
     assert "choose one of mean, avg, sum, min, max, product" in nbfabric.Fabric(accelerator="cpu", devices=2).launch(reduce)
-
-
-@covers("Fabric.all_reduce")
-def test_the_mean_of_integers_is_a_float_where_lightning_truncates():
-    def mean(fabric):
-        return fabric.all_reduce(torch.tensor([fabric.global_rank + 1]), reduce_op="mean").tolist()
-
-    assert run_both(mean) == {"lightning": [1], "nbfabric": [1.5]}  # a documented difference
 
 
 @pytest.mark.parametrize("name", FABRICS)

@@ -16,13 +16,12 @@ from lightning_pair import COVERED, lightning_fabric
 SUPPORTED = "supported"
 SURFACE = {
     **{f"Fabric.{name}": SUPPORTED for name in (
-        "all_gather", "autocast", "backward", "barrier", "broadcast", "call", "clip_gradients", "device", "global_rank",
+        "all_gather", "all_reduce", "autocast", "backward", "barrier", "broadcast", "call", "clip_gradients", "device", "global_rank",
         "init_module", "init_tensor", "is_global_zero", "load", "load_raw", "local_rank", "log", "log_dict",
         "logger", "loggers", "no_backward_sync", "node_rank", "print", "rank_zero_first", "run", "save", "seed_everything",
         "setup", "setup_module", "setup_optimizers", "strategy", "to_device", "world_size",
     )},
     "Fabric.accelerator": "differs: a small object whose `name()` is 'cpu', 'cuda' or 'mps'; Lightning's accelerator classes are not used",
-    "Fabric.all_reduce": "differs: the mean of integer tensors is a float (Lightning truncates it to an integer)",
     "Fabric.launch": "differs: in a script, `launch(fn)` runs `fn` in forked ranks and returns rank 0's value; the calling "
                      "process is not rank 0, so code after it runs once and the caller's model is not the trained one. Return "
                      "what you need from `fn`, or call a bare `fabric.launch()`, after which the rest of the script runs on every rank",

@@ -340,6 +340,18 @@ def test_bad_pool_commands_are_refused_and_start_nothing(kernel, line, message):
     assert set(engines(kernel)) == before
 
 
+def test_cells_after_one_that_ended_the_process_group_meet_in_a_new_one(kernel):
+    """Scripts end with destroy_process_group(): the next cell on the pool joins a new group (rank 0's
+    store of the old one is gone, so no rank meets there), and a model kept from before moves to it."""
+    kernel.run(f"{POOL}\nkept = fabric.setup(torch.nn.Linear(2, 2))")
+    ending = f"{POOL}\nimport torch.distributed as dist\nprint('sum', fabric.all_reduce(torch.ones(1), reduce_op='sum').item())\ndist.destroy_process_group()"
+    for _ in range(5):
+        out = kernel.run(ending, timeout=120)
+        assert out["error"] is None and "[rank 0] sum 2.0" in out["stdout"], out
+    out = kernel.run(f"{POOL}\nfabric.backward(kept(torch.ones(1, 2) * (fabric.global_rank + 1)).sum())\nprint('grad', kept.weight.grad.flatten().tolist())")
+    assert out["error"] is None and "[rank 1] grad [1.5, 1.5, 1.5, 1.5]" in out["stdout"], out
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_pull_of_a_name_the_ranks_do_not_hold_says_so_and_binds_nothing(kernel, rank):
     out = kernel.run(f"nothing_here = 'the notebook keeps this'\n%fabric pull nothing_here --rank={rank}\nnothing_here")

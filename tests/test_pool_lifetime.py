@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import psutil
@@ -104,6 +105,37 @@ def test_a_killed_kernel_takes_its_whole_pool_along_within_10_s(kernels, ipython
     took = seconds_until_gone(processes, since=kill(kernel))
     print(f"\nkernel killed -> all {len(processes)} processes of its pool gone in {took:.1f} s")
     assert took < GONE_WITHIN
+    assert pool_files(ipython_dir) == []
+
+
+@pytest.mark.parametrize("after", [0.4, 0.7])
+def test_an_interrupted_start_leaves_no_process_behind(kernels, ipython_dir, after):
+    """ipyparallel starts the engines on a thread of its own: the start waits for them (and the
+    watchdog) before it takes the interrupt, and then ends them all."""
+    kernel = kernels()
+    made: list[psutil.Process] = []
+    stop = threading.Event()
+
+    def record() -> None:  # every process the start makes, also one that lives a moment
+        while not stop.is_set():
+            made.extend(process for process in kernels.track(kernel) if process not in made)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=record)
+    watcher.start()
+    try:
+        out = kernel.run(
+            f"import os, signal, threading\nthreading.Timer({after}, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+            "%fabric start --devices=2",
+            timeout=180,
+        )
+    finally:
+        stop.set()
+        watcher.join()
+    assert (out["error"] or {}).get("ename") == "KeyboardInterrupt", out
+    assert "no rank pool" in kernel.run("%fabric pool")["stdout"]
+    assert made, "the start made no process before the interrupt"
+    seconds_until_gone(made, since=time.monotonic(), limit=10)
     assert pool_files(ipython_dir) == []
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from nbfabric.config import RunConfig
 from nbfabric.pool import engine_side, slurm_job, watchdog
 from nbfabric.tracebacks import ShortInIPython
+from nbfabric.launcher import interrupts_deferred
 from nbfabric.launcher.environment import rank_environment
 from nbfabric.launcher.keyed_store import new_run_key
 from nbfabric.launcher.machine import is_loopback
@@ -100,14 +101,17 @@ class EngineCluster:
         )
         self.client = None
         try:
-            self.cluster.start_cluster_sync()
-            self._record, self._watchdog = watchdog.watch(
-                self.cluster,
-                engines=engines,
-                accelerator=self.config.accelerator,
-                detach=detach,
-                idle_timeout=watchdog.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-            )
+            # ipyparallel starts the controller and engines on a thread of its own, which an interrupt
+            # does not stop: it waits until they, and the watchdog that knows them, are there
+            with interrupts_deferred():
+                self.cluster.start_cluster_sync()
+                self._record, self._watchdog = watchdog.watch(
+                    self.cluster,
+                    engines=engines,
+                    accelerator=self.config.accelerator,
+                    detach=detach,
+                    idle_timeout=watchdog.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+                )
             self.client = self.cluster.connect_client_sync()
             if self.job:
                 slurm_job.wait_for_engines(

@@ -157,6 +157,18 @@ def run(payload: bytes, after_stop: bool = False) -> tuple[str, Any]:
             return "failed", Failure.from_exception(rank, exc)
         finally:
             set_rank_links(None)
+            _close_store_of_an_ended_group()
+
+
+def _close_store_of_an_ended_group() -> None:
+    """A run that leaves this rank outside any process group (its code called destroy_process_group,
+    or a join never finished): rank 0's store of that group goes now, before it reports back, so
+    that no rank of the next run, which meets at the same port, reaches the old one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and not dist.is_initialized():
+        from nbfabric.launcher.keyed_store import close_servers
+
+        close_servers()
 
 
 class EngineChannel:

@@ -20,14 +20,17 @@ from nbfabric.launcher.keyed_store import KeyedStore, KeyedStoreServer, join_run
 from nbfabric.strategies.single_device import SingleDeviceStrategy
 from nbfabric.wrappers import unwrap
 
-REDUCE_OPS = ("mean", "avg", "sum", "min", "max", "product")  # any case, or torch.distributed.ReduceOp
+REDUCE_OPS = ("mean", "avg", "sum", "min", "max", "product", "band", "bor", "bxor")  # any case, or torch.distributed.ReduceOp
 _DDP_OPTIONS = tuple(
     name for name in inspect.signature(DistributedDataParallel.__init__).parameters
     if name not in ("self", "module", "device_ids", "output_device", "process_group", "kwargs", "args")
 )
 RESYNC_BUCKET_BYTES = 250 * 1024 * 1024  # as DDP's own broadcast of the module at setup
 GLOO_WORKER_NAME = "pt_gloo_runloop"  # the name torch gives the threads that run gloo's collectives
-_TORCH_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "product": dist.ReduceOp.PRODUCT}
+_TORCH_OPS = {
+    "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "product": dist.ReduceOp.PRODUCT,
+    "band": dist.ReduceOp.BAND, "bor": dist.ReduceOp.BOR, "bxor": dist.ReduceOp.BXOR,
+}
 
 
 def reduce_op_name(op: Any) -> str:
@@ -222,15 +225,12 @@ class DDPStrategy(SingleDeviceStrategy):
             return torch.stack(gathered)
 
     def all_reduce(self, tensor: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
-        """Reduce in place over `group`, as Lightning does; the mean of integers is returned as floats."""
+        """Reduce in place over `group`, as Lightning does: the mean of integers too, truncated to
+        their type."""
         group = group if group is not None else dist.group.WORLD
         if op != "mean":
             dist.all_reduce(tensor, op=_TORCH_OPS[op], group=group)
             return tensor
         size = dist.get_world_size(group)
-        if not tensor.is_floating_point():
-            total = tensor.double() if tensor.dtype == torch.int64 else tensor.float()
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-            return total / size
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        return tensor.div_(size)
+        return tensor.div_(size) if tensor.is_floating_point() else tensor.copy_(tensor / size)

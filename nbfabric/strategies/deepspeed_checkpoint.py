@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from nbfabric.checkpoint import enum_member, restore_entries
+from nbfabric.checkpoint import enum_member, restore_entries, stateful
 from nbfabric.launcher.environment import preserved_environment
 from nbfabric.whole import Snapshot, hook_dicts
 from nbfabric.wrappers import unwrap
@@ -38,7 +38,7 @@ def _is_engine_object(value: Any, engine: Any) -> bool:
 def client_state(state: dict[str, Any], engine: Any) -> dict[str, Any]:
     """Everything in `state` but the engine's model and optimizer, as state dicts; and the model's key."""
     extras = {key: unwrap(value) for key, value in state.items() if not _is_engine_object(value, engine)}
-    extras = {key: value.state_dict() if hasattr(value, "state_dict") else value for key, value in extras.items()}
+    extras = {key: value.state_dict() if stateful(value) else value for key, value in extras.items()}
     model_key = next(key for key, value in state.items() if getattr(value, "_forward_module", None) is engine)
     return {CLIENT_KEY: {"model_key": model_key, "extras": extras}}
 

@@ -10,6 +10,7 @@ import torch
 
 from nbfabric import checkpoint
 from nbfabric.launcher.environment import preserved_environment
+from nbfabric.precision import Precision
 from nbfabric.strategies.ddp import DDPStrategy
 
 STATE_DICT_TYPES = ("full", "sharded")
@@ -79,6 +80,10 @@ class FSDPStrategy(DDPStrategy):
             options = FSDP(frozenset(auto_wrap_policy or ()), bool(cpu_offload), _SHARDING[sharding_strategy], state_dict_type)
         self.options = options
         self._sharded_parameters: dict[int, torch.nn.Parameter] = {}  # id(original) -> its sharded successor
+
+    def make_precision(self) -> Precision:
+        """As Lightning's FSDP precision, whose backward steps make `loss.backward()` refused."""
+        return Precision(self.precision, self.device.type, strategy_backward=True)
 
     def preload(self) -> None:
         """FSDP and its checkpoint functions take about a second to import: once, before forking."""

@@ -105,9 +105,11 @@ class SingleDeviceStrategy:
         return decision
 
     def save(self, path: Any, state: dict[str, Any], is_global_zero: bool, filter: dict[str, Any] | None = None) -> None:
-        """Rank 0 writes the state atomically; every rank waits for it."""
+        """Rank 0 writes the state atomically; every rank waits for it. Every rank turns the state
+        into what is written, as Lightning's do: a state that cannot be saved fails on every rank."""
+        converted = checkpoint.filtered(checkpoint.to_state(state), filter)
         if is_global_zero:
-            checkpoint.atomic_save(checkpoint.filtered(checkpoint.to_state(state), filter), path)
+            checkpoint.atomic_save(converted, path)
         self.barrier()
 
     def load(self, path: Any, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:

@@ -1,0 +1,244 @@
+"""Less travelled corners of Lightning Fabric's API, run the same way under `lightning.fabric` and
+nbfabric on CPU ranks (gloo): copies of set-up objects, one-rank DDP, batch samplers, models compiled
+after `setup`, checkpoint states and filters, hooks and the refusal of a plain `loss.backward()`."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, WeightedRandomSampler
+
+from lightning_pair import FABRICS, HELPERS, covers, run_both
+
+
+def _one_rank_of_ddp(function, *args) -> dict:
+    """`run_both` with strategy="ddp" on one device, which runs in this process: the process group each
+    framework makes here is ended after it, so that the other (and later tests' forks) start clean."""
+    import torch.distributed as dist
+
+    results = {}
+    for name, fabric_class in FABRICS.items():
+        try:
+            results[name] = fabric_class(accelerator="cpu", devices=1, strategy="ddp").launch(function, HELPERS[name], *args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return results
+
+
+def _same(results: dict) -> dict:
+    assert results["nbfabric"] == results["lightning"]
+    return results["nbfabric"]
+
+
+def _raised(call) -> str:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the kind of error is what is compared
+        return type(error).__name__
+    return "no error"
+
+
+def _numbers(tensor: torch.Tensor) -> list:
+    return [round(value, 5) for value in tensor.detach().float().flatten().tolist()]
+
+
+# ----------------------------------------------------------------- copies of what setup returns
+def _copies(fabric, helpers):
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    model, optimizer = fabric.setup(layer, torch.optim.SGD(layer.parameters(), lr=0.1))
+    ema, shallow = copy.deepcopy(model), copy.copy(model)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        ema.module.weight.add_(1.0)
+    loss = ema(x).float().sum()
+    fabric.backward(loss)  # a loss from the copy goes through fabric.backward like the model's
+    return {
+        "set up": (helpers["is_wrapped"](ema), helpers["is_wrapped"](shallow), type(ema.module).__name__),
+        "shallow shares the model": shallow.module is model.module,
+        "copy is its own": ema.module.weight.data_ptr() != model.module.weight.data_ptr(),
+        "output": (str(ema(x).dtype), _numbers(ema(x))),
+        "copy's gradient": _numbers(ema.module.weight.grad),
+        "model untouched": model.module.weight.grad is None,
+    }
+
+
+@covers("Fabric.setup", "_FabricModule.module", "_FabricOptimizer.optimizer")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_a_deep_copy_of_a_set_up_model_is_set_up_too(precision):
+    seen = _same(run_both(_copies, precision=precision))
+    assert seen["set up"] == (True, True, "Linear") and seen["copy is its own"] and seen["model untouched"]
+
+
+def test_a_deep_copy_of_a_set_up_optimizer_steps_its_own_parameters():
+    """(Lightning's copy recurses without end, so this one is nbfabric's alone.)"""
+    from nbfabric import Fabric, is_wrapped
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    layer = nn.Linear(2, 2)
+    model, optimizer = fabric.setup(layer, torch.optim.SGD(layer.parameters(), lr=0.5))
+    twin_model, twin_optimizer = copy.deepcopy((model, optimizer))
+    fabric.backward(twin_model(torch.ones(1, 2)).sum())
+    before = model.module.weight.detach().clone()
+    twin_optimizer.step()
+    assert is_wrapped(twin_optimizer) and type(twin_optimizer.optimizer) is torch.optim.SGD
+    assert torch.equal(model.module.weight, before) and not torch.equal(twin_model.module.weight, before)
+
+
+# ----------------------------------------------------------------- loaders
+class _Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 11
+
+    def __getitem__(self, index):
+        return index
+
+
+def _epochs(fabric, loader, epochs: int = 3) -> list:
+    loader = fabric.setup_dataloaders(loader)
+    return [len(loader), loader.batch_size, [[batch.tolist() for batch in loader] for _ in range(epochs)]]
+
+
+def _one_rank_loaders(fabric, helpers):
+    torch.manual_seed(0)
+    return {
+        "shuffled": _epochs(fabric, DataLoader(_Items(), batch_size=2, shuffle=True)),
+        "weighted": _epochs(fabric, DataLoader(_Items(), batch_size=2, sampler=WeightedRandomSampler([1.0] * 11, 11, generator=torch.Generator().manual_seed(0)))),
+        "in order": _epochs(fabric, DataLoader(_Items(), batch_size=3)),
+    }
+
+
+@covers("Fabric.setup_dataloaders")
+@pytest.mark.parametrize("seed", [None, 123])
+def test_one_rank_of_ddp_reads_its_loaders_through_a_distributed_sampler_as_lightning(seed):
+    def loaders(fabric, helpers):
+        if seed is not None:
+            fabric.seed_everything(seed, verbose=False)
+        return _one_rank_loaders(fabric, helpers)
+
+    _same(_one_rank_of_ddp(loaders))
+
+
+def _batch_samplers(fabric, helpers):
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        return {
+            "in order": _epochs(fabric, DataLoader(_Items(), batch_sampler=BatchSampler(SequentialSampler(range(11)), 3, False)), 2),
+            "shuffled": _epochs(fabric, DataLoader(_Items(), batch_sampler=BatchSampler(RandomSampler(range(11)), 3, True)), 2),
+        }
+
+
+@covers("Fabric.setup_dataloaders")
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_plain_batch_sampler_is_replaced_as_lightning_replaces_it_and_said_so(devices):
+    seen = _same(_one_rank_of_ddp(_batch_samplers) if devices == 1 else run_both(_batch_samplers))
+    assert seen["in order"][1] == 1  # one sample per batch, as Lightning makes it
+    with pytest.warns(UserWarning, match="replaced, as Lightning Fabric replaces it"):
+        _one_rank_of_ddp(lambda fabric, helpers: _epochs(fabric, DataLoader(_Items(), batch_sampler=BatchSampler(SequentialSampler(range(11)), 3, False)), 1))
+
+
+# ----------------------------------------------------------------- a model compiled after setup
+def _compiled_after_setup(fabric, helpers, path):
+    torch.manual_seed(0)
+    model = fabric.setup(nn.Linear(2, 2))
+    compiled = torch.compile(model, backend="eager")
+    with fabric.no_backward_sync(compiled):
+        loss = compiled(torch.ones(3, 2)).sum()
+    fabric.backward(loss, model=compiled)
+    fabric.save(path, {"model": compiled})
+    saved = sorted(torch.load(path, weights_only=True)["model"])
+    with torch.no_grad():
+        model.module.weight.zero_()
+    rest = fabric.load(path, {"model": compiled})
+    return {"saved": saved, "rest": rest, "restored": model.module.weight.abs().sum().item() > 0}
+
+
+@covers("Fabric.save", "Fabric.load", "Fabric.no_backward_sync", "Fabric.backward")
+def test_a_model_compiled_after_setup_saves_loads_and_syncs_as_the_model(tmp_path):
+    seen = _same(run_both(_compiled_after_setup, str(tmp_path / "model.ckpt")))
+    assert seen == {"saved": ["bias", "weight"], "rest": {}, "restored": True}
+
+
+# ----------------------------------------------------------------- checkpoint states
+class _OnlyStateDict:
+    """Has state_dict() but no load_state_dict(): saved as itself, as Lightning saves it."""
+
+    def __init__(self):
+        self.v = 3
+
+    def state_dict(self):
+        return {"v": self.v}
+
+
+def _checkpoint_states(fabric, helpers, folder):
+    model = fabric.setup(nn.Linear(2, 2))
+    seen = {}
+    fabric.save(f"{folder}/filtered.ckpt", {"model": model, "n": 1}, filter={"model": lambda name, value: False})
+    seen["filtered out"] = sorted(torch.load(f"{folder}/filtered.ckpt", weights_only=True))
+    seen["strict load of it"] = _raised(lambda: fabric.load(f"{folder}/filtered.ckpt", {"model": model}))
+    fabric.save(f"{folder}/objects.ckpt", {"only": _OnlyStateDict(), "n": 2})
+    seen["saved as itself"] = type(torch.load(f"{folder}/objects.ckpt", weights_only=False)["only"]).__name__
+    seen["not a dict"] = _raised(lambda: fabric.save(f"{folder}/bad.ckpt", model))  # on every rank: no rank waits alone
+    fabric.barrier()
+    fabric.save(f"{folder}/model.ckpt", {"model": model, "step": 5})
+    with torch.no_grad():
+        model.module.weight.zero_()
+    fabric.load_raw(f"{folder}/model.ckpt", state := {"model": model, "step": 0})
+    seen["load_raw into a dict"] = (state["step"], model.module.weight.abs().sum().item() > 0)
+    return seen
+
+
+@covers("Fabric.save", "Fabric.load", "Fabric.load_raw")
+def test_checkpoint_states_filters_and_failures_are_lightnings(tmp_path):
+    folders = {name: tmp_path / name for name in ("lightning", "nbfabric")}
+    for folder in folders.values():
+        folder.mkdir()
+    seen = _same({name: run_both(_checkpoint_states, str(folders[name]))[name] for name in folders})
+    assert seen["filtered out"] == ["n"] and seen["saved as itself"] == "_OnlyStateDict"
+
+
+# ----------------------------------------------------------------- hooks and backward
+class _Hooks:
+    def __init__(self):
+        self.calls = []
+
+    def on_after_setup(self, fabric, module):
+        self.calls.append("on_after_setup")
+
+    def on_after_optimizer_step(self, strategy, optimizer):
+        self.calls.append("on_after_optimizer_step")
+
+
+def _hooks_of_separate_setup(fabric, helpers):
+    hooks = fabric._callbacks[0]
+    model = fabric.setup_module(nn.Linear(2, 2))
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+    fabric.backward(model(torch.ones(1, 2)).sum())
+    optimizer.step()
+    fabric.setup(nn.Linear(2, 2))
+    return hooks.calls
+
+
+@covers("Fabric.setup_module", "Fabric.call")
+def test_on_after_setup_fires_from_setup_only():
+    seen = {}
+    for name, fabric_class in __import__("lightning_pair").FABRICS.items():
+        seen[name] = fabric_class(accelerator="cpu", devices=1, callbacks=[_Hooks()]).launch(_hooks_of_separate_setup, None)
+    assert seen["nbfabric"] == seen["lightning"] == ["on_after_optimizer_step", "on_after_setup"]
+
+
+def _plain_backward(fabric, helpers):
+    model = fabric.setup(nn.Linear(2, 2))
+    return _raised(lambda: model(torch.ones(1, 2)).float().sum().backward())
+
+
+@covers("Fabric.backward")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"])
+def test_a_plain_loss_backward_is_refused_where_lightning_refuses_it(precision):
+    expected = "RuntimeError" if precision.endswith("mixed") else "no error"
+    assert _same(run_both(_plain_backward, precision=precision)) == expected
