@@ -56,3 +56,18 @@ def run_both(function: Callable[..., Any], *args: Any, devices: int = 2, **setti
     """`function(fabric, helpers, *args)` on `devices` forked CPU ranks under each framework; rank 0's result of each."""
     settings = {"accelerator": "cpu", "devices": devices, **({"strategy": "ddp_fork"} if devices > 1 else {}), **settings}
     return {name: cls(**settings).launch(function, HELPERS[name], *args) for name, cls in FABRICS.items()}
+
+
+def same(results: dict[str, Any]) -> Any:
+    """What both frameworks gave (`run_both`'s results), which must be equal."""
+    assert results["nbfabric"] == results["lightning"]
+    return results["nbfabric"]
+
+
+def error_name(call: Callable[[], Any]) -> str:
+    """The type of the error `call()` raises ("no error" if none): what is compared, not the wording."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the kind of error is what is compared
+        return type(error).__name__
+    return "no error"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, WeightedRandomSampler
 
-from lightning_pair import FABRICS, HELPERS, covers, run_both
+from lightning_pair import FABRICS, HELPERS, covers, error_name, run_both, same
 
 
 def _one_rank_of_ddp(function, *args) -> dict:
@@ -32,19 +32,6 @@ def _one_rank_of_ddp(function, *args) -> dict:
             if dist.is_initialized():
                 dist.destroy_process_group()
     return results
-
-
-def _same(results: dict) -> dict:
-    assert results["nbfabric"] == results["lightning"]
-    return results["nbfabric"]
-
-
-def _raised(call) -> str:
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001 - the kind of error is what is compared
-        return type(error).__name__
-    return "no error"
 
 
 def _numbers(tensor: torch.Tensor) -> list:
@@ -77,7 +64,7 @@ def _copies(fabric, helpers):
 @covers("Fabric.setup", "_FabricModule.module", "_FabricOptimizer.optimizer")
 @pytest.mark.parametrize(("precision", "devices"), [("32-true", 2), ("32-true", 1), ("bf16-mixed", 1), ("bf16-true", 1)])
 def test_a_deep_copy_of_a_set_up_model_is_set_up_too(precision, devices):
-    seen = _same(run_both(_copies, devices=devices, precision=precision))
+    seen = same(run_both(_copies, devices=devices, precision=precision))
     assert seen["set up"] == (True, True, "Linear") and seen["copy is its own"] and seen["model untouched"]
 
 
@@ -127,7 +114,7 @@ def test_one_rank_of_ddp_reads_its_loaders_through_a_distributed_sampler_as_ligh
             fabric.seed_everything(seed, verbose=False)
         return _one_rank_loaders(fabric, helpers)
 
-    _same(_one_rank_of_ddp(loaders))
+    same(_one_rank_of_ddp(loaders))
 
 
 def _batch_samplers(fabric, helpers):
@@ -142,7 +129,7 @@ def _batch_samplers(fabric, helpers):
 @covers("Fabric.setup_dataloaders")
 @pytest.mark.parametrize("devices", [1, 2])
 def test_a_plain_batch_sampler_is_replaced_as_lightning_replaces_it_and_said_so(devices):
-    seen = _same(_one_rank_of_ddp(_batch_samplers) if devices == 1 else run_both(_batch_samplers))
+    seen = same(_one_rank_of_ddp(_batch_samplers) if devices == 1 else run_both(_batch_samplers))
     assert seen["in order"][1] == 1  # one sample per batch, as Lightning makes it
     with pytest.warns(UserWarning, match="replaced, as Lightning Fabric replaces it"):
         _one_rank_of_ddp(lambda fabric, helpers: _epochs(fabric, DataLoader(_Items(), batch_sampler=BatchSampler(SequentialSampler(range(11)), 3, False)), 1))
@@ -166,7 +153,7 @@ def _compiled_after_setup(fabric, helpers, path):
 
 @covers("Fabric.save", "Fabric.load", "Fabric.no_backward_sync", "Fabric.backward")
 def test_a_model_compiled_after_setup_saves_loads_and_syncs_as_the_model(tmp_path):
-    seen = _same(run_both(_compiled_after_setup, str(tmp_path / "model.ckpt")))
+    seen = same(run_both(_compiled_after_setup, str(tmp_path / "model.ckpt")))
     assert seen == {"saved": ["bias", "weight"], "rest": {}, "restored": True}
 
 
@@ -181,15 +168,16 @@ class _OnlyStateDict:
         return {"v": self.v}
 
 
-def _checkpoint_states(fabric, helpers, folder):
+def _checkpoint_states(fabric, helpers, root):
+    folder = f"{root}/{type(fabric).__module__.split('.')[0]}"  # each framework's files apart
     model = fabric.setup(nn.Linear(2, 2))
     seen = {}
     fabric.save(f"{folder}/filtered.ckpt", {"model": model, "n": 1}, filter={"model": lambda name, value: False})
     seen["filtered out"] = sorted(torch.load(f"{folder}/filtered.ckpt", weights_only=True))
-    seen["strict load of it"] = _raised(lambda: fabric.load(f"{folder}/filtered.ckpt", {"model": model}))
+    seen["strict load of it"] = error_name(lambda: fabric.load(f"{folder}/filtered.ckpt", {"model": model}))
     fabric.save(f"{folder}/objects.ckpt", {"only": _OnlyStateDict(), "n": 2})
     seen["saved as itself"] = type(torch.load(f"{folder}/objects.ckpt", weights_only=False)["only"]).__name__
-    seen["not a dict"] = _raised(lambda: fabric.save(f"{folder}/bad.ckpt", model))  # on every rank: no rank waits alone
+    seen["not a dict"] = error_name(lambda: fabric.save(f"{folder}/bad.ckpt", model))  # on every rank: no rank waits alone
     fabric.barrier()
     fabric.save(f"{folder}/model.ckpt", {"model": model, "step": 5})
     with torch.no_grad():
@@ -201,10 +189,7 @@ def _checkpoint_states(fabric, helpers, folder):
 
 @covers("Fabric.save", "Fabric.load", "Fabric.load_raw")
 def test_checkpoint_states_filters_and_failures_are_lightnings(tmp_path):
-    folders = {name: tmp_path / name for name in ("lightning", "nbfabric")}
-    for folder in folders.values():
-        folder.mkdir()
-    seen = _same({name: run_both(_checkpoint_states, str(folders[name]))[name] for name in folders})
+    seen = same(run_both(_checkpoint_states, str(tmp_path)))
     assert seen["filtered out"] == ["n"] and seen["saved as itself"] == "_OnlyStateDict"
 
 
@@ -240,11 +225,11 @@ def test_on_after_setup_fires_from_setup_only():
 
 def _plain_backward(fabric, helpers):
     model = fabric.setup(nn.Linear(2, 2))
-    return _raised(lambda: model(torch.ones(1, 2)).float().sum().backward())
+    return error_name(lambda: model(torch.ones(1, 2)).float().sum().backward())
 
 
 @covers("Fabric.backward")
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"])
 def test_a_plain_loss_backward_is_refused_where_lightning_refuses_it(precision):
     expected = "RuntimeError" if precision.endswith("mixed") else "no error"
-    assert _same(run_both(_plain_backward, devices=1, precision=precision)) == expected
+    assert same(run_both(_plain_backward, devices=1, precision=precision)) == expected

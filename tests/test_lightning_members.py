@@ -12,20 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_pair import covers, run_both
-
-
-def _same(results: dict) -> dict:
-    assert results["nbfabric"] == results["lightning"]
-    return results["nbfabric"]
-
-
-def _error(call) -> str:
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001 - the kind of error is what is compared
-        return type(error).__name__
-    return "no error"
+from lightning_pair import covers, error_name, run_both, same
 
 
 # ----------------------------------------------------------------- who a rank is
@@ -42,7 +29,7 @@ def _identity(fabric, helpers):
 @covers("Fabric.global_rank", "Fabric.local_rank", "Fabric.node_rank", "Fabric.world_size", "Fabric.is_global_zero",
         "Fabric.device", "Fabric.strategy", "Fabric.launch", "rank_zero_only")
 def test_each_rank_knows_its_place():
-    assert _same(run_both(_identity)) == {
+    assert same(run_both(_identity)) == {
         "ranks": (0, 0, 0, 2, True), "device": "cpu", "root_device": "cpu", "rank_zero_only": "ran on 0", "others": None,
     }
 
@@ -89,8 +76,8 @@ def _module_members(fabric, helpers):
     seen["clipped norm"] = round(torch.cat([p.grad.flatten() for p in model[2].parameters()]).norm().item(), 5)
     fabric.clip_gradients(wrapped, wrapped_optimizer, clip_val=0.01)
     seen["clipped values"] = round(max(p.grad.abs().max().item() for p in model[2].parameters()), 5)
-    seen["clip errors"] = [_error(lambda: fabric.clip_gradients(wrapped, wrapped_optimizer)),
-                           _error(lambda: fabric.clip_gradients(wrapped, wrapped_optimizer, clip_val=1, max_norm=1))]
+    seen["clip errors"] = [error_name(lambda: fabric.clip_gradients(wrapped, wrapped_optimizer)),
+                           error_name(lambda: fabric.clip_gradients(wrapped, wrapped_optimizer, clip_val=1, max_norm=1))]
     wrapped_optimizer.step()
     wrapped_optimizer.zero_grad()
     seen["weights"] = [round(v, 5) for v in torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()]
@@ -111,7 +98,7 @@ def _module_members(fabric, helpers):
         "_FabricModule.load_state_dict", "_FabricModule.__setattr__", "_FabricOptimizer.step", "_FabricOptimizer.__getattr__",
         "is_wrapped")
 def test_the_wrapped_module_trains_clips_and_holds_what_is_assigned_to_it():
-    seen = _same(run_both(_module_members))
+    seen = same(run_both(_module_members))
     assert seen["assigned on the model"] == (7, True, True)
     assert seen["first layer untouched"] and seen["wrapped"] == [True, True, False, False]
     assert seen["to_device"][0] == [("cpu", [])]
@@ -187,15 +174,15 @@ def _optimizer_members(fabric, helpers):
     optimizer.step()
     scheduler.step()
     seen["scheduled lr"] = optimizer.param_groups[0]["lr"]
-    seen["errors"] = [_error(lambda: fabric.setup_optimizers()), _error(lambda: fabric.setup_optimizers(optimizer)),
-                      _error(lambda: fabric.setup(model)), _error(lambda: fabric.setup(nn.Linear(1, 1), optimizer))]
+    seen["errors"] = [error_name(lambda: fabric.setup_optimizers()), error_name(lambda: fabric.setup_optimizers(optimizer)),
+                      error_name(lambda: fabric.setup(model)), error_name(lambda: fabric.setup(nn.Linear(1, 1), optimizer))]
     return seen
 
 
 @covers("Fabric.setup_module", "Fabric.setup_optimizers", "_FabricOptimizer.optimizer", "_FabricOptimizer.state_dict",
         "_FabricOptimizer.load_state_dict", "_FabricOptimizer.__getattr__")
 def test_optimizers_step_save_load_and_refuse_a_second_setup():
-    seen = _same(run_both(_optimizer_members))
+    seen = same(run_both(_optimizer_members))
     assert seen["errors"] == ["ValueError", "ValueError", "ValueError", "ValueError"]
     assert seen["attribute read through"] == "set later" and seen["scheduled lr"] == 0.05
 
@@ -224,15 +211,15 @@ def _loaders(fabric, helpers):
     own_batches = fabric.setup_dataloaders(DataLoader(range(4), batch_size=2, collate_fn=lambda items: Recorder()))
     seen["own batch type moved"] = [batch.calls for batch in own_batches]
     seen["other ranks drew"] = fabric.all_gather(torch.tensor([row[1] for row in seen["epochs"][0]])).tolist()
-    seen["errors"] = [_error(lambda: fabric.setup_dataloaders()), _error(lambda: fabric.setup_dataloaders([1, 2])),
-                      _error(lambda: fabric.setup_dataloaders(plain))]
+    seen["errors"] = [error_name(lambda: fabric.setup_dataloaders()), error_name(lambda: fabric.setup_dataloaders([1, 2])),
+                      error_name(lambda: fabric.setup_dataloaders(plain))]
     return seen
 
 
 @covers("Fabric.setup_dataloaders", "_FabricDataLoader.device", "_FabricDataLoader.__iter__", "_FabricDataLoader.__len__",
         "Fabric.seed_everything", "seed_everything")
 def test_loaders_shard_reshuffle_and_seed_each_worker_of_each_rank():
-    seen = _same(run_both(_loaders))
+    seen = same(run_both(_loaders))
     assert seen["epochs"][0] != seen["epochs"][1]
     ranks = seen["other ranks drew"]
     assert ranks[0] != ranks[1]  # each rank's workers draw their own numbers
@@ -243,7 +230,7 @@ def _seeds(fabric, helpers):
     import os
 
     seen = {"returned": [fabric.seed_everything(7), helpers["seed_everything"](8, verbose=False)], "draw": torch.rand(2).tolist()}
-    seen["out of range"] = [_error(lambda: helpers["seed_everything"](2**32)), _error(lambda: helpers["seed_everything"](-1))]
+    seen["out of range"] = [error_name(lambda: helpers["seed_everything"](2**32)), error_name(lambda: helpers["seed_everything"](-1))]
     os.environ.pop("PL_GLOBAL_SEED")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -254,7 +241,7 @@ def _seeds(fabric, helpers):
 
 @covers("Fabric.seed_everything", "seed_everything")
 def test_seeds_draw_alike_refuse_out_of_range_and_warn_without_one():
-    seen = _same(run_both(_seeds))
+    seen = same(run_both(_seeds))
     assert seen["out of range"] == ["ValueError", "ValueError"] and seen["warned"] == ["No seed found, seed set to 0"]
 
 
@@ -282,7 +269,7 @@ class Hooks:
 def _logging(fabric, helpers):
     fabric.log("loss", torch.tensor(1.5), step=1)
     fabric.log_dict({"a": {"b": torch.tensor(2), "c": [torch.tensor(0.5), 3]}, "plain": 4.0}, step=2)
-    seen = {"logged": fabric.logger.logged, "loggers": len(fabric.loggers), "error": _error(lambda: fabric.log("many", torch.ones(3)))}
+    seen = {"logged": fabric.logger.logged, "loggers": len(fabric.loggers), "error": error_name(lambda: fabric.log("many", torch.ones(3)))}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fabric.call("on_value")
@@ -298,7 +285,7 @@ def test_logging_converts_nested_tensors_and_calls_hooks():
     for name, cls in __import__("lightning_pair").FABRICS.items():
         fabric = cls(accelerator="cpu", devices=2, strategy="ddp_fork", loggers=Logger(), callbacks=[Hooks()])
         results[name] = fabric.launch(_logging, {})
-    seen = _same(results)
+    seen = same(results)
     assert seen["logged"][1] == ({"a": {"b": 2, "c": [0.5, 3]}, "plain": 4.0}, 2) and seen["error"] == "ValueError"
     assert seen["hooks"] == [0.25] and seen["warned"] == ["Skipping the callback `Hooks.on_value` because it is not callable."]
 
@@ -335,7 +322,7 @@ def _contexts(fabric, helpers):
     fabric.barrier()
     fabric.barrier("named")
     fabric.print("printed")  # local rank 0 only: checked by the output test
-    seen["error"] = _error(lambda: fabric.no_backward_sync(nn.Linear(1, 1)))
+    seen["error"] = error_name(lambda: fabric.no_backward_sync(nn.Linear(1, 1)))
     return seen
 
 
@@ -343,7 +330,7 @@ def _contexts(fabric, helpers):
 @covers("Fabric.init_module", "Fabric.init_tensor", "Fabric.autocast", "Fabric.no_backward_sync", "Fabric.rank_zero_first",
         "Fabric.barrier", "Fabric.print")
 def test_contexts_give_the_same_dtypes_devices_and_syncing(precision):
-    seen = _same(run_both(_contexts, precision=precision))
+    seen = same(run_both(_contexts, precision=precision))
     assert seen["unsynced gradients differ"][0] != seen["unsynced gradients differ"][1]
 
 
@@ -377,8 +364,8 @@ def _checkpoints(fabric, helpers, directory):
     fabric.save(partial_path, {"model": model}, filter={"model": lambda name, _: name.startswith("0.")})
     with torch.no_grad():
         model.module[1].weight.fill_(5.0)
-    seen["strict"] = _error(lambda: fabric.load(partial_path, {"model": model}))
-    seen["missing entry"] = _error(lambda: fabric.load(partial_path, {"model": model, "absent": 1}))
+    seen["strict"] = error_name(lambda: fabric.load(partial_path, {"model": model}))
+    seen["missing entry"] = error_name(lambda: fabric.load(partial_path, {"model": model, "absent": 1}))
     fabric.load(partial_path, {"model": model}, strict=False)
     seen["kept what the checkpoint lacks"] = model.module[1].weight.tolist()
     if fabric.is_global_zero:
@@ -387,7 +374,7 @@ def _checkpoints(fabric, helpers, directory):
     fresh = fabric.setup(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
     fabric.load_raw(directory / "raw.pt", fresh)
     seen["raw"] = bool(all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values())))
-    seen["raw strict"] = _error(lambda: fabric.load_raw(partial_path, fresh))
+    seen["raw strict"] = error_name(lambda: fabric.load_raw(partial_path, fresh))
     return seen
 
 
@@ -397,7 +384,7 @@ def test_checkpoints_save_load_strictly_and_return_the_rest(tmp_path):
     for name, cls in __import__("lightning_pair").FABRICS.items():
         (tmp_path / name).mkdir()
         results[name] = cls(accelerator="cpu", devices=2, strategy="ddp_fork").launch(_checkpoints, {}, tmp_path / name)
-    seen = _same(results)
+    seen = same(results)
     assert seen["strict"] == "RuntimeError" and seen["missing entry"] == "KeyError"
     assert seen["kept what the checkpoint lacks"] == [[5.0, 5.0]] and seen["remainder"] == {"step": 3, "note": "x"}
 
@@ -413,7 +400,7 @@ def test_launch_refuses_what_it_cannot_call():
 
     for cls in FABRICS.values():
         fabric = cls(accelerator="cpu", devices=1)
-        assert [_error(lambda: fabric.launch(_needs_no_argument())), _error(lambda: fabric.launch(_needs_no_argument))] == ["TypeError", "TypeError"]
+        assert [error_name(lambda: fabric.launch(_needs_no_argument())), error_name(lambda: fabric.launch(_needs_no_argument))] == ["TypeError", "TypeError"]
 
 
 @covers("Fabric.run")
@@ -439,14 +426,14 @@ def _conversions(fabric, helpers):
                           ("type", lambda: model.type(torch.float16)), ("to", lambda: model.to(torch.float32)), ("cpu", lambda: model.cpu())):
         returned = convert()
         seen[name] = (str(model.dtype), str(model.device), str(model.module.weight.dtype), returned is model)
-    seen["cuda without a GPU"] = _error(lambda: model.cuda()) if not torch.cuda.is_available() else "skipped"
+    seen["cuda without a GPU"] = error_name(lambda: model.cuda()) if not torch.cuda.is_available() else "skipped"
     return seen
 
 
 @covers("_FabricModule.half", "_FabricModule.float", "_FabricModule.double", "_FabricModule.type", "_FabricModule.to",
         "_FabricModule.cpu", "_FabricModule.cuda", "_FabricModule.dtype", "_FabricModule.device")
 def test_conversions_on_the_wrapper_reach_the_model_and_its_dtype():
-    seen = _same(run_both(_conversions))
+    seen = same(run_both(_conversions))
     assert seen["half"] == ("torch.float16", "cpu", "torch.float16", True)
 
 
@@ -483,7 +470,7 @@ def _sharded_model(fabric, helpers):
 
 @covers("Fabric.sharded_model")
 def test_sharded_model_is_deprecated_and_builds_as_usual():
-    assert _same(run_both(_sharded_model)) == ("cpu", [True])
+    assert same(run_both(_sharded_model)) == ("cpu", [True])
 
 
 LAUNCH_SCRIPT = """
@@ -528,7 +515,7 @@ def _compiled(fabric, helpers):
         torch.manual_seed(0)
         model = fabric.setup(torch.compile(nn.Linear(2, 1), backend="eager"), _reapply_compile=reapply)
         seen[reapply] = (sorted(model.state_dict()), round(model(torch.ones(1, 2)).item(), 5))
-    seen["backward(model=) of something else"] = _error(lambda: fabric.backward(torch.ones(1, requires_grad=True).sum(), model=nn.Linear(1, 1)))
+    seen["backward(model=) of something else"] = error_name(lambda: fabric.backward(torch.ones(1, requires_grad=True).sum(), model=nn.Linear(1, 1)))
     return seen
 
 
