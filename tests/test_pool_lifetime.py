@@ -12,6 +12,8 @@ import time
 import psutil
 import pytest
 from test_magic import Kernel
+
+from nbfabric.pool.watchdog import POLL
 from test_slurm import our_jobs, slurm  # noqa: F401 - the fixture of a two-node Slurm cluster
 
 POOL = "%%fabric --no-widgets"
@@ -136,6 +138,21 @@ def test_an_interrupted_start_leaves_no_process_behind(kernels, ipython_dir, aft
     assert "no rank pool" in kernel.run("%fabric pool")["stdout"]
     assert made, "the start made no process before the interrupt"
     seconds_until_gone(made, since=time.monotonic(), limit=10)
+    assert pool_files(ipython_dir) == []
+
+
+def test_stop_pool_ends_what_a_killed_controller_left(kernels, ipython_dir):
+    """The controller's schedulers outlive it (reparented), out of reach of ipyparallel's stop: the
+    watchdog, which has seen them, ends them when the pool is stopped."""
+    kernel = kernels()
+    start_pool(kernel)
+    processes = kernels.track(kernel)
+    controller = next(p for p in processes if "ipyparallel.controller" in " ".join(p.cmdline()) and p.ppid() == kernel.pid)
+    assert controller.children(recursive=True), "the controller started no schedulers"
+    time.sleep(3 * POLL)  # the watchdog's looks at the cluster
+    controller.kill()
+    assert kernel.run("%fabric stop-pool", timeout=120)["error"] is None
+    seconds_until_gone(processes, since=time.monotonic(), limit=15)
     assert pool_files(ipython_dir) == []
 
 

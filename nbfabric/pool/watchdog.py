@@ -84,12 +84,16 @@ def forget(record_file: str, watchdog: subprocess.Popen | None = None) -> None:
 # ----------------------------------------------------------------- the watchdog
 def main(record_file: str) -> None:
     """Watch the pool's owner kernel every POLL seconds; end the pool when it is gone (a detached
-    pool: gone for its idle limit) or its cluster is; exit when the record is removed."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # from the kernel's stop: clean up the log
+    pool: gone for its idle limit) or its cluster is. When a kernel stops the pool (SIGTERM, or its
+    record removed), end what that stop left running, then exit: a controller that was killed leaves
+    its schedulers, which ipyparallel's stop no longer reaches."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     seen = _Seen()
     owner_gone_at = None
+    last: dict | None = None  # the record as last read (the kernel's stop removes it)
     try:
         while (record := _read(record_file)) is not None:
+            last = record
             try:
                 cluster = _read(record["cluster_file"])
             except ValueError:  # ipyparallel is rewriting it
@@ -107,6 +111,10 @@ def main(record_file: str) -> None:
                 forget(record_file)
                 return
             time.sleep(POLL)
+        _end_leftovers(last, seen)
+    except SystemExit:
+        _end_leftovers(last, seen)
+        raise
     finally:
         log = _log_file(record_file)
         if os.path.exists(log) and os.path.getsize(log) == 0:
@@ -141,14 +149,7 @@ def _end(record: dict, seen: _Seen) -> None:
     """End the cluster: TERM to each of its processes here, KILL to those left after a moment (an
     engine whose kernel died may ignore TERM), scancel of its Slurm job, ipyparallel's stop for
     engines elsewhere (SSH), and its files removed."""
-    for ask in ("terminate", "kill"):
-        left = [process for process in seen.processes.values() if _running(process)]
-        for process in left:
-            with contextlib.suppress(psutil.Error):
-                getattr(process, ask)()
-        deadline = time.monotonic() + 2
-        while any(map(_running, left)) and time.monotonic() < deadline:  # not wait_procs: a zombie never leaves
-            time.sleep(0.05)
+    _end_processes(seen)
     if seen.jobs and shutil.which("scancel"):
         subprocess.run(["scancel", *sorted(seen.jobs)], capture_output=True, timeout=60)
     try:
@@ -159,10 +160,34 @@ def _end(record: dict, seen: _Seen) -> None:
         pass  # stopped already
     except Exception as error:  # noqa: BLE001 - said in the log
         print(f"nbfabric watchdog: stopping cluster {record['cluster_id']} failed: {error!r}", file=sys.stderr)
+    _remove_files(record, seen)
+
+
+def _end_leftovers(record: dict | None, seen: _Seen) -> None:
+    """After a kernel stopped the pool: its processes and files that the stop left."""
+    _end_processes(seen)
+    if record is not None:
+        _remove_files(record, seen)
+
+
+def _remove_files(record: dict, seen: _Seen) -> None:
+    """The cluster's file, its controller's connection files and its processes' logs."""
     connection = os.path.join(os.path.dirname(record["cluster_file"]), f"ipcontroller-{record['cluster_id']}")
     for path in [record["cluster_file"], f"{connection}-client.json", f"{connection}-engine.json", *seen.files]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+
+def _end_processes(seen: _Seen) -> None:
+    """TERM to each of the cluster's processes here that still runs, KILL to those left after a moment."""
+    for ask in ("terminate", "kill"):
+        left = [process for process in seen.processes.values() if _running(process)]
+        for process in left:
+            with contextlib.suppress(psutil.Error):
+                getattr(process, ask)()
+        deadline = time.monotonic() + 2
+        while any(map(_running, left)) and time.monotonic() < deadline:  # not wait_procs: a zombie never leaves
+            time.sleep(0.05)
 
 
 def _alive(owner: list) -> bool:
