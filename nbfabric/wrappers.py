@@ -299,8 +299,7 @@ def _identity(obj: Any) -> Any:
 
 def is_wrapped(obj: Any) -> bool:
     """Whether `obj` was set up by Fabric (a module, optimizer or dataloader it returned, also compiled)."""
-    obj = getattr(obj, "_orig_mod", obj) if type(obj).__name__ == "OptimizedModule" else obj
-    return isinstance(obj, (FabricModule, FabricOptimizer, FabricDataLoader))
+    return isinstance(uncompiled(obj), (FabricModule, FabricOptimizer, FabricDataLoader))
 
 
 def to_cpu(data: Any) -> Any:

@@ -133,7 +133,7 @@ class Supervisor(RunLoop):
         if store is not None and store in self._selector.get_map():  # its children may still hold the socket
             self._selector.unregister(store)
             if rank in self._announced:
-                self._holding.append(store)  # the rank stays until it is let go (worker._wait_until_let_go)
+                self._holding.append(store)  # the rank stays until it is let go (worker._stay_until_let_go)
             else:
                 os.close(store)
         self.store.rank_ended(rank)
