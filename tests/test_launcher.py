@@ -151,6 +151,23 @@ def test_ranks_that_finished_together_are_let_go_as_the_launch_returns(no_leaks)
         assert time.monotonic() - returned < LET_GO_WAIT / 5
 
 
+def test_no_forked_rank_begins_before_every_rank_is_forked(monkeypatch):
+    """A rank at work would slow the forks still to come: rank 0 waits at the gate until the fork
+    of the last rank (delayed here) is made, and then runs."""
+    real_fork, parent, last_fork = os.fork, os.getpid(), []
+
+    def fork_the_last_late():
+        pid = real_fork()
+        if pid and os.getpid() == parent and not last_fork:  # rank 0 is forked
+            time.sleep(0.3)
+            last_fork.append(time.monotonic())
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork_the_last_late)
+    rank_0_began = launch(time.monotonic, nprocs=2, sink=Sink())
+    assert rank_0_began >= last_fork[0]
+
+
 def test_fifty_launches_leak_nothing(no_leaks):
     for i in range(50):
         assert launch(lambda: i, nprocs=2, sink=Sink()) == i

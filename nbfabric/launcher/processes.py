@@ -145,11 +145,13 @@ def _process(spec: RankSpec, pid: int, parent_ends: list[int], sentinel: int, wa
 
 def fork_ranks(target: Callable[[], Any] | None, specs: list[RankSpec], inherited: Inherited) -> list[RankProcess] | None:
     """Fork one process per rank, back to back: the parent's bookkeeping waits until every rank is
-    forked, so that the last starts sooner. With `target=None` each child returns None and goes on
-    as its rank. `inherited`: what the caller found with `find_inherited()`. If a fork fails, the
-    ranks forked before it are killed."""
+    forked, and each rank waits at a gate until then, so that the last starts sooner (a rank at
+    work, copying the pages it writes to, slows the forks still to come by a third). With
+    `target=None` each child returns None and goes on as its rank. `inherited`: what the caller
+    found with `find_inherited()`. If a fork fails, the ranks forked before it are killed."""
     links = [_links(spec) for spec in specs]
-    every_fd = [fd for pairs, _ in links for pair in pairs for fd in pair]
+    gate = os.pipe()  # readable (at its end) once the parent has forked every rank
+    every_fd = [*gate, *(fd for pairs, _ in links for pair in pairs for fd in pair)]
     pids: list[int] = []
     child = False
     gc.freeze()  # the ranks' garbage collectors then skip (and do not copy) the inherited objects
@@ -162,9 +164,12 @@ def fork_ranks(target: Callable[[], Any] | None, specs: list[RankSpec], inherite
             if pid == 0:
                 child = True
                 rank_ends = tuple(rank_end for _, rank_end in pairs)
-                _become_forked_rank(target, spec, rank_ends, [fd for fd in every_fd if fd not in rank_ends], inherited)
+                _become_forked_rank(target, spec, rank_ends, [fd for fd in every_fd if fd not in rank_ends], inherited, gate[0])
                 return None  # target=None: this process goes on as the rank
             pids.append(pid)
+        for fd in gate:
+            os.close(fd)
+        every_fd = every_fd[2:]
         return [_forked(spec, pid, pairs, stacks) for spec, pid, (pairs, stacks) in zip(specs, pids, links)]
     except BaseException:
         for pid in pids:
@@ -182,14 +187,19 @@ def fork_ranks(target: Callable[[], Any] | None, specs: list[RankSpec], inherite
             gc.unfreeze()
 
 
-def _become_forked_rank(target: Callable[[], Any] | None, spec: RankSpec, rank_ends: tuple[int, ...], others: list[int], inherited: Inherited) -> None:
-    """In a just-forked child: close the fds of the parent and of the other ranks, take a process
-    group of its own, and run `target` as the rank (never returns), or, without one, become the
-    rank and return."""
+def _become_forked_rank(
+    target: Callable[[], Any] | None, spec: RankSpec, rank_ends: tuple[int, ...], others: list[int], inherited: Inherited, gate: int
+) -> None:
+    """In a just-forked child: close the fds of the parent and of the other ranks (the gate's
+    writing end among them), take a process group of its own, wait at the gate until every rank is
+    forked, and run `target` as the rank (never returns), or, without one, become the rank and return."""
     try:
         for fd in others:
-            os.close(fd)
+            if fd != gate:
+                os.close(fd)
         os.setpgid(0, 0)
+        os.read(gate, 1)  # end of file: the parent, and every rank forked before it, closed the writing end
+        os.close(gate)
         if target is None:
             _continue_as_rank(spec, rank_ends, inherited)
             return

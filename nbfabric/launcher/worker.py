@@ -135,12 +135,14 @@ def _announce_exit(channel: ChannelWriter, rank: int, code: int) -> None:
 
 def _stay_until_let_go() -> None:
     """A rank that passed the end-of-run barrier of its launcher's store (no peer needs it any more)
-    stays until the launcher has every rank's report (at most LET_GO_WAIT): this process's teardown
-    then does not take a core from the peers still finishing, or from the launcher taking their
-    reports in. A rank that ends otherwise goes at once: its peers may wait for it to leave."""
+    stays until the launcher has every rank's report (at most LET_GO_WAIT), and then ends at the
+    lowest priority: this process's teardown does not take a core from the peers still finishing,
+    from the launcher taking their reports in, or from the notebook going on. A rank that ends
+    otherwise goes at once: its peers may wait for it to leave."""
     links = rank_links()
     store = links.store if links is not None else None
     if store is not None and store.peers_finished:
+        os.nice(19)
         store.wait_until_let_go(LET_GO_WAIT)
 
 
