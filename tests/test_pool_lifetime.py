@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 from test_magic import Kernel
 
 from nbfabric.pool.watchdog import POLL
-from test_slurm import our_jobs, slurm  # noqa: F401 - the fixture of a two-node Slurm cluster
+from test_slurm import START, our_jobs, slurm  # noqa: F401 - the fixture of a two-node Slurm cluster
 
 POOL = "%%fabric --no-widgets"
 GONE_WITHIN = 10.0  # seconds from the kernel's death to the pool's end (the issue's promise)
@@ -141,6 +142,49 @@ def test_an_interrupted_start_leaves_no_process_behind(kernels, ipython_dir, aft
     assert pool_files(ipython_dir) == []
 
 
+def of_profile(ipython_dir) -> list[psutil.Process]:
+    """Every process of this user that ipyparallel started for a cluster of this test's profile
+    (its environment names the profile), found without the kernel that started it."""
+    profile = str(ipython_dir / "profile_default")
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("IPP_PROFILE_DIR") == profile and running(process):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("after", [0.5, 1.0, 1.6])
+def test_a_kernel_killed_while_its_pool_starts_leaves_nothing_within_10_s(kernels, ipython_dir, after):
+    """The controller and engines are being started (or have just been) when the kernel dies: the
+    watchdog, started first, ends them all, and their files."""
+    kernel = kernels()
+    made: list[psutil.Process] = []
+    kernel.client.execute(
+        f"import os, signal, threading\nthreading.Timer({after}, os.kill, (os.getpid(), signal.SIGKILL)).start()\n"
+        "%fabric start --devices=2"
+    )
+    while running(psutil.Process(kernel.pid)):
+        made.extend(process for process in kernels.track(kernel) if process not in made)
+        time.sleep(0.02)
+    died = time.monotonic()
+    made.extend(process for process in of_profile(ipython_dir) if process not in made)
+    try:
+        took = seconds_until_gone(made, since=died, limit=GONE_WITHIN + 5)
+        assert of_profile(ipython_dir) == []
+    finally:
+        for process in of_profile(ipython_dir):
+            process.kill()
+    print(f"\nkernel killed {after} s into %fabric start -> {len(made)} processes gone in {took:.1f} s")
+    assert took < GONE_WITHIN
+    deadline = time.monotonic() + 5
+    while pool_files(ipython_dir) and time.monotonic() < deadline:  # the watchdog ends the processes, then removes files
+        time.sleep(0.1)
+    assert pool_files(ipython_dir) == []
+
+
 def test_stop_pool_ends_what_a_killed_controller_left(kernels, ipython_dir):
     """The controller's schedulers outlive it (reparented), out of reach of ipyparallel's stop: the
     watchdog, which has seen them, ends them when the pool is stopped."""
@@ -230,3 +274,50 @@ def test_a_killed_kernel_cancels_its_pools_slurm_job(slurm, kernels, ipython_dir
         time.sleep(0.2)
     print(f"\nkernel killed -> its pool's processes here gone in {took:.1f} s, its Slurm job in {time.monotonic() - since:.1f} s")
     assert time.monotonic() - since < GONE_WITHIN
+
+
+def test_a_kernel_killed_while_its_slurm_pool_starts_cancels_the_job(slurm, kernels, ipython_dir):  # noqa: F811 - the fixture
+    """The kernel dies the moment sbatch has submitted the job, before the cluster's file names it,
+    and the job waits for nodes that another job holds: the watchdog finds it by its name and
+    cancels it."""
+    held = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--job-name=hold-nodes", "--output=/dev/null", "--wrap", "sleep 300"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()
+    names: list[str] = []  # the pool's job, by the cluster id in its record
+    try:
+        _killed_as_its_job_is_submitted(kernels, ipython_dir, names)
+    finally:
+        subprocess.run(["scancel", held], timeout=30)
+        if names:  # a job left by a failure here would hold the nodes for the next test
+            subprocess.run(["scancel", f"--name={names[0]}"], timeout=30)
+
+
+def _killed_as_its_job_is_submitted(kernels, ipython_dir, names: list[str]) -> None:
+    kernel = kernels()
+    kernel.client.execute(
+        "import os, signal\n"
+        "from ipyparallel.cluster import launcher\n"
+        "run_command = launcher.SlurmEngineSetLauncher._run_command\n"
+        "def die_once_submitted(self, command, **kwargs):\n"
+        "    output = run_command(self, command, **kwargs)\n"
+        "    if command[0] == 'sbatch':\n"
+        "        print(output, flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return output\n"
+        "launcher.SlurmEngineSetLauncher._run_command = die_once_submitted\n"
+        f"{START.lstrip()}"
+    )
+    made: list[psutil.Process] = []
+    while running(psutil.Process(kernel.pid)):
+        made.extend(process for process in kernels.track(kernel) if process not in made)
+        names[:] = names or [record.stem.replace("nbfabric-pool-", "nbfabric-") for record in (ipython_dir / "profile_default" / "security").glob("nbfabric-pool-*.json")]
+        time.sleep(0.02)
+    died = time.monotonic()
+    took = seconds_until_gone(made, since=died)
+    assert names, "the pool's record was never written"
+    while our_jobs(names[0]):
+        assert time.monotonic() - died < GONE_WITHIN, f"the pool's Slurm job is still queued: {our_jobs(names[0])}"
+        time.sleep(0.2)
+    print(f"\nkernel killed as its job was submitted -> its processes here gone in {took:.1f} s, the job in {time.monotonic() - died:.1f} s")
+    assert took < GONE_WITHIN

@@ -101,10 +101,10 @@ class EngineCluster:
         )
         self.client = None
         try:
-            # ipyparallel starts the controller and engines on a thread of its own, which an interrupt
-            # does not stop: it waits until they, and the watchdog that knows them, are there
+            # The watchdog comes first: a kernel killed while the controller and engines start leaves
+            # them to it. ipyparallel starts them on a thread of its own, which an interrupt does not
+            # stop: the interrupt waits until they are there.
             with interrupts_deferred():
-                self.cluster.start_cluster_sync()
                 self._record, self._watchdog = watchdog.watch(
                     self.cluster,
                     engines=engines,
@@ -112,6 +112,8 @@ class EngineCluster:
                     detach=detach,
                     idle_timeout=watchdog.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
                 )
+                self.cluster.start_cluster_sync()
+                watchdog.started(self._record)
             self.client = self.cluster.connect_client_sync()
             if self.job:
                 slurm_job.wait_for_engines(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from nbfabric.config import RunConfig
+from nbfabric.pool.watchdog import JOB_NAME
 
 JOB_END_WAIT = 60.0  # seconds to wait for a cancelled job to leave the queue
 # Pending reasons that never clear by waiting, and what to change.
@@ -69,7 +70,7 @@ def batch_config(config: RunConfig, partition: str | None, time_limit: str | Non
     settings.SlurmEngineSetLauncher.batch_file_name = os.path.join(job_dir, "nbfabric-engines.sbatch")
     settings.SlurmEngineSetLauncher.batch_template = (
         "#!/bin/sh\n"
-        "#SBATCH --job-name=nbfabric-{cluster_id}\n"
+        f"#SBATCH --job-name={JOB_NAME}\n"  # ipyparallel puts in the cluster id
         f"#SBATCH --output={os.path.join(job_dir, 'nbfabric-slurm-%j.out')}\n"
         "#SBATCH --export=ALL\n"
         + "".join(f"#SBATCH {flag}\n" for flag in options(config, partition, time_limit))

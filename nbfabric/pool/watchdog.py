@@ -3,9 +3,13 @@ gone (a detached pool: once no kernel has held it for its idle limit).
 
 The kernel writes the pool's record (``<profile>/security/nbfabric-pool-<cluster id>.json``: its
 cluster file, its owner kernel's pid and start time, detached or not) and starts
-``python watchdog.py RECORD`` in a session of its own, so that a kernel killed by SIGKILL takes no
-watchdog with it. The watchdog runs as a script (no nbfabric or torch import) and exits when the
-record is removed: the pool was stopped. This module imports nothing of nbfabric either.
+``python watchdog.py RECORD`` in a session of its own, before the cluster's processes, so that a
+kernel killed by SIGKILL, even while they start, takes no watchdog with it. The watchdog runs as a
+script (no nbfabric or torch import) and exits when the record is removed: the pool was stopped.
+This module imports nothing of nbfabric either.
+
+The cluster's processes here are found through its file and, for those not yet named in it, by the
+cluster id that ipyparallel puts in their environment; its Slurm job by its file or its name.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import psutil
 POLL = 1.0  # seconds between looks at the kernel
 IDLE_TIMEOUT = 3600.0  # seconds a detached pool waits for a kernel to attach before it ends itself
 RECORD_PREFIX = "nbfabric-pool-"
+JOB_NAME = "nbfabric-{cluster_id}"  # the pool's Slurm job (slurm_job.batch_config)
 
 
 # ----------------------------------------------------------------- the kernel's side
 def watch(cluster: Any, *, engines: str, accelerator: str, detach: bool, idle_timeout: float) -> tuple[str, subprocess.Popen]:
-    """Record this kernel as the owner of the ipyparallel `cluster` and start its watchdog: the
-    record's path and the watchdog process."""
+    """Record this kernel as the owner of the ipyparallel `cluster`, not started yet, and start its
+    watchdog: the record's path and the watchdog process. `started` says when the cluster is."""
     record_file = os.path.join(cluster.profile_dir, "security", f"{RECORD_PREFIX}{cluster.cluster_id}.json")
     _write(record_file, {
         "cluster_id": cluster.cluster_id,
@@ -42,6 +47,7 @@ def watch(cluster: Any, *, engines: str, accelerator: str, detach: bool, idle_ti
         "detach": detach,
         "idle_timeout": idle_timeout,
         "owner": _this_process(),
+        "started": False,
     })
     log = _log_file(record_file)
     with open(log, "ab") as errors, open(os.devnull, "rb") as nothing:
@@ -50,6 +56,14 @@ def watch(cluster: Any, *, engines: str, accelerator: str, detach: bool, idle_ti
             stdin=nothing, stdout=errors, stderr=errors, start_new_session=True, close_fds=True,
         )
     return record_file, process
+
+
+def started(record_file: str) -> None:
+    """The cluster's controller and engines are started (its file names them): from now on, a
+    cluster file that is gone means a stopped cluster."""
+    record = _read(record_file)
+    if record is not None:
+        _write(record_file, {**record, "started": True})
 
 
 def detached_pools(profile_dir: str) -> list[tuple[str, dict]]:
@@ -105,8 +119,9 @@ def main(record_file: str) -> None:
                 owner_gone_at = None
             elif owner_gone_at is None:
                 owner_gone_at = time.monotonic()
-            limit = record["idle_timeout"] if record["detach"] else 0.0
-            if cluster is None or (owner_gone_at is not None and time.monotonic() - owner_gone_at >= limit):
+            limit = record["idle_timeout"] if record["detach"] and record.get("started", True) else 0.0
+            stopped = cluster is None and record.get("started", True)
+            if stopped or (owner_gone_at is not None and time.monotonic() - owner_gone_at >= limit):
                 _end(record, seen)
                 forget(record_file)
                 return
@@ -149,9 +164,12 @@ def _end(record: dict, seen: _Seen) -> None:
     """End the cluster: TERM to each of its processes here, KILL to those left after a moment (an
     engine whose kernel died may ignore TERM), scancel of its Slurm job, ipyparallel's stop for
     engines elsewhere (SSH), and its files removed."""
-    _end_processes(seen)
-    if seen.jobs and shutil.which("scancel"):
-        subprocess.run(["scancel", *sorted(seen.jobs)], capture_output=True, timeout=60)
+    _end_processes(seen, record["cluster_id"])
+    jobs = set(seen.jobs)
+    if record["engines"] == "slurm":  # and one that the kernel may not have seen submitted
+        jobs |= _jobs_named(JOB_NAME.format(cluster_id=record["cluster_id"]))
+    if jobs and shutil.which("scancel"):
+        subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=60)
     try:
         import ipyparallel
 
@@ -165,9 +183,11 @@ def _end(record: dict, seen: _Seen) -> None:
 
 def _end_leftovers(record: dict | None, seen: _Seen) -> None:
     """After a kernel stopped the pool: its processes and files that the stop left."""
-    _end_processes(seen)
     if record is not None:
+        _end_processes(seen, record["cluster_id"])
         _remove_files(record, seen)
+    else:
+        _end_processes(seen, "")
 
 
 def _remove_files(record: dict, seen: _Seen) -> None:
@@ -178,9 +198,12 @@ def _remove_files(record: dict, seen: _Seen) -> None:
             os.remove(path)
 
 
-def _end_processes(seen: _Seen) -> None:
-    """TERM to each of the cluster's processes here that still runs, KILL to those left after a moment."""
+def _end_processes(seen: _Seen, cluster_id: str) -> None:
+    """TERM to each of the cluster's processes here that still runs, KILL to those left after a
+    moment; before each, those its file has not named are looked for by `cluster_id`."""
     for ask in ("terminate", "kill"):
+        for process in _started_for(cluster_id):
+            seen.processes.setdefault(process.pid, process)
         left = [process for process in seen.processes.values() if _running(process)]
         for process in left:
             with contextlib.suppress(psutil.Error):
@@ -188,6 +211,30 @@ def _end_processes(seen: _Seen) -> None:
         deadline = time.monotonic() + 2
         while any(map(_running, left)) and time.monotonic() < deadline:  # not wait_procs: a zombie never leaves
             time.sleep(0.05)
+
+
+def _started_for(cluster_id: str) -> list[psutil.Process]:
+    """This user's processes that ipyparallel started for the cluster (and what they started):
+    their environment holds its id."""
+    if not cluster_id:
+        return []
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != os.getpid() and process.environ().get("IPP_CLUSTER_ID") == cluster_id:
+                found.append(process)
+    return found
+
+
+def _jobs_named(name: str) -> set[str]:
+    """The ids of this user's Slurm jobs called `name` (none where Slurm is not installed)."""
+    if not shutil.which("squeue"):
+        return set()
+    try:
+        listed = subprocess.run(["squeue", "--me", "--noheader", f"--name={name}", "--format=%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return set(listed.stdout.split()) if listed.returncode == 0 else set()
 
 
 def _alive(owner: list) -> bool:
