@@ -152,6 +152,25 @@ def test_srun_tasks_of_nbfabric_run_are_the_ranks_of_one_run(slurm, tmp_path):
     assert "rank 0 of 2: 3.0 ['--lr', '0.1']" in done.stdout and "rank 1 of 2: 3.0 ['--lr', '0.1']" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("now", "said"),
+    [
+        (slurm_job.JobState("COMPLETING", "None", restarts=1), "Slurm job 7 was requeued: it lost a node or was preempted"),
+        (slurm_job.JobState("PENDING", "BeginTime", restarts=1), "Slurm job 7 was requeued: it lost a node or was preempted; Slurm's reason: BeginTime"),
+        (slurm_job.JobState("COMPLETING", "None"), "Slurm job 7 was cancelled by scancel"),
+        (slurm_job.JobState("COMPLETING", "None", out_of_time=True), "Slurm job 7 was ended by its time limit (--time)"),
+        (slurm_job.JobState("NODE_FAIL", "None"), "Slurm job 7 lost a node (NODE_FAIL)"),
+        (slurm_job.JobState("PENDING", "Resources"), ""),
+        (slurm_job.JobState("RUNNING", "None", restarts=1), ""),
+    ],
+)
+def test_how_a_job_ended_is_told_from_what_slurm_shows(now, said):
+    """A requeued job is told apart from a cancelled one already while Slurm completes it (its
+    restarts); one that waits or runs has not ended."""
+    assert slurm_job.ending("7", now) == said
+    assert slurm_job.requeued(now) == ("requeued" in said)
+
+
 def test_bad_slurm_options_are_refused_before_any_job(tmp_path):
     kernel = Kernel(tmp_path / "none.json")
     try:
@@ -248,5 +267,29 @@ def test_a_job_that_reaches_its_time_limit_fails_the_running_cell_saying_so(slur
         slurm_job.wait_until_gone([job], 90)
         kernel.assert_no_ranks_left(grace=15)
     finally:
+        cancel_and_wait(job)
+        kernel.close()
+
+
+def test_a_node_going_down_under_a_running_cell_fails_it_saying_so_and_leaves_no_job(slurm, tmp_path):
+    """Slurm requeues the job (its engines are gone): the cell fails within 15 s saying that a node
+    was lost, and the requeued job is cancelled, not left to start engines nobody uses."""
+    kernel, job = Kernel(tmp_path / "none.json"), ""
+    try:
+        out = kernel.run(START, timeout=240)
+        assert out["error"] is None, out
+        job = job_of(out["stdout"])
+        down = ["scontrol", "update", "nodename=n2", "state=down", "reason=nbfabric test"]
+        out, took = run_until_job_ends(kernel, lambda: subprocess.run(down, timeout=30, check=True))
+        print(f"node down under job {job}: the cell failed {took:.1f} s after")
+        shown = out["stderr"] + "".join(out["error"]["traceback"] if out["error"] else [])
+        assert out["error"] is not None and took < 15, (took, out)
+        assert f"Slurm job {job} was requeued: it lost a node or was preempted" in shown, shown
+        assert "was cancelled by scancel" not in shown and "KeyError" not in shown, shown
+        slurm_job.wait_until_gone([job], 90)
+        assert slurm_job.time_left(job) == "", f"the requeued job {job} is still in the queue"
+        kernel.assert_no_ranks_left(grace=15)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], capture_output=True, timeout=30)
         cancel_and_wait(job)
         kernel.close()

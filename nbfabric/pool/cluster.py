@@ -282,9 +282,10 @@ class EngineCluster:
             client.close()
         if not self.attached:
             job = self.job
-            ending = slurm_job.ending(job, slurm_job.state(job)) if job else ""
+            now = slurm_job.state(job) if job else None
             self.cluster.stop_cluster_sync()
-            if job and not ending:  # a job Slurm ends already is left to end (its KillWait can be 30 s)
+            # a job Slurm ends already is left to end (its KillWait can be 30 s); a requeued one is cancelled
+            if job and (not slurm_job.ending(job, now) or slurm_job.requeued(now)):
                 slurm_job.wait_until_gone([job])
         if self._record:
             watchdog.forget(self._record, self._watchdog)

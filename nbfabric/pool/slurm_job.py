@@ -46,11 +46,12 @@ class SlurmRefusal(RuntimeError):
 @dataclass(frozen=True)
 class JobState:
     """What `scontrol show job` says of a job: its state (PENDING, RUNNING, CANCELLED, ...), reason,
-    and whether its run time reached its time limit."""
+    whether its run time reached its time limit, and how often Slurm requeued it."""
 
     state: str
     reason: str
     out_of_time: bool = False
+    restarts: int = 0
 
     def __str__(self) -> str:
         return self.state if self.reason in ("", "None") else f"{self.state} ({self.reason})"
@@ -98,7 +99,16 @@ def state(job: str) -> JobState | None:
     if "JobState" not in fields:
         return None
     limit = _seconds(fields.get("TimeLimit", ""))
-    return JobState(fields["JobState"], fields.get("Reason", ""), limit is not None and (_seconds(fields.get("RunTime", "")) or 0) >= limit)
+    out_of_time = limit is not None and (_seconds(fields.get("RunTime", "")) or 0) >= limit
+    restarts = fields.get("Restarts", "0")
+    return JobState(fields["JobState"], fields.get("Reason", ""), out_of_time, int(restarts) if restarts.isdigit() else 0)
+
+
+def requeued(now: JobState | None) -> bool:
+    """Whether Slurm is putting the job back in the queue, or has, after it ran (a node failed, or it
+    was preempted): it would start again, on engines nobody waits for. Its count of restarts says
+    so already while the job is COMPLETING."""
+    return now is not None and now.restarts > 0 and now.state in ("COMPLETING", "PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING")
 
 
 def time_left(job: str) -> str:
@@ -127,6 +137,9 @@ def ending(job: str, now: JobState | None) -> str:
     """How the job ended, e.g. 'Slurm job 7 was cancelled (scancel)' ('' while it runs or waits)."""
     if now is None:
         return f"Slurm job {job} is gone"
+    if requeued(now):
+        reason = f"; Slurm's reason: {now.reason}" if now.reason not in ("", "None") else ""
+        return f"Slurm job {job} was requeued: it lost a node or was preempted{reason}"
     if now.state in ("PENDING", "RUNNING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING"):
         return ""
     if now.state == "COMPLETING":  # Slurm 22.05 shows no more until its processes are gone (up to KillWait)
