@@ -209,8 +209,14 @@ weights = fabric.all_gather(torch.tensor(sum(float(whole(p).sum()) for p in mode
 (moved, weights.tolist()) if fabric.global_rank == 0 else None"""
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2"])
-@pytest.mark.parametrize("stopped_in", ["a collective", "python"])
+@pytest.mark.parametrize(
+    ("strategy", "stopped_in"),
+    [
+        *((strategy, place) for strategy in ("ddp", "fsdp", "deepspeed_stage_2") for place in ("a collective", "python")),
+        ("deepspeed_stage_1", "python"),
+        ("deepspeed_stage_3", "python"),
+    ],
+)
 def test_a_model_trains_on_after_an_interrupted_training_cell(kernel, strategy, stopped_in):
     """Interrupted with one rank in the step's all-reduce, the ranks leave their process group and the
     next run meets in a new one, where DDP and FSDP models go on (DeepSpeed's is refused, saying why);
@@ -229,6 +235,22 @@ def test_a_model_trains_on_after_an_interrupted_training_cell(kernel, strategy, 
     assert after["error"] is None, after["error"]
     moved, weights = eval(after["result"])
     assert moved and weights[0] == weights[1]  # it trained, and both ranks hold the same model
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3"])
+def test_a_deepspeed_model_whose_ranks_stopped_at_different_steps_is_refused_saying_so(kernel, strategy):
+    """A stop that cut one rank's optimizer step short (as if: rank 1's engine counted one more step)
+    would leave the ranks training apart: the next use of the model says so instead."""
+    names = {"pool": POOL, "strategy": strategy}
+    assert kernel.run(RESIDENT_SETUP.format(model="apart", opt="apart_opt", losses="apart_losses", **names), timeout=300)["error"] is None
+    failed = kernel.run(
+        f"{POOL} --strategy={strategy}\nif fabric.global_rank == 1:\n    apart._forward_module.global_steps += 1\n"
+        "raise RuntimeError('the cell failed')", timeout=300,
+    )
+    assert failed["error"]["ename"] == "RankError", failed["error"]
+    after = kernel.run(TRAIN_ON.format(**names).replace("model", "apart").replace("opt.", "apart_opt."), timeout=300)
+    assert after["error"]["ename"] == "RankError", after["error"]
+    assert "the stop landed inside the DeepSpeed model's optimizer step on some ranks and not on others (rank 0: step 0, rank 1: step 1)" in "\n".join(after["error"]["traceback"])
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])

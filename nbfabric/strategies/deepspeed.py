@@ -114,18 +114,44 @@ class DeepSpeedStrategy(DDPStrategy):
         return self.setup_module_and_optimizers(module, [])[0]
 
     def resync(self, modules: list[torch.nn.Module], optimizers: list[Any]) -> None:
-        """DeepSpeed's engine keeps its own copies of the parameters and optimizer state; they are
-        left as they are."""
+        """DeepSpeed's engine keeps its own copies of the parameters and each rank its own part of the
+        optimizer state, which no rank can take from another: `resume_module` checks instead that
+        the ranks stopped together."""
 
     def resume_module(self, module: torch.nn.Module, *, new_group: bool, after_stop: bool) -> str:
         """A DeepSpeed engine keeps the process group it was made in, in many places, and has no way
-        to move to another one: after a stop that ended that group, it is refused."""
-        if not new_group:
+        to move to another one: after a stop that ended that group, it is refused. After a stop in
+        the same group, it goes on only if every rank's engine stopped at the same step with the same
+        weights (ZeRO 1 and 2 hold them whole on every rank): a stop can cut one rank's optimizer
+        step short and not another's. A collective, made in the order of setup on every rank."""
+        if new_group:
+            return (
+                "the DeepSpeed model set up before the stop is bound to the process group the stop ended, and DeepSpeed "
+                "cannot move it to the new one: build and set up the model again (fabric.setup), and load its state from "
+                "a checkpoint saved before (fabric.load)"
+            )
+        return self._stopped_apart(module) if after_stop else ""
+
+    def _stopped_apart(self, engine: Any) -> str:
+        """'' when every rank's engine is at the same step with the same weights, else why it cannot go on."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            weights = sum((p.detach().double().sum() for p in engine.module.parameters()), torch.zeros((), dtype=torch.float64))
+        mine = torch.stack([torch.tensor(float(getattr(engine, "global_steps", 0)), dtype=torch.float64), weights.cpu()])
+        if self.stage == 3:  # each rank holds a part of the weights, which differ by design
+            mine[1] = 0.0
+        everyone = [torch.empty_like(mine, device=self.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine.to(self.device))
+        seen = [tuple(part.cpu().view(torch.int64).tolist()) for part in everyone]  # bit for bit: NaN weights are alike
+        if len(set(seen)) == 1:
             return ""
+        steps = ", ".join(f"rank {rank}: step {int(part[0])}" for rank, part in enumerate(everyone))
         return (
-            "the DeepSpeed model set up before the stop is bound to the process group the stop ended, and DeepSpeed "
-            "cannot move it to the new one: build and set up the model again (fabric.setup), and load its state from "
-            "a checkpoint saved before (fabric.load)"
+            f"the stop landed inside the DeepSpeed model's optimizer step on some ranks and not on others ({steps}"
+            f"{'' if len({s[0] for s in seen}) > 1 else '; their weights differ'}), and each rank owns its part of the "
+            "optimizer state, which no rank can take from another: set up the model again (fabric.setup), and load its "
+            "state from a checkpoint saved before (fabric.load)"
         )
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
