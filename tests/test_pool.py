@@ -382,6 +382,20 @@ def test_pull_of_a_name_the_ranks_do_not_hold_says_so_and_binds_nothing(kernel, 
     assert "'the notebook keeps this'" in out["result"], out
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_pull_of_a_value_that_cannot_be_pickled_names_it_and_why_and_a_none_comes_back(kernel, rank):
+    bound = kernel.run(
+        f"{POOL} --no-return\nclass Sealed:\n    def __reduce__(self):\n        raise RuntimeError('sealed')\nsealed = Sealed()\nempty = None"
+    )
+    assert bound["error"] is None, bound
+    out = kernel.run(f"sealed = 'the notebook keeps this'\n%fabric pull sealed --rank={rank}\nsealed")
+    assert out["error"] is None, out
+    assert out["stderr"].strip() == f"sealed was not brought back from rank {rank}: cannot be pickled: RuntimeError: sealed", out
+    assert "'the notebook keeps this'" in out["result"], out
+    out = kernel.run(f"empty = 'before'\n%fabric pull empty --rank={rank}\nempty is None")
+    assert out["error"] is None and out["stderr"] == "" and out["result"] == "True", out
+
+
 @pytest.mark.parametrize("lost", [0, 1])
 def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel, lost):
     """The other rank waits in a collective, which fails as the engine goes: both end at once."""
@@ -389,6 +403,7 @@ def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel, lost):
     assert out["error"]["ename"] == "RankError", out["error"]
     error = "\n".join(out["error"]["traceback"])
     assert f"rank {lost} failed: engine lost" in error
+    assert "task" not in error, error  # ipyparallel's task ids mean nothing here
     assert "the rank pool was ended" in out["stderr"]
     refused = kernel.run(f"{POOL}\nprint('ran')")
     assert "ran" not in refused["stdout"] and "the rank pool is broken" in refused["stderr"]

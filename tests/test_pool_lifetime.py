@@ -200,6 +200,56 @@ def test_stop_pool_ends_what_a_killed_controller_left(kernels, ipython_dir):
     assert pool_files(ipython_dir) == []
 
 
+def _controller_and_schedulers(kernel, kernels) -> list[psutil.Process]:
+    processes = kernels.track(kernel)
+    controller = next(p for p in processes if "ipyparallel.controller" in " ".join(p.cmdline()) and p.ppid() == kernel.pid)
+    return [controller, *controller.children(recursive=True)]
+
+
+def test_a_killed_controller_fails_the_running_cell_within_seconds_saying_so(kernels, ipython_dir):
+    """Every result comes through the controller: without it the cell would wait until the engines
+    give up on it (more than a minute), and then blame them."""
+    kernel = kernels()
+    start_pool(kernel)
+    killed: list[float] = []
+
+    def kill_the_controller(outputs: dict) -> None:
+        if not killed and "working" in outputs["stdout"]:
+            for process in _controller_and_schedulers(kernel, kernels):
+                process.kill()
+            killed.append(time.monotonic())
+
+    out = kernel.run(f"{POOL}\nimport time\nprint('working', flush=True)\ntime.sleep(120)", timeout=180, on_output=kill_the_controller)
+    took = time.monotonic() - killed[0]
+    shown = out["stderr"] + "\n".join(out["error"]["traceback"] if out["error"] else [])
+    print(f"\ncontroller killed under a running cell -> the cell failed {took:.1f} s later")
+    assert out["error"] is not None and took < 10, (took, out)
+    assert "the pool's controller (pid" in shown and "ended" in shown, shown
+    assert "the rank pool is broken: the pool's controller (pid" in kernel.run("%fabric pool")["stdout"] + kernel.run(f"{POOL}\n1")["stderr"]
+    assert kernel.run("%fabric stop-pool", timeout=60)["error"] is None
+    seconds_until_gone(kernels.track(kernel), since=time.monotonic(), limit=15)
+
+
+def test_pool_shows_a_pool_whose_controller_or_engine_is_gone_as_broken(kernels, ipython_dir):
+    kernel = kernels()
+    start_pool(kernel)
+    controller = _controller_and_schedulers(kernel, kernels)
+    for process in controller:
+        process.kill()
+    seconds_until_gone(controller, since=time.monotonic())
+    shown = kernel.run("%fabric pool")["stdout"]
+    assert "no rank pool: the pool's controller (pid" in shown, shown
+    assert "the rank pool is broken: the pool's controller" in kernel.run(f"{POOL}\n1")["stderr"]
+    assert kernel.run("%fabric stop-pool", timeout=60)["error"] is None
+
+    start_pool(kernel)
+    engine = next(p for p in kernels.track(kernel) if p.cmdline()[-1:] == ["ipyparallel.engine"] or " ".join(p.cmdline()).endswith("ipyparallel.engine"))
+    engine.kill()
+    seconds_until_gone([engine], since=time.monotonic())
+    assert "no rank pool: the engine of rank" in kernel.run("%fabric pool")["stdout"]
+    assert kernel.run("%fabric stop-pool", timeout=60)["error"] is None
+
+
 def test_a_gracefully_shut_down_kernel_leaves_no_pool_and_no_watchdog(kernels, ipython_dir):
     kernel = kernels()
     start_pool(kernel)

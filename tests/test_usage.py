@@ -35,6 +35,22 @@ def test_the_meter_sees_a_process_allocate_and_the_tally_keeps_the_peak():
         meter.close()
 
 
+def test_a_sample_taken_while_a_killed_rank_tears_its_memory_down_keeps_the_last_figure(monkeypatch):
+    """A rank killed by SIGKILL shows 0 B resident while its memory is torn down: the figure its
+    error gives (\"used ... when last measured\", the out-of-memory hint) stays the one before."""
+    import psutil
+
+    meter = UsageMeter({0: os.getpid()})
+    try:
+        measured = meter.sample()[0].rss
+        torn_down = psutil.Process().memory_info()._replace(rss=0)
+        monkeypatch.setattr(psutil.Process, "memory_info", lambda self: torn_down)
+        assert meter.sample() == {}
+        assert meter.last[0].rss == measured > 0
+    finally:
+        meter.close()
+
+
 def test_sizes_read_as_people_read_them():
     assert (size(512 * MB), size(3 * 1024 * MB + 200 * MB), size(12 * 1024 * MB), size(900)) == ("512 MB", "3.2 GB", "12 GB", "900 B")
 

@@ -67,6 +67,8 @@ class UsageMeter:
                     cpu += member.cpu_percent(None)
             except psutil.Error:
                 continue  # it has ended
+            if not rss:
+                continue  # its memory is being torn down (killed, ending): the last sample stands
             held = [gpu[member.pid] for member in family if member.pid in gpu]
             memory = sum(used for used, _ in held) if held else None
             utilization = max(percent for _, percent in held) if held else None

@@ -221,10 +221,13 @@ class FabricMagics(Magics):
         values = returned.load() if returned is not None else {}
         last_value = values.pop(LAST_VALUE, None)
         self.shell.user_ns.update(values)
-        if returned is not None and returned.skipped:
-            skipped = ", ".join(f"{name} ({why})" for name, why in returned.skipped.items())
+        skipped = dict(returned.skipped) if returned is not None else {}
+        if self.pool.pulling and LAST_VALUE in skipped:  # %fabric pull says it, naming the name
+            self.pool.refused = skipped.pop(LAST_VALUE)
+        if skipped:
+            listed = ", ".join(f"{name} ({why})" for name, why in skipped.items())
             kept = "; they stay on the pool's ranks for the next cell (%fabric pull NAME brings a model here whole)" if self.pool.pool is not None and self.pool.pool.up else ""
-            print(f"not brought back from rank 0: {skipped}{kept}", file=sys.stderr)
+            print(f"not brought back from rank 0: {listed}{kept}", file=sys.stderr)
         return last_value
 
     def _line(self, args: Any, given: dict[str, Any]) -> Any:

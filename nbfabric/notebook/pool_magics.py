@@ -38,6 +38,8 @@ class PoolInUse:
 
     pool: RankPool | None = None
     names_on_ranks: dict[str, Any] = field(default_factory=dict)
+    pulling: str = ""  # the name `%fabric pull` brings from rank 0 now, as a cell's last value
+    refused: str = ""  # why that value did not come back ('' when it did)
 
     def use(self, pool: RankPool | None) -> None:
         self.pool = pool
@@ -138,9 +140,13 @@ def _pull(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> Any:
     if args.rank == 0:
         if args.name in in_use.names_on_ranks:  # the ranks' own value, not the notebook's, is wanted
             in_use.names_on_ranks[args.name] = shell.user_ns.get(args.name, in_use.names_on_ranks[args.name])
-        value = shell.run_cell_magic("fabric", "--no-return --no-widgets", f"fabric._whole({args.name})")
-        if value is None:
-            print(f"{args.name} was not brought back from rank 0", file=sys.stderr)
+        in_use.pulling, in_use.refused = args.name, ""
+        try:
+            value = shell.run_cell_magic("fabric", "--no-return --no-widgets", f"fabric._whole({args.name})")
+        finally:
+            in_use.pulling = ""
+        if in_use.refused:
+            print(f"{args.name} was not brought back from rank 0: {in_use.refused}", file=sys.stderr)
             return None
     else:
         returned = pool.engine(args.rank).apply_sync(pack_rank_name, args.name)

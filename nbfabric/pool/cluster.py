@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -196,7 +197,9 @@ class EngineCluster:
         return next((job for job in jobs if job), "")
 
     def describe(self) -> str:
-        """The ranks, their nodes, addresses and processes, as `%fabric pool` shows them."""
+        """The ranks, their nodes, addresses and processes, as `%fabric pool` shows them (a pool that
+        lost an engine or its controller is broken, and said so)."""
+        self._notice_losses()
         if not self.up:
             return f"no rank pool: {self.broken}" if self.broken else "no rank pool"
         lines = [f"rank pool of {self.world_size} ranks ({self.kind} engines, {self.config.as_flags()}):"]
@@ -209,10 +212,8 @@ class EngineCluster:
         return "\n".join(lines)
 
     def check_usable(self) -> None:
-        """Raise PoolError unless every rank's engine is there to run."""
-        dead = self.dead_ranks() if self.client is not None and not self.broken else []
-        if dead:
-            self.mark_broken(f"the engine of rank {', '.join(map(str, dead))} is gone")
+        """Raise PoolError unless every rank's engine, and the controller, are there to run."""
+        self._notice_losses()
         if self.broken:
             raise PoolError(f"the rank pool is broken: {self.broken}. %fabric start makes a new one.")
         if self.client is None:
@@ -254,6 +255,23 @@ class EngineCluster:
         self._job_checked = time.monotonic()
         return slurm_job.ending(self.job, slurm_job.state(self.job))
 
+    def _notice_losses(self) -> None:
+        """A pool whose controller is gone, or an engine, is broken: the rest of it is ended."""
+        if self.client is None or self.broken:
+            return
+        gone = self.controller_gone()
+        dead = self.dead_ranks() if not gone else []
+        if gone or dead:
+            self.mark_broken(gone or f"the engine of rank {', '.join(map(str, dead))} is gone")
+
+    def controller_gone(self) -> str:
+        """Why the pool's controller, which every request and result goes through, is gone ('' while
+        its process runs; not known for engines started with ipcluster, whose controller may run
+        elsewhere). nbfabric starts a pool's controller on this machine."""
+        controller = self.cluster.controller if not self.attached else None
+        pid = getattr(controller, "pid", -1) if controller is not None else -1
+        return f"the pool's controller (pid {pid}) ended" if pid > 0 and not _alive(pid) else ""
+
     def dead_ranks(self) -> list[int]:
         """Ranks whose engine is gone: its process ended (engines here) or the controller dropped it."""
         registered = set(self.client.ids)
@@ -267,8 +285,12 @@ class EngineCluster:
         everyone.apply_sync(engine_side.set_main_port, self.engine(0).apply_sync(engine_side.free_port))
 
     def mark_broken(self, why: str) -> None:
-        """A rank is lost: end the rest of the pool, whose process group cannot go on."""
+        """A rank, or the controller, is lost: end the rest of the pool, whose process group cannot go
+        on. Its engines here are killed first: what they hold is lost with the group, and an engine
+        asked to stop would wait for a controller that may be gone (seconds each)."""
         self.broken = why
+        if not self.attached:
+            self.signal([r.rank for r in self.ranks if r.here], signal.SIGKILL)
         self._end()
 
     def stop(self) -> None:

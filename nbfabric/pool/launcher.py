@@ -111,7 +111,8 @@ class _PoolRun(RunLoop):
             status, value = answer
         except Exception as error:  # noqa: BLE001 - the engine is gone, or could not run the rank's side
             if isinstance(error, EngineError) or getattr(error, "ename", "") == "EngineError":
-                self._lost(rank, f"its engine died ({getattr(error, 'evalue', error)})")
+                place = self.pool.ranks[rank]  # ipyparallel's words would name its task, not the process
+                self._lost(rank, f"its engine (pid {place.pid} on {place.node}) died while the run went on")
                 return
             status, value = "failed", Failure(rank, getattr(error, "ename", type(error).__name__), str(getattr(error, "evalue", error)), "", now(), False)
         if status == "done":
@@ -126,14 +127,17 @@ class _PoolRun(RunLoop):
         self.sink.rank_exited(rank, self.outcome.returncodes[rank])
 
     def _look_for_dead_ranks(self) -> None:
-        """Every running rank is lost when the pool's Slurm job ended; else those whose engine is gone."""
-        ended = self.pool.job_ended()
+        """Every running rank is lost when the pool's Slurm job ended or its controller (through
+        which their results come) is gone; else those whose engine is gone."""
+        controller = self.pool.controller_gone()
+        ended = self.pool.job_ended() or controller
         dead = sorted(self.pending) if ended else [rank for rank in self.pool.dead_ranks() if rank in self.pending]
         for rank in dead:
             place = self.pool.ranks[rank]
-            self._lost(rank, ended or f"pid {place.pid} on {place.node} ended while the run went on")
+            self._lost(rank, ended or f"pid {place.pid} on {place.node} ended while the run went on", pool_lost=controller)
 
-    def _lost(self, rank: int, why: str) -> None:
+    def _lost(self, rank: int, why: str, pool_lost: str = "") -> None:
+        """The rank's engine is gone (`why`), or, `pool_lost`, the whole pool (its controller)."""
         self.pending.pop(rank, None)  # the first loss ends the pool, which clears the rest
         # It died before a peer's collective broke on it, however late it is noticed: the cause.
         died = min([now(), *(f.time for f in self.outcome.failures.values() if f.distributed)])
@@ -142,7 +146,7 @@ class _PoolRun(RunLoop):
         self.outcome.exit_times[rank] = now()
         self.sink.rank_exited(rank, 1)
         if not self.pool.broken:
-            self._end_pool(f"rank {rank}'s engine is gone ({why})")
+            self._end_pool(pool_lost or f"rank {rank}'s engine is gone ({why})")
 
     def rank_pids(self) -> dict[int, int]:
         return {place.rank: place.pid for place in self.pool.ranks if place.here}
@@ -178,9 +182,9 @@ class _PoolRun(RunLoop):
             if idle:
                 self.pool.client[idle].apply_sync(engine_side.leave_group)
         if waited >= 2 * STOP_GRACE or impatient:
-            stuck = ", ".join(map(str, sorted(self.pending)))
+            stuck = sorted(self.pending)
             self.pending.clear()
-            self._end_pool(f"rank {stuck} did not stop within {2 * STOP_GRACE:g} s")
+            self._end_pool(f"{'ranks' if len(stuck) > 1 else 'rank'} {', '.join(map(str, stuck))} did not stop within {2 * STOP_GRACE:g} s")
 
     def _end_pool(self, why: str) -> None:
         print(f"the rank pool was ended: {why}; %fabric start makes a new one", file=sys.stderr)
