@@ -17,6 +17,13 @@ class ShortInIPython:
         return f"{type(self).__name__}: {self}".splitlines()
 
 
+def shown_briefly(error: BaseException) -> BaseException:
+    """A stop (Stop button, interrupt) shows in IPython as one line, not as nbfabric's frames."""
+    if isinstance(error, KeyboardInterrupt):
+        error._render_traceback_ = lambda: [f"KeyboardInterrupt: {error}"]
+    return error
+
+
 def users_stacklevel() -> int:
     """The `stacklevel` for a `warnings.warn` in the caller that points at the user's line: the first
     frame outside nbfabric and IPython (a %%fabric cell's magic line is in the cell's own frame)."""

@@ -310,6 +310,36 @@ def test_a_timeout_stops_the_cell_and_the_pool_stays(kernel):
     assert kernel.run(f"{POOL}\nfabric.global_rank")["result"] == "0"
 
 
+MISMATCHED = f"""{POOL}{{flags}}
+import torch
+print("waiting", flush=True)
+if fabric.global_rank == 0:
+    fabric.barrier()
+else:
+    fabric.all_reduce(torch.ones(3))"""
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "timeout"])
+def test_ranks_all_waiting_in_collectives_their_peers_never_make_are_stopped_and_the_pool_stays(kernel, stop):
+    """No rank is outside a collective to leave the group and fail the others' (the commonest hang):
+    each rank breaks its own, and the next cell meets in a new group with the names kept."""
+    assert kernel.run(f"{POOL} --no-return\nkept_through = 40 + fabric.global_rank")["error"] is None
+    started = time.monotonic()
+    if stop == "interrupt":
+        out, _ = kernel.run_interrupted(MISMATCHED.format(flags=""), when="[rank 1] waiting")
+        assert out["error"]["ename"] == "KeyboardInterrupt", out["error"]
+    else:
+        out = kernel.run(MISMATCHED.format(flags=" --timeout=3"), timeout=120)
+        assert out["error"]["ename"] == "RankTimeoutError", out["error"]
+    took = time.monotonic() - started
+    shown = out["stderr"] + "\n".join(out["error"]["traceback"])
+    assert "rank 0: barrier at" in shown and "rank 1: all_reduce at" in shown, shown
+    assert "the rank pool was ended" not in shown and "the ranks left their process group to stop" in out["stderr"], shown
+    print(f"\nranks in mismatched collectives, {stop} -> the cell ended {took:.1f} s after it began")
+    after = kernel.run(f"{POOL}\nprint('kept', kept_through)\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum').item()")
+    assert after["error"] is None and after["result"] == "2.0" and "[rank 1] kept 41" in after["stdout"], after
+
+
 def test_a_rank_failing_while_its_peer_waits_in_a_collective_frees_the_peer_and_the_pool_goes_on(kernel):
     out = kernel.run(f"{POOL}\nif fabric.global_rank == 1:\n    raise ValueError('no sum from me')\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum')")
     error = "\n".join(out["error"]["traceback"])

@@ -136,6 +136,7 @@ def test_an_interrupted_start_leaves_no_process_behind(kernels, ipython_dir, aft
         stop.set()
         watcher.join()
     assert (out["error"] or {}).get("ename") == "KeyboardInterrupt", out
+    assert out["error"]["traceback"] == ["KeyboardInterrupt: the rank pool's start was stopped; nothing of it is left running"], out
     assert "no rank pool" in kernel.run("%fabric pool")["stdout"]
     assert made, "the start made no process before the interrupt"
     seconds_until_gone(made, since=time.monotonic(), limit=10)

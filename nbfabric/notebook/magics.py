@@ -28,6 +28,7 @@ from nbfabric.notebook.returns import LAST_VALUE
 from nbfabric.notebook.run_view import RunView
 from nbfabric.record import RecordingSink, RunRecord
 from nbfabric.run_flags import RunPlan, add_run_flags, plan_run
+from nbfabric.tracebacks import shown_briefly
 from nbfabric.user_config import load_defaults
 
 PER_CELL = ("return_names", "no_return", "out", "background")
@@ -130,7 +131,7 @@ class FabricMagics(Magics):
         try:
             returned = launch()
         except BaseException as error:
-            record.error = _shown_briefly(error)
+            record.error = shown_briefly(error)
             if request.pool is not None:
                 self._remember_rank_names(compiled)
             raise
@@ -318,7 +319,7 @@ class FabricMagics(Magics):
         try:
             returned = run.wait()
         except BaseException as error:
-            raise _shown_briefly(error)
+            raise shown_briefly(error)
         finally:
             if not run.running:
                 self.background = None
@@ -340,13 +341,6 @@ def widgets_can_render(shell: Any) -> bool:
     except ImportError:
         return False
     return True
-
-
-def _shown_briefly(error: BaseException) -> BaseException:
-    """A stop (Stop button, interrupt) shows in IPython as one line, not as the launcher's frames."""
-    if isinstance(error, KeyboardInterrupt):
-        error._render_traceback_ = lambda: [f"KeyboardInterrupt: {error}"]
-    return error
 
 
 def _dashboard(config: Any, ranks: set[int] | None, started: float | None = None) -> Any:

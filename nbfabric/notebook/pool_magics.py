@@ -12,6 +12,7 @@ from IPython.core.error import UsageError
 
 from nbfabric.notebook.cell import pack_rank_name, rank_holds
 from nbfabric.pool import ENGINE_KINDS, PoolError, RankPool, watchdog
+from nbfabric.tracebacks import shown_briefly
 
 POOL_COMMANDS = ("start", "attach", "pool", "stop-pool", "pull")
 POOL_HELP = """\
@@ -107,7 +108,10 @@ def _start(args: argparse.Namespace, in_use: PoolInUse) -> None:
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     options = {name: value for name, value in vars(args).items() if value is not None}
     options["devices"] = devices
-    in_use.use(RankPool(**options))
+    try:
+        in_use.use(RankPool(**options))
+    except KeyboardInterrupt:
+        raise shown_briefly(KeyboardInterrupt("the rank pool's start was stopped; nothing of it is left running")) from None
     print(in_use.pool.describe())
     if args.detach:
         print("detached: it outlives this kernel, for %fabric attach in another, and ends itself once no kernel "

@@ -58,6 +58,7 @@ def join(env: dict[str, str], local_world_size: int) -> None:
 
         torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt counts only while a run goes on
+    _request_pipes()
     if importlib.util.find_spec("tqdm") is not None:
         import tqdm.notebook  # noqa: F401 - an engine is a kernel: tqdm.auto would pick widget bars
 
@@ -70,7 +71,11 @@ def set_main_port(port: int) -> None:
 
 
 _group_sockets: list[tuple[int, str]] = []  # (fd, inode) of the sockets the process group opened
+_run_began_with: dict[int, str] = {}  # the sockets open as the current run began: fd -> inode
 _left_groups: list[Any] = []  # process groups left after a stop, kept for the life of the engine
+# Sent to every rank still running when a stop finds them all waiting in collectives, where no
+# peer that leaves the group can fail them: its answer comes from a thread (see _answering_where).
+LEAVE_SIGNAL = signal.SIGRTMIN + 2
 
 
 def leave_group() -> None:
@@ -104,11 +109,40 @@ def _noting_group_sockets() -> Iterator[None]:
     """Around a run: note the sockets of the process groups the run creates, the world's or more
     (DeepSpeed's, a device mesh's), see `leave_group`."""
     groups, before = _group_count(), _sockets()
+    _run_began_with.clear()
+    _run_began_with.update(before)
     try:
         yield
     finally:
         if _group_count() > groups:
             _group_sockets[:] = sorted(set(_group_sockets) | (set(_sockets().items()) - set(before.items())))
+
+
+def _break_collectives() -> None:
+    """While the main thread waits in a collective: shut down the connections that the process
+    group's listening sockets accepted, which fails the collective here and on the peer at the
+    other end (each rank does the same for its own); the main thread then leaves the collective,
+    and the group is left as after any stop (`leave_group`). The group's sockets are those noted,
+    or, in the run that made the group, those opened since it began."""
+    import psutil
+
+    opened = {fd for fd, inode in _sockets().items() if _run_began_with.get(fd) != inode}
+    ours = {fd for fd, _ in _group_sockets} | opened
+    connections = [c for c in psutil.Process().net_connections(kind="tcp") if c.fd in ours]
+    store_port = int(os.environ.get("MASTER_PORT") or 0)  # the group's store: left to leave_group
+    listening = {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN and c.laddr.port != store_port}
+    for connection in connections:
+        if connection.status == psutil.CONN_ESTABLISHED and connection.laddr.port in listening:
+            try:
+                accepted = socket.fromfd(connection.fd, socket.AF_INET, socket.SOCK_STREAM)  # a copy of the fd
+            except OSError:
+                continue  # closed meanwhile
+            try:
+                accepted.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                accepted.close()
 
 
 def _group_count() -> int:
@@ -254,32 +288,36 @@ def _interruptible() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late stop request must not cut the report short
 
 
-_stack_pipes: list[int] = []  # this engine's stack pipe (read end) and a pipe that wakes its reader
+_stack_pipes: list[int] = []  # this engine's stack pipe and leave pipe (read ends), and a pipe that wakes their reader
 
 
 @contextmanager
 def _answering_where(channel: EngineChannel) -> Iterator[None]:
     """While a run goes on, a request for this rank's stack (stacks.WHERE_SIGNAL) is answered with
-    a ("stacks", text) event; the dump is written by faulthandler, so the answer comes while the
-    run waits in a collective. Between runs a dump goes nowhere (the pipe does not block)."""
+    a ("stacks", text) event, and LEAVE_SIGNAL breaks the collective the run waits in. Both are
+    written by faulthandler into a pipe a thread reads, so they are answered while the main thread
+    waits in a collective. Between runs they go nowhere (the pipes do not block)."""
     import select
 
     from nbfabric.launcher import stacks
 
-    if not _stack_pipes:
-        read_end, write_end = os.pipe()
-        os.set_blocking(write_end, False)
-        stacks.listen(write_end)
-        _stack_pipes.extend((read_end, *os.pipe()))
-    read_end, wake_read, wake_write = _stack_pipes
+    read_end, leave_read, wake_read, wake_write = _request_pipes()
     _drain(read_end)  # dumps written between runs, and the listener's header
+    _drain(leave_read)
     header = stacks.header()
 
     def answer() -> None:
-        while read_end in select.select([read_end, wake_read], [], [])[0]:
-            text = _drain(read_end, quiet=0.05)
-            if text.strip():
-                channel.send(("stacks", header + text))
+        while True:
+            ready = select.select([read_end, leave_read, wake_read], [], [])[0]
+            if wake_read in ready:
+                return
+            if leave_read in ready:
+                _drain(leave_read, quiet=0.05)
+                _break_collectives()
+            if read_end in ready:
+                text = _drain(read_end, quiet=0.05)
+                if text.strip():
+                    channel.send(("stacks", header + text))
 
     thread = threading.Thread(target=answer, name="nbfabric-where", daemon=True)
     thread.start()
@@ -289,6 +327,25 @@ def _answering_where(channel: EngineChannel) -> Iterator[None]:
         os.write(wake_write, b"x")
         thread.join()
         _drain(wake_read)
+
+
+def _request_pipes() -> list[int]:
+    """The pipes faulthandler writes into on WHERE_SIGNAL and LEAVE_SIGNAL (their read ends), and a
+    pipe that wakes their reader; made, and the signals taken (LEAVE_SIGNAL would end the engine
+    otherwise), once per engine."""
+    import faulthandler
+
+    from nbfabric.launcher import stacks
+
+    if not _stack_pipes:
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        stacks.listen(write_end)
+        leave_read, leave_write = os.pipe()
+        os.set_blocking(leave_write, False)
+        faulthandler.register(LEAVE_SIGNAL, file=leave_write, all_threads=False, chain=False)
+        _stack_pipes.extend((read_end, leave_read, *os.pipe()))
+    return _stack_pipes
 
 
 def _drain(fd: int, quiet: float = 0.0) -> str:

@@ -171,9 +171,10 @@ class _PoolRun(RunLoop):
             self.pool.signal(list(self.pending), signal.SIGINT)
 
     def escalate(self, waited: float, impatient: bool) -> None:
-        """Ranks that do not stop are mostly waiting in a collective for a peer that left it: the
-        stopped ranks leave the process group, which fails that collective; if that does not end
-        them either (or on a second interrupt), the pool ends."""
+        """Ranks that do not stop are mostly waiting in a collective, for a peer that left it or in
+        one their peers never make: the stopped ranks leave the process group, and the others (on
+        this machine) break the collective they wait in (engine_side.LEAVE_SIGNAL), which fails it
+        on every rank; if that does not end them either (or on a second interrupt), the pool ends."""
         if not self.pending or self.pool.broken:
             return
         if not self._left_group and waited >= STOP_GRACE:
@@ -181,6 +182,8 @@ class _PoolRun(RunLoop):
             idle = [self.pool.ranks[r].engine for r in range(len(self.pool.ranks)) if r not in self.pending]
             if idle:
                 self.pool.client[idle].apply_sync(engine_side.leave_group)
+            # engines here only: elsewhere the signal would reach their launcher's processes too
+            self.pool.signal([rank for rank in sorted(self.pending) if self.pool.ranks[rank].here], engine_side.LEAVE_SIGNAL)
         if waited >= 2 * STOP_GRACE or impatient:
             stuck = sorted(self.pending)
             self.pending.clear()
