@@ -27,8 +27,8 @@ def nothing(*args):
     pass
 
 def two_bare_forks():
-    """The floor every launcher here stands on: two forks of this kernel, back to back, each child
-    leaving at once; waited for (untimed) afterwards."""
+    # the floor every launcher here stands on: two forks of this kernel, back to back, each child
+    # leaving at once; waited for (untimed) afterwards
     pids = []
     for _ in range(2):
         pid = os.fork()
