@@ -360,7 +360,9 @@ def _killed_as_its_job_is_submitted(kernels, ipython_dir, names: list[str]) -> N
         f"{START.lstrip()}"
     )
     made: list[psutil.Process] = []
+    deadline = time.monotonic() + 120
     while running(psutil.Process(kernel.pid)):
+        assert time.monotonic() < deadline, "the kernel was never killed: sbatch was not run through SlurmEngineSetLauncher._run_command"
         made.extend(process for process in kernels.track(kernel) if process not in made)
         names[:] = names or [record.stem.replace("nbfabric-pool-", "nbfabric-") for record in (ipython_dir / "profile_default" / "security").glob("nbfabric-pool-*.json")]
         time.sleep(0.02)
