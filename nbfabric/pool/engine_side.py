@@ -309,15 +309,15 @@ def _answering_where(channel: EngineChannel) -> Iterator[None]:
     def answer() -> None:
         while True:
             ready = select.select([read_end, leave_read, wake_read], [], [])[0]
-            if wake_read in ready:
-                return
             if leave_read in ready:
                 _drain(leave_read, quiet=0.05)
                 _break_collectives()
-            if read_end in ready:
+            if read_end in ready:  # answered even as the run ends: the launcher may be waiting for it
                 text = _drain(read_end, quiet=0.05)
                 if text.strip():
                     channel.send(("stacks", header + text))
+            elif wake_read in ready:
+                return
 
     thread = threading.Thread(target=answer, name="nbfabric-where", daemon=True)
     thread.start()
