@@ -119,9 +119,9 @@ def main(record_file: str) -> None:
                 owner_gone_at = None
             elif owner_gone_at is None:
                 owner_gone_at = time.monotonic()
-            limit = record["idle_timeout"] if record["detach"] and record.get("started", True) else 0.0
-            stopped = cluster is None and record.get("started", True)
-            if stopped or (owner_gone_at is not None and time.monotonic() - owner_gone_at >= limit):
+            started = record.get("started", True)  # before then, no cluster file is no stop
+            limit = record["idle_timeout"] if record["detach"] and started else 0.0
+            if (started and cluster is None) or (owner_gone_at is not None and time.monotonic() - owner_gone_at >= limit):
                 _end(record, seen)
                 forget(record_file)
                 return
@@ -183,11 +183,9 @@ def _end(record: dict, seen: _Seen) -> None:
 
 def _end_leftovers(record: dict | None, seen: _Seen) -> None:
     """After a kernel stopped the pool: its processes and files that the stop left."""
+    _end_processes(seen, record["cluster_id"] if record is not None else "")
     if record is not None:
-        _end_processes(seen, record["cluster_id"])
         _remove_files(record, seen)
-    else:
-        _end_processes(seen, "")
 
 
 def _remove_files(record: dict, seen: _Seen) -> None:

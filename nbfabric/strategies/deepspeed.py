@@ -134,16 +134,13 @@ class DeepSpeedStrategy(DDPStrategy):
 
     def _stopped_apart(self, engine: Any) -> str:
         """'' when every rank's engine is at the same step with the same weights, else why it cannot go on."""
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            weights = sum((p.detach().double().sum() for p in engine.module.parameters()), torch.zeros((), dtype=torch.float64))
-        mine = torch.stack([torch.tensor(float(getattr(engine, "global_steps", 0)), dtype=torch.float64), weights.cpu()])
-        if self.stage == 3:  # each rank holds a part of the weights, which differ by design
-            mine[1] = 0.0
-        everyone = [torch.empty_like(mine, device=self.device) for _ in range(dist.get_world_size())]
-        dist.all_gather(everyone, mine.to(self.device))
-        seen = [tuple(part.cpu().view(torch.int64).tolist()) for part in everyone]  # bit for bit: NaN weights are alike
+        weights = 0.0  # ZeRO 3: each rank holds a part of the weights, which differ by design
+        if self.stage < 3:
+            with torch.no_grad():
+                weights = float(sum(p.detach().double().sum() for p in engine.module.parameters()))
+        mine = torch.tensor([float(getattr(engine, "global_steps", 0)), weights], dtype=torch.float64, device=self.device)
+        everyone = self.all_gather(mine).cpu()
+        seen = [tuple(part.view(torch.int64).tolist()) for part in everyone]  # bit for bit: NaN weights are alike
         if len(set(seen)) == 1:
             return ""
         steps = ", ".join(f"rank {rank}: step {int(part[0])}" for rank, part in enumerate(everyone))
