@@ -150,7 +150,7 @@ def fork_ranks(target: Callable[[], Any] | None, specs: list[RankSpec], inherite
     `target=None` each child returns None and goes on as its rank. `inherited`: what the caller
     found with `find_inherited()`. If a fork fails, the ranks forked before it are killed."""
     links = [_links(spec) for spec in specs]
-    gate = os.pipe()  # readable (at its end) once the parent has forked every rank
+    gate = os.pipe()  # a byte per rank once the parent has forked every rank
     every_fd = [*gate, *(fd for pairs, _ in links for pair in pairs for fd in pair)]
     pids: list[int] = []
     child = False
@@ -167,6 +167,9 @@ def fork_ranks(target: Callable[[], Any] | None, specs: list[RankSpec], inherite
                 _become_forked_rank(target, spec, rank_ends, [fd for fd in every_fd if fd not in rank_ends], inherited, gate[0])
                 return None  # target=None: this process goes on as the rank
             pids.append(pid)
+        # a byte each, not the end of file: a rank of another launch forked meanwhile (from another
+        # thread) holds the writing end too
+        os.write(gate[1], b"." * len(pids))
         for fd in gate:
             os.close(fd)
         every_fd = every_fd[2:]
@@ -192,13 +195,13 @@ def _become_forked_rank(
 ) -> None:
     """In a just-forked child: close the fds of the parent and of the other ranks (the gate's
     writing end among them), take a process group of its own, wait at the gate until every rank is
-    forked, and run `target` as the rank (never returns), or, without one, become the rank and return."""
+    forked (its byte comes), and run `target` as the rank (never returns), or, without one, become the rank and return."""
     try:
         for fd in others:
             if fd != gate:
                 os.close(fd)
         os.setpgid(0, 0)
-        os.read(gate, 1)  # end of file: the parent, and every rank forked before it, closed the writing end
+        os.read(gate, 1)  # its byte, or the end of file if the parent died first
         os.close(gate)
         if target is None:
             _continue_as_rank(spec, rank_ends, inherited)
