@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 import nbfabric
 from nbfabric import Fabric, ForkUnsafeError, launch
 from nbfabric.launcher.output import Sink
-from nbfabric.launcher.processes import wait_for_reaping
+from nbfabric.launcher.processes import reaping_deferred, wait_for_reaping
 from nbfabric.launcher.worker import LET_GO_WAIT
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
@@ -55,6 +56,32 @@ def test_output_is_tagged_by_rank_and_stream_including_fd_level_writes(no_leaks)
         assert sink.texts(rank) == [f"print from {rank}", f"fd write from {rank}", "line 0", "line 1", "line 2"]
         assert sink.texts(rank, "stderr") == [f"error from {rank}"]
     assert sink.exits == {0: 0, 1: 0}
+
+
+def test_logging_handlers_of_the_console_write_to_each_ranks_streams(no_leaks):
+    """Handlers made on this process's stdout or stderr (logging.basicConfig in a notebook), also
+    those of a logger that logging's registry does not list, write each rank's records into its
+    own tagged output."""
+    named = logging.getLogger("nbfabric-test-console")
+    unlisted = logging.Logger("nbfabric-test-unlisted")
+    handlers = [(named, logging.StreamHandler(sys.stderr)), (unlisted, logging.StreamHandler(sys.stdout))]
+    for logger, handler in handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+    def target():
+        named.info("named record from %d", _rank())
+        unlisted.info("unlisted record from %d", _rank())
+
+    sink = RecordingSink()
+    try:
+        launch(target, nprocs=2, sink=sink)
+    finally:
+        for logger, handler in handlers:
+            logger.removeHandler(handler)
+    for rank in (0, 1):
+        assert sink.texts(rank, "stderr") == [f"named record from {rank}"]
+        assert sink.texts(rank) == [f"unlisted record from {rank}"]
 
 
 def test_a_line_written_just_before_a_crash_arrives(no_leaks):
@@ -149,6 +176,32 @@ def test_ranks_that_finished_together_are_let_go_as_the_launch_returns(no_leaks)
         returned = time.monotonic()
         assert wait_for_reaping(LET_GO_WAIT)
         assert time.monotonic() - returned < LET_GO_WAIT / 5
+
+
+def _pid(fabric):
+    return os.getpid()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_inside_reaping_deferred_ranks_stay_until_the_block_ends(no_leaks):
+    """A %%fabric cell shows its results before its ranks' teardown takes a core: they are let go
+    as the block ends, or at once when waited for inside it."""
+    with reaping_deferred():
+        pid = Fabric(accelerator="cpu", devices=2).launch(_pid)
+        time.sleep(0.3)
+        assert _running(pid)
+    assert wait_for_reaping(LET_GO_WAIT / 5)
+    assert not _running(pid)
+    with reaping_deferred():
+        Fabric(accelerator="cpu", devices=2).launch(_pid)
+        assert wait_for_reaping(LET_GO_WAIT / 5)
 
 
 def test_no_forked_rank_begins_before_every_rank_is_forked(monkeypatch):

@@ -38,13 +38,13 @@ def find_inherited() -> Inherited:
 
 def console_handlers() -> list[tuple[logging.StreamHandler, str]]:
     """The logging handlers that write to this process's stdout or stderr, each with that
-    stream's name."""
+    stream's name. Found among every handler alive, which logging holds weakly (for its shutdown at
+    exit): a few dozen, where a kernel has hundreds of loggers to walk."""
     streams = {id(getattr(sys, name)): name.strip("_") for name in ("stdout", "stderr", "__stdout__", "__stderr__")}
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    alive = [ref() for ref in list(logging._handlerList)]
     return [
         (handler, streams[id(handler.stream)])
-        for logger in loggers
-        for handler in getattr(logger, "handlers", ())
+        for handler in alive
         if isinstance(handler, logging.StreamHandler)
         and not isinstance(getattr(type(handler), "stream", None), property)  # logging's last resort
         and id(handler.stream) in streams

@@ -11,9 +11,11 @@ import queue
 import signal
 import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 from nbfabric.launcher.inherited import Inherited
 from nbfabric.launcher.stacks import StackFile
@@ -62,13 +64,45 @@ class RankProcess:
         return self.returncode
 
 
-def reap_in_background(processes: list[RankProcess]) -> None:
-    """Reap ranks that are already exiting, on another thread, so that the caller goes on at once."""
-    if processes:
+def reap_in_background(processes: list[RankProcess], let_go: Sequence[int] = ()) -> None:
+    """Reap ranks that are already exiting, on another thread, so that the caller goes on at once:
+    first close `let_go`, the sockets whose end lets ranks that wait for it go (worker._stay_until_let_go).
+    Inside `reaping_deferred`, that waits until the block ends."""
+    if processes or let_go:
         done = _thread.allocate_lock()
         done.acquire()
         _reaping.append(done)
-        _reaper().put((processes, done))
+        batch = (processes, list(let_go), done)
+        deferred = getattr(_deferral, "batches", None)
+        if deferred is None:
+            _reaper().put(batch)
+        else:
+            deferred.append(batch)
+
+
+@contextmanager
+def reaping_deferred() -> Iterator[None]:
+    """The ranks of launches made inside the block (by this thread) are let go and reaped when it
+    ends: their teardown then takes no core while the caller still shows their results. Waiting for
+    them (`wait_for_reaping`) inside the block lets them go at once."""
+    if getattr(_deferral, "batches", None) is not None:  # inside another such block
+        yield
+        return
+    _deferral.batches = []
+    try:
+        yield
+    finally:
+        _release_deferred()
+        _deferral.__dict__.pop("batches", None)
+
+
+_deferral = threading.local()  # .batches: what reap_in_background holds back in this thread
+
+
+def _release_deferred() -> None:
+    batches = getattr(_deferral, "batches", None)
+    while batches:
+        _reaper().put(batches.pop(0))
 
 
 @functools.cache
@@ -90,6 +124,7 @@ def _forget_the_reaper() -> None:
     """In a forked child, which has neither the reaping thread nor the ranks it reaps."""
     _reaper.cache_clear()
     _reaping.clear()
+    _deferral.__dict__.clear()
 
 
 os.register_at_fork(after_in_child=_forget_the_reaper)
@@ -108,6 +143,7 @@ def _reap_before_multiprocess_exits() -> None:
 
 def wait_for_reaping(timeout: float) -> bool:
     """Wait until the ranks handed to `reap_in_background` are gone; False if some are not yet."""
+    _release_deferred()
     deadline = time.monotonic() + timeout
     for done in list(_reaping):
         if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -119,8 +155,10 @@ def wait_for_reaping(timeout: float) -> bool:
 _reaping: list[Any] = []  # a lock per reaping thread, held until it has reaped its ranks
 
 
-def _reap_all(processes: list[RankProcess], done: Any) -> None:
+def _reap_all(processes: list[RankProcess], let_go: list[int], done: Any) -> None:
     try:
+        for fd in let_go:
+            os.close(fd)
         for process in processes:
             process.reap()
     finally:

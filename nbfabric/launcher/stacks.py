@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import sysconfig
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -194,11 +193,11 @@ def parse(dump: str, rank: int) -> RankPlace:
 
 
 class StackFile:
-    """The reader's side of one rank's stack file: an unlinked file both processes hold."""
+    """The reader's side of one rank's stack file: a file in memory, without a path, that both
+    processes hold."""
 
     def __init__(self):
-        self.fd, path = tempfile.mkstemp(prefix="stack-")
-        os.unlink(path)
+        self.fd = os.memfd_create("nbfabric-stack", os.MFD_CLOEXEC)
 
     def close(self) -> None:
         os.close(self.fd)

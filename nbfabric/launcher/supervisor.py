@@ -169,10 +169,8 @@ class Supervisor(RunLoop):
             process.reap()
             self.outcome.returncodes[process.rank] = process.returncode
             self.outcome.exit_times[process.rank] = now()
-        for fd in self._holding:
-            os.close(fd)
-        self._holding.clear()
-        reap_in_background(exiting)
+        reap_in_background(exiting, self._holding)
+        self._holding = []
         for key in list(self._selector.get_map().values()):
             self._selector.unregister(key.fd)
             if key.data[1] != "exit":

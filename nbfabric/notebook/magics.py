@@ -17,6 +17,7 @@ from IPython.display import display
 from nbfabric.devices import describe_hardware
 from nbfabric.fabric import Fabric
 from nbfabric.launcher.output import TextSink
+from nbfabric.launcher.processes import reaping_deferred
 from nbfabric.launcher.shipping import Shipment
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.where import places_text
@@ -128,22 +129,23 @@ class FabricMagics(Magics):
                 self._remember_rank_names(compiled)  # the ranks' copies stay theirs
                 self._background_pool_cell = compiled
             return self._start_background(launch, record, view, dashboard)
-        try:
-            returned = launch()
-        except BaseException as error:
-            record.error = shown_briefly(error)
-            if request.pool is not None:
-                self._remember_rank_names(compiled)
-            raise
-        finally:
-            record.duration = time.time() - record.started
-            if isinstance(view, RunView):
-                view.end(record.error)
-        try:
-            return self._bring_back(returned)
-        finally:
-            if request.pool is not None:
-                self._remember_rank_names(compiled)
+        with reaping_deferred():  # the ranks end once the cell has its results
+            try:
+                returned = launch()
+            except BaseException as error:
+                record.error = shown_briefly(error)
+                if request.pool is not None:
+                    self._remember_rank_names(compiled)
+                raise
+            finally:
+                record.duration = time.time() - record.started
+                if isinstance(view, RunView):
+                    view.end(record.error)
+            try:
+                return self._bring_back(returned)
+            finally:
+                if request.pool is not None:
+                    self._remember_rank_names(compiled)
 
     def _check_cell(self, args: Any, given: dict[str, Any]) -> CellRequest:
         """Every flag of a cell checked, with the defaults under them; raises UsageError, changes nothing."""
