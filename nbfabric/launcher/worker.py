@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from nbfabric.channel import ChannelWriter, Exiting, Failure, Left, Result, now
 from nbfabric.launcher.cell_labels import place_label
-from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited
+from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited, keep
 from nbfabric.launcher import stacks
 from nbfabric.launcher.rank_links import RankLinks, rank_links, set_rank_links
 from nbfabric.tracebacks import PACKAGE_DIR
@@ -52,9 +52,9 @@ def become_rank(
     _die_with_parent(spec.parent_pid)
     _leave_spawn_helper()
     stacks.listen(stack_fd)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    keep(signal.signal(signal.SIGINT, signal.default_int_handler))
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+        keep(signal.signal(sig, signal.SIG_DFL))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # fork_ranks and spawn_rank blocked it
     inherited = inherited or find_inherited()
     _redirect_output(stdout_fd, stderr_fd, inherited.handlers)
@@ -173,6 +173,7 @@ def _leave_spawn_helper() -> None:
 def _redirect_output(stdout_fd: int, stderr_fd: int, handlers: list[tuple[logging.StreamHandler, str]]) -> None:
     """Point fd 0/1/2, sys.std* and the console's logging handlers at /dev/null and the rank's
     pipes, unbuffered."""
+    keep(sys.stdin, sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     devnull = os.open(os.devnull, os.O_RDONLY)
     for source, target in ((devnull, 0), (stdout_fd, 1), (stderr_fd, 2)):
         os.dup2(source, target)
