@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,13 @@ SETTING_NAMES = ("accelerator", "devices", "strategy", "precision", "num_nodes",
 def config_path() -> Path:
     """`$NBFABRIC_CONFIG`, else `defaults.json` in the platform's user config directory."""
     override = os.environ.get(CONFIG_ENV)
-    return Path(override) if override else Path(platformdirs.user_config_dir("nbfabric")) / "defaults.json"
+    return Path(override) if override else _default_path(os.environ.get("XDG_CONFIG_HOME"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=4)
+def _default_path(xdg_config_home: str | None, home: str | None) -> Path:
+    """Found once for the variables platformdirs reads (every `%%fabric` cell asks)."""
+    return Path(platformdirs.user_config_dir("nbfabric")) / "defaults.json"
 
 
 def load_defaults(path: str | os.PathLike | None = None) -> dict[str, Any]:
