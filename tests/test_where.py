@@ -305,3 +305,20 @@ def test_a_rank_in_a_lambda_is_named_by_the_call_inside_it(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("Fabric(devices=2).launch(lambda fabric: time.sleep(60))\n")
     assert stacks.parse(_dump((str(script), 1, "<lambda>")), 0).summary() == f"time.sleep at {script}, line 1"
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["memfd", "unlinked temporary file"])
+def test_a_stack_file_holds_what_the_rank_writes_where_memfd_exists_and_where_not(monkeypatch, in_memory):
+    """Linux keeps a rank's stack file in memory; elsewhere (macOS) it is an unlinked temporary file."""
+    if not in_memory:
+        monkeypatch.delattr(os, "memfd_create", raising=False)
+    elif not hasattr(os, "memfd_create"):
+        pytest.skip("no memfd_create here")
+    stack_file = stacks.StackFile()
+    try:
+        rank_end = os.dup(stack_file.fd)  # what the rank writes through
+        os.write(rank_end, b"Current thread 0x1 (most recent call first):\n")
+        os.close(rank_end)
+        assert stack_file.size() > 0 and stack_file.read().startswith("Current thread")
+    finally:
+        stack_file.close()

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sysconfig
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -193,11 +194,15 @@ def parse(dump: str, rank: int) -> RankPlace:
 
 
 class StackFile:
-    """The reader's side of one rank's stack file: a file in memory, without a path, that both
-    processes hold."""
+    """The reader's side of one rank's stack file, which both processes hold: a file in memory
+    (Linux), else an unlinked temporary file."""
 
     def __init__(self):
-        self.fd = os.memfd_create("nbfabric-stack", os.MFD_CLOEXEC)
+        if hasattr(os, "memfd_create"):
+            self.fd = os.memfd_create("nbfabric-stack", os.MFD_CLOEXEC)
+        else:
+            self.fd, path = tempfile.mkstemp(prefix="stack-")
+            os.unlink(path)
 
     def close(self) -> None:
         os.close(self.fd)
