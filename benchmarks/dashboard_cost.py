@@ -19,7 +19,7 @@ import textwrap
 import time
 
 import psutil
-from jupyter_client.manager import start_new_kernel
+from kernel_cell import kernel
 
 CELL = """
 import time, torch
@@ -118,16 +118,12 @@ def main() -> None:
     parser.add_argument("--line-runs", type=int, default=5, help="runs per view of the flood of lines (0 skips it)")
     parser.add_argument("--lines", type=int, default=100_000, help="lines printed by each rank in the flood (default: 100000)")
     args = parser.parse_args()
-    manager, client = start_new_kernel(kernel_name="python3")
-    try:
+    with kernel() as (manager, client):
         client.execute_interactive("%load_ext nbfabric", timeout=60)
         if args.runs:
             training_side_by_side(manager, client, args.runs, args.steps)
         if args.line_runs:
             lines_side_by_side(client, args.line_runs, args.lines)
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,24 @@
-"""Run one cell in a benchmark's kernel: its result as text, or its error raised here; and the
+"""A benchmark's kernel, and one cell run in it: its result as text, or its error raised here; and the
 alternating rounds every kernel benchmark times its contenders in."""
 
 from __future__ import annotations
 
 import textwrap
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+from jupyter_client.manager import start_new_kernel
+
+
+@contextmanager
+def kernel(*arguments: str) -> Iterator[tuple[Any, Any]]:
+    """A fresh Python kernel (its manager and client), shut down when the block ends."""
+    manager, client = start_new_kernel(kernel_name="python3", extra_arguments=list(arguments))
+    try:
+        yield manager, client
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
 
 
 def run(client, code: str, timeout: float = 600) -> str:

@@ -13,8 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
-from jupyter_client.manager import start_new_kernel
-from kernel_cell import alternating, run
+from kernel_cell import alternating, kernel, run
 
 SETUP = """
 %load_ext nbfabric
@@ -64,15 +63,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
-    manager, client = start_new_kernel(kernel_name="python3")
-    try:
+    with kernel() as (_, client):
         run(client, SETUP, timeout=300)
         for code in CONTENDERS.values():  # warm-up: first imports, first fork
             run(client, code, timeout=300)
         times = alternating(CONTENDERS, args.runs, lambda name: float(run(client, CONTENDERS[name], timeout=300)))
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
     print(f"2 CPU ranks, {args.runs} runs each after one warm-up, order reversed every other round, one kernel")
     print(f"  {'contender':34} {'median ms':>10} {'max ms':>9} {'max/med':>8}")
     for name, values in times.items():

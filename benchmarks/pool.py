@@ -15,8 +15,7 @@ import subprocess
 import sys
 import time
 
-from jupyter_client.manager import start_new_kernel
-from kernel_cell import run
+from kernel_cell import kernel, run
 
 SETUP = """
 %load_ext nbfabric
@@ -62,9 +61,8 @@ CELLS = {"empty 2-rank cell": "pass", "training cell (100 DDP steps)": TRAINING}
 
 def cells_side_by_side(runs: int) -> tuple[list[tuple[str, float, float]], tuple[float, float]]:
     """Each cell on the pool and forked (medians, ms), and the empty cell on the pool against %%px."""
-    manager, client = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"])
     rows = []
-    try:
+    with kernel("--HistoryManager.enabled=False") as (_, client):
         run(client, SETUP)
         against_px: dict[str, list[float]] = {"pool": [], "px": []}
         for name in ("pool", "px"):  # warm-up, untimed
@@ -82,9 +80,6 @@ def cells_side_by_side(runs: int) -> tuple[list[tuple[str, float, float]], tuple
                     times[on_pool].append(float(run(client, f"timed({cell!r}, {on_pool})")))
             rows.append((name, statistics.median(times[True]), statistics.median(times[False])))
         run(client, "pool.stop()")
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
     return rows, (statistics.median(against_px["pool"]), statistics.median(against_px["px"]))
 
 
@@ -111,7 +106,7 @@ def slurm_nodes() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10, help="timed runs per contender and cell")
-    parser.add_argument("--starts", type=int, default=2, help="pool starts timed per engine kind")
+    parser.add_argument("--starts", type=int, default=2, help="pool starts timed per engine kind (0: none)")
     args = parser.parse_args()
 
     print(f"| cell ({args.runs} runs, median) | warm pool ms | fork per cell ms | pool / fork |")
@@ -124,6 +119,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     verdict = "PASS" if pool_ms <= 1.5 * px_ms else "FAIL"
     print(f"| warm pool | {pool_ms:.1f} | {px_ms:.1f} | {pool_ms / px_ms:.2f} (bar <= 1.5: {verdict}) |")
+    if args.starts < 1:
+        return
     print()
     print(f"| start a pool of 2 ranks ({args.starts} starts) | median s | max s |")
     print("| --- | ---: | ---: |")

@@ -13,8 +13,7 @@ import argparse
 import ast
 import json
 
-from jupyter_client.manager import start_new_kernel
-from kernel_cell import run
+from kernel_cell import kernel, run
 
 SETUP = """
 %load_ext nbfabric
@@ -73,13 +72,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--children", type=int, default=31)
     args = parser.parse_args()
-    manager, client = start_new_kernel(kernel_name="python3")
-    try:
+    with kernel() as (_, client):
         run(client, SETUP, timeout=300)
         results = json.loads(ast.literal_eval(run(client, f"measure({args.children})", timeout=600)))
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
 
     def median(values):
         values = sorted(values)

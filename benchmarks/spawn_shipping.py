@@ -14,8 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from jupyter_client.manager import start_new_kernel
-from kernel_cell import alternating, run
+from kernel_cell import alternating, kernel, run
 
 SETUP = """
 %load_ext nbfabric
@@ -56,8 +55,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=400)
     parser.add_argument("--pipe-runs", type=int, default=1)
     args = parser.parse_args()
-    manager, client = start_new_kernel(kernel_name="python3")
-    try:
+    with kernel() as (_, client):
         run(client, SETUP.format(elements=args.mb * 2**20 // 4), timeout=300)
         exact = int(run(client, "exact"))
         _, spawned = ast.literal_eval(run(client, f"timed('--start-method=spawn', {CHECKSUM!r})", timeout=600))
@@ -76,9 +74,6 @@ def main() -> None:
             cell(f"timed({flags!r}, {body!r})")
         times = alternating(CONTENDERS, args.runs, lambda name: cell("timed({!r}, {!r})".format(*CONTENDERS[name])))
         pipes = [cell(PIPES.format(reads=READS)) for _ in range(args.pipe_runs)]
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
     print(f"2 CPU ranks, a {args.mb} MB float32 tensor in the notebook, {args.runs} runs each after one warm-up, alternating, one kernel")
     print(f"  {'cell':34} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
     for name, values in times.items():
