@@ -307,11 +307,18 @@ def test_a_rank_in_a_lambda_is_named_by_the_call_inside_it(tmp_path):
     assert stacks.parse(_dump((str(script), 1, "<lambda>")), 0).summary() == f"time.sleep at {script}, line 1"
 
 
-@pytest.mark.parametrize("in_memory", [True, False], ids=["memfd", "unlinked temporary file"])
-def test_a_stack_file_holds_what_the_rank_writes_where_memfd_exists_and_where_not(monkeypatch, in_memory):
-    """Linux keeps a rank's stack file in memory; elsewhere (macOS) it is an unlinked temporary file."""
-    if not in_memory:
+def _forbidden(*args):
+    raise PermissionError(1, "Operation not permitted")
+
+
+@pytest.mark.parametrize("memfd", ["exists", "missing", "forbidden"])
+def test_a_stack_file_holds_what_the_rank_writes_where_memfd_exists_and_where_not(monkeypatch, memfd):
+    """Linux keeps a rank's stack file in memory; elsewhere (macOS, a sandbox that forbids the
+    call) it is an unlinked temporary file."""
+    if memfd == "missing":
         monkeypatch.delattr(os, "memfd_create", raising=False)
+    elif memfd == "forbidden":
+        monkeypatch.setattr(os, "memfd_create", _forbidden, raising=False)
     elif not hasattr(os, "memfd_create"):
         pytest.skip("no memfd_create here")
     stack_file = stacks.StackFile()

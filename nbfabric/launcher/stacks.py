@@ -195,12 +195,12 @@ def parse(dump: str, rank: int) -> RankPlace:
 
 class StackFile:
     """The reader's side of one rank's stack file, which both processes hold: a file in memory
-    (Linux), else an unlinked temporary file."""
+    (Linux), else (macOS, or a sandbox that forbids it) an unlinked temporary file."""
 
     def __init__(self):
-        if hasattr(os, "memfd_create"):
+        try:
             self.fd = os.memfd_create("nbfabric-stack", os.MFD_CLOEXEC)
-        else:
+        except (AttributeError, OSError):
             self.fd, path = tempfile.mkstemp(prefix="stack-")
             os.unlink(path)
 
