@@ -164,6 +164,19 @@ def test_return_and_no_return_choose_what_comes_back(kernel):
     assert kernel.run("a")["result"] == "1"
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_names_the_cell_deletes_are_deleted_in_the_notebook(kernel, start):
+    """`del` on rank 0 reaches the notebook as its other names do, forked or spawned (where the
+    name need not travel to be deleted); --return names what comes back, so nothing is deleted."""
+    kernel.run("gone = object(); kept = 1; rebound = 1; unreached = 1")
+    out = kernel.run(f"{CPU2} --start-method={start}\ndel gone\nrebound = 2\ndel rebound\nrebound = 3\nif False:\n    del unreached")
+    assert out["error"] is None and "not brought back" not in out["stderr"], out
+    assert kernel.run("sorted(name for name in ('gone', 'kept', 'rebound', 'unreached') if name in globals())")["result"] == "['kept', 'rebound', 'unreached']"
+    assert kernel.run("rebound")["result"] == "3"
+    kernel.run(f"{CPU2} --start-method={start} --return kept\ndel kept")
+    assert kernel.run("kept")["result"] == "1"
+
+
 def test_a_class_defined_in_the_cell_comes_back_with_its_instances(kernel):
     kernel.run(
         f"""

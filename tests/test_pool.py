@@ -94,6 +94,17 @@ def test_names_bound_on_the_ranks_stay_there_until_the_notebook_binds_them_anew(
     assert kernel.run(f"{POOL}\nstep_size")["result"] == "7"
 
 
+def test_a_name_deleted_on_the_ranks_is_gone_there_and_in_the_notebook(kernel):
+    kernel.run(f"{POOL}\nbuffer = [fabric.global_rank] * 3")
+    assert kernel.run("buffer")["result"] == "[0, 0, 0]"
+    out = kernel.run(f"{POOL}\ndel buffer")
+    assert out["error"] is None, out["error"]
+    assert kernel.run("'buffer' in globals()")["result"] == "False"
+    assert "NameError" in kernel.run(f"{POOL}\nbuffer")["error"]["evalue"]  # the ranks hold it no more
+    kernel.run("buffer = 5")  # the notebook's own, sent again
+    assert kernel.run(f"{POOL}\nbuffer + fabric.global_rank")["result"] == "5"
+
+
 def test_a_function_from_a_pool_cell_reads_the_notebook_globals_afterwards(kernel):
     out = kernel.run(f"{POOL}\nOFFSET = 1\ndef shifted(x):\n    return x + OFFSET\nshifted(1)")
     assert out["error"] is None and out["result"] == "2", out

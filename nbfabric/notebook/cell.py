@@ -15,7 +15,8 @@ from nbfabric.notebook.returns import Returned, pack
 
 @dataclass(frozen=True)
 class Cell:
-    """The cell's statements, its final expression (the cell's result) and the names it binds and reads.
+    """The cell's statements, its final expression (the cell's result) and the names it binds,
+    deletes (`del NAME`) and reads.
 
     `text` is the cell as the notebook shows it, its `%%fabric` line first, so that line numbers in
     tracebacks are the cell's own. It travels as text and is compiled again where it arrives."""
@@ -26,6 +27,7 @@ class Cell:
     body: CodeType = field(init=False, repr=False, compare=False)
     last_expression: CodeType | None = field(init=False, repr=False, compare=False)
     bound_names: tuple[str, ...] = field(init=False, compare=False)
+    deleted_names: tuple[str, ...] = field(init=False, compare=False)
     read_names: frozenset[str] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -37,7 +39,9 @@ class Cell:
         if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
             last = compile(ast.Expression(tree.body.pop().value), self.filename, "eval", flags=self.flags)
         set_(self, "last_expression", last)
-        set_(self, "bound_names", tuple(bound_names(tree)))
+        bound, deleted = top_level_names(tree)
+        set_(self, "bound_names", tuple(bound))
+        set_(self, "deleted_names", tuple(deleted))
         set_(self, "body", compile(tree, self.filename, "exec", flags=self.flags))
 
     def __reduce__(self) -> tuple:
@@ -69,6 +73,8 @@ def values_for_ranks(cell: Cell, namespace: dict[str, Any], *, forked: bool, hel
         for name in sorted(cell.read_names & namespace.keys())
         if name not in held or namespace[name] is not held[name]
     }
+    # a name the cell only deletes needs to exist there, not its value
+    wanted.update({name: None for name in cell.deleted_names if name in namespace and name not in wanted and name not in held})
     return ship(wanted, _notebook_sources())
 
 
@@ -81,14 +87,18 @@ def _notebook_sources() -> list[str]:
     return [name for name in names if name in linecache.cache]
 
 
-def bound_names(tree: ast.Module) -> list[str]:
-    """Names the cell binds at its top level (not inside functions, classes or comprehensions)."""
+def top_level_names(tree: ast.Module) -> tuple[list[str], list[str]]:
+    """Names the cell binds, and names it deletes (`del NAME`), at its top level (not inside
+    functions, classes or comprehensions)."""
     names: dict[str, None] = {}
+    deleted: dict[str, None] = {}
 
     class Binder(ast.NodeVisitor):
         def visit_Name(self, node: ast.Name) -> None:
             if isinstance(node.ctx, ast.Store):
                 names[node.id] = None
+            elif isinstance(node.ctx, ast.Del):
+                deleted[node.id] = None
 
         def visit_alias(self, node: ast.alias) -> None:
             if node.name != "*":
@@ -107,7 +117,7 @@ def bound_names(tree: ast.Module) -> list[str]:
         visit_Lambda = visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _skip
 
     Binder().visit(tree)
-    return list(names)
+    return list(names), list(deleted)
 
 
 _rank_namespace: dict[str, Any] = {}  # per process: the names cells bound in this rank (kept between cells on a pool)
@@ -142,8 +152,15 @@ def pack_for_notebook(cell: Cell, names: list[str] | None, fabric: Any, ran: tup
     if fabric.global_rank != 0:
         return None
     namespace, known, last_value = ran
-    wanted = [name for name in (cell.bound_names if names is None else names) if name != "fabric" and not name.startswith("_")]
-    return pack(namespace, wanted, known, last_value)
+    if names is None:  # every name the cell binds, and those it deleted: they go in the notebook too
+        deleted = [name for name in cell.deleted_names if name not in namespace]
+        names = [name for name in cell.bound_names if name not in deleted]
+    else:
+        deleted = []
+    wanted = [name for name in names if name != "fabric" and not name.startswith("_")]
+    returned = pack(namespace, wanted, known, last_value)
+    returned.deleted = [name for name in deleted if not name.startswith("_")]
+    return returned
 
 
 def pack_rank_name(name: str) -> Returned:

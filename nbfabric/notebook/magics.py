@@ -145,7 +145,7 @@ class FabricMagics(Magics):
                 return self._bring_back(returned)
             finally:
                 if request.pool is not None:
-                    self._remember_rank_names(compiled)
+                    self._remember_rank_names(compiled, returned)
 
     def _check_cell(self, args: Any, given: dict[str, Any]) -> CellRequest:
         """Every flag of a cell checked, with the defaults under them; raises UsageError, changes nothing."""
@@ -194,11 +194,16 @@ class FabricMagics(Magics):
             raise UsageError(values.refusal("the rank pool" if request.pool is not None else "the spawned ranks"))
         return values
 
-    def _remember_rank_names(self, cell: Cell) -> None:
+    def _remember_rank_names(self, cell: Cell, returned: Any = None) -> None:
         """The names the cell bound live on the ranks; the notebook's object for each, now, marks the
-        ranks' copy as current until the notebook binds the name anew."""
+        ranks' copy as current until the notebook binds the name anew. Names rank 0 deleted live
+        there no more."""
+        deleted = set(returned.deleted) if returned is not None else set()
         for name in cell.bound_names:
-            self.pool.names_on_ranks[name] = self.shell.user_ns.get(name, _ABSENT)
+            if name not in deleted:
+                self.pool.names_on_ranks[name] = self.shell.user_ns.get(name, _ABSENT)
+        for name in deleted:
+            self.pool.names_on_ranks.pop(name, None)
 
     def _make_view(self, request: CellRequest) -> tuple[Any, Any]:
         """The cell's view of the run (a Sink), and the dashboard when it shows one from the start."""
@@ -224,6 +229,8 @@ class FabricMagics(Magics):
         values = returned.load() if returned is not None else {}
         last_value = values.pop(LAST_VALUE, None)
         self.shell.user_ns.update(values)
+        for name in returned.deleted if returned is not None else ():
+            self.shell.user_ns.pop(name, None)
         skipped = dict(returned.skipped) if returned is not None else {}
         if self.pool.pulling and LAST_VALUE in skipped:  # %fabric pull says it, naming the name
             self.pool.refused = skipped.pop(LAST_VALUE)
@@ -330,7 +337,7 @@ class FabricMagics(Magics):
             return self._bring_back(returned)
         finally:
             if self._background_pool_cell is not None:
-                self._remember_rank_names(self._background_pool_cell)
+                self._remember_rank_names(self._background_pool_cell, returned)
                 self._background_pool_cell = None
 
 

@@ -32,6 +32,7 @@ class Returned:
     ends: list[int] = field(default_factory=list)  # where each name's pickle ends in `data`
     modules: dict[str, str] = field(default_factory=dict)  # name -> module to import
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+    deleted: list[str] = field(default_factory=list)  # names the cell deleted (`del NAME`)
 
     def load(self) -> dict[str, Any]:
         """The values, in the notebook process; a name that cannot be rebuilt here joins `skipped`,
