@@ -168,11 +168,13 @@ def test_return_and_no_return_choose_what_comes_back(kernel):
 def test_names_the_cell_deletes_are_deleted_in_the_notebook(kernel, start):
     """`del` on rank 0 reaches the notebook as its other names do, forked or spawned (where the
     name need not travel to be deleted); --return names what comes back, so nothing is deleted."""
-    kernel.run("gone = object(); kept = 1; rebound = 1; unreached = 1")
-    out = kernel.run(f"{CPU2} --start-method={start}\ndel gone\nrebound = 2\ndel rebound\nrebound = 3\nif False:\n    del unreached")
+    kernel.run("gone = object(); kept = 1; rebound = 1; unreached = 1; fabric = 'the notebook s own'")
+    out = kernel.run(f"{CPU2} --start-method={start}\ndel gone\nrebound = 2\ndel rebound\nrebound = 3\nif False:\n    del unreached\ndel fabric")
     assert out["error"] is None and "not brought back" not in out["stderr"], out
     assert kernel.run("sorted(name for name in ('gone', 'kept', 'rebound', 'unreached') if name in globals())")["result"] == "['kept', 'rebound', 'unreached']"
     assert kernel.run("rebound")["result"] == "3"
+    assert kernel.run("fabric")["result"] == "'the notebook s own'"  # the cell's fabric is its own
+    kernel.run("del fabric")
     kernel.run(f"{CPU2} --start-method={start} --return kept\ndel kept")
     assert kernel.run("kept")["result"] == "1"
 

@@ -157,10 +157,14 @@ def pack_for_notebook(cell: Cell, names: list[str] | None, fabric: Any, ran: tup
         names = [name for name in cell.bound_names if name not in deleted]
     else:
         deleted = []
-    wanted = [name for name in names if name != "fabric" and not name.startswith("_")]
-    returned = pack(namespace, wanted, known, last_value)
-    returned.deleted = [name for name in deleted if not name.startswith("_")]
+    returned = pack(namespace, _notebook_names(names), known, last_value)
+    returned.deleted = _notebook_names(deleted)
     return returned
+
+
+def _notebook_names(names: list[str]) -> list[str]:
+    """The names that reach the notebook: not `fabric` (the cell's own), nor private ones."""
+    return [name for name in names if name != "fabric" and not name.startswith("_")]
 
 
 def pack_rank_name(name: str) -> Returned:
