@@ -98,10 +98,15 @@ def test_ranks_flag_shows_only_rank_zero_but_the_record_keeps_all(kernel):
     assert kernel.run("run.output(rank=1)")["result"] == "'from 1'"
 
 
-def test_progress_updates_in_place(kernel):
-    out = kernel.run(f"{CPU2} --ranks 0\nimport sys\nfor p in (10, 60):\n    sys.stderr.write(f'\\r{{p}}%')\nsys.stderr.write('\\n')")
-    assert "[rank 0] 10%" in out["displays"] and "[rank 0] 60%\n" in out["stderr"]
-    assert "\r" not in out["stderr"]
+def test_progress_updates_in_place_and_its_last_line_is_written_over_it(kernel):
+    """As a terminal shows a bar: the line that ends it takes its place, and no stale state of the
+    bar stays next to it; a later bar has a display of its own."""
+    out = kernel.run(
+        f"{CPU2} --ranks 0 --no-widgets\nimport sys, time\nfor p in (10, 60):\n    sys.stderr.write(f'\\r{{p}}%')\n    time.sleep(0.6)\nsys.stderr.write('\\n')"
+        "\nprint('between')\nsys.stderr.write('\\rsecond 5%\\rsecond 50%')\ntime.sleep(0.6)\nsys.stderr.write('\\rsecond done\\n')"
+    )
+    assert out["displays"] == ["[rank 0] 10%", "[rank 0] 60%", "[rank 0] second 5%", "[rank 0] second done"], out
+    assert out["stderr"] == "" and out["stdout"].startswith("[rank 0] between\n"), out
 
 
 def test_names_and_the_last_expression_come_back_trained_and_on_cpu(kernel):

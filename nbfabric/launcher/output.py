@@ -154,6 +154,8 @@ class TextSink(Sink):
 
     def line(self, rank: int, stream: str, text: str) -> None:
         if self.ranks is None or rank in self.ranks:
+            if self._bars is not None and self._bars.finish(rank, stream, text):
+                return  # written over the rank's progress display, as a terminal writes over its bar
             out = self._stream(stream)
             if stream in self._mid_progress:
                 self._mid_progress.discard(stream)
@@ -166,7 +168,7 @@ class TextSink(Sink):
         out = self._stream(stream)
         if self.in_place_progress and _kernel_stream(out):
             self._bars = self._bars or RankBars()
-            self._bars.set(rank, text)
+            self._bars.set(rank, stream, text)
         elif out.isatty() if self.in_place_progress is None else self.in_place_progress:
             self._mid_progress.add(stream)
             out.write(f"\r\033[K[rank {rank}] {text}")
@@ -199,17 +201,29 @@ class TextSink(Sink):
 
 
 class RankBars:
-    """In a Jupyter kernel: each rank's latest progress line in a display of its own, updated in
-    place at most every BAR_EVERY seconds."""
+    """In a Jupyter kernel: each rank's latest progress line on each stream in a display of its own,
+    updated in place at most every BAR_EVERY seconds; the line that ends it is written over it."""
 
     def __init__(self):
-        self._latest: dict[int, str] = {}
-        self._shown: dict[int, str] = {}
-        self._handles: dict[int, Any] = {}
+        self._latest: dict[tuple[int, str], str] = {}  # (rank, stream) -> its latest progress line
+        self._shown: dict[tuple[int, str], str] = {}
+        self._handles: dict[tuple[int, str], Any] = {}
         self._updated = 0.0
 
-    def set(self, rank: int, text: str) -> None:
-        self._latest[rank] = text
+    def set(self, rank: int, stream: str, text: str) -> None:
+        self._latest[(rank, stream)] = text
+
+    def finish(self, rank: int, stream: str, text: str) -> bool:
+        """A line that follows the rank's progress on this stream ends it: the display shows that
+        line for good (True), or, where the progress was never shown, nothing is (False). The next
+        progress line starts a display of its own."""
+        key = (rank, stream)
+        self._latest.pop(key, None)
+        self._shown.pop(key, None)
+        handle = self._handles.pop(key, None)
+        if handle is not None:
+            handle.update({"text/plain": f"[rank {rank}] {text}"}, raw=True)
+        return handle is not None
 
     def show(self, final: bool = False) -> None:
         from IPython.display import display
@@ -218,15 +232,15 @@ class RankBars:
         if not final and now - self._updated < BAR_EVERY:
             return
         self._updated = now
-        for rank, text in sorted(self._latest.items()):
-            if self._shown.get(rank) == text:
+        for (rank, stream), text in sorted(self._latest.items()):
+            if self._shown.get((rank, stream)) == text:
                 continue
             bundle = {"text/plain": f"[rank {rank}] {text}"}
-            if rank in self._handles:
-                self._handles[rank].update(bundle, raw=True)
+            if (rank, stream) in self._handles:
+                self._handles[(rank, stream)].update(bundle, raw=True)
             else:
-                self._handles[rank] = display(bundle, raw=True, display_id=True)
-            self._shown[rank] = text
+                self._handles[(rank, stream)] = display(bundle, raw=True, display_id=True)
+            self._shown[(rank, stream)] = text
 
 
 BAR_EVERY = 0.25  # seconds between two updates of the progress displays
