@@ -16,7 +16,7 @@ from nbfabric.devices import GpuInfo, Hardware, detect_hardware
 from nbfabric.notebook import chart
 from nbfabric.notebook.dashboard import Dashboard
 from nbfabric.launcher.usage import size
-from nbfabric.notebook.tally import LOG_LINES
+from nbfabric.notebook.tally import LOG_LINES, RunTally
 from nbfabric.notebook.picker import Picker
 from nbfabric.user_config import load_defaults
 
@@ -197,6 +197,18 @@ def test_the_memory_column_moves_when_a_rank_allocates_500_mb(fonts_loaded, no_l
     assert size(first) in first_html and size(last) in last_html and "% CPU" in last_html
     dashboard.finish(None)
     assert f"rank 1: done (0 lines, peak {size(dashboard.tally.usage_peak[1].rss)})" in dashboard.summary()
+
+
+def test_a_ranks_status_shows_its_progress_bar_until_the_line_that_ends_it():
+    """The dashboard's status column shows a rank's live progress line; the line that ends it on the
+    same stream (tqdm's last) replaces it, as a terminal shows it, not a line on the other stream."""
+    tally = RunTally(2)
+    tally.progress(0, "stderr", "epoch:  93%")
+    tally.line(0, "stdout", "loss 0.5")
+    assert tally.progress_text[0] == "epoch:  93%"
+    tally.line(0, "stderr", "epoch: 100% 30/30")
+    tally.line(0, "stderr", "a warning")
+    assert tally.progress_text == {0: "epoch: 100% 30/30"}
 
 
 def test_the_chart_has_one_panel_per_metric_and_skips_what_is_not_a_number():

@@ -29,13 +29,17 @@ class RunTally(Sink):
         self.rank_tails: dict[int, deque[tuple[int, str, str]]] = {}
         self.kept: deque[tuple[int, str, str]] = deque(maxlen=KEPT_LINES)
         self.kept_dropped = 0
-        self.progress_text: dict[int, str] = {}
+        self.progress_text: dict[int, str] = {}  # rank -> its latest progress line, or the line that ended it
+        self._progress_on: dict[int, str] = {}  # rank -> the stream its progress line is still live on
         self.metric_series = MetricSeries()
         self.usage_now: dict[int, Usage] = {}
         self.usage_peak: dict[int, Usage] = {}
         self._keep = keep
 
     def line(self, rank: int, stream: str, text: str) -> None:
+        if self._progress_on.get(rank) == stream:  # it ends the progress line, as a terminal shows it
+            self.progress_text[rank] = text
+            del self._progress_on[rank]
         self.line_counts[rank] = self.line_counts.get(rank, 0) + 1
         if self.shown_ranks is None or rank in self.shown_ranks:
             entry = (rank, stream, text)
@@ -46,6 +50,7 @@ class RunTally(Sink):
 
     def progress(self, rank: int, stream: str, text: str) -> None:
         self.progress_text[rank] = text
+        self._progress_on[rank] = stream
 
     def metrics(self, event: Metrics) -> None:
         self.metric_series.add(event.rank, event.points)
