@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import statistics
 
-from kernel_cell import kernel, run
+from kernel_cell import alternating, kernel, run
 
 SETUP = """
 %load_ext nbfabric
-import os, json, resource, statistics, time, torch
+import os, json, resource, time, torch
 import lightning
 from accelerate import notebook_launcher
 from unittest import mock
@@ -31,8 +32,18 @@ wait_for_reaping(10)
 def _spent():
     return time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID) / 1000, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-def _child(step):
-    # a child that takes `step` and writes (CPU us, pages copied) of its birth and of the step
+def _become(spec, fds, found):
+    worker.become_rank(spec, *fds, inherited=found)
+
+def _become_freeing(spec, fds, found):
+    drop = lambda *objects: None
+    with mock.patch.object(inherited, "keep", drop), mock.patch.object(worker, "keep", drop):
+        worker.become_rank(spec, *fds, inherited=found)
+
+def child(name):
+    # a child that becomes a rank ("kept" as shipped, or "freed") and reports, as JSON, the
+    # (CPU us, pages copied) of its birth and of becoming the rank
+    step = _become if name == "kept" else _become_freeing
     spec = _rank_specs(1, 1, 0, "127.0.0.1", 29999, None)[0]
     found = find_inherited()
     ends = [os.pipe() for _ in range(4)]
@@ -46,25 +57,10 @@ def _child(step):
         os._exit(0)
     for fd in [report[1], *(fd for pair in ends for fd in pair)]:
         os.close(fd)
-    answer = os.read(report[0], 4096)
+    answer = os.read(report[0], 4096).decode()
     os.close(report[0])
     os.waitpid(pid, 0)
-    return json.loads(answer)
-
-def _become(spec, fds, found):
-    worker.become_rank(spec, *fds, inherited=found)
-
-def _become_freeing(spec, fds, found):
-    drop = lambda *objects: None
-    with mock.patch.object(inherited, "keep", drop), mock.patch.object(worker, "keep", drop):
-        worker.become_rank(spec, *fds, inherited=found)
-
-def measure(children):
-    results = {"kept": [], "freed": []}
-    for index in range(children):
-        for name in (("kept", "freed") if index % 2 == 0 else ("freed", "kept")):
-            results[name].append(_child(_become if name == "kept" else _become_freeing))
-    return json.dumps(results)
+    return answer
 """
 
 
@@ -74,20 +70,17 @@ def main() -> None:
     args = parser.parse_args()
     with kernel() as (_, client):
         run(client, SETUP, timeout=300)
-        results = json.loads(ast.literal_eval(run(client, f"measure({args.children})", timeout=600)))
-
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2]
+        results = alternating(("kept", "freed"), args.children, lambda name: json.loads(ast.literal_eval(run(client, f"child({name!r})"))))
 
     print(f"a child forked from a kernel, {args.children} children each way, alternating; medians")
     births = [born for runs in results.values() for born, _ in runs]
-    print(f"  the fork's handlers, before nbfabric's code: {median([b[0] for b in births]):7.0f} us CPU, {median([b[1] for b in births]):5.0f} pages")
+    print(f"  the fork's handlers, before nbfabric's code: {statistics.median(b[0] for b in births):7.0f} us CPU, {statistics.median(b[1] for b in births):5.0f} pages")
+    cpu = {}
     for name, label in (("kept", "become_rank, replaced objects kept (as shipped)"), ("freed", "become_rank, replaced objects freed")):
         steps = [step for _, step in results[name]]
-        print(f"  {label:48} {median([s[0] for s in steps]):7.0f} us CPU, {median([s[1] for s in steps]):5.0f} pages")
-    kept, freed = (median([s[0] for _, s in results[name]]) for name in ("kept", "freed"))
-    print(f"  kept / freed (CPU): {kept / freed:.2f}")
+        cpu[name] = statistics.median(s[0] for s in steps)
+        print(f"  {label:48} {cpu[name]:7.0f} us CPU, {statistics.median(s[1] for s in steps):5.0f} pages")
+    print(f"  kept / freed (CPU): {cpu['kept'] / cpu['freed']:.2f}")
 
 
 if __name__ == "__main__":

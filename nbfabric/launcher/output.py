@@ -222,7 +222,7 @@ class RankBars:
         self._shown.pop(key, None)
         handle = self._handles.pop(key, None)
         if handle is not None:
-            handle.update({"text/plain": f"[rank {rank}] {text}"}, raw=True)
+            handle.update(_bar_bundle(rank, text), raw=True)
         return handle is not None
 
     def show(self, final: bool = False) -> None:
@@ -232,15 +232,19 @@ class RankBars:
         if not final and now - self._updated < BAR_EVERY:
             return
         self._updated = now
-        for (rank, stream), text in sorted(self._latest.items()):
-            if self._shown.get((rank, stream)) == text:
+        for key, text in sorted(self._latest.items()):
+            if self._shown.get(key) == text:
                 continue
-            bundle = {"text/plain": f"[rank {rank}] {text}"}
-            if (rank, stream) in self._handles:
-                self._handles[(rank, stream)].update(bundle, raw=True)
+            bundle = _bar_bundle(key[0], text)
+            if key in self._handles:
+                self._handles[key].update(bundle, raw=True)
             else:
-                self._handles[(rank, stream)] = display(bundle, raw=True, display_id=True)
-            self._shown[(rank, stream)] = text
+                self._handles[key] = display(bundle, raw=True, display_id=True)
+            self._shown[key] = text
+
+
+def _bar_bundle(rank: int, text: str) -> dict[str, str]:
+    return {"text/plain": f"[rank {rank}] {text}"}
 
 
 BAR_EVERY = 0.25  # seconds between two updates of the progress displays
