@@ -177,6 +177,46 @@ print(result, "deepspeed" in sys.modules)
     assert done.stdout.strip().splitlines()[-1] == "(3, 4) False"
 
 
+def test_on_one_device_each_stage_trains_here_as_plain_pytorch_again_and_again_and_leaves_no_trace():
+    """A run of one process happens in the calling process (as Lightning's), where no launcher set
+    the LOCAL_RANK that DeepSpeed's engine reads; each run there, and ranks forked after them, train
+    anew. The plain loop clips gradients at norm 1, DeepSpeed's default `gradient_clipping`, which
+    Lightning keeps too. In a child process: the leak check stays blind to what importing DeepSpeed leaves."""
+    script = """
+import os, torch, torch.nn.functional as F
+from nbfabric import Fabric
+
+def losses(fabric=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if fabric is not None:
+        model, optimizer = fabric.setup(model, optimizer)
+    found = []
+    for step in range(5):  # the same batches on every rank
+        generator = torch.Generator().manual_seed(step)
+        loss = F.mse_loss(model(torch.randn(16, 8, generator=generator)), torch.randn(16, 2, generator=generator))
+        optimizer.zero_grad()
+        if fabric is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        else:
+            fabric.backward(loss)
+        optimizer.step()
+        found.append(loss.item())
+    return found
+
+before = dict(os.environ)
+plain = losses()
+for devices, strategy in [(1, "deepspeed_stage_1"), (1, "deepspeed_stage_2"), (1, "deepspeed_stage_3"), (1, "deepspeed_stage_2_offload"), (2, "deepspeed_stage_3")]:
+    torch.testing.assert_close(Fabric(accelerator="cpu", devices=devices, strategy=strategy).launch(losses), plain, rtol=1e-5, atol=1e-6)
+    print(devices, strategy, "trained as plain PyTorch; environment unchanged:", dict(os.environ) == before)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained as plain PyTorch; environment unchanged: True") == 5, done.stdout
+
+
 def test_a_fabric_cell_trains_with_zero3_and_the_model_comes_back_whole(tmp_path):
     from test_magic import Kernel
 

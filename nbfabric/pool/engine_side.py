@@ -85,6 +85,7 @@ def leave_group() -> None:
     import torch.distributed as dist
 
     from nbfabric.launcher.keyed_store import close_servers
+    from nbfabric.strategies.ddp import destroy_world_group
 
     close_servers()  # rank 0's store of the group, served on a thread, before its sockets go
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -97,11 +98,7 @@ def leave_group() -> None:
     _group_sockets.clear()
     if dist.is_available() and dist.is_initialized():
         _left_groups.append(dist.group.WORLD)  # freeing it would unregister fds gloo no longer owns
-        deepspeed_comm = sys.modules.get("deepspeed.comm")
-        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
-            deepspeed_comm.destroy_process_group()  # DeepSpeed forgets the groups it keeps too
-        else:
-            dist.destroy_process_group()
+        destroy_world_group()
 
 
 @contextmanager

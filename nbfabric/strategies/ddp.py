@@ -45,6 +45,17 @@ def reduce_op_name(op: Any) -> str:
     raise ValueError(f"reduce_op={op!r} is not valid; choose one of {', '.join(REDUCE_OPS)} or a torch.distributed.ReduceOp of them")
 
 
+def destroy_world_group() -> None:
+    """End this process's default group, through DeepSpeed where DeepSpeed joined it: DeepSpeed then
+    forgets the groups it made from it (a clone of the world, ZeRO's), which a later group here, or
+    in a rank forked from here, would otherwise meet as "not registered"."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def let_gloo_workers_finish(limit: float = 2.0) -> None:
     """Yield the CPU and the GIL until no gloo worker thread of this process is running (at most
     `limit` seconds). A worker releases a collective's tensors after the caller already has its
@@ -153,14 +164,14 @@ class DDPStrategy(SingleDeviceStrategy):
     def release(self) -> None:
         """End the single-process group this strategy made, so the process can fork ranks again."""
         if self._private_group and dist.is_initialized():
-            dist.destroy_process_group()
+            destroy_world_group()
         self._private_group = False
 
     def leave(self) -> None:
         """Leave the process group (and stop serving its store, on global rank 0 of several nodes),
         once gloo's workers have let go of the last collective (see `let_gloo_workers_finish`)."""
         if dist.is_initialized():
-            dist.destroy_process_group()
+            destroy_world_group()
         let_gloo_workers_finish()  # also when the script destroyed the group itself
         if self._store_server is not None:
             self._store_server.close()

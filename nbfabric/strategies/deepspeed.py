@@ -63,6 +63,7 @@ class DeepSpeedStrategy(DDPStrategy):
         self.config = _read_config(config)
         self._engine: Any = None
         self._before_engine: dict[int, Any] = {}
+        self._added_variables: list[str] = []  # set by setup_environment for a run of one process here
 
     @classmethod
     def named(cls, name: str) -> DeepSpeedStrategy:
@@ -93,9 +94,19 @@ class DeepSpeedStrategy(DDPStrategy):
         return EnginePrecision(self.precision, self.device.type)
 
     def setup_environment(self, ranks: RankInfo) -> None:
-        """Join the process group, then hand it to DeepSpeed (imported here, in the rank)."""
+        """Join the process group, then hand it to DeepSpeed (imported here, in the rank). DeepSpeed's
+        engine reads the local rank from LOCAL_RANK, which a run of one process here lacks: it is set
+        for the run, and `release` takes it (and DS_ACCELERATOR) out of this process's environment again."""
+        self._added_variables = [name for name in ("LOCAL_RANK", "DS_ACCELERATOR") if name not in os.environ]
+        os.environ.setdefault("LOCAL_RANK", str(ranks.local_rank))
         super().setup_environment(ranks)
         _deepspeed(self.device).init_distributed(dist_backend=self.backend, auto_mpi_discovery=False, verbose=False)
+
+    def release(self) -> None:
+        if self._private_group:
+            for name in self._added_variables:
+                os.environ.pop(name, None)
+        super().release()
 
     def setup_module_and_optimizers(self, module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[Any, list[Any]]:
         """One engine for the module and its optimizer; the engine's (ZeRO) optimizer stands for the user's."""
