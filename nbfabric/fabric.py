@@ -37,7 +37,7 @@ from nbfabric.rank_call import RankCall
 from nbfabric.resident import Resident, kept_modules, resident, resume_all
 from nbfabric.whole import Snapshot, snapshot, whole_copy
 from nbfabric.tracebacks import raised_by_torch_distributed, users_stacklevel
-from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, to_cpu, uncompiled, unwrap
+from nbfabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer, to_cpu, uncompiled, unwrap, without_wrappers
 
 
 CONSEQUENCE_EXIT_DELAY = 1.0  # seconds a script's rank failing in torch.distributed waits before it exits
@@ -99,6 +99,7 @@ class Fabric:
         self.timeout = check_timeout(timeout)
         self._debug = False
         self._ranks_stay = False  # the ranks outlive the run (a rank pool's)
+        self._runs_here = False  # the run is this process's own (one device, or ranks a launcher started)
         self._resident: Resident | None = None  # what such a rank keeps between runs of these settings
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
@@ -216,6 +217,7 @@ class Fabric:
         self._launch_called = True
         launcher = launcher or select_launcher(self.config, timeout=self.timeout, sink=sink, place=place, new_processes=new_processes)
         self._ranks_stay = getattr(launcher, "ranks_stay", False)
+        self._runs_here = getattr(launcher, "runs_here", False)
         if function is None:
             launcher.continue_script(prepare=self._strategy.preload)  # returns in each rank
             self._join_for_script()
@@ -227,13 +229,14 @@ class Fabric:
     ) -> Any:
         """A rank's whole part of a run: join it (device, process group), run the function, make
         sharded models whole (a collective), turn the value into what goes back (`finish`; by
-        default on the CPU), wait for the peers, and send what is still unsent."""
+        default on the CPU, or, in a run of this process's own, as returned), wait for the peers,
+        and send what is still unsent."""
         self._join(RankInfo.from_environment())
         try:
             value = function(self, *args, **kwargs)
             if not self._ranks_stay:  # a pool's ranks keep their (sharded) models for the next run
                 self._strategy.before_return()
-            value = (finish or _on_cpu)(self, value)
+            value = (finish or (_as_returned if self._runs_here else _on_cpu))(self, value)
             self._wait_for_peers()
             return value
         finally:
@@ -638,6 +641,13 @@ def _call_run(fabric: Fabric, *args: Any, **kwargs: Any) -> Any:
 
 def _on_cpu(fabric: Fabric, value: Any) -> Any:
     return to_cpu(value)
+
+
+def _as_returned(fabric: Fabric, value: Any) -> Any:
+    """A run in this process returns what the function returned, as Lightning's does (tensors where
+    they are, with their graphs), set-up objects as the user's own: this run's process group, which
+    a wrapper may hold, is released."""
+    return without_wrappers(value)
 
 
 def _leave_after_script(fabric: Fabric) -> None:

@@ -10,7 +10,7 @@ from types import MethodType
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
 from torch.utils.data import DataLoader
 
 from nbfabric.apply import apply_to_collection, move_to_device
@@ -308,6 +308,14 @@ def to_cpu(data: Any) -> Any:
     if isinstance(data, torch.nn.Module):
         return data.cpu()
     return tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), data)
+
+
+def without_wrappers(data: Any) -> Any:
+    """`data` with Fabric's wrappers replaced by the user's objects, on their devices; `data` itself
+    (the very object) where it holds none."""
+    if all(unwrap(leaf) is leaf for leaf in tree_leaves(data)):
+        return data
+    return tree_map(unwrap, data)
 
 
 def uncompiled(obj: Any) -> Any:

@@ -61,6 +61,22 @@ def test_launch_runs_the_function_in_this_process_with_its_arguments():
         fabric.launch(train, 1, name="again")
 
 
+def test_launch_in_this_process_returns_the_very_objects_with_their_graphs_and_set_up_ones_as_the_users():
+    """As Lightning's launch with one device: nothing copied to the CPU or detached for a trip back."""
+    kept, model = torch.ones(2, requires_grad=True), Scaled()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def run(fabric):
+        wrapped, wrapped_optimizer = fabric.setup(model, optimizer)
+        return {"kept": kept, "output": wrapped(torch.ones(1, 4)).sum() * kept}, [wrapped, wrapped_optimizer]
+
+    returned, set_up = _fabric().launch(run)
+    assert returned["kept"] is kept
+    returned["output"].sum().backward()  # the graph reaches the model's weights and `kept`
+    assert kept.grad is not None and model.body[0].weight.grad is not None
+    assert set_up[0] is model and set_up[1] is optimizer
+
+
 def test_setup_before_launch_on_two_devices_says_to_launch_first():
     fabric = Fabric(accelerator="cpu", devices=2)
     model = nn.Linear(2, 2)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nbfabric import Fabric
 from nbfabric.devices import detect_hardware
+from nbfabric.wrappers import to_cpu
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,7 +25,9 @@ pytestmark = [
 
 
 def _launched(settings: dict, function, *args):
-    return Fabric(**settings).launch(function, *args)
+    """The run's value on the CPU: one device returns it as it is, on the GPU, which the trip back
+    to this process would take along (and initialise CUDA here)."""
+    return to_cpu(Fabric(**settings).launch(function, *args))
 
 
 def in_a_fresh_process(function, *args):

@@ -305,6 +305,16 @@ def test_a_rank_that_leaves_by_sys_exit_is_shown_at_its_cell_line(kernel):
     assert re.search(r"\[rank 1\] left the run: sys.exit\(0\) at Cell In\[\d+\], line 4\n", out["stderr"]), out["stderr"]
     assert "[rank 0] stayed" in out["stdout"]
 
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_when_rank_0_leaves_by_sys_exit_the_cell_says_that_nothing_came_back(kernel, start):
+    out = kernel.run(f"{CPU2} --start-method={start}\nimport sys\nbound_before_leaving = 1\nif fabric.global_rank == 0:\n    sys.exit(0)\nprint('stayed')")
+    assert out["error"] is None, out["error"]
+    assert re.search(r"\[rank 0\] left the run: sys.exit\(0\) at Cell In\[\d+\], line 5\n", out["stderr"]), out["stderr"]
+    assert "nothing was brought back: rank 0 left the run (sys.exit) before the cell's names were sent" in out["stderr"]
+    assert "[rank 1] stayed" in out["stdout"]
+    assert kernel.run("'bound_before_leaving' in globals()")["result"] == "False"
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -314,12 +324,21 @@ def test_a_rank_that_leaves_by_sys_exit_is_shown_at_its_cell_line(kernel):
         ("--devices=2 --ranks=5", "--ranks='5' is not valid"),
         ("--return a --no-return", "exclude each other"),
         ("--devices=2 --strategy=ddp_spawn --start-method=fork", "conflicts with start_method='fork'"),
+        ("--devices=2 --out=1bad", "--out takes a Python name, such as run; '1bad' is not one"),
+        ("--devices=2 --out=class", "--out takes a Python name, such as run; 'class' is not one"),
+        ("--devices=2 --return=model,1x", "--return takes Python names, such as model or model,losses; '1x' is not one"),
+        ("--devices=2 --return='a b'", "is not a flag, nor one of stop, wait, where; several names go as one flag, such as --return=model,losses"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(kernel, flags, message):
     out = kernel.run(f"%%fabric --accelerator=cpu {flags}\nprint('ran')")
     assert "ran" not in out["stdout"]
-    assert "UsageError: " in out["stderr"] and message in out["stderr"]
+    assert "UsageError: " in out["stderr"] and message in out["stderr"], out["stderr"]
+
+
+def test_a_word_the_line_magic_does_not_know_is_named_with_every_command(kernel):
+    out = kernel.run("%fabric bogus")
+    assert "UsageError: 'bogus' is not a flag, nor one of stop, wait, where, start, attach, pool, stop-pool, pull;" in out["stderr"], out["stderr"]
 
 
 def test_line_magic_sets_defaults_for_later_cells_and_shows_them(kernel):

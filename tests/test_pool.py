@@ -83,6 +83,90 @@ def test_a_model_set_up_in_one_cell_trains_on_in_the_next_two(kernel):
     assert kernel.run("engine")["result"] == rank1_engine
 
 
+def test_a_flood_of_lines_and_metrics_from_every_rank_arrives_whole_and_in_order(kernel):
+    out = kernel.run(
+        f"""{POOL} --out flood
+        for step in range(100):
+            for line in range(400):
+                print(step, line)
+            fabric.log("loss", float(step), step=step)
+        print("end of rank", fabric.global_rank)""",
+        timeout=300,
+    )
+    assert out["error"] is None, out["error"]
+    for rank in (0, 1):  # (the expected text is made in the kernel: a large request would start pyzmq's gc thread here)
+        expected = f"''.join(f'{{step}} {{line}}\\n' for step in range(100) for line in range(400)) + 'end of rank {rank}'"
+        assert kernel.run(f"flood.output(rank={rank}) == {expected}")["result"] == "True"
+    assert kernel.run("flood.metrics.by_rank('loss') == {r: [float(s) for s in range(100)] for r in (0, 1)}")["result"] == "True"
+
+
+DESCRIPTORS = POOL + """
+import ctypes, os, subprocess, sys
+rank = fabric.global_rank
+os.write(1, f"descriptor {rank}\\n".encode())
+subprocess.run(["echo", f"subprocess {rank}"], check=True)
+ctypes.CDLL(None).printf(b"from C %d\\n", ctypes.c_int(rank))  # held in C's buffer until the run ends
+sys.stdout.buffer.write("bytes \\u2713\\n".encode())
+os.write(2, b"descriptor 2\\n")
+print("print", rank)"""
+
+
+def test_what_the_ranks_write_to_descriptors_c_and_stdout_buffer_shows_as_print_does(kernel):
+    for _ in range(2):  # and again in the next run
+        out = kernel.run(DESCRIPTORS)
+        assert out["error"] is None, out["error"]
+        for rank in (0, 1):
+            for line in (f"descriptor {rank}", f"subprocess {rank}", f"from C {rank}", "bytes \u2713", f"print {rank}"):
+                assert f"[rank {rank}] {line}\n" in out["stdout"], out["stdout"]
+            assert f"[rank {rank}] descriptor 2\n" in out["stderr"], out["stderr"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_leaves_by_sys_exit_0_leaves_the_cell_as_a_forked_rank_does(kernel, rank):
+    """Not a failure: it is said in the rank's stderr, the others go on, and (rank 0) nothing comes back."""
+    out = kernel.run(f"{POOL}\nimport sys\nleft_early = 1\nif fabric.global_rank == {rank}:\n    sys.exit(0)\nprint('stayed')")
+    assert out["error"] is None, out["error"]
+    assert f"[rank {rank}] left the run: sys.exit(0) at Cell In[" in out["stderr"], out["stderr"]
+    assert f"[rank {1 - rank}] stayed" in out["stdout"]
+    assert ("nothing was brought back: rank 0 left the run" in out["stderr"]) == (rank == 0), out["stderr"]
+    assert kernel.run(f"{POOL}\nfabric.all_reduce(torch.tensor(1.0), reduce_op='sum').item()")["result"] == "2.0"  # and the pool goes on
+
+
+def test_after_a_failed_cell_the_ranks_keep_what_it_bound_saying_so_and_a_name_it_deleted_is_the_notebooks_again(kernel):
+    kernel.run("kept_name, gone_name = 1, 5")
+    assert kernel.run(f"{POOL}\nkept_name + gone_name")["result"] == "6"  # both are on the ranks now
+    out = kernel.run(f"{POOL}\nkept_name = 2\ndel gone_name\nraise ValueError('boom')")
+    assert out["error"]["ename"] == "RankError", out["error"]
+    assert "what this cell bound on the pool's ranks before it stopped stays there for the next cells: kept_name; the notebook keeps its own values" in out["stderr"]
+    assert kernel.run("(kept_name, gone_name)")["result"] == "(1, 5)"
+    assert kernel.run(f"{POOL}\n(kept_name, gone_name)")["result"] == "(2, 5)"
+
+
+def test_a_message_lost_on_the_way_from_an_engine_is_said_and_the_rest_replayed():
+    """Messages of one engine arrive in order: when a later one is there and the next is not, the
+    next was lost (a socket past its high-water mark drops them)."""
+    from nbfabric.launcher.output import Sink
+    from nbfabric.pool.launcher import _PoolRun
+
+    class Lines(Sink):
+        def __init__(self):
+            self.lines = []
+
+        def line(self, rank, stream, text):
+            self.lines.append((rank, stream, text))
+
+    sink = Lines()
+    run = _PoolRun(None, sink, None, b"")
+    run.data, run.sequence = {0: {"0": [("output", "stdout", "a\n")], "2": [("output", "stdout", "c\n")], "other": "a user's own"}}, {0: 0}
+    run._replay(0)
+    assert sink.lines == [
+        (0, "stdout", "a"),
+        (0, "stderr", "(nbfabric: 1 message(s) of this rank's output and metrics were lost on the way from its engine)"),
+        (0, "stdout", "c"),
+    ]
+    assert run.data[0] == {"other": "a user's own"} and run.sequence[0] == 3
+
+
 def test_names_bound_on_the_ranks_stay_there_until_the_notebook_binds_them_anew(kernel):
     kernel.run("step_size = 1")
     kernel.run(f"{POOL} --no-return\nstep_size = 10 + fabric.global_rank")

@@ -63,8 +63,12 @@ def test_a_rank_in_a_native_call_is_named_by_the_call_on_its_line(tmp_path):
         ([("notebook/cell.py", "pack_for_notebook"), (f"{os.path.dirname(LIB)}/cloudpickle/cloudpickle.py", "dump")], "packing the cell's names for the notebook"),
         ([("launcher/worker.py", "report_failure"), ("channel.py", "send")], "reporting its failure"),
         ([("launcher/worker.py", "become_rank"), ("launcher/worker.py", "_redirect_output")], "starting"),
+        ([("channel.py", "send"), ("channel.py", "frame")], "sending its result"),
+        ([("launcher/worker.py", "_join_threads"), (f"{os.path.dirname(os.__file__)}/threading.py", "join")], "waiting for the threads its code started"),
+        ([("launcher/worker.py", "_stay_until_let_go"), ("launcher/store_client.py", "wait_until_let_go")], "finished, waiting for the other ranks"),
+        ([("launcher/worker.py", "_announce_exit"), ("channel.py", "send")], "finished, waiting for the other ranks"),
     ],
-    ids=["joining", "packing", "reporting", "starting"],
+    ids=["joining", "packing", "reporting", "starting", "sending", "threads", "let-go", "exiting"],
 )
 def test_a_rank_in_nbfabric_s_own_steps_is_named_by_the_step(inner, shown):
     """Outside the user's code, the innermost nbfabric or library function says little ("_answer at

@@ -29,6 +29,13 @@ def place_label(filename: str, line: int) -> str:
     return f"{filename}, line {line}" if number is None else f"Cell In[{number}], line {line}"
 
 
+def label_place(place: str) -> str:
+    """A place a rank named ("file, line 3"), named here: a process that did not run the notebook's
+    cells (spawned, a pool's engine) cannot tell their numbers."""
+    found = re.fullmatch(r"(.+), line (\d+)", place)
+    return place_label(found.group(1), int(found.group(2))) if found else place
+
+
 def label_error_cells(error: BaseException) -> None:
     """Rename the cell files in a RankError's message and traceback, in place."""
     if error.args and isinstance(error.args[0], str):

@@ -49,6 +49,8 @@ class JoinLauncher:
     """Ranks that already exist (torchrun, `nbfabric run`, srun) or a run of one process: the
     callable runs here, in this process."""
 
+    runs_here = True  # its value stays in this process: no copy to the CPU for the trip back
+
     def launch(self, rank_main: RankMain, *, prepare: Callable[[], None] | None = None) -> Any:
         return rank_main()
 

@@ -8,10 +8,11 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from nbfabric.channel import Failure, Left, Result, now
+from nbfabric.launcher.cell_labels import label_place
 from nbfabric.launcher.output import Sink
 from nbfabric.launcher.stacks import RankPlace
 from nbfabric.launcher.usage import SAMPLE_EVERY, Usage, UsageMeter
@@ -125,6 +126,12 @@ class RunLoop:
             self.outcome.places = self.where(asked)
             self.sink.places(self.outcome.places, live=False)
         self.stop_ranks()
+
+    def _rank_left(self, event: Left) -> None:
+        """The rank's code called sys.exit: said in its stderr; a status of 0 fails nothing."""
+        event = replace(event, where=label_place(event.where))
+        self.outcome.left[event.rank] = event
+        self.sink.line(event.rank, "stderr", f"left the run: sys.exit({event.code}) at {event.where}")
 
     def _after_poll(self) -> None:
         self.sink.flush()

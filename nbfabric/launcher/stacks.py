@@ -32,9 +32,12 @@ _PHASES = {  # nbfabric's functions a rank runs outside the user's code -> what 
     "become_rank": "starting",
     "_join": "joining the run",
     "pack_for_notebook": "packing the cell's names for the notebook",
+    "_join_threads": "waiting for the threads its code started",
+    "run_rank": "sending its result",  # (outside the user's code, which run_rank also calls)
     **dict.fromkeys(_REPORTING, "reporting its failure"),
 }
-_WAITING_FOR_PEERS = "wait_for_peers"  # the store client's call a rank makes once its part is done
+# a rank's calls once its part is done: the store client's wait for its peers, the worker's end
+_FINISHED = ("wait_for_peers", "_announce_exit", "_stay_until_let_go")
 _QUIET = 0.05  # seconds without new bytes after which a dump is taken as complete
 
 
@@ -82,7 +85,7 @@ class RankPlace:
     @property
     def finished(self) -> bool:
         """Whether the rank has done its part of the run and waits for its peers to do theirs."""
-        return any(f.filename.startswith(PACKAGE_DIR) and f.function == _WAITING_FOR_PEERS for f in self.frames)
+        return any(f.filename.startswith(PACKAGE_DIR) and f.function in _FINISHED for f in self.frames)
 
     @property
     def collective(self) -> str:

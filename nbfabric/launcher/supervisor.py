@@ -123,8 +123,7 @@ class Supervisor(RunLoop):
             self.outcome.failures.setdefault(event.rank, event)
             self.stop()
         elif isinstance(event, Left):
-            self.outcome.left[event.rank] = event
-            self.sink.line(event.rank, "stderr", f"left the run: sys.exit({event.code}) at {event.where}")
+            self._rank_left(event)
         elif isinstance(event, Exiting):
             self._announced[event.rank] = event.code
 

@@ -76,8 +76,8 @@ def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) 
         _join_threads()
         return 0
     except SystemExit as exc:
-        code = _exit_code(exc)
-        channel.send(Left(spec.rank, code, _where(exc), now()))
+        code = exit_code(exc)
+        channel.send(Left(spec.rank, code, where_raised(exc), now()))
         return code
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a stop request must not cut the report short
@@ -198,14 +198,14 @@ def _flush_output() -> None:
             pass
 
 
-def _where(exc: BaseException) -> str:
+def where_raised(exc: BaseException) -> str:
     """The user's line that raised `exc`, as "file, line N" or "Cell In[5], line N"."""
     frames = traceback.extract_tb(exc.__traceback__)
     user = [frame for frame in frames if not frame.filename.startswith(PACKAGE_DIR)] or frames
     return place_label(user[-1].filename, user[-1].lineno or 0) if user else "an unknown place"
 
 
-def _exit_code(exc: SystemExit) -> int:
+def exit_code(exc: SystemExit) -> int:
     if exc.code is None or isinstance(exc.code, int):
         return exc.code or 0
     print(exc.code, file=sys.stderr)

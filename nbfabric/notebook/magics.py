@@ -3,6 +3,8 @@ shows the hardware picker, and stops or waits for a background run."""
 
 from __future__ import annotations
 
+import keyword
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -104,7 +106,7 @@ class FabricMagics(Magics):
             if line.split()[0] in ("stop-pool", "pull"):
                 self._refuse_while_running()  # a background run may be on the pool's ranks
             return pool_command(self.shell, line, self.pool)
-        args = magic_arguments.parse_argstring(self.fabric, line)
+        args = _parse(self.fabric, line, cell is None)
         given = {name: value for name, value in vars(args).items() if value is not None and value is not False}
         if args.help:
             print(self.fabric.parser.format_help())
@@ -135,7 +137,7 @@ class FabricMagics(Magics):
             except BaseException as error:
                 record.error = shown_briefly(error)
                 if request.pool is not None:
-                    self._remember_rank_names(compiled)
+                    self._after_failed_pool_cell(compiled)
                 raise
             finally:
                 record.duration = time.time() - record.started
@@ -183,6 +185,8 @@ class FabricMagics(Magics):
                     "group made with its checks on, and the pool's outlives the cell; run the cell on ranks of its "
                     "own (%fabric stop-pool first)"
                 )
+        if args.out is not None:
+            _check_name("--out", args.out)
         return CellRequest(plan, _wanted_names(args), args.out, bool(args.background), widgets, pool)
 
     def _values_for_ranks(self, request: CellRequest, cell: Cell) -> dict[str, Any] | Shipment:
@@ -205,6 +209,20 @@ class FabricMagics(Magics):
         for name in deleted:
             self.pool.names_on_ranks.pop(name, None)
 
+    def _after_failed_pool_cell(self, cell: Cell) -> None:
+        """What the cell bound on the ranks before it stopped stays theirs, which is said; a name it
+        may have deleted there is the notebook's again, sent with the next cell that reads it."""
+        self._remember_rank_names(cell)
+        for name in cell.deleted_names:
+            self.pool.names_on_ranks.pop(name, None)
+        bound = [name for name in cell.bound_names if name != "fabric" and not name.startswith("_")]
+        if bound and self.pool.pool is not None and self.pool.pool.up:
+            print(
+                f"what this cell bound on the pool's ranks before it stopped stays there for the next cells: {', '.join(bound)}; "
+                "the notebook keeps its own values (%fabric pull NAME brings rank 0's here)",
+                file=sys.stderr,
+            )
+
     def _make_view(self, request: CellRequest) -> tuple[Any, Any]:
         """The cell's view of the run (a Sink), and the dashboard when it shows one from the start."""
         config, ranks = request.plan.config, request.plan.shown_ranks
@@ -226,6 +244,8 @@ class FabricMagics(Magics):
 
     def _bring_back(self, returned: Any) -> Any:
         """Put the names rank 0 sent into the notebook; return the cell's last value."""
+        if returned is None:  # the run succeeded, but rank 0 sent nothing: its code left by sys.exit
+            print("nothing was brought back: rank 0 left the run (sys.exit) before the cell's names were sent", file=sys.stderr)
         values = returned.load() if returned is not None else {}
         last_value = values.pop(LAST_VALUE, None)
         self.shell.user_ns.update(values)
@@ -358,6 +378,20 @@ def _dashboard(config: Any, ranks: set[int] | None, started: float | None = None
     return Dashboard(config, ranks, started)
 
 
+def _parse(magic: Any, line: str, line_magic: bool) -> Any:
+    """The flags of `line`; a word that is neither a flag nor an action is named with what is allowed."""
+    try:
+        return magic_arguments.parse_argstring(magic, line)
+    except UsageError as error:
+        stray = re.search(r"argument action: invalid choice: (.+?) \(choose from", str(error))
+        if stray is None:
+            raise
+        allowed = ", ".join(("stop", "wait", "where", *POOL_COMMANDS) if line_magic else ("stop", "wait", "where"))
+        raise UsageError(
+            f"{stray.group(1)} is not a flag, nor one of {allowed}; several names go as one flag, such as --return=model,losses"
+        ) from None
+
+
 def _flag(name: str) -> str:
     return "stop or wait" if name == "action" else f"--{name.replace('_names', '').replace('_', '-')}"
 
@@ -377,8 +411,17 @@ def _wanted_names(args: Any) -> list[str] | None:
     if args.no_return:
         return []
     if args.return_names:
-        return [name.strip() for name in args.return_names.split(",") if name.strip()]
+        names = [name.strip() for name in args.return_names.split(",") if name.strip()]
+        for name in names:
+            _check_name("--return", name)
+        return names
     return None
+
+
+def _check_name(flag: str, name: str) -> None:
+    """A UsageError unless `name` is one a notebook can bind and read back."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise UsageError(f"{flag} takes {'a Python name, such as run' if flag == '--out' else 'Python names, such as model or model,losses'}; {name!r} is not one")
 
 
 def _first_line(error: BaseException) -> str:

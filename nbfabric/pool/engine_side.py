@@ -1,7 +1,6 @@
 """The engines' side of a rank pool: functions that run in an ipyparallel engine, which stays up between runs.
 
-Output and events of a run travel on the engine's IOPub socket as ipyparallel data messages, keyed
-by a sequence number, so that the notebook replays them in order into its Sink."""
+Output and events of a run travel on the engine's IOPub socket (`engine_output`)."""
 
 from __future__ import annotations
 
@@ -12,13 +11,13 @@ import signal
 import socket
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from nbfabric.channel import Failure
+from nbfabric.channel import Failure, Left, now
+from nbfabric.launcher.worker import exit_code, where_raised
+from nbfabric.pool.engine_output import EngineChannel, output_to
 
-_OUTPUT_FLUSH = 0.05  # seconds a partial line may wait before it is sent anyway
 
 
 def describe() -> dict[str, Any]:
@@ -176,19 +175,26 @@ def run(payload: bytes, after_stop: bool = False) -> tuple[str, Any]:
 
     rank = int(os.environ["RANK"])
     channel = EngineChannel()
-    with _output_to(channel), _answering_where(channel):
-        try:
-            with _interruptible():
-                rank_main = pickle.loads(payload)
-                set_rank_links(RankLinks(channel, after_stop=after_stop))
-                with _noting_group_sockets():
-                    value = rank_main()
-            return "done", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else None
-        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the notebook
-            return "failed", Failure.from_exception(rank, exc)
-        finally:
-            set_rank_links(None)
-            _close_store_of_an_ended_group()
+    try:
+        with output_to(channel), _answering_where(channel):
+            try:
+                with _interruptible():
+                    rank_main = pickle.loads(payload)
+                    set_rank_links(RankLinks(channel, after_stop=after_stop))
+                    with _noting_group_sockets():
+                        value = rank_main()
+                return "done", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else None
+            except SystemExit as exc:
+                if exit_code(exc) != 0:
+                    return "failed", Failure.from_exception(rank, exc)
+                return "left", Left(rank, 0, where_raised(exc), now())  # as a forked rank: it left the run, which goes on
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the notebook
+                return "failed", Failure.from_exception(rank, exc)
+            finally:
+                set_rank_links(None)
+                _close_store_of_an_ended_group()
+    finally:
+        channel.close()  # its last batch leaves before the reply, on the socket the notebook waits on for output
 
 
 def _close_store_of_an_ended_group() -> None:
@@ -200,79 +206,6 @@ def _close_store_of_an_ended_group() -> None:
         from nbfabric.launcher.keyed_store import close_servers
 
         close_servers()
-
-
-class EngineChannel:
-    """A rank's event channel on a pool engine: each event is one data message, keyed by its number."""
-
-    def __init__(self):
-        from ipykernel.zmqshell import ZMQInteractiveShell
-        from jupyter_client.session import extract_header
-
-        shell = ZMQInteractiveShell.instance()
-        self._session, self._socket = shell.data_pub.session, shell.data_pub.pub_socket
-        self._parent = extract_header(shell.kernel.get_parent("shell"))  # this run's request, for every thread
-        self._lock = threading.Lock()
-        self._sequence = 0
-
-    def send(self, event: Any) -> None:
-        from ipyparallel.serialize import serialize_object
-
-        with self._lock:
-            key = str(self._sequence)
-            self._sequence += 1
-            buffers = serialize_object({key: event})
-            self._session.send(self._socket, "data_message", content={"keys": [key]}, parent=self._parent, buffers=buffers, ident=b"datapub")
-
-    def close(self) -> None:
-        """Nothing to close: the engine's socket outlives the run."""
-
-
-class _OutputStream:
-    """sys.stdout / sys.stderr during a run: text goes out as ("output", stream, text) events,
-    a line at a time (a partial line after at most _OUTPUT_FLUSH s)."""
-
-    encoding = "utf-8"
-    errors = "replace"
-
-    def __init__(self, channel: EngineChannel, name: str):
-        self._channel, self.name = channel, name
-        self._pending: list[str] = []
-        self._since = 0.0
-
-    def write(self, text: str) -> int:
-        if not self._pending:
-            self._since = time.monotonic()
-        self._pending.append(text)
-        if "\n" in text or "\r" in text or time.monotonic() - self._since > _OUTPUT_FLUSH:
-            self.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        if self._pending:
-            text, self._pending = "".join(self._pending), []
-            self._channel.send(("output", self.name, text))
-
-    def isatty(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        raise OSError("a pool rank's output stream has no file descriptor")
-
-
-@contextmanager
-def _output_to(channel: EngineChannel) -> Iterator[None]:
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _OutputStream(channel, "stdout"), _OutputStream(channel, "stderr")
-    try:
-        yield
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        sys.stdout, sys.stderr = saved
 
 
 @contextmanager

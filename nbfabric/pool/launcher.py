@@ -96,7 +96,9 @@ class _PoolRun(RunLoop):
 
     def end(self) -> None:
         self._drain_final()
-        self.pool.last_run_stopped = self.outcome.stop_time is not None or bool(self.outcome.failures) or any(self.outcome.returncodes.values())
+        self.pool.last_run_stopped = (  # a rank that left by sys.exit(0) skipped the rest of the cell: the ranks may differ
+            self.outcome.stop_time is not None or bool(self.outcome.failures) or bool(self.outcome.left) or any(self.outcome.returncodes.values())
+        )
         if self._left_group and not self.pool.broken:
             self.pool.regroup()
             print("the ranks left their process group to stop; the next run meets in a new one, and what was set up before goes on there", file=sys.stderr)
@@ -119,6 +121,9 @@ class _PoolRun(RunLoop):
             self.outcome.returncodes[rank] = 0
             if value is not None:
                 self.outcome.result = value
+        elif status == "left":
+            self.outcome.returncodes[rank] = 0
+            self._rank_left(value)
         else:
             self.outcome.failures.setdefault(rank, value)
             self.outcome.returncodes[rank] = 130 if value.exc_type == "KeyboardInterrupt" else 1
@@ -195,21 +200,34 @@ class _PoolRun(RunLoop):
         self.pool.mark_broken(why)
 
     def _replay(self, rank: int) -> None:
-        """Pass on, in order, the events rank `rank` published so far."""
+        """Pass on, in order, the batches of events rank `rank` published so far. The messages of one
+        engine arrive in order, so a later one that came before the next expected one means that one
+        was lost on the way: that is said, in the rank's stderr, and the replay goes on after it."""
         data = self.data[rank]  # the very dict the client fills as messages arrive
-        key = str(self.sequence[rank])
-        while key in data:
-            event = data.pop(key)
-            self.sequence[rank] += 1
+        while True:
             key = str(self.sequence[rank])
-            if isinstance(event, Metrics):
-                self.sink.metrics(event)
-            elif event[0] == "stacks":
-                self._stacks[rank] = event[1]
-            else:
-                _, stream, text = event
-                splitter = self.splitters.setdefault((rank, stream), LineSplitter())
-                emit_segments(self.sink, rank, stream, splitter.feed(text.encode()))
+            if key not in data:
+                later = [int(other) for other in list(data) if other.isdigit() and int(other) > self.sequence[rank]]
+                if not later:
+                    return
+                following = min(later)
+                self.sink.line(rank, "stderr", f"(nbfabric: {following - self.sequence[rank]} message(s) of this rank's output and metrics were lost on the way from its engine)")
+                self.sequence[rank] = following
+                continue
+            batch = data.pop(key)
+            self.sequence[rank] += 1
+            for event in batch:
+                self._replay_event(rank, event)
+
+    def _replay_event(self, rank: int, event: Any) -> None:
+        if isinstance(event, Metrics):
+            self.sink.metrics(event)
+        elif event[0] == "stacks":
+            self._stacks[rank] = event[1]
+        else:
+            _, stream, text = event
+            splitter = self.splitters.setdefault((rank, stream), LineSplitter())
+            emit_segments(self.sink, rank, stream, splitter.feed(text.encode()))
 
     def _drain_final(self) -> None:
         """The events that arrived after the runs' results, and each stream's unterminated rest."""
