@@ -50,6 +50,14 @@ class MetricLog:
         """Add the values a rank sent (parent side)."""
         self.points.extend(MetricPoint(event.rank, *point) for point in event.points)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The values only: a channel and a sender belong to the process that has them."""
+        return {"points": self.points}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+        self.points = state["points"]
+
     def close(self) -> None:
         """Send what is still unsent and stop the sender thread."""
         if self._sender is not None:

@@ -1,6 +1,7 @@
 """A rank's part of a run as one callable that launchers run as it is: in a forked rank, or pickled
-for a fresh interpreter or a pool's engine (the Fabric with dill, the function and its arguments
-with cloudpickle, which carries notebook functions with the globals they reach)."""
+for a fresh interpreter or a pool's engine (with cloudpickle, which carries notebook functions with
+the globals they reach; a Fabric holding what cloudpickle cannot take, such as a logger with a lock,
+with dill)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ class RankCall:
         return self.fabric._run_as_rank(self.function, self.args, self.kwargs, self.finish)
 
     def __reduce__(self) -> tuple:
+        try:
+            fabric, by_dill = dumps(self.fabric), False
+        except (TypeError, pickle.PicklingError, AttributeError):
+            import dill
+
+            fabric, by_dill = dill.dumps(self.fabric), True
+        return _rebuild, (fabric, by_dill, dumps((self.function, self.args, self.kwargs, self.finish)))
+
+
+def _rebuild(fabric: bytes, by_dill: bool, call: bytes) -> RankCall:
+    if by_dill:
         import dill
 
-        return _rebuild, (dill.dumps(self.fabric), dumps((self.function, self.args, self.kwargs, self.finish)))
-
-
-def _rebuild(fabric: bytes, call: bytes) -> RankCall:
-    import dill
-
-    return RankCall(dill.loads(fabric), *pickle.loads(call))
+        return RankCall(dill.loads(fabric), *pickle.loads(call))
+    return RankCall(pickle.loads(fabric), *pickle.loads(call))

@@ -1,12 +1,20 @@
 """What a run on a pool engine writes, on its way to the notebook: sys.stdout and sys.stderr, and file
 descriptors 1 and 2 (C libraries, subprocesses, os.write), as ("output", stream, text) events; with
 the run's metrics and stacks, they travel on the engine's IOPub socket as ipyparallel data messages,
-keyed by a sequence number, so that the notebook replays them in order into its Sink."""
+keyed by a sequence number, so that the notebook replays them in order into its Sink.
+
+One thread per engine, started with its first run and kept, reads the descriptors' pipes and sends
+the events in batches: the first event after a quiet spell at once, then what came in the next
+_BATCH_SECONDS. A rank that prints thousands of lines a second then sends tens of messages, not
+thousands, which the engine's socket would drop past its high-water mark; and, one sender, the
+messages leave in the order of their numbers."""
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import fcntl
+import functools
 import os
 import select
 import sys
@@ -15,58 +23,136 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-_BATCH_SECONDS = 0.02  # after sending a batch of events, the channel gathers the next one this long
-_PIPE_GRACE = 0.2  # seconds a descriptor's pipe may take to empty after the run (a subprocess's last words)
+_BATCH_SECONDS = 0.02  # after sending a batch of events, the thread gathers the next one this long
+_PIPE_BYTES = 1 << 20  # each descriptor's pipe holds this much before a writer waits for the thread
+_STREAMS = {1: "stdout", 2: "stderr"}
 
 
 class EngineChannel:
-    """A rank's event channel on a pool engine. Events go out in batches, one data message each, keyed
-    by its number: the first event after a quiet spell at once, then what came in the next
-    _BATCH_SECONDS. A rank that prints thousands of lines a second then sends tens of messages, not
-    thousands, which the engine's socket would drop past its high-water mark. One thread sends, so
-    the messages leave in the order of their numbers."""
+    """A run's event channel on a pool engine: what it is sent goes out with the run's request as
+    parent; `close` returns once all of it, and what the run wrote to descriptors 1 and 2, is sent."""
 
     def __init__(self):
         from ipykernel.zmqshell import ZMQInteractiveShell
         from jupyter_client.session import extract_header
 
         shell = ZMQInteractiveShell.instance()
-        self._session, self._socket = shell.data_pub.session, shell.data_pub.pub_socket
-        self._parent = extract_header(shell.kernel.get_parent("shell"))  # this run's request, for every thread
-        self._batch: list[Any] = []
-        self._closed = False
-        self._arrived = threading.Condition()
-        self._sender = threading.Thread(target=self._send_batches, name="nbfabric-events", daemon=True)
-        self._sender.start()
+        self._forwarder = _forwarder()
+        self._forwarder.begin(shell.data_pub.session, shell.data_pub.pub_socket, extract_header(shell.kernel.get_parent("shell")))
 
     def send(self, event: Any) -> None:
-        with self._arrived:
-            self._batch.append(event)
-            self._arrived.notify()
+        self._forwarder.add(event)
 
     def close(self) -> None:
-        """Send what is left, then stop the sending thread."""
-        with self._arrived:
-            self._closed = True
-            self._arrived.notify()
-        self._sender.join()
+        self._forwarder.end()
 
-    def _send_batches(self) -> None:
+
+class _Forwarder:
+    """The engine's thread that sends runs' events, and the pipes that stand for its descriptors 1
+    and 2 during a run (`redirect`)."""
+
+    def __init__(self):
+        self.write_ends: dict[int, int] = {}
+        self._names: dict[int, str] = {}
+        for fd, name in _STREAMS.items():
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            try:
+                fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_BYTES)
+            except OSError:  # a smaller limit (/proc/sys/fs/pipe-max-size): the default size serves
+                pass
+            self.write_ends[fd], self._names[read_end] = write_end, name
+        self._decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in self._names}
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._lock = threading.Condition()
+        self._batch: list[Any] = []
+        self._run: list[Any] | None = None  # [session, socket, parent header, next sequence number]
+        self._flushes_asked = self._flushes_done = 0
+        self._sending = False  # the thread has taken a batch that it has not sent yet
+        threading.Thread(target=self._serve, name="nbfabric-events", daemon=True).start()
+
+    def begin(self, session: Any, socket: Any, parent: dict) -> None:
+        with self._lock:
+            self._batch.clear()
+            self._run = [session, socket, parent, 0]
+
+    def add(self, event: Any) -> None:
+        with self._lock:
+            if self._run is None:
+                return  # a thread of an ended run: nobody listens for it
+            self._batch.append(event)
+            if len(self._batch) == 1:
+                os.write(self._wake_write, b"e")
+
+    def end(self) -> None:
+        """Once the run's descriptors are back (`output_to`): send what the pipes and the batch hold.
+        Where they hold nothing and no batch is on its way, nothing need wait for the thread."""
+        with self._lock:
+            if not self._batch and not self._sending and not select.select(list(self._names), [], [], 0)[0]:
+                self._run = None
+                return
+            self._flushes_asked += 1
+            asked = self._flushes_asked
+            os.write(self._wake_write, b"f")
+            self._lock.wait_for(lambda: self._flushes_done >= asked)
+            self._run = None
+
+    def _serve(self) -> None:
         from ipyparallel.serialize import serialize_object
 
-        sequence = 0
+        watched = [*self._names, self._wake_read]
+        next_send = 0.0
         while True:
-            with self._arrived:
-                self._arrived.wait_for(lambda: self._batch or self._closed)
-                batch, self._batch, closed = self._batch, [], self._closed
+            with self._lock:
+                waiting = bool(self._batch)
+            timeout = max(0.0, next_send - time.monotonic()) if waiting else None
+            ready = select.select(watched, [], [], timeout)[0]
+            for fd in ready:
+                if fd != self._wake_read:
+                    self._read(fd)
+            if self._wake_read in ready:
+                os.read(self._wake_read, 1 << 12)
+            with self._lock:
+                flush = self._flushes_asked > self._flushes_done
+                if flush:
+                    for fd in self._names:  # the run has given its descriptors back: all it wrote is here
+                        self._read(fd)
+                due = flush or time.monotonic() >= next_send
+                batch, run = (self._batch, self._run) if due and self._batch else ([], None)
+                if batch:
+                    self._batch = []
+                    run[3] += 1
+                    self._sending = True
             if batch:
-                key = str(sequence)
-                sequence += 1
-                buffers = serialize_object({key: batch})
-                self._session.send(self._socket, "data_message", content={"keys": [key]}, parent=self._parent, buffers=buffers, ident=b"datapub")
-            if closed:
+                session, socket, parent, number = run
+                key = str(number - 1)
+                session.send(socket, "data_message", content={"keys": [key]}, parent=parent, buffers=serialize_object({key: batch}), ident=b"datapub")
+                next_send = time.monotonic() + _BATCH_SECONDS
+            with self._lock:
+                self._sending = False
+                if flush:
+                    self._flushes_done = self._flushes_asked
+                    self._lock.notify_all()
+
+    def _read(self, fd: int) -> None:
+        """What pipe `fd` holds now, as events of its stream (called with the lock held or by the thread)."""
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
                 return
-            time.sleep(_BATCH_SECONDS)  # what arrives meanwhile goes out as the next batch
+            if not chunk:
+                return
+            text = self._decoders[fd].decode(chunk)
+            if text and self._run is not None:
+                self._batch.append(("output", self._names[fd], text))
+
+
+@functools.cache
+def _forwarder() -> _Forwarder:
+    """This engine's, made with its first run."""
+    return _Forwarder()
 
 
 class _OutputStream:
@@ -125,73 +211,37 @@ class _BinaryOutput:
 
 @contextmanager
 def output_to(channel: EngineChannel) -> Iterator[None]:
-    """During the run, sys.stdout and sys.stderr write to `channel`, and so do descriptors 1 and 2."""
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _OutputStream(channel, "stdout", 1), _OutputStream(channel, "stderr", 2)
-    try:
-        with _descriptors_to(channel):
-            yield
-    finally:
-        sys.stdout, sys.stderr = saved
-
-
-@contextmanager
-def _descriptors_to(channel: EngineChannel) -> Iterator[None]:
-    """Descriptors 1 and 2 become pipes for the run, which a thread reads into `channel`; afterwards
-    they are what they were. A subprocess the run left going keeps its pipe open: what it writes
-    within _PIPE_GRACE s of the run's end still goes out, later words are not read."""
+    """During the run, sys.stdout and sys.stderr write to `channel`, and so do descriptors 1 and 2
+    (pipes that the engine's thread reads); afterwards they are what they were. A subprocess the run
+    left going keeps writing into the pipe: what it writes before the run ends goes out with it."""
     for stream in (sys.__stdout__, sys.__stderr__):  # what the engine wrote before goes where it went
         if stream is not None:
             stream.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    readers: dict[int, str] = {}
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        read_end, write_end = os.pipe()
+    saved = sys.stdout, sys.stderr
+    descriptors = {fd: os.dup(fd) for fd in _STREAMS}
+    for fd, write_end in _forwarder().write_ends.items():
         os.dup2(write_end, fd)
-        os.close(write_end)
-        readers[read_end] = name
-    stop_read, stop_write = os.pipe()
-    thread = threading.Thread(target=_forward, args=(readers, stop_read, channel), name="nbfabric-descriptors", daemon=True)
-    thread.start()
+    sys.stdout, sys.stderr = _OutputStream(channel, "stdout", 1), _OutputStream(channel, "stderr", 2)
     try:
         yield
     finally:
+        sys.stdout, sys.stderr = saved
         _flush_c_streams()
-        for fd, copy in saved.items():
+        for fd, copy in descriptors.items():
             os.dup2(copy, fd)
             os.close(copy)
-        thread.join(_PIPE_GRACE)  # the pipes end once no process holds them open
-        os.write(stop_write, b"x")
-        thread.join()
-        for fd in (*readers, stop_read, stop_write):
-            os.close(fd)
 
 
-def _forward(readers: dict[int, str], stop: int, channel: EngineChannel) -> None:
-    """Send what the pipes `readers` (read end -> stream) carry until they end, or until `stop` is
-    written: then what they hold at that moment still goes."""
-    decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in readers}
-    open_ends = set(readers)
-    while open_ends:
-        ready = select.select([*open_ends, stop], [], [])[0]
-        stopping = stop in ready
-        for fd in sorted(open_ends) if stopping else ready:
-            while select.select([fd], [], [], 0)[0]:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    open_ends.discard(fd)
-                    break
-                if text := decoders[fd].decode(chunk):
-                    channel.send(("output", readers[fd], text))
-                if not stopping:
-                    break
-        if stopping:
-            return
+@functools.cache
+def _c_library() -> Any:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:  # none to ask (not on Linux or macOS)
+        return None
 
 
 def _flush_c_streams() -> None:
     """What C code printed into stdio's buffers, written out to the descriptors while they are pipes."""
-    try:
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):  # no C library to ask (not on Linux or macOS)
-        pass
+    library = _c_library()
+    if library is not None:
+        library.fflush(None)

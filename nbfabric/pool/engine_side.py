@@ -4,11 +4,13 @@ Output and events of a run travel on the engine's IOPub socket (`engine_output`)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pickle
 import signal
 import socket
+import stat
 import sys
 import threading
 from contextlib import contextmanager
@@ -57,7 +59,7 @@ def join(env: dict[str, str], local_world_size: int) -> None:
 
         torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt counts only while a run goes on
-    _request_pipes()
+    _requests()
     if importlib.util.find_spec("tqdm") is not None:
         import tqdm.notebook  # noqa: F401 - an engine is a kernel: tqdm.auto would pick widget bars
 
@@ -73,7 +75,7 @@ _group_sockets: list[tuple[int, str]] = []  # (fd, inode) of the sockets the pro
 _run_began_with: dict[int, str] = {}  # the sockets open as the current run began: fd -> inode
 _left_groups: list[Any] = []  # process groups left after a stop, kept for the life of the engine
 # Sent to every rank still running when a stop finds them all waiting in collectives, where no
-# peer that leaves the group can fail them: its answer comes from a thread (see _answering_where).
+# peer that leaves the group can fail them: its answer comes from a thread (see _Requests).
 LEAVE_SIGNAL = signal.SIGRTMIN + 2
 
 
@@ -155,16 +157,19 @@ def _sockets() -> dict[int, str]:
     found = {}
     for name in os.listdir("/proc/self/fd"):
         inode = _inode(int(name))
-        if inode.startswith("socket:"):
+        if inode:
             found[int(name)] = inode
     return found
 
 
 def _inode(fd: int) -> str:
+    """The socket that `fd` is ("socket:[inode]"), or "" (not a socket, or closed); fstat costs a
+    third of reading the descriptor's link."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}")
+        status = os.fstat(fd)
     except OSError:
         return ""
+    return f"socket:[{status.st_ino}]" if stat.S_ISSOCK(status.st_mode) else ""
 
 
 def run(payload: bytes, after_stop: bool = False) -> tuple[str, Any]:
@@ -176,7 +181,7 @@ def run(payload: bytes, after_stop: bool = False) -> tuple[str, Any]:
     rank = int(os.environ["RANK"])
     channel = EngineChannel()
     try:
-        with output_to(channel), _answering_where(channel):
+        with output_to(channel), _requests().answering(channel):
             try:
                 with _interruptible():
                     rank_main = pickle.loads(payload)
@@ -218,64 +223,63 @@ def _interruptible() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late stop request must not cut the report short
 
 
-_stack_pipes: list[int] = []  # this engine's stack pipe and leave pipe (read ends), and a pipe that wakes their reader
+class _Requests:
+    """This engine's answers to a request for its stack (stacks.WHERE_SIGNAL: a ("stacks", text)
+    event to the current run) and to LEAVE_SIGNAL (the collective the run waits in is broken). Both
+    are written by faulthandler into a pipe that a thread of the engine reads, so they are answered
+    while the main thread waits in a collective; between runs they go nowhere (the pipes do not
+    block). Made, and the signals taken (LEAVE_SIGNAL would end the engine otherwise), once."""
 
+    def __init__(self):
+        import faulthandler
 
-@contextmanager
-def _answering_where(channel: EngineChannel) -> Iterator[None]:
-    """While a run goes on, a request for this rank's stack (stacks.WHERE_SIGNAL) is answered with
-    a ("stacks", text) event, and LEAVE_SIGNAL breaks the collective the run waits in. Both are
-    written by faulthandler into a pipe a thread reads, so they are answered while the main thread
-    waits in a collective. Between runs they go nowhere (the pipes do not block)."""
-    import select
+        from nbfabric.launcher import stacks
 
-    from nbfabric.launcher import stacks
-
-    read_end, leave_read, wake_read, wake_write = _request_pipes()
-    _drain(read_end)  # dumps written between runs, and the listener's header
-    _drain(leave_read)
-    header = stacks.header()
-
-    def answer() -> None:
-        while True:
-            ready = select.select([read_end, leave_read, wake_read], [], [])[0]
-            if leave_read in ready:
-                _drain(leave_read, quiet=0.05)
-                _break_collectives()
-            if read_end in ready:  # answered even as the run ends: the launcher may be waiting for it
-                text = _drain(read_end, quiet=0.05)
-                if text.strip():
-                    channel.send(("stacks", header + text))
-            elif wake_read in ready:
-                return
-
-    thread = threading.Thread(target=answer, name="nbfabric-where", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        os.write(wake_write, b"x")
-        thread.join()
-        _drain(wake_read)
-
-
-def _request_pipes() -> list[int]:
-    """The pipes faulthandler writes into on WHERE_SIGNAL and LEAVE_SIGNAL (their read ends), and a
-    pipe that wakes their reader; made, and the signals taken (LEAVE_SIGNAL would end the engine
-    otherwise), once per engine."""
-    import faulthandler
-
-    from nbfabric.launcher import stacks
-
-    if not _stack_pipes:
-        read_end, write_end = os.pipe()
+        self._stacks, write_end = os.pipe()
         os.set_blocking(write_end, False)
         stacks.listen(write_end)
-        leave_read, leave_write = os.pipe()
+        self._leave, leave_write = os.pipe()
         os.set_blocking(leave_write, False)
         faulthandler.register(LEAVE_SIGNAL, file=leave_write, all_threads=False, chain=False)
-        _stack_pipes.extend((read_end, leave_read, *os.pipe()))
-    return _stack_pipes
+        self._header = stacks.header()
+        self._channel: EngineChannel | None = None
+        self._lock = threading.Lock()  # held while a request is answered: a run ends after its answer
+        threading.Thread(target=self._serve, name="nbfabric-where", daemon=True).start()
+
+    @contextmanager
+    def answering(self, channel: EngineChannel) -> Iterator[None]:
+        with self._lock:
+            self._channel = channel
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._answer_stacks(quiet=0.0)  # a dump that came as the run ended: the launcher may wait for it
+                self._channel = None
+
+    def _serve(self) -> None:
+        import select
+
+        while True:
+            ready = select.select([self._stacks, self._leave], [], [])[0]
+            with self._lock:
+                if self._leave in ready:
+                    _drain(self._leave, quiet=0.05)
+                    if self._channel is not None:
+                        _break_collectives()
+                if self._stacks in ready:
+                    self._answer_stacks(quiet=0.05)
+
+    def _answer_stacks(self, quiet: float) -> None:
+        """Send the dump the stack pipe holds to the current run (with the lock held)."""
+        text = _drain(self._stacks, quiet=quiet)  # the listener's header, at first
+        if self._channel is not None and text.strip():
+            self._channel.send(("stacks", self._header + text))
+
+
+@functools.cache
+def _requests() -> _Requests:
+    return _Requests()
 
 
 def _drain(fd: int, quiet: float = 0.0) -> str:
