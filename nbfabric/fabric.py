@@ -554,7 +554,7 @@ class Fabric:
         min, max or product, in any case, or a torch.distributed.ReduceOp."""
         op = reduce_op_name(reduce_op)
         self._check_launched()
-        return apply_to_collection(as_tensors(data, self.device), torch.Tensor, partial(self._strategy.all_reduce, op=op, group=group))
+        return apply_to_collection(as_tensors(data, self.device), torch.Tensor, partial(self._strategy.all_reduce, group=group, reduce_op=op))
 
     @contextmanager
     def rank_zero_first(self, local: bool = False) -> Iterator[None]:

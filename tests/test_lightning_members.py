@@ -23,6 +23,14 @@ def _identity(fabric, helpers):
         "root_device": str(fabric.strategy.root_device),
         "rank_zero_only": helpers["rank_zero_only"](lambda: f"ran on {fabric.global_rank}")(),
         "others": fabric.broadcast(helpers["rank_zero_only"](lambda: "ran")(), src=1),
+        "strategy's": fabric.all_gather(torch.tensor([  # each rank's, as its strategy tells it
+            fabric.strategy.global_rank, fabric.strategy.local_rank, fabric.strategy.node_rank, fabric.strategy.world_size,
+            fabric.strategy.is_global_zero, fabric.strategy.num_nodes, fabric.strategy.num_processes,
+        ])).tolist(),
+        "parallel_devices": [str(device) for device in fabric.strategy.parallel_devices],
+        "process_group_backend": fabric.strategy.process_group_backend,
+        "strategy's sum": fabric.strategy.all_reduce(torch.tensor([fabric.global_rank + 1.0]), reduce_op="sum").tolist(),
+        "strategy's mean": fabric.strategy.all_reduce(torch.tensor([fabric.global_rank + 1.0])).tolist(),
     }
 
 
@@ -31,6 +39,8 @@ def _identity(fabric, helpers):
 def test_each_rank_knows_its_place():
     assert same(run_both(_identity)) == {
         "ranks": (0, 0, 0, 2, True), "device": "cpu", "root_device": "cpu", "rank_zero_only": "ran on 0", "others": None,
+        "strategy's": [[0, 0, 0, 2, 1, 1, 2], [1, 1, 0, 2, 0, 1, 2]], "parallel_devices": ["cpu", "cpu"], "process_group_backend": "gloo",
+        "strategy's sum": [3.0], "strategy's mean": [1.5],
     }
 
 

@@ -28,6 +28,7 @@ class Cell:
     last_expression: CodeType | None = field(init=False, repr=False, compare=False)
     bound_names: tuple[str, ...] = field(init=False, compare=False)
     deleted_names: tuple[str, ...] = field(init=False, compare=False)
+    imported_names: tuple[str, ...] = field(init=False, compare=False)  # bound by imports only
     read_names: frozenset[str] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -39,9 +40,10 @@ class Cell:
         if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
             last = compile(ast.Expression(tree.body.pop().value), self.filename, "eval", flags=self.flags)
         set_(self, "last_expression", last)
-        bound, deleted = top_level_names(tree)
+        bound, deleted, imported = top_level_names(tree)
         set_(self, "bound_names", tuple(bound))
         set_(self, "deleted_names", tuple(deleted))
+        set_(self, "imported_names", tuple(imported))
         set_(self, "body", compile(tree, self.filename, "exec", flags=self.flags))
 
     def __reduce__(self) -> tuple:
@@ -87,25 +89,30 @@ def _notebook_sources() -> list[str]:
     return [name for name in names if name in linecache.cache]
 
 
-def top_level_names(tree: ast.Module) -> tuple[list[str], list[str]]:
-    """Names the cell binds, and names it deletes (`del NAME`), at its top level (not inside
-    functions, classes or comprehensions)."""
+def top_level_names(tree: ast.Module) -> tuple[list[str], list[str], list[str]]:
+    """Names the cell binds, names it deletes (`del NAME`), and the bound names that only an import
+    binds, at its top level (not inside functions, classes or comprehensions)."""
     names: dict[str, None] = {}
     deleted: dict[str, None] = {}
+    imported: dict[str, None] = {}
+    assigned: set[str] = set()
 
     class Binder(ast.NodeVisitor):
         def visit_Name(self, node: ast.Name) -> None:
             if isinstance(node.ctx, ast.Store):
                 names[node.id] = None
+                assigned.add(node.id)
             elif isinstance(node.ctx, ast.Del):
                 deleted[node.id] = None
 
         def visit_alias(self, node: ast.alias) -> None:
             if node.name != "*":
-                names[node.asname or node.name.split(".")[0]] = None
+                name = node.asname or node.name.split(".")[0]
+                names[name] = imported[name] = None
 
         def _define(self, node) -> None:
             names[node.name] = None
+            assigned.add(node.name)
             for decorator in node.decorator_list:
                 self.visit(decorator)
 
@@ -117,7 +124,7 @@ def top_level_names(tree: ast.Module) -> tuple[list[str], list[str]]:
         visit_Lambda = visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _skip
 
     Binder().visit(tree)
-    return list(names), list(deleted)
+    return list(names), list(deleted), [name for name in imported if name not in assigned]
 
 
 _rank_namespace: dict[str, Any] = {}  # per process: the names cells bound in this rank (kept between cells on a pool)

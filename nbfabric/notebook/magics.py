@@ -215,7 +215,7 @@ class FabricMagics(Magics):
         self._remember_rank_names(cell)
         for name in cell.deleted_names:
             self.pool.names_on_ranks.pop(name, None)
-        bound = [name for name in cell.bound_names if name != "fabric" and not name.startswith("_")]
+        bound = [name for name in cell.bound_names if name not in cell.imported_names and name != "fabric" and not name.startswith("_")]
         if bound and self.pool.pool is not None and self.pool.pool.up:
             print(
                 f"what this cell bound on the pool's ranks before it stopped stays there for the next cells: {', '.join(bound)}; "

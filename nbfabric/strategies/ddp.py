@@ -108,14 +108,19 @@ class DDPStrategy(SingleDeviceStrategy):
             )
         self.ddp_options = ddp_options
         self.timeout = timedelta(seconds=timeout) if isinstance(timeout, (int, float)) else timeout
-        self.process_group_backend = process_group_backend
+        self._asked_backend = process_group_backend
         self.backend = process_group_backend or "gloo"
         self._private_group = False
         self._store_server: KeyedStoreServer | None = None  # global rank 0's, on several nodes
 
+    @property
+    def process_group_backend(self) -> str:
+        """The process group's backend: the one asked for, else nccl on GPUs and gloo elsewhere."""
+        return self.backend
+
     def bind(self, config: RunConfig) -> DDPStrategy:
         super().bind(config)
-        self.backend = self.process_group_backend or ("nccl" if config.accelerator == "cuda" else "gloo")
+        self.backend = self._asked_backend or ("nccl" if config.accelerator == "cuda" else "gloo")
         if config.strategy == "ddp_find_unused_parameters_true":
             self.ddp_options.setdefault("find_unused_parameters", True)
         return self
@@ -235,9 +240,10 @@ class DDPStrategy(SingleDeviceStrategy):
             dist.all_gather(gathered, tensor, group)
             return torch.stack(gathered)
 
-    def all_reduce(self, tensor: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
-        """Reduce in place over `group`, as Lightning does: the mean of integers too, truncated to
-        their type."""
+    def all_reduce(self, tensor: torch.Tensor, group: Any = None, reduce_op: Any = "mean") -> torch.Tensor:
+        """Reduce in place over `group` by `reduce_op` (see `reduce_op_name`), as Lightning does: the
+        mean of integers too, truncated to their type."""
+        op = reduce_op_name(reduce_op)
         group = group if group is not None else dist.group.WORLD
         if op != "mean":
             dist.all_reduce(tensor, op=_TORCH_OPS[op], group=group)

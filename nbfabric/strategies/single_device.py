@@ -27,12 +27,15 @@ class SingleDeviceStrategy:
         self.device = torch.device("cpu")
         self.device_ids: tuple[int, ...] = (0,)
         self.precision = "32-true"
+        self.num_nodes = 1
+        self._ranks = RankInfo()  # this process's place, once it joined a run
 
     def bind(self, config: RunConfig) -> SingleDeviceStrategy:
         """Take the resolved settings of the run (accelerator, devices, precision)."""
         self.device = torch.device(config.accelerator)
         self.device_ids = config.device_ids
         self.precision = config.precision
+        self.num_nodes = config.num_nodes
         return self
 
     def make_precision(self) -> Precision:
@@ -44,11 +47,45 @@ class SingleDeviceStrategy:
         """The device of this rank (Lightning's name)."""
         return self.device
 
+    # This process's place in the run, under Lightning's names (its defaults until it joined one).
+    @property
+    def global_rank(self) -> int:
+        return self._ranks.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._ranks.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self._ranks.node_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._ranks.world_size
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self._ranks.global_rank == 0
+
+    @property
+    def num_processes(self) -> int:
+        """Ranks on each node."""
+        return len(self.device_ids)
+
+    @property
+    def parallel_devices(self) -> list[torch.device]:
+        """The devices of this node's ranks."""
+        if self.device.type == "cuda":
+            return [torch.device("cuda", index) for index in self.device_ids]
+        return [torch.device(self.device.type)] * len(self.device_ids)
+
     def preload(self) -> None:
         """Import, in the launching process, what each forked rank would otherwise import itself."""
 
     def setup_environment(self, ranks: RankInfo) -> None:
         """In the rank: take its device (a GPU by its local rank), and join the run."""
+        self._ranks = ranks
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.device_ids[ranks.local_rank % len(self.device_ids)])
             torch.cuda.set_device(self.device)
@@ -127,6 +164,6 @@ class SingleDeviceStrategy:
         """Every rank's `tensor`, stacked along a new first dimension."""
         return tensor
 
-    def all_reduce(self, tensor: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
-        """`tensor` reduced over the ranks by `op` (one of REDUCE_OPS), in place."""
+    def all_reduce(self, tensor: torch.Tensor, group: Any = None, reduce_op: Any = "mean") -> torch.Tensor:
+        """`tensor` reduced over the ranks by `reduce_op` (Lightning's order of arguments), in place."""
         return tensor
