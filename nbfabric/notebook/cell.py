@@ -164,12 +164,12 @@ def pack_for_notebook(cell: Cell, names: list[str] | None, fabric: Any, ran: tup
         names = [name for name in cell.bound_names if name not in deleted]
     else:
         deleted = []
-    returned = pack(namespace, _notebook_names(names), known, last_value)
-    returned.deleted = _notebook_names(deleted)
+    returned = pack(namespace, notebook_names(names), known, last_value)
+    returned.deleted = notebook_names(deleted)
     return returned
 
 
-def _notebook_names(names: list[str]) -> list[str]:
+def notebook_names(names: list[str]) -> list[str]:
     """The names that reach the notebook: not `fabric` (the cell's own), nor private ones."""
     return [name for name in names if name != "fabric" and not name.startswith("_")]
 

@@ -23,7 +23,7 @@ from nbfabric.launcher.processes import reaping_deferred
 from nbfabric.launcher.shipping import Shipment
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.where import places_text
-from nbfabric.notebook.cell import Cell, cell_number, compile_cell, pack_for_notebook, run_in_rank, values_for_ranks
+from nbfabric.notebook.cell import Cell, cell_number, compile_cell, notebook_names, pack_for_notebook, run_in_rank, values_for_ranks
 from nbfabric.notebook.pool_magics import POOL_COMMANDS, POOL_HELP, PoolInUse, pool_command
 from nbfabric.pool import PoolError, PoolLauncher, RankPool
 from nbfabric.notebook.picker import picker
@@ -186,7 +186,7 @@ class FabricMagics(Magics):
                     "own (%fabric stop-pool first)"
                 )
         if args.out is not None:
-            _check_name("--out", args.out)
+            _check_name("--out", args.out, "a Python name, such as run")
         return CellRequest(plan, _wanted_names(args), args.out, bool(args.background), widgets, pool)
 
     def _values_for_ranks(self, request: CellRequest, cell: Cell) -> dict[str, Any] | Shipment:
@@ -215,7 +215,7 @@ class FabricMagics(Magics):
         self._remember_rank_names(cell)
         for name in cell.deleted_names:
             self.pool.names_on_ranks.pop(name, None)
-        bound = [name for name in cell.bound_names if name not in cell.imported_names and name != "fabric" and not name.startswith("_")]
+        bound = notebook_names([name for name in cell.bound_names if name not in cell.imported_names])
         if bound and self.pool.pool is not None and self.pool.pool.up:
             print(
                 f"what this cell bound on the pool's ranks before it stopped stays there for the next cells: {', '.join(bound)}; "
@@ -413,15 +413,15 @@ def _wanted_names(args: Any) -> list[str] | None:
     if args.return_names:
         names = [name.strip() for name in args.return_names.split(",") if name.strip()]
         for name in names:
-            _check_name("--return", name)
+            _check_name("--return", name, "Python names, such as model or model,losses")
         return names
     return None
 
 
-def _check_name(flag: str, name: str) -> None:
+def _check_name(flag: str, name: str, takes: str) -> None:
     """A UsageError unless `name` is one a notebook can bind and read back."""
     if not name.isidentifier() or keyword.iskeyword(name):
-        raise UsageError(f"{flag} takes {'a Python name, such as run' if flag == '--out' else 'Python names, such as model or model,losses'}; {name!r} is not one")
+        raise UsageError(f"{flag} takes {takes}; {name!r} is not one")
 
 
 def _first_line(error: BaseException) -> str:

@@ -49,7 +49,8 @@ class EngineChannel:
 
 class _Forwarder:
     """The engine's thread that sends runs' events, and the pipes that stand for its descriptors 1
-    and 2 during a run (`redirect`)."""
+    and 2 during a run (`output_to`). The thread reads the pipes and takes batches with the lock
+    held, so that `end` sees all that a run wrote either in the pipes or in the batch."""
 
     def __init__(self):
         self.write_ends: dict[int, int] = {}
@@ -67,7 +68,8 @@ class _Forwarder:
         os.set_blocking(self._wake_read, False)
         self._lock = threading.Condition()
         self._batch: list[Any] = []
-        self._run: list[Any] | None = None  # [session, socket, parent header, next sequence number]
+        self._run: tuple[Any, Any, dict] | None = None  # the current run's session, socket and parent header
+        self._sequence = 0  # the number of the current run's next message
         self._flushes_asked = self._flushes_done = 0
         self._sending = False  # the thread has taken a batch that it has not sent yet
         threading.Thread(target=self._serve, name="nbfabric-events", daemon=True).start()
@@ -75,7 +77,7 @@ class _Forwarder:
     def begin(self, session: Any, socket: Any, parent: dict) -> None:
         with self._lock:
             self._batch.clear()
-            self._run = [session, socket, parent, 0]
+            self._run, self._sequence = (session, socket, parent), 0
 
     def add(self, event: Any) -> None:
         with self._lock:
@@ -108,25 +110,20 @@ class _Forwarder:
                 waiting = bool(self._batch)
             timeout = max(0.0, next_send - time.monotonic()) if waiting else None
             ready = select.select(watched, [], [], timeout)[0]
-            for fd in ready:
-                if fd != self._wake_read:
-                    self._read(fd)
             if self._wake_read in ready:
                 os.read(self._wake_read, 1 << 12)
             with self._lock:
                 flush = self._flushes_asked > self._flushes_done
-                if flush:
-                    for fd in self._names:  # the run has given its descriptors back: all it wrote is here
+                for fd in self._names:  # after a flush request, the run has given its descriptors back: all it wrote is here
+                    if flush or fd in ready:
                         self._read(fd)
-                due = flush or time.monotonic() >= next_send
-                batch, run = (self._batch, self._run) if due and self._batch else ([], None)
-                if batch:
-                    self._batch = []
-                    run[3] += 1
+                batch, run, key = [], self._run, str(self._sequence)
+                if self._batch and (flush or time.monotonic() >= next_send):
+                    batch, self._batch = self._batch, []
+                    self._sequence += 1
                     self._sending = True
             if batch:
-                session, socket, parent, number = run
-                key = str(number - 1)
+                session, socket, parent = run
                 session.send(socket, "data_message", content={"keys": [key]}, parent=parent, buffers=serialize_object({key: batch}), ident=b"datapub")
                 next_send = time.monotonic() + _BATCH_SECONDS
             with self._lock:
@@ -136,7 +133,7 @@ class _Forwarder:
                     self._lock.notify_all()
 
     def _read(self, fd: int) -> None:
-        """What pipe `fd` holds now, as events of its stream (called with the lock held or by the thread)."""
+        """What pipe `fd` holds now, as events of its stream (with the lock held)."""
         while True:
             try:
                 chunk = os.read(fd, 1 << 16)
