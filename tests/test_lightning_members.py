@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_pair import covers, error_name, run_both, same
+from lightning_pair import FABRICS, HELPERS, covers, error_name, run_both, same
 
 
 # ----------------------------------------------------------------- who a rank is
@@ -406,11 +406,26 @@ def _needs_no_argument():
 
 @covers("Fabric.launch")
 def test_launch_refuses_what_it_cannot_call():
-    from lightning_pair import FABRICS
-
     for cls in FABRICS.values():
         fabric = cls(accelerator="cpu", devices=1)
         assert [error_name(lambda: fabric.launch(_needs_no_argument())), error_name(lambda: fabric.launch(_needs_no_argument))] == ["TypeError", "TypeError"]
+
+
+def _returns_what_it_made(fabric, helpers, kept):
+    model = fabric.setup(torch.nn.Linear(2, 1))
+    return {"kept": kept, "output": model(torch.ones(1, 2)) * kept}
+
+
+@covers("Fabric.launch")
+def test_launch_with_one_device_returns_the_very_objects_with_their_graphs():
+    """One device runs in the calling process under both: the value comes back as returned, not copied."""
+    seen = {}
+    for name, cls in FABRICS.items():
+        kept = torch.ones(1, requires_grad=True)
+        returned = cls(accelerator="cpu", devices=1).launch(_returns_what_it_made, HELPERS[name], kept)
+        returned["output"].sum().backward()
+        seen[name] = (returned["kept"] is kept, returned["output"].requires_grad, kept.grad is not None, returned["output"].device.type)
+    assert same(seen) == (True, True, True, "cpu")
 
 
 @covers("Fabric.run")
