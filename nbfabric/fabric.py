@@ -423,11 +423,12 @@ class Fabric:
         if any(not isinstance(loader, DataLoader) for loader in dataloaders):
             raise TypeError("Only PyTorch DataLoader are currently supported in `setup_dataloaders`.")
         wrapped = []
-        for loader in dataloaders:
+        for given in dataloaders:
+            loader = given
             if use_distributed_sampler and self.config.strategy != "single_device":  # as Lightning: also for one rank of DDP
                 loader = shard(loader, self.world_size, self.global_rank)
             seed_workers(loader, self.global_rank)
-            wrapped.append(FabricDataLoader(loader, self.device if move_to_device else None))
+            wrapped.append(FabricDataLoader(loader, self.device if move_to_device else None, given))
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
     # ----------------------------------------------------------------- training

@@ -10,7 +10,7 @@ from types import MethodType
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import DataLoader
 
 from nbfabric.apply import apply_to_collection, move_to_device
@@ -226,6 +226,8 @@ class FabricOptimizer:
     defaults = _forwarded("defaults")
 
     def __getattr__(self, name: str) -> Any:
+        if "_fabric_optimizer" not in self.__dict__:  # not yet initialised (being unpickled)
+            raise AttributeError(name)
         return getattr(self.__dict__["_fabric_optimizer"], name)
 
     def step(self, closure: Any = None) -> Any:
@@ -257,15 +259,21 @@ class FabricOptimizer:
 class FabricDataLoader:
     """Iterates the sharded loader, moving batches to the device and reshuffling every epoch."""
 
-    def __init__(self, loader: DataLoader, device: torch.device | None):
+    def __init__(self, loader: DataLoader, device: torch.device | None, given: DataLoader | None = None):
         self._loader = loader
         self._device = device
+        self._given = loader if given is None else given
         self._epoch = 0
 
     @property
     def loader(self) -> DataLoader:
         """The (sharded) DataLoader it iterates."""
         return self._loader
+
+    @property
+    def given(self) -> DataLoader:
+        """The DataLoader given to `setup_dataloaders`, over the whole dataset."""
+        return self._given
 
     @property
     def device(self) -> torch.device | None:
@@ -282,6 +290,8 @@ class FabricDataLoader:
             yield batch if self._device is None else move_to_device(batch, self._device)
 
     def __getattr__(self, name: str) -> Any:
+        if "_loader" not in self.__dict__:  # not yet initialised (being unpickled)
+            raise AttributeError(name)
         return getattr(self.__dict__["_loader"], name)
 
 
@@ -304,24 +314,35 @@ def is_wrapped(obj: Any) -> bool:
 
 def to_cpu(data: Any) -> Any:
     """Tensors and modules moved to the CPU; Fabric wrappers replaced by the user's objects."""
-    data = unwrap(data)
-    if isinstance(data, torch.nn.Module):
-        return data.cpu()
-    return tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), data)
+    return tree_map(_leaf_on_cpu, data)
+
+
+def _leaf_on_cpu(leaf: Any) -> Any:
+    leaf = users_own(leaf)
+    if isinstance(leaf, torch.nn.Module):
+        return leaf.cpu()
+    return leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
 
 
 def without_wrappers(data: Any) -> Any:
     """`data` with Fabric's wrappers replaced by the user's objects, on their devices; `data` itself
     (the very object) where it holds none."""
-    if all(unwrap(leaf) is leaf for leaf in tree_leaves(data)):
+    if all(users_own(leaf) is leaf for leaf in tree_leaves(data)):
         return data
-    return tree_map(unwrap, data)
+    return tree_map(users_own, data)
 
 
 def uncompiled(obj: Any) -> Any:
     """The set-up model inside `torch.compile(fabric.setup(model))`, else `obj` itself."""
     inner = getattr(obj, "_orig_mod", None) if type(obj).__name__ == "OptimizedModule" else None
     return inner if isinstance(inner, FabricModule) else obj
+
+
+def users_own(obj: Any) -> Any:
+    """What a set-up object comes back as from a run: the user's module or optimizer, and for a
+    loader the one given to `setup_dataloaders` (a rank's shard would cover part of the data)."""
+    inner = uncompiled(obj)
+    return inner.given if isinstance(inner, FabricDataLoader) else unwrap(inner)
 
 
 def unwrap(obj: Any) -> Any:

@@ -155,6 +155,23 @@ def test_shuffled_loader_shards_are_disjoint_cover_the_data_and_change_every_epo
             assert not torch.equal(orders[rank, epoch], orders[rank, epoch - 1]), "same order in two epochs"
 
 
+def _set_up_loaders(fabric: Fabric) -> dict:
+    given = DataLoader(TensorDataset(torch.arange(10.0)), batch_size=2)
+    loader = fabric.setup_dataloaders(given)
+    return {"loader": loader, "nested": [{"loader": loader}], "rank_saw": sum(len(batch) for batch, in loader)}
+
+
+def test_a_set_up_loader_comes_back_as_the_one_given_over_the_whole_dataset():
+    """A rank iterates its shard; what comes back, alone or inside another value, is the user's
+    loader, which covers the data (a rank's shard in the notebook would cover half of it)."""
+    result = _two_ranks().launch(_set_up_loaders)
+    assert result["rank_saw"] == 5
+    for loader in (result["loader"], result["nested"][0]["loader"]):
+        assert type(loader) is DataLoader and type(loader.sampler).__name__ == "SequentialSampler"
+        assert [x for batch, in loader for x in batch.tolist()] == [float(i) for i in range(10)]
+    assert result["nested"][0]["loader"] is result["loader"]
+
+
 # --------------------------------------------------------------------------- collectives
 class Note:
     """An arbitrary user object sent through broadcast."""

@@ -132,6 +132,21 @@ def test_names_and_the_last_expression_come_back_trained_and_on_cpu(kernel):
     assert check["result"] == "('Linear', 'cpu', True, True)"
 
 
+def test_a_set_up_loader_comes_back_as_the_one_given_alone_or_inside_another_value(kernel):
+    kernel.run("from torch.utils.data import DataLoader, TensorDataset\nds = TensorDataset(torch.arange(10.))")
+    out = kernel.run(
+        f"""
+        {CPU2}
+        loader = fabric.setup_dataloaders(DataLoader(ds, batch_size=2))
+        loaders = {{"train": loader}}
+        seen = sum(len(batch) for batch, in loader)
+        """
+    )
+    assert out["error"] is None and out["stderr"] == "", out
+    check = kernel.run("(seen, [x for b, in loader for x in b.int().tolist()], type(loader).__name__, loaders['train'] is loader)")
+    assert check["result"] == "(5, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 'DataLoader', True)"
+
+
 def test_an_unpicklable_name_is_named_and_every_other_name_comes_back_exactly(kernel):
     out = kernel.run(
         f"""

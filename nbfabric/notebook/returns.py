@@ -16,7 +16,7 @@ import cloudpickle
 import torch
 
 from nbfabric.launcher.shipping import storage_bytes
-from nbfabric.wrappers import unwrap
+from nbfabric.wrappers import is_wrapped, unwrap, users_own
 
 MAX_BYTES_PER_NAME = 2 * 1024**3  # a name whose pickle is larger stays in the rank
 SHARDED = "held over the ranks by {how}; fabric.save(path, {{...}}) writes it whole"
@@ -133,12 +133,18 @@ class _CellPickler(cloudpickle.Pickler):
             if type(obj) is torch.nn.Parameter:
                 return torch.nn.Parameter, (copy, obj.requires_grad)
             return copy.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        if is_wrapped(obj):  # set up and held inside another value: the user's own, as a name's is
+            return _itself, (users_own(obj),)
         if isinstance(obj, (types.FunctionType, type)) and getattr(obj, "__module__", None) == "__main__":
             if id(obj) in self._known_names:  # the notebook's own object, by the name it has there
                 return _notebook_name, (self._known_names[id(obj)],)  # a spawned rank's __main__ does not hold it
             if isinstance(obj, types.FunctionType):
                 return _notebook_function(obj)
         return super().reducer_override(obj)
+
+
+def _itself(value: Any) -> Any:
+    return value
 
 
 def _notebook_name(name: str) -> Any:
@@ -241,9 +247,9 @@ def pack(namespace: dict[str, Any], names: list[str], known: dict[str, Any], las
 
 
 def _unwrap_any(value: Any) -> Any:
-    """The user's module or optimizer behind the wrappers of nbfabric, DDP, DeepSpeed, Lightning or Accelerate."""
+    """The user's module, optimizer or loader behind the wrappers of nbfabric, DDP, DeepSpeed, Lightning or Accelerate."""
     while True:
-        inner = unwrap(value)
+        inner = users_own(value)
         if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
             inner = inner.module
         elif isinstance(getattr(inner, "_original_module", None), torch.nn.Module):
