@@ -147,6 +147,40 @@ def test_a_set_up_loader_comes_back_as_the_one_given_alone_or_inside_another_val
     assert check["result"] == "(5, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 'DataLoader', True)"
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_what_the_cell_changes_in_place_or_rebinds_through_a_function_comes_back_as_a_plain_cell_would_leave_it(kernel, start):
+    kernel.run(
+        """
+        losses, stats, history = [], {}, []
+        model = torch.nn.Linear(2, 1); before = model.weight.detach().clone()
+        best = None
+        def note(x):
+            global best
+            best = x
+            history.append(x)
+        """
+    )
+    out = kernel.run(
+        f"""
+        {CPU2} --start-method={start}
+        losses.append(fabric.global_rank + 1.0)
+        stats["best"] = 3
+        trained = fabric.setup(model)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+        fabric.backward(trained(torch.ones(4, 2)).sum()); optimizer.step()
+        note(7)
+        """
+    )
+    assert out["error"] is None and out["stderr"] == "", out
+    check = kernel.run(
+        "(losses, stats, bool((model.weight != before).any()), trained is model, "
+        "optimizer.param_groups[0]['params'][0] is model.weight, best, history)"
+    )
+    # a spawned rank's copy of a notebook function has globals of its own (what it rebinds or
+    # changes there stays there); a forked rank's is the notebook's
+    assert check["result"] == "([1.0], {'best': 3}, True, True, True, " + ("7, [7])" if start == "fork" else "None, [])")
+
+
 def test_an_unpicklable_name_is_named_and_every_other_name_comes_back_exactly(kernel):
     out = kernel.run(
         f"""
@@ -353,7 +387,7 @@ def test_bad_flags_are_refused_before_anything_starts(kernel, flags, message):
 
 def test_a_word_the_line_magic_does_not_know_is_named_with_every_command(kernel):
     out = kernel.run("%fabric bogus")
-    assert "UsageError: 'bogus' is not a flag, nor one of stop, wait, where, start, attach, pool, stop-pool, pull;" in out["stderr"], out["stderr"]
+    assert "UsageError: 'bogus' is not a flag, nor one of stop, wait, where, start, attach, pool, stop-pool, pull, push;" in out["stderr"], out["stderr"]
 
 
 def test_line_magic_sets_defaults_for_later_cells_and_shows_them(kernel):

@@ -178,6 +178,22 @@ def test_names_bound_on_the_ranks_stay_there_until_the_notebook_binds_them_anew(
     assert kernel.run(f"{POOL}\nstep_size")["result"] == "7"
 
 
+def test_a_value_changed_in_place_on_the_ranks_comes_back_and_one_changed_in_the_notebook_is_said_until_pushed(kernel):
+    kernel.run("settings = {'lr': 0.1}; seen = []")
+    assert kernel.run(f"{POOL}\nseen.append(fabric.global_rank)")["error"] is None
+    assert kernel.run("seen")["result"] == "[0]"  # rank 0's, changed in place, and now held on the ranks
+    kernel.run(f"{POOL}\nsettings = dict(settings)")
+    kernel.run("settings['lr'] = 0.5; seen.append('notebook')")
+    out = kernel.run(f"{POOL}\n(settings['lr'], seen)")
+    assert out["result"] == "(0.1, [0])"  # the ranks go on with their own, and the cell says so, once
+    assert "seen, settings: changed in the notebook since it came back from the pool's ranks" in out["stderr"]
+    assert "%fabric push seen" in out["stderr"]
+    assert "changed in the notebook" not in kernel.run(f"{POOL}\nsettings['lr']")["stderr"]
+    assert "the notebook's goes to the pool's ranks" in kernel.run("%fabric push settings")["stdout"]
+    out = kernel.run(f"{POOL}\nsettings['lr'] + fabric.global_rank")
+    assert out["result"] == "0.5" and out["stderr"] == "", out
+
+
 def test_a_name_deleted_on_the_ranks_is_gone_there_and_in_the_notebook(kernel):
     kernel.run(f"{POOL}\nbuffer = [fabric.global_rank] * 3")
     assert kernel.run("buffer")["result"] == "[0, 0, 0]"
@@ -477,6 +493,7 @@ def test_cells_that_ask_for_other_ranks_than_the_pool_are_refused(kernel):
         ("%fabric start --engines=bogus", "choose from 'local', 'slurm', 'mpi', 'ssh'"),
         ("%fabric start --devices=2", "a rank pool is already up"),
         ("%fabric pull nothing_here --rank=7", "--rank=7 is not valid; choose 0 to 1"),
+        ("%fabric push nothing_here", "the notebook has no nothing_here to send"),
         (f"{POOL} --debug\nprint('ran')", "--debug cannot check a rank pool's collectives"),
         (f"{POOL} --start-method=spawn --main-port=29999\nprint('ran')", "--start-method, --main-port cannot apply to a cell on the rank pool"),
         ("%%fabric --accelerator=cpu --devices=1 --num-nodes=2\nprint('ran')", "asks for 2 rank(s) on cpu on 2 nodes, but the rank pool has 2 rank(s) on cpu;"),

@@ -32,6 +32,8 @@ _PHASES = {  # nbfabric's functions a rank runs outside the user's code -> what 
     "become_rank": "starting",
     "_join": "joining the run",
     "pack_for_notebook": "packing the cell's names for the notebook",
+    "watch_values": "taking note of the notebook's values the cell can change",
+    "changed_in_place": "looking for the notebook's values the cell changed",
     "_join_threads": "waiting for the threads its code started",
     "run_rank": "sending its result",  # (outside the user's code, which run_rank also calls)
     **dict.fromkeys(_REPORTING, "reporting its failure"),

@@ -10,6 +10,7 @@ from types import CodeType
 from typing import Any
 
 from nbfabric.launcher.shipping import Shipment, ship
+from nbfabric.notebook.changes import changed_in_place, fingerprints, reached_names
 from nbfabric.notebook.returns import Returned, pack
 
 
@@ -137,9 +138,21 @@ def rank_namespace() -> dict[str, Any]:
     return _rank_namespace
 
 
-def run_in_rank(fabric: Any, cell: Cell, values: dict[str, Any] | Shipment) -> tuple[dict[str, Any], dict[str, Any], Any]:
+@dataclass
+class Ran:
+    """A cell's run on one rank: the namespace after it, the names it had before (`known`), the
+    cell's last value, and the names whose values it changed in place (rank 0 looks)."""
+
+    namespace: dict[str, Any]
+    known: dict[str, Any]
+    last_value: Any
+    changed: list[str]
+
+
+def run_in_rank(fabric: Any, cell: Cell, values: dict[str, Any] | Shipment) -> Ran:
     """Run the cell with `fabric` in the notebook's namespace (forked) or in this process's own,
-    with the values shipped: the namespace after it, the names it had before, and the cell's last value."""
+    with the values shipped. Rank 0 fingerprints the values the cell can reach before, to find
+    those it changed in place (they come back as the names it binds do)."""
     if isinstance(values, Shipment):
         namespace = rank_namespace()
         namespace.update(values.unpack())
@@ -147,26 +160,39 @@ def run_in_rank(fabric: Any, cell: Cell, values: dict[str, Any] | Shipment) -> t
         namespace = values
     linecache.cache.setdefault(cell.filename, (len(cell.text), None, cell.text.splitlines(True), cell.filename))
     known = dict(namespace)
+    before = watch_values(namespace, cell) if fabric.global_rank == 0 else {}
     namespace["fabric"] = fabric
     exec(cell.body, namespace)  # noqa: S102 - the user's own cell
     last_value = eval(cell.last_expression, namespace) if cell.last_expression is not None else None  # noqa: S307
-    return namespace, known, last_value
+    return Ran(namespace, known, last_value, changed_in_place(namespace, known, before) if before else [])
 
 
-def pack_for_notebook(cell: Cell, names: list[str] | None, fabric: Any, ran: tuple[dict[str, Any], dict[str, Any], Any]) -> Returned | None:
+def watch_values(namespace: dict[str, Any], cell: Cell) -> dict[str, bytes]:
+    """Fingerprints of the notebook's values the cell can change: those of the names it reads and
+    does not bind, and of the globals that the notebook functions it calls read."""
+    return fingerprints(namespace, notebook_names(sorted(reached_names(cell.read_names, namespace) - set(cell.bound_names))))
+
+
+def pack_for_notebook(cell: Cell, names: list[str] | None, fabric: Any, ran: Ran) -> Returned | None:
     """On rank 0, once the run's models are whole: the names to bring back (`names`; None means
-    every name the cell binds) and the last value, packed. Other ranks send nothing."""
+    every name the cell binds, rebinds by other means, such as a function's `global`, or whose value
+    it changed in place), and the last value, packed. Other ranks send nothing."""
     if fabric.global_rank != 0:
         return None
-    namespace, known, last_value = ran
-    if names is None:  # every name the cell binds, and those it deleted: they go in the notebook too
-        deleted = [name for name in cell.deleted_names if name not in namespace]
-        names = [name for name in cell.bound_names if name not in deleted]
+    namespace, known = ran.namespace, ran.known
+    if names is None:  # and the names it deleted: they go in the notebook too
+        rebound = [name for name, value in namespace.items() if known.get(name, _UNBOUND) is not value]
+        names = list(dict.fromkeys([*cell.bound_names, *rebound, *ran.changed]))
+        deleted = [*(name for name in cell.deleted_names if name not in namespace), *(name for name in known if name not in namespace)]
+        names = [name for name in names if name not in deleted]
     else:
         deleted = []
-    returned = pack(namespace, notebook_names(names), known, last_value)
-    returned.deleted = notebook_names(deleted)
+    returned = pack(namespace, notebook_names(names), known, ran.last_value)
+    returned.deleted = notebook_names(list(dict.fromkeys(deleted)))
     return returned
+
+
+_UNBOUND = object()
 
 
 def notebook_names(names: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from nbfabric.launcher.shipping import Shipment
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.where import places_text
 from nbfabric.notebook.cell import Cell, cell_number, compile_cell, notebook_names, pack_for_notebook, run_in_rank, values_for_ranks
+from nbfabric.notebook.changes import reached_names
 from nbfabric.notebook.pool_magics import POOL_COMMANDS, POOL_HELP, PoolInUse, pool_command
 from nbfabric.pool import PoolError, PoolLauncher, RankPool
 from nbfabric.notebook.picker import picker
@@ -193,28 +194,38 @@ class FabricMagics(Magics):
         """The notebook's names as the ranks get them; a name that cannot be sent is a UsageError."""
         forked = request.pool is None and request.plan.config.start_method == "fork"
         held = self.pool.names_on_ranks if request.pool is not None else None
+        if held:
+            changed = self.pool.changed_here(reached_names(cell.read_names, self.shell.user_ns), self.shell.user_ns)
+            if changed:
+                print(
+                    f"{', '.join(changed)}: changed in the notebook since it came back from the pool's ranks, which go on "
+                    f"with their own; %fabric push {changed[0]} sends the notebook's to them",
+                    file=sys.stderr,
+                )
         values = values_for_ranks(cell, self.shell.user_ns, forked=forked, held=held)
         if isinstance(values, Shipment) and values.left:
             raise UsageError(values.refusal("the rank pool" if request.pool is not None else "the spawned ranks"))
         return values
 
     def _remember_rank_names(self, cell: Cell, returned: Any = None) -> None:
-        """The names the cell bound live on the ranks; the notebook's object for each, now, marks the
-        ranks' copy as current until the notebook binds the name anew. Names rank 0 deleted live
-        there no more."""
+        """The names the cell bound, and those whose values came back, live on the ranks; the
+        notebook's object for each, now, marks the ranks' copy as current until the notebook binds
+        the name anew (or changes a value that came back: said at the next cell that reads it).
+        Names rank 0 deleted live there no more."""
         deleted = set(returned.deleted) if returned is not None else set()
-        for name in cell.bound_names:
+        came_back = set(returned.names) - set(returned.skipped) if returned is not None else set()
+        for name in dict.fromkeys([*cell.bound_names, *sorted(came_back)]):
             if name not in deleted:
-                self.pool.names_on_ranks[name] = self.shell.user_ns.get(name, _ABSENT)
+                self.pool.hold(name, self.shell.user_ns.get(name, _ABSENT), came_back=name in came_back)
         for name in deleted:
-            self.pool.names_on_ranks.pop(name, None)
+            self.pool.release(name)
 
     def _after_failed_pool_cell(self, cell: Cell) -> None:
         """What the cell bound on the ranks before it stopped stays theirs, which is said; a name it
         may have deleted there is the notebook's again, sent with the next cell that reads it."""
         self._remember_rank_names(cell)
         for name in cell.deleted_names:
-            self.pool.names_on_ranks.pop(name, None)
+            self.pool.release(name)
         bound = notebook_names([name for name in cell.bound_names if name not in cell.imported_names])
         if bound and self.pool.pool is not None and self.pool.pool.up:
             print(

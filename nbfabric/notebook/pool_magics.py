@@ -6,15 +6,16 @@ import argparse
 import shlex
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from IPython.core.error import UsageError
 
 from nbfabric.notebook.cell import pack_rank_name, rank_holds
+from nbfabric.notebook.changes import fingerprint
 from nbfabric.pool import ENGINE_KINDS, PoolError, RankPool, watchdog
 from nbfabric.tracebacks import shown_briefly
 
-POOL_COMMANDS = ("start", "attach", "pool", "stop-pool", "pull")
+POOL_COMMANDS = ("start", "attach", "pool", "stop-pool", "pull", "push")
 POOL_HELP = """\
 rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it):
   %fabric start --devices=N [--num-nodes=M] [--accelerator=cpu|cuda] [--engines=local|slurm|mpi|ssh]
@@ -28,6 +29,8 @@ rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it)
   %fabric pool                                       show the ranks, their nodes and devices
   %fabric pull NAME [--rank=N]                       bring one name back from a rank (a model set up
                                                      on the pool comes whole, gathered from every rank)
+  %fabric push NAME                                  send the notebook's NAME to the ranks with the next
+                                                     cell that reads it, in place of theirs
   %fabric stop-pool                                  end every engine (and the Slurm job)"""
 
 
@@ -35,16 +38,44 @@ rank pool (ranks that outlive a cell; while one is up, %%fabric cells run on it)
 class PoolInUse:
     """The notebook's rank pool (None: cells start their own ranks) and the names its ranks hold:
     name a cell bound -> the notebook's object for it then (the ranks' copy is current while the
-    notebook still has that object)."""
+    notebook still has that object); for a name whose value came back, that object's fingerprint
+    then, to tell when the notebook changes it in place."""
 
     pool: RankPool | None = None
     names_on_ranks: dict[str, Any] = field(default_factory=dict)
+    fingerprints: dict[str, bytes] = field(default_factory=dict)
     pulling: str = ""  # the name `%fabric pull` brings from rank 0 now, as a cell's last value
     refused: str = ""  # why that value did not come back ('' when it did)
 
     def use(self, pool: RankPool | None) -> None:
         self.pool = pool
         self.names_on_ranks = {}
+        self.fingerprints = {}
+
+    def hold(self, name: str, value: Any, *, came_back: bool) -> None:
+        """The ranks hold `name`; the notebook's object for it is `value`, equal to theirs if it came back."""
+        self.names_on_ranks[name] = value
+        digest = fingerprint(value) if came_back else None
+        if digest is None:
+            self.fingerprints.pop(name, None)
+        else:
+            self.fingerprints[name] = digest
+
+    def release(self, name: str) -> None:
+        """The ranks hold `name` no more: a cell that reads it gets the notebook's."""
+        self.names_on_ranks.pop(name, None)
+        self.fingerprints.pop(name, None)
+
+    def changed_here(self, names: Iterable[str], namespace: dict[str, Any]) -> list[str]:
+        """Those of `names` that the ranks hold and the notebook has changed in place since their
+        value came back (each is found once)."""
+        changed = []
+        for name in sorted(set(names) & self.fingerprints.keys()):
+            value = namespace.get(name)
+            if value is self.names_on_ranks.get(name) and fingerprint(value) != self.fingerprints[name]:
+                changed.append(name)
+                del self.fingerprints[name]
+        return changed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +104,8 @@ def _parser(command: str) -> _Parser:
     elif command == "pull":
         parser.add_argument("name")
         parser.add_argument("--rank", type=int, default=0)
+    elif command == "push":
+        parser.add_argument("name")
     return parser
 
 
@@ -87,6 +120,8 @@ def pool_command(shell: Any, line: str, in_use: PoolInUse) -> Any:
             return _attach(args, in_use)
         if command == "pull":
             return _pull(shell, args, in_use)
+        if command == "push":
+            return _push(shell, args, in_use)
         pool = in_use.pool
         if command == "stop-pool":
             if pool is None:
@@ -143,7 +178,7 @@ def _pull(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> Any:
         return None
     if args.rank == 0:
         if args.name in in_use.names_on_ranks:  # the ranks' own value, not the notebook's, is wanted
-            in_use.names_on_ranks[args.name] = shell.user_ns.get(args.name, in_use.names_on_ranks[args.name])
+            in_use.hold(args.name, shell.user_ns.get(args.name, in_use.names_on_ranks[args.name]), came_back=False)
         in_use.pulling, in_use.refused = args.name, ""
         try:
             value = shell.run_cell_magic("fabric", "--no-return --no-widgets", f"fabric._whole({args.name})")
@@ -161,5 +196,15 @@ def _pull(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> Any:
             return None
         value = values[args.name]
     shell.user_ns[args.name] = value
-    in_use.names_on_ranks[args.name] = value  # the ranks keep their own in later cells
+    in_use.hold(args.name, value, came_back=args.rank == 0)  # the ranks keep their own in later cells
     return None
+
+
+def _push(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> None:
+    """The notebook's value of NAME goes to the ranks with the next cell that reads it."""
+    if in_use.pool is None:
+        raise UsageError("there is no rank pool; %fabric start makes one")
+    if args.name not in shell.user_ns:
+        raise UsageError(f"the notebook has no {args.name} to send; give a name it holds, e.g. %fabric push config")
+    in_use.release(args.name)
+    print(f"{args.name}: the notebook's goes to the pool's ranks with the next cell that reads it")
