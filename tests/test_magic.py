@@ -92,6 +92,14 @@ def test_lines_from_both_ranks_are_tagged_with_stderr_apart(kernel):
         assert f"[rank {rank}] warning from {rank}\n" in out["stderr"]
 
 
+def test_each_display_of_a_rank_follows_a_line_that_tags_it_with_its_rank(kernel):
+    out = kernel.run(
+        f"{CPU2}\nimport time\nif fabric.global_rank == 0: time.sleep(0.5)\ndisplay({{'computed on rank': fabric.global_rank}})"
+    )
+    assert out["error"] is None and out["displays"] == ["{'computed on rank': 1}", "{'computed on rank': 0}"], out
+    assert out["stdout"] == "[rank 1] \n[rank 0] \n", out
+
+
 def test_ranks_flag_shows_only_rank_zero_but_the_record_keeps_all(kernel):
     out = kernel.run(f"{CPU2} --ranks 0 --out run\nprint('from', fabric.global_rank)")
     assert "[rank 0] from 0" in out["stdout"] and "rank 1" not in out["stdout"]

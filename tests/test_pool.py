@@ -247,6 +247,14 @@ def test_where_shows_a_background_pool_run_without_stopping_it(kernel):
     assert kernel.run(f"{POOL}\nfabric.world_size")["result"] == "2"  # the pool goes on
 
 
+def test_displays_from_pool_ranks_reach_the_cell_after_their_rank_s_tag_as_forked_ranks_do(kernel):
+    out = kernel.run(f"{POOL}\nprint('before', fabric.global_rank)\ndisplay({{'rank': fabric.global_rank}})\nprint('after', fabric.global_rank)")
+    assert out["error"] is None, out["error"]
+    assert sorted(out["displays"]) == ["{'rank': 0}", "{'rank': 1}"], out
+    for rank in (0, 1):
+        assert f"[rank {rank}] before {rank}\n[rank {rank}] \n" in out["stdout"], out["stdout"]
+
+
 def test_tqdm_auto_bars_from_pool_ranks_show_as_text_bars(kernel):
     out = kernel.run(f"{POOL}\nimport time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(40)):\n    time.sleep(0.02)")
     assert out["error"] is None, out["error"]

@@ -57,11 +57,13 @@ def _forwarding_display_publisher() -> Any:
     interactive = sys.modules.get("IPython.core.interactiveshell")
     if interactive is None or not interactive.InteractiveShell.initialized():
         return None
-    return _publisher_for(interactive.InteractiveShell.instance())
+    return forwarding_publisher(interactive.InteractiveShell.instance())
 
 
 @functools.cache
-def _publisher_for(shell: Any) -> Any:
+def forwarding_publisher(shell: Any) -> Any:
+    """A display publisher for `shell` that, in a rank (rank_links), sends each display to the
+    launching process as a `Display` event; elsewhere it publishes as the shell's own would."""
     from IPython.core.displaypub import DisplayPublisher
 
     class ForwardingDisplayPublisher(DisplayPublisher):

@@ -176,8 +176,7 @@ class TextSink(Sink):
     def display(self, event: Display) -> None:
         if self.ranks is not None and event.rank not in self.ranks:
             return
-        if event.rank != 0:
-            self.line(event.rank, "stdout", "")
+        self.line(event.rank, "stdout", "")  # whose it is, on a line of its own before it
         self.flush()  # the lines before it show before it
         shell = _ipython_shell()
         if shell is not None:

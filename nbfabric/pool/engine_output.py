@@ -23,6 +23,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from nbfabric.launcher.inherited import forwarding_publisher
+
 _BATCH_SECONDS = 0.02  # after sending a batch of events, the thread gathers the next one this long
 _PIPE_BYTES = 1 << 20  # each descriptor's pipe holds this much before a writer waits for the thread
 _STREAMS = {1: "stdout", 2: "stderr"}
@@ -33,10 +35,9 @@ class EngineChannel:
     parent; `close` returns once all of it, and what the run wrote to descriptors 1 and 2, is sent."""
 
     def __init__(self):
-        from ipykernel.zmqshell import ZMQInteractiveShell
         from jupyter_client.session import extract_header
 
-        shell = ZMQInteractiveShell.instance()
+        shell = _engine_shell()
         self._forwarder = _forwarder()
         self._forwarder.begin(shell.data_pub.session, shell.data_pub.pub_socket, extract_header(shell.kernel.get_parent("shell")))
 
@@ -206,9 +207,15 @@ class _BinaryOutput:
         return self._text.fileno()
 
 
+def _engine_shell() -> Any:
+    from ipykernel.zmqshell import ZMQInteractiveShell
+
+    return ZMQInteractiveShell.instance()
+
+
 @contextmanager
 def output_to(channel: EngineChannel) -> Iterator[None]:
-    """During the run, sys.stdout and sys.stderr write to `channel`, and so do descriptors 1 and 2
+    """During the run, sys.stdout, sys.stderr and display() write to `channel`, and so do descriptors 1 and 2
     (pipes that the engine's thread reads); afterwards they are what they were. A subprocess the run
     left going keeps writing into the pipe: what it writes before the run ends goes out with it."""
     for stream in (sys.__stdout__, sys.__stderr__):  # what the engine wrote before goes where it went
@@ -219,9 +226,13 @@ def output_to(channel: EngineChannel) -> Iterator[None]:
     for fd, write_end in _forwarder().write_ends.items():
         os.dup2(write_end, fd)
     sys.stdout, sys.stderr = _OutputStream(channel, "stdout", 1), _OutputStream(channel, "stderr", 2)
+    shell = _engine_shell()
+    publisher = shell.display_pub
+    shell.display_pub = forwarding_publisher(shell)  # display() goes to the notebook as a forked rank's does
     try:
         yield
     finally:
+        shell.display_pub = publisher
         sys.stdout, sys.stderr = saved
         _flush_c_streams()
         for fd, copy in descriptors.items():

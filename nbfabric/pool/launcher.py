@@ -10,7 +10,7 @@ import time
 from concurrent import futures
 from typing import Any, Callable
 
-from nbfabric.channel import Failure, Metrics, now
+from nbfabric.channel import Display, Failure, Metrics, now
 from nbfabric.launcher.cell_labels import label_error_cells
 from nbfabric.launcher.errors import raise_for_outcome
 from nbfabric.launcher.output import LineSplitter, Sink, TextSink, emit_segments
@@ -222,6 +222,8 @@ class _PoolRun(RunLoop):
     def _replay_event(self, rank: int, event: Any) -> None:
         if isinstance(event, Metrics):
             self.sink.metrics(event)
+        elif isinstance(event, Display):
+            self.sink.display(event)
         elif event[0] == "stacks":
             self._stacks[rank] = event[1]
         else:
