@@ -156,7 +156,9 @@ def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     for key in [key for key in state if key in checkpoint]:
         target = unwrap(state[key])
-        if isinstance(target, torch.nn.Module):
+        if isinstance(target, torch.nn.Module) and not sharded(target):
+            target.load_state_dict(checkpoint.pop(key), strict=strict)  # as Lightning: the module's own, with its hooks
+        elif isinstance(target, torch.nn.Module):
             check_strict(target, checkpoint[key], strict)
             set_model_state_dict(target, checkpoint.pop(key), options=StateDictOptions(full_state_dict=True, strict=strict))
         elif isinstance(target, torch.optim.Optimizer) and _keyed_by_name(checkpoint[key]):
@@ -204,6 +206,11 @@ def restore_entries(path: Any, state: dict[str, Any], keys: list[str], available
         else:
             state[key] = available.pop(key)
     return available
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    """Whether the module's parameters are split over the ranks (FSDP's DTensors)."""
+    return any(type(parameter).__name__ == "DTensor" for parameter in module.parameters())
 
 
 def check_strict(module: torch.nn.Module, state_dict: dict[str, Any], strict: bool) -> None:

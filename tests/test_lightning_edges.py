@@ -193,6 +193,66 @@ def test_checkpoint_states_filters_and_failures_are_lightnings(tmp_path):
     assert seen["filtered out"] == ["n"] and seen["saved as itself"] == "_OnlyStateDict"
 
 
+class _Renaming(nn.Module):
+    """A model whose own load_state_dict takes checkpoints of an older version (`old.*` names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        renamed = {key.replace("old.", "layer."): value for key, value in state_dict.items()}
+        return super().load_state_dict(renamed, strict=strict, assign=assign)
+
+
+class _PreHooked(nn.Module):
+    """A model that renames old names with a load pre-hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+        self._register_load_state_dict_pre_hook(self._rename)
+
+    @staticmethod
+    def _rename(state_dict, prefix, *args):
+        for key in [key for key in state_dict if key.startswith(prefix + "old.")]:
+            state_dict[key.replace("old.", "layer.", 1)] = state_dict.pop(key)
+
+
+def _loads_through_the_model(fabric, helpers, folder):
+    old = {"old.weight": torch.full((2, 2), 2.0), "old.bias": torch.full((2,), 3.0)}
+    if fabric.global_rank == 0:
+        torch.save({"model": old}, f"{folder}/old.ckpt")
+        torch.save({"model": {"weight": torch.ones(3, 2), "bias": torch.zeros(3)}}, f"{folder}/lazy.ckpt")
+    fabric.barrier()
+    seen = {}
+    for kind in (_Renaming, _PreHooked):
+        for strict in (True, False):
+            model = kind()
+            fabric.load(f"{folder}/old.ckpt", {"model": model}, strict=strict)
+            seen[f"{kind.__name__} strict={strict}"] = model.layer.weight.sum().item(), model.layer.bias.sum().item()
+    lazy = nn.LazyLinear(3)
+    fabric.load(f"{folder}/lazy.ckpt", {"model": lazy})
+    seen["lazy"] = tuple(lazy.weight.shape), lazy.weight.sum().item()
+    compiled = torch.compile(nn.Linear(2, 1))  # not set up: its names start with _orig_mod.
+    with torch.no_grad():
+        compiled.weight.fill_(4.0)
+    fabric.save(f"{folder}/compiled.ckpt", {"model": compiled})
+    seen["compiled saved as"] = sorted(torch.load(f"{folder}/compiled.ckpt")["model"])
+    again = torch.compile(nn.Linear(2, 1))
+    fabric.load(f"{folder}/compiled.ckpt", {"model": again})
+    seen["compiled"] = again.weight.sum().item()
+    return seen
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+@covers("Fabric.load", "Fabric.save")
+def test_a_checkpoint_loads_through_the_models_own_load_state_dict_as_lightnings(tmp_path, devices):
+    seen = same(run_both(_loads_through_the_model, str(tmp_path), devices=devices))
+    assert seen["_Renaming strict=False"] == (8.0, 6.0) and seen["_PreHooked strict=True"] == (8.0, 6.0)
+    assert seen["compiled"] == 8.0 and seen["compiled saved as"] == ["_orig_mod.bias", "_orig_mod.weight"]
+
+
 # ----------------------------------------------------------------- hooks and backward
 class _Hooks:
     def __init__(self):
