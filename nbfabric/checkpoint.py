@@ -80,8 +80,26 @@ def distributed_state(state: dict[str, Any], *, full: bool) -> dict[str, Any]:
     return converted
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temporary file beside `path`, then rename: `path` is never half-written."""
+def resolve(path: str | os.PathLike) -> Path | str:
+    """A checkpoint's path as Lightning's (fsspec) takes it: a local Path, `~` expanded and a
+    `file://` URL as its path; another URL (`s3://...`, `memory://...`) as it is, written and read
+    through fsspec (its filesystem's package must be installed, such as s3fs)."""
+    text = os.fsdecode(os.fspath(path))
+    protocol, separator, rest = text.partition("://")
+    if separator and protocol not in ("file", "local"):
+        return text
+    return Path(rest if separator else text).expanduser()
+
+
+def atomic_save(obj: Any, path: Path | str) -> None:
+    """Write to a temporary file beside `path`, then rename: `path` is never half-written (a URL:
+    written by fsspec, as its filesystem writes files)."""
+    if isinstance(path, str):
+        import fsspec
+
+        with fsspec.open(path, "wb") as file:
+            torch.save(obj, file)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
@@ -109,13 +127,15 @@ def save_sharded(
         if is_global_zero:
             torch.save(filtered(to_state(extras), filter), directory / EXTRAS_FILE)
 
-    replace_directory(Path(path), write, is_global_zero, barrier)
+    replace_directory(path, write, is_global_zero, barrier)
 
 
-def replace_directory(path: Path, write: Callable[[Path], None], is_global_zero: bool, barrier: Callable[[], None]) -> None:
+def replace_directory(path: Path | str, write: Callable[[Path], None], is_global_zero: bool, barrier: Callable[[], None]) -> None:
     """Every rank calls `write(directory)` on a fresh temporary directory beside `path`; once all
     have, rank 0 moves the old `path` aside, the new one in, and removes the old: `path` is never
     half-written."""
+    if isinstance(path, str):
+        raise ValueError(f"{path!r}: a checkpoint that every rank writes a part of goes to a local (or mounted) directory, not a URL")
     partial = path.with_name(f".{path.name}.partial")
     if is_global_zero:
         recover_replaced(path)
@@ -141,13 +161,25 @@ def recover_replaced(path: Path) -> None:
         os.replace(previous, path)
 
 
-def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
-    """Load `path`; restore each object in `state` in place and return what the checkpoint had besides."""
-    if not Path(path).exists():
-        recover_replaced(Path(path))
-    if Path(path).is_dir():
-        return _load_sharded(Path(path), state or {}, strict=strict, weights_only=weights_only)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+def read(path: Path | str, *, weights_only: bool | None) -> Any:
+    """What `torch.save` wrote to the file `path` (a URL: read through fsspec), on the CPU;
+    `weights_only=None` is torch's default (weights only, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)."""
+    if isinstance(path, str):
+        import fsspec
+
+        with fsspec.open(path, "rb") as file:
+            return torch.load(file, map_location="cpu", weights_only=weights_only)
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def load_into(path: Path | str, state: dict[str, Any] | None, *, strict: bool, weights_only: bool | None) -> dict[str, Any]:
+    """Load `path` (a URL: through fsspec); restore each object in `state` in place and return
+    what the checkpoint had besides."""
+    if isinstance(path, Path) and not path.exists():
+        recover_replaced(path)
+    if isinstance(path, Path) and path.is_dir():
+        return _load_sharded(path, state or {}, strict=strict, weights_only=weights_only)
+    checkpoint = read(path, weights_only=weights_only)
     if state is None:
         return checkpoint
     _check_keys(path, state, checkpoint, strict)
@@ -172,7 +204,7 @@ def load_into(path: str | os.PathLike, state: dict[str, Any] | None, *, strict: 
     return checkpoint
 
 
-def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_only: bool) -> dict[str, Any]:
+def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_only: bool | None) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
@@ -182,7 +214,7 @@ def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_on
         loaded = distributed_state(objects, full=False)
         dcp.load(
             loaded,
-            storage_reader=shard_reader(path, trusted=not weights_only),
+            storage_reader=shard_reader(path, trusted=weights_only is False),
             planner=DefaultLoadPlanner(allow_partial_load=not strict),
             no_dist=not torch.distributed.is_initialized(),
         )

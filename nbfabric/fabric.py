@@ -577,7 +577,7 @@ class Fabric:
         """Rank 0 writes `state` (modules and optimizers as their state_dict) atomically; all ranks wait.
         `filter`: {key: callable(name, value) -> keep} for entries of the state to save in part."""
         checkpoint.check_filter(filter, state)
-        self._strategy.save(path, state, self.is_global_zero, filter)
+        self._strategy.save(checkpoint.resolve(path), state, self.is_global_zero, filter)
 
     def load(
         self,
@@ -585,20 +585,24 @@ class Fabric:
         state: dict[str, Any] | None = None,
         strict: bool = True,
         *,
-        weights_only: bool = True,
+        weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        """Restore the objects in `state` in place and return the rest of the checkpoint."""
-        return self._strategy.load(path, state, strict=strict, weights_only=weights_only)
+        """Restore the objects in `state` in place and return the rest of the checkpoint. `path`: a
+        file or directory, `~/...`, or an fsspec URL (`s3://...`: files only); `weights_only=None`
+        is torch's default (True unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), False only for a file you
+        trust (it may run code)."""
+        return self._strategy.load(checkpoint.resolve(path), state, strict=strict, weights_only=weights_only)
 
     def load_raw(self, path: str | os.PathLike, obj: Any, strict: bool = True, weights_only: bool | None = None) -> None:
         """Load a plain state_dict file (as saved by torch.save) into a module or optimizer, or a
         checkpoint into the modules and optimizers of a dict (in place, as `load`; the dict's other
         entries stay as they are, as Lightning leaves them); `weights_only=False` only for a file you
         trust (it may run code)."""
+        path = checkpoint.resolve(path)
         if isinstance(obj, dict):
-            self._strategy.load(path, dict(obj), strict=strict, weights_only=weights_only is not False)
+            self._strategy.load(path, dict(obj), strict=strict, weights_only=weights_only)
             return
-        state = torch.load(path, map_location="cpu", weights_only=weights_only is not False)
+        state = checkpoint.read(path, weights_only=weights_only)
         target = unwrap(obj)
         if isinstance(target, torch.nn.Module):
             target.load_state_dict(state, strict=strict)

@@ -253,6 +253,41 @@ def test_a_checkpoint_loads_through_the_models_own_load_state_dict_as_lightnings
     assert seen["compiled"] == 8.0 and seen["compiled saved as"] == ["_orig_mod.bias", "_orig_mod.weight"]
 
 
+def _paths_as_fsspec_takes_them(fabric, helpers, home, framework):
+    import argparse
+
+    seen = {}
+    model = nn.Linear(2, 1)
+    for name, path in {
+        "home": f"~/{framework}/under-home.ckpt",
+        "file url": f"file://{home}/{framework}/by-url.ckpt",
+        "memory": f"memory://{framework}/in-memory.ckpt",
+    }.items():
+        fabric.save(path, {"model": model, "step": 3})
+        again = nn.Linear(2, 1)
+        rest = fabric.load(path, {"model": again})
+        seen[name] = (rest, torch.equal(again.weight, model.weight))
+    seen["s3 without s3fs"] = error_name(lambda: fabric.save("s3://a-bucket/model.ckpt", {"model": model}))
+    fabric.save(f"{home}/{framework}/namespace.ckpt", {"args": argparse.Namespace(lr=0.1)})
+    seen["namespace, forced"] = fabric.load(f"{home}/{framework}/namespace.ckpt")["args"].lr
+    return seen
+
+
+@covers("Fabric.save", "Fabric.load")
+def test_checkpoint_paths_are_taken_as_fsspec_takes_them_and_torch_decides_weights_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # the file holds an argparse.Namespace
+    seen = {
+        name: cls(accelerator="cpu", devices=1).launch(_paths_as_fsspec_takes_them, HELPERS[name], str(tmp_path), name)
+        for name, cls in FABRICS.items()
+    }
+    assert same(seen)["home"] == ({"step": 3}, True)
+    for name in FABRICS:
+        assert (tmp_path / name / "under-home.ckpt").is_file() and (tmp_path / name / "by-url.ckpt").is_file()
+    assert not any(path.name in ("~", "file:") for path in tmp_path.rglob("*"))
+    assert not os.path.exists("~") and not os.path.exists("file:") and not os.path.exists("s3:")
+
+
 # ----------------------------------------------------------------- hooks and backward
 class _Hooks:
     def __init__(self):

@@ -204,14 +204,16 @@ class DeepSpeedStrategy(DDPStrategy):
         def write(directory: Path) -> None:
             self._engine.save_checkpoint(str(directory), tag=TAG, client_state=extras)
 
-        checkpoint.replace_directory(Path(path), write, is_global_zero, self.barrier)
+        checkpoint.replace_directory(path, write, is_global_zero, self.barrier)
 
-    def load(self, path: Any, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
+    def load(self, path: Any, state: dict[str, Any] | None, *, strict: bool, weights_only: bool | None) -> dict[str, Any]:
         """Restore the engine (model, and optimizer where `state` has it) and the client state from a DeepSpeed directory."""
         from nbfabric.strategies.deepspeed_checkpoint import TAG, is_checkpoint, restore_client_state, trusted_loads
 
-        checkpoint.recover_replaced(Path(path))
-        if not is_checkpoint(Path(path)):
+        if isinstance(path, str):
+            raise ValueError(f"{path!r}: DeepSpeed's checkpoints are directories on a local (or mounted) disk, not URLs")
+        checkpoint.recover_replaced(path)
+        if not is_checkpoint(path):
             raise ValueError(
                 f"{os.fspath(path)!r} is not a checkpoint written by fabric.save under DeepSpeed; "
                 "load a single-file checkpoint into the model before fabric.setup (model.load_state_dict)"
@@ -219,7 +221,7 @@ class DeepSpeedStrategy(DDPStrategy):
         state = state if state is not None else {}
         engine = self._engine_in(state)
         with_optimizer = any(unwrap(value) is engine.optimizer for value in state.values())
-        with trusted_loads(not weights_only):
+        with trusted_loads(weights_only is False):
             _, client = engine.load_checkpoint(
                 os.fspath(path), tag=TAG, load_module_strict=strict,
                 load_optimizer_states=with_optimizer, load_lr_scheduler_states=False,

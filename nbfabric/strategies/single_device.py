@@ -149,7 +149,7 @@ class SingleDeviceStrategy:
             checkpoint.atomic_save(converted, path)
         self.barrier()
 
-    def load(self, path: Any, state: dict[str, Any] | None, *, strict: bool, weights_only: bool) -> dict[str, Any]:
+    def load(self, path: Any, state: dict[str, Any] | None, *, strict: bool, weights_only: bool | None) -> dict[str, Any]:
         """Restore the objects in `state` in place from `path`; the rest of the checkpoint."""
         return checkpoint.load_into(path, state, strict=strict, weights_only=weights_only)
 
