@@ -649,10 +649,11 @@ def _on_cpu(fabric: Fabric, value: Any) -> Any:
 
 
 def _as_returned(fabric: Fabric, value: Any) -> Any:
-    """A run in this process returns what the function returned, as Lightning's does (tensors where
-    they are, with their graphs), set-up objects as the user's own: this run's process group, which
-    a wrapper may hold, is released."""
-    return without_wrappers(value)
+    """A run in this process returns what the function returned, as Lightning's does: tensors where
+    they are, with their graphs, and set-up objects as they are (their forward keeps the precision),
+    except under a strategy whose process group this run releases (DDP, FSDP, DeepSpeed on one
+    device), where a wrapper would hold it: there the user's own objects."""
+    return value if fabric.config.strategy == "single_device" else without_wrappers(value)
 
 
 def _leave_after_script(fabric: Fabric) -> None:

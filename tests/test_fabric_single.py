@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nbfabric import Fabric
+from nbfabric import Fabric, is_wrapped
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
@@ -61,8 +61,8 @@ def test_launch_runs_the_function_in_this_process_with_its_arguments():
         fabric.launch(train, 1, name="again")
 
 
-def test_launch_in_this_process_returns_the_very_objects_with_their_graphs_and_set_up_ones_as_the_users():
-    """As Lightning's launch with one device: nothing copied to the CPU or detached for a trip back."""
+def test_launch_in_this_process_returns_the_very_objects_with_their_graphs_and_set_up_ones_as_set_up():
+    """As Lightning's launch with one device: nothing copied to the CPU, detached or unwrapped for a trip back."""
     kept, model = torch.ones(2, requires_grad=True), Scaled()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -74,7 +74,7 @@ def test_launch_in_this_process_returns_the_very_objects_with_their_graphs_and_s
     assert returned["kept"] is kept
     returned["output"].sum().backward()  # the graph reaches the model's weights and `kept`
     assert kept.grad is not None and model.body[0].weight.grad is not None
-    assert set_up[0] is model and set_up[1] is optimizer
+    assert is_wrapped(set_up[0]) and set_up[0].module is model and set_up[1].optimizer is optimizer
 
 
 def test_setup_before_launch_on_two_devices_says_to_launch_first():

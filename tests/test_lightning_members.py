@@ -428,6 +428,23 @@ def test_launch_with_one_device_returns_the_very_objects_with_their_graphs():
     assert same(seen) == (True, True, True, "cpu")
 
 
+def _returns_its_set_up_model(fabric, helpers):
+    torch.manual_seed(0)
+    return fabric.setup(nn.Linear(4, 1), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
+def test_launch_with_one_device_returns_set_up_objects_that_still_run_under_the_precision(precision):
+    """Lightning returns the set-up model itself: calling it after launch still casts and autocasts."""
+    seen = {}
+    for name, cls in FABRICS.items():
+        model, optimizer = cls(accelerator="cpu", devices=1, precision=precision).launch(_returns_its_set_up_model, HELPERS[name])
+        torch.manual_seed(1)
+        output = model(torch.randn(3, 4))
+        seen[name] = (HELPERS[name]["is_wrapped"](model), HELPERS[name]["is_wrapped"](optimizer), str(output.dtype), output.tolist())
+    assert same(seen)[:2] == (True, True)
+
+
 @covers("Fabric.run")
 def test_a_subclass_run_method_runs_on_every_rank():
     from lightning_pair import FABRICS
