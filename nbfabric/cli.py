@@ -18,13 +18,15 @@ from nbfabric.user_config import CONFIG_ENV, config_path, load_defaults
 
 RUN_DESCRIPTION = """\
 Run SCRIPT on every rank, as `python SCRIPT ARGS...` would, with each line of output tagged "[rank N]".
-nbfabric's run flags go before or after SCRIPT (as with Lightning's `fabric run`); the script gets
-every other argument after SCRIPT, and everything after a `--`.
+nbfabric's run flags go before SCRIPT; those Lightning's `fabric run` has (--accelerator, --strategy,
+--devices, --num-nodes, --node-rank, --main-address, --main-port, --precision) also after it, as
+there. The script gets every other argument after SCRIPT, and everything after a `--`.
 
 Settings come from the flags, else the settings file (the one %%fabric uses), else the defaults.
-`Fabric()` in the script takes them from here; a `Fabric(...)` argument that says otherwise is an error.
-Each rank also sees torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...), so scripts written
-for torchrun or `accelerate launch` run unchanged.
+`Fabric()` in the script takes those given there; a `Fabric(...)` argument that says otherwise is
+an error. Each rank also sees torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...), Lightning's
+LT_* (as `fabric run` sets them) and Accelerate's (ACCELERATE_USE_CPU on CPU, ACCELERATE_MIXED_PRECISION
+from --precision), so scripts written for torchrun or `accelerate launch` run unchanged.
 
 Several machines: make a key once, then run the same command on each, changing only --node-rank:
   export NBFABRIC_RUN_KEY=$(python -c "import secrets; print(secrets.token_hex(16))")  # the same on every node
@@ -100,8 +102,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _take_run_flags_after_script(parser, args)
     if in_slurm_step() and "RANK" not in os.environ:
         return _run_as_slurm_task(parser, args)
-    plan = _plan(parser, args)
-    os.environ.update(run_command_environment(plan))
+    plan, given = _plan(parser, args)
+    os.environ.update(run_command_environment(plan, given))
     return run_node(args, plan)
 
 
@@ -111,19 +113,28 @@ def _run_as_slurm_task(parser: argparse.ArgumentParser, args: argparse.Namespace
     ranks = slurm_rank_environment(os.environ)
     args.devices = args.devices or ranks["LOCAL_WORLD_SIZE"]
     args.num_nodes = args.num_nodes or os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1"))
-    plan = _plan(parser, args, main_address_known=True)
-    os.environ.update({**ranks, **run_command_environment(plan)})
+    plan, given = _plan(parser, args, main_address_known=True)
+    os.environ.update({**ranks, **run_command_environment(plan, given)})
     if plan.place.run_key is not None:  # then the tasks meet through the keyed store (see keyed_store)
         os.environ[RUN_KEY_ENV] = plan.place.run_key
     run_script(args.script, args.script_args)
     return 0
 
 
+_FABRIC_RUN_FLAGS = ("accelerator", "strategy", "devices", "num_nodes", "node_rank", "main_address", "main_port", "precision")
+
+
 def _take_run_flags_after_script(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Run flags after the script are nbfabric's too, as with Lightning's `fabric run`; a `--`
-    ends them, and what follows it goes to the script as it is."""
+    """After the script, the flags that Lightning's `fabric run` has are nbfabric's too, as there;
+    nbfabric's others (--debug, --timeout ...) go to the script, as `fabric run` passes them on. A
+    `--` ends them, and what follows it goes to the script as it is."""
     flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    add_run_flags(flags.add_argument)
+
+    def add_argument(*names: str, **options: Any) -> None:
+        if options.get("dest", names[0].lstrip("-").replace("-", "_")) in _FABRIC_RUN_FLAGS:
+            flags.add_argument(*names, **options)
+
+    add_run_flags(add_argument)
     found, rest = flags.parse_known_args(args.script_args)
     for name, value in vars(found).items():
         if value is None:
@@ -134,9 +145,9 @@ def _take_run_flags_after_script(parser: argparse.ArgumentParser, args: argparse
     args.script_args = [*rest, *args.passed_on]
 
 
-def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, main_address_known: bool = False) -> RunPlan:
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, main_address_known: bool = False) -> tuple[RunPlan, set[str]]:
     """Built-in defaults < the settings file < the flags, checked as %%fabric checks them, and
-    what only a script run needs."""
+    what only a script run needs; and the names of the settings given (by the file or a flag)."""
     if not os.path.isfile(args.script):
         parser.error(f"the script {args.script!r} does not exist")
     try:
@@ -150,7 +161,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, main_addres
         print(f"nbfabric run: {note.message}", file=sys.stderr)
     if plan.config.num_nodes > 1 and not (args.main_address or main_address_known):
         parser.error(f"--num-nodes={plan.config.num_nodes} needs --main-address, the address of node 0 that every node can reach")
-    return plan
+    return plan, set(settings)
 
 
 # ----------------------------------------------------------------- env and install-kernel

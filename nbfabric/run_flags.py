@@ -134,9 +134,19 @@ def check_timeout(value: Any) -> float | None:
 _CODE_DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": "32-true", "num_nodes": 1, "start_method": None}
 
 
-def run_command_environment(plan: RunPlan) -> dict[str, str]:
-    """The variables through which `nbfabric run` hands its settings to each rank's `Fabric()`."""
-    return {RUN_COMMAND_ENV: json.dumps(plan.config.settings()), **(DEBUG_ENV if plan.debug else {})}
+def run_command_environment(plan: RunPlan, given: set[str]) -> dict[str, str]:
+    """The variables through which `nbfabric run` hands the settings `given` (by flags or the
+    settings file; a script's own arguments rule the rest) to each rank's `Fabric()`: nbfabric's,
+    Lightning's (as its `fabric run` sets them) and Accelerate's (as `accelerate launch` does)."""
+    config = plan.config
+    given = given | {"devices", "num_nodes"}  # the ranks that exist, whatever the script says (as `fabric run`)
+    settings = {name: value for name, value in config.settings().items() if name in given}
+    lightning = {"LT_DEVICES": str(config.num_processes), "LT_NUM_NODES": str(config.num_nodes)}
+    lightning.update({f"LT_{name.upper()}": str(settings[name]) for name in ("accelerator", "strategy", "precision") if name in settings})
+    accelerate = {"ACCELERATE_USE_CPU": "true"} if config.accelerator == "cpu" and config.world_size > 1 else {}
+    if "precision" in settings:
+        accelerate["ACCELERATE_MIXED_PRECISION"] = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16"}.get(config.precision, "no")
+    return {RUN_COMMAND_ENV: json.dumps(settings), **lightning, **accelerate, **(DEBUG_ENV if plan.debug else {})}
 
 
 def with_run_command_settings(**given: Any) -> dict[str, Any]:

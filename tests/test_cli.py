@@ -130,9 +130,10 @@ def test_a_precision_the_cpu_runs_otherwise_is_one_plain_note(tmp_path, env):
 
 def test_run_flags_after_the_script_are_taken_as_lightning_takes_them(tmp_path, env):
     script = write(tmp_path / "train.py", "import sys\nfrom nbfabric import Fabric\nfabric = Fabric()\nprint(fabric.world_size, fabric.config.precision, sys.argv[1:])\n")
-    done = nbfabric_command("run", str(script), "--accelerator=cpu", "--devices", "2", "--epochs", "3", "--precision=bf16-mixed", "--ranks=0", env=env)
+    done = nbfabric_command("run", "--ranks=0", str(script), "--accelerator=cpu", "--devices", "2", "--epochs", "3", "--precision=bf16-mixed", "--debug", "--timeout", "2", env=env)
     assert done.returncode == 0, done.stderr
-    assert "[rank 0] 2 bf16-mixed ['--epochs', '3']\n" in done.stdout
+    # nbfabric's own flags that `fabric run` lacks are the script's after it
+    assert "[rank 0] 2 bf16-mixed ['--epochs', '3', '--debug', '--timeout', '2']\n" in done.stdout
     ended = nbfabric_command("run", "--accelerator=cpu", "--devices=1", str(script), "--", "--devices=5", env=env)
     assert ended.returncode == 0, ended.stderr
     assert "[rank 0] 1 32-true ['--devices=5']\n" in ended.stdout
@@ -222,15 +223,39 @@ def test_a_script_written_for_accelerate_runs_unchanged(tmp_path, env):
         """
         import torch
         from accelerate import Accelerator
-        accelerator = Accelerator(cpu=True)
+        accelerator = Accelerator()
         total = accelerator.reduce(torch.tensor([accelerator.process_index + 1.0]), reduction="sum")
-        print("process", accelerator.process_index, "of", accelerator.num_processes, "sum", int(total))
+        print("process", accelerator.process_index, "of", accelerator.num_processes, "sum", int(total), accelerator.mixed_precision)
         """,
     )
-    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    done = nbfabric_command("run", *CPU2, "--precision=bf16-mixed", str(script), env=env)
     assert done.returncode == 0, done.stderr
     for rank in (0, 1):
-        assert f"[rank {rank}] process {rank} of 2 sum 3\n" in done.stdout
+        assert f"[rank {rank}] process {rank} of 2 sum 3 bf16\n" in done.stdout
+
+
+def test_a_lightning_script_takes_the_flags_given_and_a_script_s_own_settings_rule_the_rest(tmp_path, env):
+    pytest.importorskip("lightning")
+    script = write(
+        tmp_path / "train.py",
+        """
+        import sys
+        import lightning as L
+        from nbfabric import Fabric
+        if sys.argv[1] == "lightning":
+            fabric = L.Fabric(accelerator="cpu", strategy="ddp")
+            fabric.launch()
+            print(fabric.world_size, type(fabric.strategy).__name__, type(fabric.strategy.precision).__name__)
+        else:  # the script's own precision, where no flag set one
+            print(Fabric(precision="bf16-mixed").config.precision)
+        """,
+    )
+    done = nbfabric_command("run", *CPU2, "--precision=bf16-mixed", "--ranks=0", str(script), "lightning", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "[rank 0] 2 DDPStrategy MixedPrecision\n" in done.stdout
+    done = nbfabric_command("run", *CPU2, "--ranks=0", str(script), "nbfabric", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "[rank 0] bf16-mixed\n" in done.stdout
 
 
 FAILING = """
