@@ -49,6 +49,7 @@ def run_script(script: str, args: list[str]) -> None:
     and the launcher stops the others, which may be waiting for it in a collective."""
     if keyed_rendezvous_wanted():
         route_env_rendezvous()
+    fresh_random_state()
     path = os.path.abspath(script)
     sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(path)
@@ -59,6 +60,16 @@ def run_script(script: str, args: list[str]) -> None:
             atexit._run_exitfuncs()
         raise
     atexit._run_exitfuncs()
+
+
+def fresh_random_state() -> None:
+    """Seed torch's and NumPy's global generators from fresh entropy, as a new interpreter does
+    (Python's `random` is reseeded at every fork): ranks forked from this command would otherwise
+    all draw the same "random" numbers, where ranks of `fabric run` or torchrun each draw their own."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
+    if "numpy.random" in sys.modules:
+        sys.modules["numpy.random"].seed()
 
 
 class _ExitCodeSink(TextSink):

@@ -234,6 +234,14 @@ def test_a_script_written_for_accelerate_runs_unchanged(tmp_path, env):
         assert f"[rank {rank}] process {rank} of 2 sum 3 bf16\n" in done.stdout
 
 
+def test_each_rank_draws_its_own_unseeded_random_numbers_as_separate_interpreters_do(tmp_path, env):
+    script = write(tmp_path / "draw.py", "import random, numpy, torch\nprint('draws', torch.rand(1).item(), numpy.random.rand(), random.random())\n")
+    done = nbfabric_command("run", *CPU2, str(script), env=env)
+    assert done.returncode == 0, done.stderr
+    draws = [line.split("draws ")[1].split() for line in done.stdout.splitlines() if "draws" in line]
+    assert len(draws) == 2 and all(first != second for first, second in zip(*draws)), draws
+
+
 def test_a_lightning_script_takes_the_flags_given_and_a_script_s_own_settings_rule_the_rest(tmp_path, env):
     pytest.importorskip("lightning")
     script = write(
