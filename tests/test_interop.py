@@ -44,6 +44,23 @@ def test_an_accelerate_loop_sees_both_ranks_and_trains_in_sync(kernel):
     assert kernel.run("type(model).__name__")["result"] == "'Linear'"
 
 
+def test_an_accelerator_the_notebook_made_first_does_not_hide_the_ranks_from_one_made_in_the_cell(kernel):
+    pytest.importorskip("accelerate", reason="the interop extra is not installed")
+    kernel.run("from accelerate import Accelerator\nnotebook_accelerator = Accelerator()")
+    cell = """
+        %%fabric --accelerator=cpu --devices=2 --no-return
+        from accelerate import Accelerator
+        accelerator = Accelerator()
+        total = accelerator.reduce(torch.tensor([accelerator.process_index + 1.0]), reduction="sum")
+        print(accelerator.process_index, accelerator.num_processes, accelerator.distributed_type, int(total))
+        """
+    for _ in range(2):  # and again, after the first cell's ranks
+        out = kernel.run(cell)
+        assert out["error"] is None, out["error"]
+        assert "[rank 0] 0 2 DistributedType.MULTI_CPU 3" in out["stdout"] and "[rank 1] 1 2 DistributedType.MULTI_CPU 3" in out["stdout"], out["stdout"]
+    assert kernel.run("notebook_accelerator.num_processes")["result"] == "1"  # the notebook's own is as it was
+
+
 def test_a_lightning_fabric_made_in_the_cell_joins_the_same_process_group(kernel):
     pytest.importorskip("lightning", reason="the interop extra is not installed")
     out = kernel.run(
