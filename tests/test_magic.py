@@ -218,12 +218,20 @@ def test_help_lists_the_run_flags_and_runs_nothing(kernel, flag):
         assert "--devices DEVICES" in out["stdout"] and "--timeout TIMEOUT" in out["stdout"] and "the cell body ran" not in out["stdout"]
 
 
+def test_a_fabric_cell_inside_a_fabric_cell_is_refused_on_the_ranks(kernel):
+    out = kernel.run(f"{CPU2}\nget_ipython().run_cell_magic('fabric', '--devices=2', 'inner = 1')")
+    assert out["error"]["ename"] == "RankError" and "cannot run inside the ranks of another" in "\n".join(out["error"]["traceback"])
+    assert "left the run" not in out["stderr"] and kernel.run("'inner' in globals()")["result"] == "False"
+
+
 def test_return_and_no_return_choose_what_comes_back(kernel):
     kernel.run("a = b = 0")
     kernel.run(f"{CPU2} --return a\na = 1\nb = 1")
     assert kernel.run("(a, b)")["result"] == "(1, 0)"
     kernel.run(f"{CPU2} --no-return\na = 2")
     assert kernel.run("a")["result"] == "1"
+    kernel.run(f"{CPU2} --return=_hidden,a\n_hidden = 3\na = 4")  # a private name, asked for, comes back too
+    assert kernel.run("(_hidden, a)")["result"] == "(3, 4)"
 
 
 @pytest.mark.parametrize("start", ["fork", "spawn"])
@@ -384,6 +392,9 @@ def test_when_rank_0_leaves_by_sys_exit_the_cell_says_that_nothing_came_back(ker
         ("--devices=2 --out=1bad", "--out takes a Python name, such as run; '1bad' is not one"),
         ("--devices=2 --out=class", "--out takes a Python name, such as run; 'class' is not one"),
         ("--devices=2 --return=model,1x", "--return takes Python names, such as model or model,losses; '1x' is not one"),
+        ("--devices=2 --return=", "--return needs the names to bring back"),
+        ("--devices=2 --return=,", "--return needs the names to bring back"),
+        ("--devices=2 --return=fabric", "the cell's fabric belongs to its ranks"),
         ("--devices=2 --return='a b'", "is not a flag, nor one of stop, wait, where; several names go as one flag, such as --return=model,losses"),
     ],
 )

@@ -180,14 +180,15 @@ def pack_for_notebook(cell: Cell, names: list[str] | None, fabric: Any, ran: Ran
     if fabric.global_rank != 0:
         return None
     namespace, known = ran.namespace, ran.known
-    if names is None:  # and the names it deleted: they go in the notebook too
+    by_default = names is None
+    if by_default:  # and the names it deleted: they go in the notebook too
         rebound = [name for name, value in namespace.items() if known.get(name, _UNBOUND) is not value]
         names = list(dict.fromkeys([*cell.bound_names, *rebound, *ran.changed]))
         deleted = [*(name for name in cell.deleted_names if name not in namespace), *(name for name in known if name not in namespace)]
         names = [name for name in names if name not in deleted]
-    else:
+    else:  # asked for by name (--return), private names too
         deleted = []
-    returned = pack(namespace, notebook_names(names), known, ran.last_value)
+    returned = pack(namespace, notebook_names(names) if by_default else names, known, ran.last_value)
     returned.deleted = notebook_names(list(dict.fromkeys(deleted)))
     return returned
 

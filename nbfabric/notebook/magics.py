@@ -19,6 +19,7 @@ from IPython.display import display
 from nbfabric.devices import describe_hardware
 from nbfabric.fabric import Fabric
 from nbfabric.launcher.output import TextSink
+from nbfabric.launcher.rank_links import rank_links
 from nbfabric.launcher.processes import reaping_deferred
 from nbfabric.launcher.shipping import Shipment
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
@@ -115,6 +116,8 @@ class FabricMagics(Magics):
             return None
         if cell is None:
             return self._line(args, given)
+        if rank_links() is not None:
+            raise UsageError("a %%fabric cell cannot run inside the ranks of another; its code is on every rank already: run it as it is")
         request = self._check_cell(args, given)  # 1. check: nothing changes if this raises
         compiled = compile_cell(self.shell, cell, line)
         values = self._values_for_ranks(request, compiled)
@@ -421,10 +424,14 @@ def _wanted_names(args: Any) -> list[str] | None:
         raise UsageError("--return and --no-return exclude each other")
     if args.no_return:
         return []
-    if args.return_names:
+    if args.return_names is not None:
         names = [name.strip() for name in args.return_names.split(",") if name.strip()]
+        if not names:
+            raise UsageError("--return needs the names to bring back, such as --return=model or --return=model,losses (--no-return brings none)")
         for name in names:
             _check_name("--return", name, "Python names, such as model or model,losses")
+        if "fabric" in names:
+            raise UsageError("--return=fabric: the cell's fabric belongs to its ranks and does not come back; name what the cell bound")
         return names
     return None
 
