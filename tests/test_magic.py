@@ -224,6 +224,16 @@ def test_a_fabric_cell_inside_a_fabric_cell_is_refused_on_the_ranks(kernel):
     assert "left the run" not in out["stderr"] and kernel.run("'inner' in globals()")["result"] == "False"
 
 
+def test_a_syntax_error_shows_the_cell_s_line_without_nbfabric_s_parsing_and_an_open_file_is_named_not_converted(kernel):
+    out = kernel.run(f"{CPU2}\nx = (1,\nprint(x)")
+    shown = "\n".join(out["error"]["traceback"])
+    assert out["error"]["ename"] == "SyntaxError" and "was never closed" in shown
+    assert "cell.py" not in shown and "ast.py" not in shown
+    out = kernel.run(f"{CPU2}\nfh = open({__file__!r})")
+    assert "fh (cannot be pickled: PicklingError: an open file stays in the rank)" in out["stderr"], out
+    assert "NameError" in (kernel.run("fh")["error"] or {}).get("ename", "")
+
+
 def test_return_and_no_return_choose_what_comes_back(kernel):
     kernel.run("a = b = 0")
     kernel.run(f"{CPU2} --return a\na = 1\nb = 1")

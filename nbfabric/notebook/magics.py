@@ -119,7 +119,10 @@ class FabricMagics(Magics):
         if rank_links() is not None:
             raise UsageError("a %%fabric cell cannot run inside the ranks of another; its code is on every rank already: run it as it is")
         request = self._check_cell(args, given)  # 1. check: nothing changes if this raises
-        compiled = compile_cell(self.shell, cell, line)
+        try:
+            compiled = compile_cell(self.shell, cell, line)
+        except SyntaxError as error:  # without the frames of nbfabric's parsing under the cell's line
+            raise error.with_traceback(None) from None
         values = self._values_for_ranks(request, compiled)
         self._drop_finished_background()
         record = RunRecord(request.plan.config)  # 2. the view

@@ -124,6 +124,8 @@ class _CellPickler(cloudpickle.Pickler):
         self.memo = {key: entry for key, entry in self.memo.copy().items() if entry[0] < kept}
 
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, io.IOBase):  # cloudpickle would send an open file's contents, as a StringIO
+            raise pickle.PicklingError(f"a{' closed' if obj.closed else 'n open'} file stays in the rank")
         if type(obj) is torch.storage.TypedStorage:  # a wrapper made anew for each tensor: its storage goes once
             return _typed_storage, (obj._untyped_storage, obj.dtype)
         if type(obj) is torch.UntypedStorage and obj.device.type == "cpu":
