@@ -33,7 +33,7 @@ class FabricModule(torch.nn.Module):
     def __init__(self, forward_module: torch.nn.Module, original_module: torch.nn.Module, precision: Precision, device: torch.device):
         super().__init__()
         self._forward_module = forward_module
-        self.__dict__["_original_module"] = original_module
+        self._original_module = original_module  # a child too, as in Lightning (apply() visits it twice under DDP)
         self.__dict__["_precision"] = precision
         self.__dict__["_forward_methods"] = set(STEP_METHODS)
         self.__dict__["_setup_device"] = device
@@ -77,7 +77,7 @@ class FabricModule(torch.nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         """Set on the user's module (a new submodule lands in its state_dict and is trained); a name
         this wrapper has itself (`training`, its own attributes) is set here too."""
-        original = self.__dict__.get("_original_module")
+        original = self.__dict__.get("_modules", {}).get("_original_module")
         if original is None:  # still in __init__
             super().__setattr__(name, value)
             return
@@ -109,7 +109,7 @@ class FabricModule(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        original = self.__dict__["_original_module"]
+        original = self._modules["_original_module"]
         wrapped = self._forward_module is not original
         if wrapped and name in self.__dict__["_forward_methods"]:
             return self._through_forward(name)

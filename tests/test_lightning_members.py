@@ -445,6 +445,25 @@ def test_launch_with_one_device_returns_set_up_objects_that_still_run_under_the_
     assert same(seen)[:2] == (True, True)
 
 
+def _applied_after_setup(fabric, helpers):
+    torch.manual_seed(7)
+    model = fabric.setup(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
+    calls = []
+
+    def init(module):
+        calls.append("the wrapper" if module is model else type(module).__name__)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight)
+
+    model.apply(init)
+    return calls, [type(child).__name__ for child in model.children()], [p.detach().tolist() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_apply_after_setup_visits_the_modules_as_lightnings_wrapper_does(devices):
+    same(run_both(_applied_after_setup, devices=devices))
+
+
 @covers("Fabric.run")
 def test_a_subclass_run_method_runs_on_every_rank():
     from lightning_pair import FABRICS
