@@ -559,13 +559,29 @@ class Fabric:
 
     @contextmanager
     def rank_zero_first(self, local: bool = False) -> Iterator[None]:
-        """Rank 0 (of the node, with local=True) runs the block first, the others after it."""
+        """Rank 0 (of the node, with local=True) runs the block first, the others after it, waiting
+        as long as it takes (a download may outlast the process group's timeout), as Lightning's do:
+        through a gloo group of their own without a practical timeout, made and ended here."""
         first = (self.local_rank if local else self.global_rank) == 0
-        if not first:
-            self.barrier()
-        yield
-        if first:
-            self.barrier()
+        dist = torch.distributed
+        group = dist.new_group(backend="gloo", timeout=timedelta(days=10000)) if self._launched and dist.is_initialized() else None
+
+        def barrier() -> None:
+            if group is not None:
+                group.monitored_barrier()
+
+        try:
+            if not first:
+                barrier()
+            yield
+            if first:
+                barrier()
+        finally:
+            try:
+                barrier()  # every rank leaves together, as from Lightning's
+            finally:
+                if group is not None:
+                    dist.destroy_process_group(group)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """`print` on local rank 0 only."""

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nbfabric import Fabric
+from nbfabric.strategies.ddp import DDPStrategy
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
 
@@ -297,6 +298,20 @@ def _nested_numbers(fabric: Fabric) -> dict:
         "gathered": fabric.all_gather({"correct": rank + 1, "loss": torch.tensor(float(rank))}),
         "reduced": fabric.all_reduce({"correct": rank + 1}, reduce_op="sum"),
     }
+
+
+def _slow_first(fabric: Fabric) -> list:
+    order = []
+    with fabric.rank_zero_first():
+        if fabric.global_rank == 0:
+            time.sleep(3)  # past the process group's 1 s timeout, as a download can be
+        order.append(time.monotonic())
+    return fabric.all_gather(torch.tensor(order, dtype=torch.float64)).tolist()
+
+
+def test_rank_zero_first_waits_past_the_process_group_timeout_as_lightnings_does():
+    times = Fabric(accelerator="cpu", devices=WORLD, strategy=DDPStrategy(timeout=1)).launch(_slow_first)
+    assert times[0][0] < times[1][0]  # rank 1 ran its block after rank 0's
 
 
 def test_numbers_inside_collections_are_gathered_and_reduced():
