@@ -296,7 +296,9 @@ class Fabric:
         self._launched = True
 
     def _check_launched(self) -> None:
-        if not self._launched and self.config.distributed:
+        """Before launch, a Fabric of several devices has no run to work in. After it, in the process
+        that launched the ranks, it works as Lightning's does there: collectives with no peers."""
+        if not (self._launched or self._launch_called) and self.config.distributed:
             raise RuntimeError(
                 f"To use Fabric with more than one device ({self.config.world_size} here), call fabric.launch(fn) "
                 "first and use it inside fn, use a %%fabric cell, or run the script with `nbfabric run`."

@@ -464,6 +464,29 @@ def test_apply_after_setup_visits_the_modules_as_lightnings_wrapper_does(devices
     same(run_both(_applied_after_setup, devices=devices))
 
 
+def _nothing(fabric, helpers):
+    return None
+
+
+@covers("Fabric.barrier", "Fabric.all_reduce", "Fabric.all_gather", "Fabric.broadcast", "Fabric.save")
+def test_after_launch_the_launching_process_uses_its_fabric_as_lightnings_with_no_peers(tmp_path):
+    seen = {}
+    for name, cls in FABRICS.items():
+        fabric = cls(accelerator="cpu", devices=2, strategy="ddp_fork")
+        fabric.launch(_nothing, HELPERS[name])
+        fabric.barrier()
+        fabric.strategy.barrier("named")
+        fabric.save(tmp_path / f"{name}.ckpt", {"step": 3})
+        seen[name] = (
+            fabric.all_reduce(torch.tensor([1.0, 2.0]), reduce_op="sum").tolist(),
+            fabric.all_gather(torch.tensor([1, 2])).tolist(),
+            fabric.broadcast({"a": 1}),
+            fabric.strategy.all_reduce(3),
+            torch.load(tmp_path / f"{name}.ckpt")["step"],
+        )
+    assert same(seen) == ([1.0, 2.0], [1, 2], {"a": 1}, 3, 3)
+
+
 @covers("Fabric.run")
 def test_a_subclass_run_method_runs_on_every_rank():
     from lightning_pair import FABRICS

@@ -211,24 +211,35 @@ class DDPStrategy(SingleDeviceStrategy):
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager:
         return module.no_sync()
 
-    def barrier(self) -> None:
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """Wait for every rank (Lightning's `name` argument is taken and unused); outside a process
+        group, as in the process that launched the ranks, there is none to wait for, as in Lightning."""
+        if not dist.is_initialized():
+            return
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])
         else:
             dist.barrier()
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        if not dist.is_initialized():
+            return decision
         votes = torch.tensor(int(decision), device=self.root_device)
         dist.all_reduce(votes, op=dist.ReduceOp.SUM)
         return bool(votes == dist.get_world_size()) if all else bool(votes)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not dist.is_initialized():
+            return obj
         box = [obj]
         dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
     def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
-        """Every rank's `tensor` of `group`, stacked; with `sync_grads`, gradients flow back to each rank's input."""
+        """Every rank's `tensor` of `group`, stacked; with `sync_grads`, gradients flow back to each
+        rank's input. Outside a process group, `tensor` as it is (as Lightning's)."""
+        if not dist.is_initialized():
+            return tensor
         tensor = tensor.contiguous()
         group = group if group is not None else dist.group.WORLD
         if sync_grads:
@@ -242,7 +253,10 @@ class DDPStrategy(SingleDeviceStrategy):
 
     def all_reduce(self, tensor: torch.Tensor, group: Any = None, reduce_op: Any = "mean") -> torch.Tensor:
         """Reduce in place over `group` by `reduce_op` (see `reduce_op_name`), as Lightning does: the
-        mean of integers too, truncated to their type."""
+        mean of integers too, truncated to their type. A value that is no tensor, or one outside a
+        process group, comes back as it is (as Lightning's)."""
+        if not isinstance(tensor, torch.Tensor) or not dist.is_initialized():
+            return tensor
         op = reduce_op_name(reduce_op)
         group = group if group is not None else dist.group.WORLD
         if op != "mean":

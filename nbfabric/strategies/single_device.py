@@ -133,8 +133,8 @@ class SingleDeviceStrategy:
         """A context in which backward does not synchronise `module`'s gradients across ranks."""
         return nullcontext()
 
-    def barrier(self) -> None:
-        """Wait for every rank."""
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """Wait for every rank (Lightning's `name` argument is taken and unused)."""
         pass
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
