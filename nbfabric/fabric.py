@@ -184,7 +184,9 @@ class Fabric:
         Raises:
             RankError: a rank failed (every other rank was stopped first); RankTimeoutError past `timeout`.
             TypeError: `function` is not callable, or takes no argument for the Fabric.
-            RuntimeError: launched twice, or a bare launch() in a notebook.
+            RuntimeError: launched again in a process that is a rank of the run (launching again
+                from the process that started the ranks, or with one device, runs again), or a bare
+                launch() in a notebook.
         """
         if function is _do_nothing:
             if self.config.start_method == "spawn" and not started_by_launcher():  # `nbfabric run --start-method=spawn` started it
@@ -210,8 +212,10 @@ class Fabric:
     ) -> Any:
         """The one way a run starts (`launch`, %%fabric cells, `RankPool.launch`): through `launcher`,
         else the one `select_launcher` picks for the settings, every rank runs `_run_as_rank`."""
-        if self._launch_called:
-            raise RuntimeError("this Fabric is already launched; call launch() once per Fabric")
+        if self._launch_called and self._launched and self.config.strategy != "single_device":
+            # launching again from the process that started ranks, or with one device and nothing
+            # to rejoin, runs again, as Lightning's does
+            raise RuntimeError("this Fabric is already launched in this process, as a rank of its run; call launch() once per Fabric here")
         if function is not None:
             _check_launchable(function)
         self._launch_called = True

@@ -487,6 +487,21 @@ def test_after_launch_the_launching_process_uses_its_fabric_as_lightnings_with_n
     assert same(seen) == ([1.0, 2.0], [1, 2], {"a": 1}, 3, 3)
 
 
+def _logged_sum(fabric, helpers, value):
+    fabric.log("value", value)
+    return fabric.all_reduce(torch.tensor(float(value)), reduce_op="sum").item()
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_launching_the_same_fabric_again_runs_again_as_lightnings_does(devices):
+    """A notebook cell with fabric.launch(train) run a second time."""
+    seen = {}
+    for name, cls in FABRICS.items():
+        fabric = cls(accelerator="cpu", devices=devices, **({"strategy": "ddp_fork"} if devices > 1 else {}))
+        seen[name] = [fabric.launch(_logged_sum, HELPERS[name], value) for value in (1, 2)]
+    assert same(seen) == [1.0 * devices, 2.0 * devices]
+
+
 @covers("Fabric.run")
 def test_a_subclass_run_method_runs_on_every_rank():
     from lightning_pair import FABRICS
