@@ -11,7 +11,7 @@ from typing import Any, Iterable
 from IPython.core.error import UsageError
 
 from nbfabric.notebook.cell import pack_rank_name, rank_holds
-from nbfabric.notebook.changes import fingerprint
+from nbfabric.notebook.changes import changed_in_place, fingerprint
 from nbfabric.pool import ENGINE_KINDS, PoolError, RankPool, watchdog
 from nbfabric.tracebacks import shown_briefly
 
@@ -69,12 +69,10 @@ class PoolInUse:
     def changed_here(self, names: Iterable[str], namespace: dict[str, Any]) -> list[str]:
         """Those of `names` that the ranks hold and the notebook has changed in place since their
         value came back (each is found once)."""
-        changed = []
-        for name in sorted(set(names) & self.fingerprints.keys()):
-            value = namespace.get(name)
-            if value is self.names_on_ranks.get(name) and fingerprint(value) != self.fingerprints[name]:
-                changed.append(name)
-                del self.fingerprints[name]
+        before = {name: self.fingerprints[name] for name in sorted(set(names) & self.fingerprints.keys())}
+        changed = changed_in_place(namespace, self.names_on_ranks, before)
+        for name in changed:
+            del self.fingerprints[name]
         return changed
 
 

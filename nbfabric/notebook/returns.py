@@ -16,7 +16,7 @@ import cloudpickle
 import torch
 
 from nbfabric.launcher.shipping import storage_bytes
-from nbfabric.wrappers import is_wrapped, unwrap, users_own
+from nbfabric.wrappers import _identity, is_wrapped, unwrap, users_own
 
 MAX_BYTES_PER_NAME = 2 * 1024**3  # a name whose pickle is larger stays in the rank
 SHARDED = "held over the ranks by {how}; fabric.save(path, {{...}}) writes it whole"
@@ -136,17 +136,13 @@ class _CellPickler(cloudpickle.Pickler):
                 return torch.nn.Parameter, (copy, obj.requires_grad)
             return copy.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         if is_wrapped(obj):  # set up and held inside another value: the user's own, as a name's is
-            return _itself, (users_own(obj),)
+            return _identity, (users_own(obj),)
         if isinstance(obj, (types.FunctionType, type)) and getattr(obj, "__module__", None) == "__main__":
             if id(obj) in self._known_names:  # the notebook's own object, by the name it has there
                 return _notebook_name, (self._known_names[id(obj)],)  # a spawned rank's __main__ does not hold it
             if isinstance(obj, types.FunctionType):
                 return _notebook_function(obj)
         return super().reducer_override(obj)
-
-
-def _itself(value: Any) -> Any:
-    return value
 
 
 def _notebook_name(name: str) -> Any:
