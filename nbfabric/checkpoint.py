@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from nbfabric.wrappers import unwrap
 
@@ -56,9 +57,17 @@ def to_state(state: dict[str, Any]) -> dict[str, Any]:
     """Modules, optimizers and other stateful objects replaced by their state."""
     converted = {}
     for key, value in state.items():
-        value = unwrap(value)
-        converted[key] = value.state_dict() if stateful(value) else value
+        converted[key] = _state_of(unwrap(value))
     return converted
+
+
+def _state_of(value: Any) -> Any:
+    if hasattr(value, "consolidate_state_dict"):
+        # torch's ZeroRedundancyOptimizer: each rank holds a shard of the state, gathered on rank 0
+        # (a collective), which alone has it whole, as Lightning saves it
+        value.consolidate_state_dict(to=0)
+        return value.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else {}
+    return value.state_dict() if stateful(value) else value
 
 
 def distributed_state(state: dict[str, Any], *, full: bool) -> dict[str, Any]:

@@ -253,6 +253,44 @@ def test_a_checkpoint_loads_through_the_models_own_load_state_dict_as_lightnings
     assert seen["compiled"] == 8.0 and seen["compiled saved as"] == ["_orig_mod.bias", "_orig_mod.weight"]
 
 
+def _zero_redundancy_saved_and_loaded(fabric, helpers, folder, framework):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    helpers["seed_everything"](1)
+    path = f"{folder}/{framework}-zero.ckpt"
+
+    def trained(steps):
+        model = nn.Linear(4, 4)
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1)
+        model, optimizer = fabric.setup(model, optimizer)
+        for _ in range(steps):
+            fabric.backward(model(torch.ones(2, 4) * (fabric.global_rank + 1)).sum())
+            optimizer.step()
+            optimizer.zero_grad()
+        return model, optimizer
+
+    model, optimizer = trained(3)
+    fabric.save(path, {"model": model, "optimizer": optimizer})
+    saved = torch.load(path, weights_only=False)["optimizer"]  # rank 0 wrote it; every rank reads it
+    model, resumed = trained(0)
+    fabric.load(path, {"model": model, "optimizer": resumed})
+    fabric.backward(model(torch.ones(2, 4)).sum())
+    resumed.step()  # on from the loaded moments, each rank updating its shard
+    return {
+        "saved steps": sorted((index, state["step"].item()) for index, state in saved["state"].items()),
+        "weights after one more step": [round(value, 5) for value in model.weight.flatten().tolist()],
+    }
+
+
+@covers("Fabric.save", "Fabric.load")
+def test_a_zero_redundancy_optimizer_is_saved_whole_and_resumes_as_lightnings(tmp_path):
+    seen = {}
+    for framework, fabric_class in FABRICS.items():
+        fabric = fabric_class(accelerator="cpu", devices=2, strategy="ddp_fork")
+        seen[framework] = fabric.launch(_zero_redundancy_saved_and_loaded, HELPERS[framework], str(tmp_path), framework)
+    assert same(seen)["saved steps"] == [(0, 3.0), (1, 3.0)]  # both shards' moments, gathered on rank 0
+
+
 def _paths_as_fsspec_takes_them(fabric, helpers, home, framework):
     import argparse
 
