@@ -233,6 +233,15 @@ def test_an_interrupted_hang_on_the_pool_shows_where_each_rank_was(kernel):
     _shows_both_ranks("\n".join(out["error"]["traceback"]), cell)
 
 
+def test_an_interrupt_while_one_rank_has_finished_the_cell_shows_it_finished_as_forked_ranks_do(kernel):
+    cell = kernel.run("get_ipython().execution_count")["result"]
+    code = f"{POOL}\nimport time\nprint('working', flush=True)\nif fabric.global_rank == 1:\n    time.sleep(60)"
+    out, _ = kernel.run_interrupted(code, when="[rank 1] working")
+    text = "\n".join(out["error"]["traceback"])
+    assert "rank 0: finished, waiting for the other ranks" in text, text
+    assert f"rank 1: time.sleep at Cell In[{cell}], line 5" in text, text
+
+
 def test_where_shows_a_background_pool_run_without_stopping_it(kernel):
     cell = kernel.run("get_ipython().execution_count")["result"]
     kernel.run(POOL_HANG.replace(POOL, f"{POOL} --background"))

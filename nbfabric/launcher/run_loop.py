@@ -121,11 +121,19 @@ class RunLoop:
             return
         self.outcome.stop_time = now()
         self.outcome.still_running_at_stop = self.running_ranks()
-        asked = self._not_failed(self.outcome.still_running_at_stop)
-        if asked:
-            self.outcome.places = self.where(asked)
+        self.outcome.places = self._places(self._not_failed(self.outcome.still_running_at_stop))
+        if self.outcome.places:
             self.sink.places(self.outcome.places, live=False)
         self.stop_ranks()
+
+    def _places(self, running: tuple[int, ...]) -> dict[int, RankPlace]:
+        """Where each of the `running` ranks is, and each rank that has done its part and no
+        longer runs (a pool's rank) as finished; not those that left by sys.exit."""
+        places = self.where(running) if running else {}
+        for rank in self.finished_ranks():
+            if rank not in places and rank not in self.outcome.left:
+                places[rank] = RankPlace(rank, ended=True)
+        return places
 
     def _rank_left(self, event: Left) -> None:
         """The rank's code called sys.exit: said in its stderr; a status of 0 fails nothing."""
@@ -140,8 +148,7 @@ class RunLoop:
         if now() >= self._next_sample and self.outcome.stop_time is None:
             self._sample_usage()
         if self.sink.take_where_request() and self.outcome.stop_time is None:
-            running = self._not_failed(self.running_ranks())
-            self.sink.places(self.where(running) if running else {}, live=True)
+            self.sink.places(self._places(self._not_failed(self.running_ranks())), live=True)
         if self.interrupts:
             self.stop(interrupted=True)
         if self.deadline is not None and now() >= self.deadline and self.outcome.stop_time is None:

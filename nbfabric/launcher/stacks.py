@@ -73,11 +73,13 @@ class Frame:
 
 @dataclass(frozen=True)
 class RankPlace:
-    """One rank's main-thread stack (innermost frame last), or why it could not be read."""
+    """One rank's main-thread stack (innermost frame last), or why it could not be read, or that
+    the rank has done its part and has no stack to show (`ended`: a pool's rank, idle)."""
 
     rank: int
     frames: tuple[Frame, ...] = ()
     missing: str = ""
+    ended: bool = False
 
     @property
     def failing(self) -> bool:
@@ -87,7 +89,7 @@ class RankPlace:
     @property
     def finished(self) -> bool:
         """Whether the rank has done its part of the run and waits for its peers to do theirs."""
-        return any(f.filename.startswith(PACKAGE_DIR) and f.function in _FINISHED for f in self.frames)
+        return self.ended or any(f.filename.startswith(PACKAGE_DIR) and f.function in _FINISHED for f in self.frames)
 
     @property
     def collective(self) -> str:
