@@ -350,10 +350,12 @@ def test_an_interrupt_while_the_first_cell_prepares_the_ranks_leaves_the_kernel_
         fresh.close()
 
 
-def test_input_in_a_forked_rank_fails_at_once_instead_of_waiting_for_the_kernel(kernel):
-    out = kernel.run(f"{CPU2}\nimport getpass\nname = input('name? ') if fabric.global_rank == 0 else getpass.getpass()", timeout=60)
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_input_in_a_rank_fails_at_once_saying_why_instead_of_waiting_for_the_kernel(kernel, start):
+    code = "import getpass\nname = input('name? ') if fabric.global_rank == 0 else getpass.getpass()"
+    out = kernel.run(f"{CPU2} --start-method={start}\n{code}", timeout=60)
     assert out["error"]["ename"] == "RankError"
-    message = "EOFError: a rank has no input for input() or getpass() to read: ask in the notebook, before the %%fabric cell"
+    message = "EOFError: a rank has no input for input() or getpass() to read: ask before the ranks start (in the notebook, before the %%fabric cell)"
     assert out["error"]["evalue"].startswith(f"rank 0 failed: {message}") or out["error"]["evalue"].startswith(f"rank 1 failed: {message}")
 
 

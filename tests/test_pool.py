@@ -242,6 +242,12 @@ def test_an_interrupt_while_one_rank_has_finished_the_cell_shows_it_finished_as_
     assert f"rank 1: time.sleep at Cell In[{cell}], line 5" in text, text
 
 
+def test_input_on_a_pool_rank_fails_at_once_saying_why_as_on_forked_ranks(kernel):
+    out = kernel.run(f"{POOL}\nname = input('name? ')", timeout=60)
+    assert out["error"]["ename"] == "RankError", out
+    assert "EOFError: a rank has no input for input() or getpass() to read" in out["error"]["evalue"], out["error"]
+
+
 def test_where_shows_a_background_pool_run_without_stopping_it(kernel):
     cell = kernel.run("get_ipython().execution_count")["result"]
     kernel.run(POOL_HANG.replace(POOL, f"{POOL} --background"))

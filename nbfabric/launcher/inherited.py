@@ -86,17 +86,16 @@ _TQDM_NOTEBOOK_METHODS = ("__init__", "__iter__", "status_printer", "display", "
 def detach_from_kernel(display_publisher: Any) -> None:
     """In a rank forked from a Jupyter kernel (whose sockets belong to the kernel): displays go to
     the launching process, tqdm's notebook bars (ipywidgets) fall back to its text bars, which
-    reach the notebook as progress lines, and input() meets the rank's empty stdin."""
+    reach the notebook as progress lines."""
     if display_publisher is None:
         return
     shell = display_publisher.shell
-    keep(shell.display_pub, builtins.input, getpass.getpass)
+    keep(shell.display_pub)
     shell.display_pub = display_publisher
     for prompt in ("ps1", "ps2"):  # a rank is no interactive session (libraries check this)
         if hasattr(sys, prompt):
             keep(getattr(sys, prompt))
             delattr(sys, prompt)
-    builtins.input = getpass.getpass = _no_input  # the kernel's would wait for a reply that never comes
     text_progress_bars()
 
 
@@ -110,10 +109,17 @@ def keep(*objects: Any) -> None:
     _KEPT.extend(objects)
 
 
+def refuse_input() -> None:
+    """input() and getpass() in a rank (forked, spawned or an engine's) raise at once, saying why:
+    a kernel's would wait for a reply that never comes, and a plain one reads an empty stdin."""
+    keep(builtins.input, getpass.getpass)
+    builtins.input = getpass.getpass = _no_input
+
+
 def _no_input(prompt: str = "", stream: Any = None) -> str:
     """input() and getpass() in a rank, whose stdin is empty: EOFError, as for a script run with
     its input from /dev/null."""
-    raise EOFError("a rank has no input for input() or getpass() to read: ask in the notebook, before the %%fabric cell")
+    raise EOFError("a rank has no input for input() or getpass() to read: ask before the ranks start (in the notebook, before the %%fabric cell)")
 
 
 def text_progress_bars() -> None:

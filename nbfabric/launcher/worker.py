@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from nbfabric.channel import ChannelWriter, Exiting, Failure, Left, Result, now
 from nbfabric.launcher.cell_labels import place_label
-from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited, keep
+from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited, keep, refuse_input
 from nbfabric.launcher import stacks
 from nbfabric.launcher.rank_links import RankLinks, rank_links, set_rank_links
 from nbfabric.tracebacks import PACKAGE_DIR
@@ -59,6 +59,7 @@ def become_rank(
     inherited = inherited or find_inherited()
     _redirect_output(stdout_fd, stderr_fd, inherited.handlers)
     detach_from_kernel(inherited.display_publisher)
+    refuse_input()
     os.environ.update(spec.env)
     if spec.threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(spec.threads)

@@ -47,8 +47,8 @@ def free_port() -> int:
 
 
 def join(env: dict[str, str], local_world_size: int) -> None:
-    """Take this rank's place: torchrun's variables, the intra-op threads, text progress bars."""
-    from nbfabric.launcher.inherited import text_progress_bars
+    """Take this rank's place: torchrun's variables, the intra-op threads, text progress bars, no input()."""
+    from nbfabric.launcher.inherited import refuse_input, text_progress_bars
     from nbfabric.launcher.machine import threads_per_rank
 
     threads = threads_per_rank(local_world_size)
@@ -60,6 +60,7 @@ def join(env: dict[str, str], local_world_size: int) -> None:
         torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt counts only while a run goes on
     _requests()
+    refuse_input()
     if importlib.util.find_spec("tqdm") is not None:
         import tqdm.notebook  # noqa: F401 - an engine is a kernel: tqdm.auto would pick widget bars
 
