@@ -350,6 +350,18 @@ def test_an_interrupt_while_the_first_cell_prepares_the_ranks_leaves_the_kernel_
         fresh.close()
 
 
+def test_magics_and_shell_commands_run_in_forked_ranks_and_spawned_ranks_refuse_them_before_starting(kernel):
+    code = "!echo shell says hi\n%time x = 1 + fabric.global_rank\nprint('x is', x)"
+    out = kernel.run(f"{CPU2}\n{code}", timeout=60)
+    assert out["error"] is None, out
+    for rank in (0, 1):
+        assert f"[rank {rank}] shell says hi" in out["stdout"] and f"[rank {rank}] x is {1 + rank}" in out["stdout"], out
+    assert kernel.run("x")["result"] == "1"
+    out = kernel.run(f"{CPU2} --start-method=spawn\nimport os\nprint('started')\n!echo hi", timeout=60)
+    assert "started" not in out["stdout"] and "spawned ranks, plain Python processes, do not have" in out["stderr"], out
+    assert "run it with --start-method=fork or on a rank pool" in out["stderr"], out
+
+
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_input_in_a_rank_fails_at_once_saying_why_instead_of_waiting_for_the_kernel(kernel, start):
     code = "import getpass\nname = input('name? ') if fabric.global_rank == 0 else getpass.getpass()"

@@ -248,6 +248,14 @@ def test_input_on_a_pool_rank_fails_at_once_saying_why_as_on_forked_ranks(kernel
     assert "EOFError: a rank has no input for input() or getpass() to read" in out["error"]["evalue"], out["error"]
 
 
+def test_magics_and_shell_commands_run_on_pool_ranks_as_on_forked_ranks(kernel):
+    out = kernel.run(f"{POOL}\n!echo shell says hi\n%time x = 1 + fabric.global_rank\nprint('x is', x)", timeout=60)
+    assert out["error"] is None and out["stderr"] == "", out
+    for rank in (0, 1):
+        assert f"[rank {rank}] shell says hi" in out["stdout"] and f"[rank {rank}] x is {1 + rank}" in out["stdout"], out
+    assert kernel.run("x")["result"] == "1"
+
+
 def test_where_shows_a_background_pool_run_without_stopping_it(kernel):
     cell = kernel.run("get_ipython().execution_count")["result"]
     kernel.run(POOL_HANG.replace(POOL, f"{POOL} --background"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import builtins
 import linecache
+import sys
 from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any
@@ -67,18 +68,26 @@ def cell_number(shell: Any) -> int:
 def values_for_ranks(cell: Cell, namespace: dict[str, Any], *, forked: bool, held: dict[str, Any] | None = None) -> dict[str, Any] | Shipment:
     """What the ranks get of the notebook's names: a forked rank has them all already; a rank in
     another interpreter gets those the cell reads, pickled, except names it holds (`held`: name ->
-    the notebook's object when the rank last bound it, still current if the notebook kept it)."""
+    the notebook's object when the rank last bound it, still current if the notebook kept it) and
+    IPython's `get_ipython` (a pool's engine has its own)."""
     if forked:
         return namespace
     held = held or {}
     wanted = {
         name: namespace[name]
         for name in sorted(cell.read_names & namespace.keys())
-        if name not in held or namespace[name] is not held[name]
+        if (name not in held or namespace[name] is not held[name]) and not (name == "get_ipython" and uses_ipython(cell, namespace))
     }
     # a name the cell only deletes needs to exist there, not its value
     wanted.update({name: None for name in cell.deleted_names if name in namespace and name not in wanted and name not in held})
     return ship(wanted, _notebook_sources())
+
+
+def uses_ipython(cell: Cell, namespace: dict[str, Any]) -> bool:
+    """Whether the cell calls the notebook's IPython: a %magic or a !command (which IPython turns
+    into get_ipython() calls), or get_ipython() itself."""
+    value = namespace.get("get_ipython")
+    return "get_ipython" in cell.read_names and getattr(value, "__name__", "") == "get_ipython" and hasattr(value, "__self__")
 
 
 def _notebook_sources() -> list[str]:
@@ -135,6 +144,9 @@ def rank_namespace() -> dict[str, Any]:
     """The namespace cells share in a rank of another interpreter (a pool's ranks keep it between cells)."""
     if not _rank_namespace:
         _rank_namespace.update(__name__="__main__", __builtins__=builtins)
+        shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+        if shell is not None:  # a pool's engine: its own IPython runs the cell's magics and !commands
+            _rank_namespace["get_ipython"] = shell.get_ipython
     return _rank_namespace
 
 

@@ -24,7 +24,7 @@ from nbfabric.launcher.processes import reaping_deferred
 from nbfabric.launcher.shipping import Shipment
 from nbfabric.notebook.background import BackgroundRun, StoppableTextSink
 from nbfabric.notebook.where import places_text
-from nbfabric.notebook.cell import Cell, cell_number, compile_cell, notebook_names, pack_for_notebook, run_in_rank, values_for_ranks
+from nbfabric.notebook.cell import Cell, cell_number, compile_cell, notebook_names, pack_for_notebook, run_in_rank, uses_ipython, values_for_ranks
 from nbfabric.notebook.changes import reached_names
 from nbfabric.notebook.pool_magics import POOL_COMMANDS, POOL_HELP, PoolInUse, pool_command
 from nbfabric.pool import PoolError, PoolLauncher, RankPool
@@ -208,6 +208,11 @@ class FabricMagics(Magics):
                     f"with their own; %fabric push {changed[0]} sends the notebook's to them",
                     file=sys.stderr,
                 )
+        if not forked and request.pool is None and uses_ipython(cell, self.shell.user_ns):
+            raise UsageError(
+                "this cell uses IPython (a %magic, a !command or get_ipython()), which spawned ranks, plain Python "
+                "processes, do not have; run it with --start-method=fork or on a rank pool, or run commands with subprocess"
+            )
         values = values_for_ranks(cell, self.shell.user_ns, forked=forked, held=held)
         if isinstance(values, Shipment) and values.left:
             raise UsageError(values.refusal("the rank pool" if request.pool is not None else "the spawned ranks"))
