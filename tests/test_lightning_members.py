@@ -44,6 +44,17 @@ def test_each_rank_knows_its_place():
     }
 
 
+@pytest.mark.parametrize("devices, strategy", [(1, "auto"), (2, "ddp"), (2, "ddp_fork")])
+@covers("Fabric.global_rank", "Fabric.local_rank", "Fabric.node_rank", "Fabric.world_size", "Fabric.is_global_zero", "Fabric.strategy")
+def test_before_launch_the_fabric_and_its_strategy_tell_the_run_to_be_as_lightnings(devices, strategy):
+    seen = {}
+    for name, fabric_class in FABRICS.items():
+        fabric = fabric_class(accelerator="cpu", devices=devices, strategy=strategy)
+        members = ("global_rank", "local_rank", "world_size", "is_global_zero")  # Lightning's single-device strategy has no node_rank
+        seen[name] = [fabric.node_rank, *(tuple(getattr(owner, member) for member in members) for owner in (fabric, fabric.strategy))]
+    assert same(seen) == [0, (0, 0, devices, True), (0, 0, devices, True)]
+
+
 # ----------------------------------------------------------------- the wrapped module
 class Recorder:
     """A batch type of the user's own: records the `.to()` it receives (as Hugging Face's BatchEncoding has one)."""

@@ -36,6 +36,8 @@ class SingleDeviceStrategy:
         self.device_ids = config.device_ids
         self.precision = config.precision
         self.num_nodes = config.num_nodes
+        if self._ranks == RankInfo():  # not in a run yet: its size to be, as the Fabric's (Lightning's say so)
+            self._ranks = RankInfo(world_size=config.world_size)
         return self
 
     def make_precision(self) -> Precision:
