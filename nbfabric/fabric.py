@@ -22,7 +22,7 @@ from nbfabric import checkpoint
 from nbfabric.apply import apply_to_collection, as_tensors, move_to_device, to_scalars
 from nbfabric.callbacks import call_hook
 from nbfabric.config import RunConfig
-from nbfabric.dataloaders import shard
+from nbfabric.dataloaders import batch_samplers_recorded, shard
 from nbfabric.devices import Accelerator
 from nbfabric.launcher.environment import RankInfo, started_by_launcher
 from nbfabric.launcher.launchers import Launcher, NodePlace, select_launcher
@@ -237,7 +237,8 @@ class Fabric:
         and send what is still unsent."""
         self._join(RankInfo.from_environment())
         try:
-            value = function(self, *args, **kwargs)
+            with batch_samplers_recorded():
+                value = function(self, *args, **kwargs)
             if not self._ranks_stay:  # a pool's ranks keep their (sharded) models for the next run
                 self._strategy.before_return()
             value = (finish or (_as_returned if self._runs_here else _on_cpu))(self, value)

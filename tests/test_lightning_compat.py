@@ -240,13 +240,73 @@ def test_dataloaders_are_sharded_seeded_and_kept_as_lightning_does():
     assert results["nbfabric"]["subclass"] == ("_NamedLoader", "mine") and results["nbfabric"]["several"] == "list"
 
 
-def _paired(fabric):
-    loader = torch.utils.data.DataLoader(_Numbers(), batch_sampler=_Pairs(torch.utils.data.SequentialSampler(range(10))))
-    return [batch.tolist() for batch in fabric.setup_dataloaders(loader)]
+class _Precomputed(torch.utils.data.Sampler):
+    """A batch sampler that makes its batches when it is made, as bucketing samplers do."""
+
+    def __init__(self, sampler, batch_size, drop_last):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        indices = list(sampler)
+        self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
-def test_a_custom_batch_sampler_over_a_sampler_is_sharded_where_lightning_refuses():
-    assert nbfabric.Fabric(accelerator="cpu", devices=2).launch(_paired) == [[0, 2], [4, 6]]  # rank 0 reads 0, 2, 4, 6, 8 in pairs
+class _Buckets(torch.utils.data.BatchSampler):
+    """A subclass of torch's BatchSampler with an argument of its own."""
+
+    def __init__(self, sampler, batch_size, drop_last, reverse=False):
+        super().__init__(sampler, batch_size, drop_last)
+        self.reverse = reverse
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            yield batch[::-1] if self.reverse else batch
+
+
+class _Fixed(torch.utils.data.BatchSampler):
+    """A BatchSampler subclass made from a size alone (no `sampler` argument)."""
+
+    def __init__(self, size):
+        super().__init__(torch.utils.data.SequentialSampler(range(size)), 2, False)
+
+
+def _custom_batch_samplers(fabric, made_before):
+    fabric.seed_everything(3, verbose=False)
+    sequential, shuffled = torch.utils.data.SequentialSampler(range(10)), torch.utils.data.RandomSampler(range(10))
+    given = {
+        "made before launch": made_before,
+        "precomputed": _Precomputed(sequential, 3, False),
+        "subclass with its own argument": _Buckets(sequential, 2, False, reverse=True),
+        "subclass over a random sampler": _Buckets(shuffled, 2, True),
+        "no batch_size": _Pairs(sequential),
+        "no sampler argument": _Fixed(10),
+    }
+    seen = {}
+    for name, batch_sampler in given.items():
+        loader = torch.utils.data.DataLoader(_Numbers(), batch_sampler=batch_sampler)
+        try:
+            set_up = fabric.setup_dataloaders(loader)
+        except TypeError:
+            seen[name] = "TypeError"
+            continue
+        seen[name] = (type(set_up.sampler).__name__, len(set_up), [batch.tolist() for batch in set_up])
+    return seen
+
+
+@covers("Fabric.setup_dataloaders")
+def test_a_custom_batch_sampler_is_made_again_over_the_rank_s_share_or_refused_as_lightning_does():
+    made_before = _Buckets(torch.utils.data.SequentialSampler(range(10)), 4, False, reverse=True)
+    results = {name: cls(accelerator="cpu", devices=2, strategy="ddp_fork").launch(_custom_batch_samplers, made_before) for name, cls in FABRICS.items()}
+    assert results["nbfabric"] == results["lightning"]
+    seen = results["nbfabric"]
+    assert seen["precomputed"] == ("SequentialSampler", 2, [[0, 2, 4], [6, 8]])  # rank 0's share, batched anew
+    assert seen["subclass with its own argument"][2] == [[2, 0], [6, 4], [8]]
+    assert seen["made before launch"][2] == [[0, 2, 4, 6], [8]]  # made again as a BatchSampler is: reverse=True lost, as in Lightning
+    assert seen["no batch_size"] == seen["no sampler argument"] == "TypeError"
 
 
 def _setup_details(fabric):
