@@ -25,7 +25,6 @@ SURFACE = {
     "Fabric.launch": "differs: in a script, `launch(fn)` runs `fn` in forked ranks and returns rank 0's value; the calling "
                      "process is not rank 0, so code after it runs once and the caller's model is not the trained one. Return "
                      "what you need from `fn`, or call a bare `fabric.launch()`, after which the rest of the script runs on every rank",
-    "Fabric.setup_dataloaders": "differs: a custom batch sampler that draws from a sampler is sharded, where Lightning refuses it",
     "Fabric.sharded_model": "differs: deprecated as in Lightning; modules are built as usual and sharded by `setup`",
     **{f"_FabricModule.{name}": SUPPORTED for name in (
         "__setattr__", "cpu", "cuda", "device", "double", "float", "forward", "half", "load_state_dict",
