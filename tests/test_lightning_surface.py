@@ -19,7 +19,7 @@ SURFACE = {
         "all_gather", "all_reduce", "autocast", "backward", "barrier", "broadcast", "call", "clip_gradients", "device", "global_rank",
         "init_module", "init_tensor", "is_global_zero", "load", "load_raw", "local_rank", "log", "log_dict",
         "logger", "loggers", "no_backward_sync", "node_rank", "print", "rank_zero_first", "run", "save", "seed_everything",
-        "setup", "setup_module", "setup_optimizers", "strategy", "to_device", "world_size",
+        "setup", "setup_dataloaders", "setup_module", "setup_optimizers", "strategy", "to_device", "world_size",
     )},
     "Fabric.accelerator": "differs: a small object whose `name()` is 'cpu', 'cuda' or 'mps'; Lightning's accelerator classes are not used",
     "Fabric.launch": "differs: in a script, `launch(fn)` runs `fn` in forked ranks and returns rank 0's value; the calling "
