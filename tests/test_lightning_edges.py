@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import warnings
 from unittest import mock
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -251,6 +253,42 @@ def test_a_checkpoint_loads_through_the_models_own_load_state_dict_as_lightnings
     seen = same(run_both(_loads_through_the_model, str(tmp_path), devices=devices))
     assert seen["_Renaming strict=False"] == (8.0, 6.0) and seen["_PreHooked strict=True"] == (8.0, 6.0)
     assert seen["compiled"] == 8.0 and seen["compiled saved as"] == ["_orig_mod.bias", "_orig_mod.weight"]
+
+
+def _draws():
+    return torch.tensor([torch.rand(1).item(), random.random(), float(numpy.random.rand())])
+
+
+def _draws_and_settings(fabric, helpers):
+    draws = _draws()
+    weight = nn.Linear(2, 1).weight.detach().flatten()  # built in the run, unseeded there
+    return {
+        "draws per rank": fabric.all_gather(draws).tolist(),
+        "weights per rank": fabric.all_gather(weight).tolist(),
+        "deterministic": (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+    }
+
+
+def _seed_every_generator(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy.random.seed(seed)
+
+
+@covers("Fabric.launch")
+def test_spawned_ranks_start_from_the_launching_process_s_random_states_and_settings_as_lightnings():
+    seen = {}
+    for name, fabric_class in FABRICS.items():
+        _seed_every_generator(42)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            seen[name] = fabric_class(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(_draws_and_settings, HELPERS[name])
+        finally:
+            torch.use_deterministic_algorithms(False)
+    draws = same(seen)["draws per rank"]
+    _seed_every_generator(42)
+    assert draws[0] == draws[1] == _draws().tolist()
+    assert seen["nbfabric"]["deterministic"] == (True, True)
 
 
 def _zero_redundancy_saved_and_loaded(fabric, helpers, folder, framework):

@@ -362,6 +362,16 @@ def test_magics_and_shell_commands_run_in_forked_ranks_and_spawned_ranks_refuse_
     assert "run it with --start-method=fork or on a rank pool" in out["stderr"], out
 
 
+def test_spawned_ranks_draw_the_random_numbers_forked_ranks_draw_after_the_notebook_seeds(kernel):
+    drawn = {}
+    for start in ("fork", "spawn"):
+        kernel.run("import numpy\ntorch.manual_seed(5)\nnumpy.random.seed(5)")  # (Python's random is seeded anew in a forked child)
+        out = kernel.run(f"{CPU2} --start-method={start}\nprint('drew', torch.rand(2).tolist(), numpy.random.rand())", timeout=120)
+        assert out["error"] is None, out
+        drawn[start] = sorted(line.split("] ", 1)[1] for line in out["stdout"].splitlines() if "drew" in line)
+    assert drawn["spawn"] == drawn["fork"] and len(set(drawn["fork"])) == 1, drawn
+
+
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_input_in_a_rank_fails_at_once_saying_why_instead_of_waiting_for_the_kernel(kernel, start):
     code = "import getpass\nname = input('name? ') if fabric.global_rank == 0 else getpass.getpass()"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -14,6 +15,7 @@ from typing import Any, Callable, Iterator
 from nbfabric.config import START_METHODS
 from nbfabric.launcher.environment import rank_environment
 from nbfabric.launcher.fork_safety import check_fork_safe
+from nbfabric.launcher.global_state import GlobalState
 from nbfabric.launcher.machine import free_port, threads_per_rank
 from nbfabric.launcher.errors import ForkUnsafeError, RankError, RankTimeoutError, UnreachedCollectiveError, raise_for_outcome
 from nbfabric.launcher.output import Sink, TextSink
@@ -114,10 +116,11 @@ def _start(target, specs: list[RankSpec], start_method: str, shared: SharedFiles
     if start_method == "fork":
         return fork_ranks(target, specs, find_inherited())
     started: list[RankProcess] = []
+    state = GlobalState.capture()  # each spawned rank starts from this process's, as a forked one does
     try:
         with interrupts_deferred(), shared.placing():
             for spec in specs:
-                started.append(spawn_rank(target, spec))
+                started.append(spawn_rank(target, dataclasses.replace(spec, state=state)))
     except BaseException:
         for process in started:
             process.signal(signal.SIGKILL)

@@ -319,6 +319,8 @@ def _spawned_main(target: Callable[[], Any], spec: RankSpec, ends: list) -> None
     fds = tuple(os.dup(end.fileno()) for end in ends)
     for end in ends:
         end.close()
+    if spec.state is not None:
+        spec.state.restore()
     rank_main(target, spec, fds)
 
 

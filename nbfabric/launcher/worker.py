@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from nbfabric.channel import ChannelWriter, Exiting, Failure, Left, Result, now
 from nbfabric.launcher.cell_labels import place_label
+from nbfabric.launcher.global_state import GlobalState
 from nbfabric.launcher.inherited import Inherited, detach_from_kernel, find_inherited, keep, refuse_input
 from nbfabric.launcher import stacks
 from nbfabric.launcher.rank_links import RankLinks, rank_links, set_rank_links
@@ -35,6 +36,7 @@ class RankSpec:
     threads: int | None  # torch intra-op threads; None keeps the user's setting
     parent_pid: int
     local_store: bool = False  # the ranks meet through the supervisor's store (one machine)
+    state: GlobalState | None = None  # a spawned rank's: the launching process's random states and settings
 
 
 def become_rank(
