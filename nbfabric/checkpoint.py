@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
-from nbfabric.wrappers import unwrap
+from nbfabric.wrappers import optimizer_state, unwrap
 
 EXTRAS_FILE = "extras.pt"  # in a sharded checkpoint: everything that is not a module or optimizer
 
@@ -62,11 +61,8 @@ def to_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _state_of(value: Any) -> Any:
-    if hasattr(value, "consolidate_state_dict"):
-        # torch's ZeroRedundancyOptimizer: each rank holds a shard of the state, gathered on rank 0
-        # (a collective), which alone has it whole, as Lightning saves it
-        value.consolidate_state_dict(to=0)
-        return value.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else {}
+    if isinstance(value, torch.optim.Optimizer):
+        return optimizer_state(value)
     return value.state_dict() if stateful(value) else value
 
 

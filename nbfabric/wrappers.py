@@ -239,8 +239,8 @@ class FabricOptimizer:
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state."""
-        return self._fabric_optimizer.state_dict()
+        """The optimizer's state (see `optimizer_state`)."""
+        return optimizer_state(self._fabric_optimizer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the optimizer's state."""
@@ -254,6 +254,16 @@ class FabricOptimizer:
         copied = FabricOptimizer(copy.deepcopy(self._fabric_optimizer, memo), self._fabric_step_with, self._fabric_after_step)
         memo[id(self)] = copied
         return copied
+
+
+def optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """An optimizer's state, as Lightning's strategies give it: that of torch's ZeroRedundancyOptimizer,
+    whose ranks each hold a shard, gathered on rank 0 (a collective), which alone has it whole ({}
+    on the others)."""
+    if not hasattr(optimizer, "consolidate_state_dict"):
+        return optimizer.state_dict()
+    optimizer.consolidate_state_dict(to=0)
+    return optimizer.state_dict() if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0 else {}
 
 
 class FabricDataLoader:
