@@ -407,7 +407,9 @@ class Fabric:
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
     def _wrap_optimizers(self, optimizers: Sequence[Any]) -> tuple[FabricOptimizer, ...]:
-        after_step = partial(call_hook, self._callbacks, "on_after_optimizer_step", strategy=self._strategy)
+        # as Lightning's: with no callbacks yet, the optimizers get a list of their own, so a
+        # LightningModule that `setup` adds afterwards is not called from their steps
+        after_step = partial(call_hook, self._callbacks or [], "on_after_optimizer_step", strategy=self._strategy)
         step_with = partial(self._strategy.optimizer_step, precision=self._precision)
         return tuple(FabricOptimizer(optimizer, step_with, after_step) for optimizer in optimizers)
 
