@@ -293,7 +293,7 @@ class Fabric:
             os.environ.update(DEBUG_ENV)
         if os.environ.get("TORCH_DISTRIBUTED_DEBUG") and torch.distributed.is_available():
             torch.distributed.set_debug_level_from_env()  # torch read it at import, maybe before this rank was started
-        tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator, new_rank=not self._ranks_stay)
+        tell_libraries(ranks.global_rank, ranks.world_size, self.config.accelerator, self.config.precision, new_rank=not self._ranks_stay)
         self._metrics.send_to(ranks.links.channel if ranks.links is not None else None)
         self._strategy.setup_environment(ranks)
         if self._ranks_stay:

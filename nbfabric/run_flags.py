@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from nbfabric.config import ACCELERATORS, PRECISIONS, START_METHODS, STRATEGIES, RunConfig
+from nbfabric.interop import accelerate_precision
 from nbfabric.launcher.environment import RUN_KEY_ENV, launched_world
 from nbfabric.launcher.keyed_store import MAKE_A_KEY, check_run_key
 from nbfabric.launcher.launchers import MULTI_NODE_PORT, NodePlace
@@ -145,7 +146,7 @@ def run_command_environment(plan: RunPlan, given: set[str]) -> dict[str, str]:
     lightning.update({f"LT_{name.upper()}": str(settings[name]) for name in ("accelerator", "strategy", "precision") if name in settings})
     accelerate = {"ACCELERATE_USE_CPU": "true"} if config.accelerator == "cpu" and config.world_size > 1 else {}
     if "precision" in settings:
-        accelerate["ACCELERATE_MIXED_PRECISION"] = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16"}.get(config.precision, "no")
+        accelerate["ACCELERATE_MIXED_PRECISION"] = accelerate_precision(config.precision)
     return {RUN_COMMAND_ENV: json.dumps(settings), **lightning, **accelerate, **(DEBUG_ENV if plan.debug else {})}
 
 

@@ -61,6 +61,22 @@ def test_an_accelerator_the_notebook_made_first_does_not_hide_the_ranks_from_one
     assert kernel.run("notebook_accelerator.num_processes")["result"] == "1"  # the notebook's own is as it was
 
 
+@pytest.mark.parametrize("precision, expected", [("bf16-mixed", "bf16 torch.bfloat16"), ("32-true", "no torch.float32")])
+def test_an_accelerator_in_the_cell_takes_the_cell_s_precision_as_under_accelerate_launch(kernel, precision, expected):
+    pytest.importorskip("accelerate", reason="the interop extra is not installed")
+    out = kernel.run(
+        f"""
+        %%fabric --accelerator=cpu --devices=2 --precision={precision} --no-return
+        from accelerate import Accelerator
+        accelerator = Accelerator()
+        with accelerator.autocast():
+            print(accelerator.mixed_precision, torch.nn.Linear(2, 1)(torch.ones(1, 2)).dtype)
+        """
+    )
+    assert out["error"] is None, out["error"]
+    assert f"[rank 0] {expected}" in out["stdout"] and f"[rank 1] {expected}" in out["stdout"], out["stdout"]
+
+
 def test_a_lightning_fabric_made_in_the_cell_joins_the_same_process_group(kernel):
     pytest.importorskip("lightning", reason="the interop extra is not installed")
     out = kernel.run(
