@@ -382,6 +382,23 @@ def test_input_in_a_rank_fails_at_once_saying_why_instead_of_waiting_for_the_ker
 
 
 
+def test_an_interrupted_wait_stops_the_waiting_and_the_background_run_goes_on(kernel):
+    kernel.run(f"{CPU2} --background --no-widgets\nimport time\nfor step in range(600):\n    time.sleep(0.1)\nfinished = step")
+    try:
+        timer = threading.Timer(2.0, kernel.interrupt)
+        timer.start()
+        out = kernel.run("%fabric wait", timeout=60)
+        timer.join()
+        assert out["error"]["ename"] == "KeyboardInterrupt", out
+        assert "stopped waiting; the background run of cell" in out["error"]["evalue"], out["error"]
+        assert "goes on: %fabric wait waits for it again, %fabric stop ends it" in out["error"]["evalue"], out["error"]
+        where = kernel.run("%fabric where")["stdout"]
+        assert "rank 0: time.sleep at Cell In" in where and "rank 1: time.sleep at Cell In" in where, where
+    finally:
+        assert kernel.run("%fabric stop", timeout=60)["error"] is None
+    kernel.assert_no_ranks_left()
+
+
 def test_a_failed_background_run_says_so_in_its_cell_at_once_and_later_as_an_error(kernel):
     kernel.run(f"{CPU2} --background\nraise ValueError('failed in the background')")
     seen, deadline = "", time.monotonic() + 60

@@ -56,6 +56,7 @@ class BackgroundRun:
         self.returned: Any = None
         self._launch = launch
         self._finish = finish
+        self._ended = threading.Event()
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._run,), name="nbfabric-background", daemon=True)
         atexit.register(self.stop)
@@ -74,6 +75,7 @@ class BackgroundRun:
             self.record.duration = time.time() - self.record.started
             atexit.unregister(self.stop)
             self._finish(self.record.error)
+            self._ended.set()
 
     def stop(self) -> None:
         """Stop every rank and wait (a bounded time) for the run to end."""
@@ -81,15 +83,16 @@ class BackgroundRun:
         self._thread.join(STOP_WAIT)
 
     def wait(self) -> Any:
-        """Block until the run ends (handling widget clicks meanwhile); an interrupt stops the run.
-        Returns what the ranks sent back, or raises the run's error."""
+        """Block until the run ends (handling widget clicks meanwhile). Returns what the ranks sent
+        back, or raises the run's error. An interrupt stops the waiting, not the run."""
         try:
-            while self._thread.is_alive():
-                self._thread.join(0.1)
+            while not self._ended.wait(0.1):  # not Thread.join: an interrupt there leaves the thread taken for ended (Python < 3.13)
                 handle_widget_messages()
+            self._thread.join()
         except KeyboardInterrupt:
-            self.stop()
-            raise
+            raise KeyboardInterrupt(
+                f"stopped waiting; the background run {self.label} goes on: %fabric wait waits for it again, %fabric stop ends it"
+            ) from None
         if self.record.error is not None:
             raise self.record.error
         return self.returned
