@@ -256,6 +256,15 @@ def test_magics_and_shell_commands_run_on_pool_ranks_as_on_forked_ranks(kernel):
     assert kernel.run("x")["result"] == "1"
 
 
+def test_an_interrupt_reaches_the_commands_a_pool_cell_runs_and_the_pool_stays(kernel):
+    code = f"{POOL}\nimport os\nprint('working', flush=True)\nos.system('sleep 47')\nprint('after the command')"
+    out, took = kernel.run_interrupted(code, when="[rank 1] working")  # (os.system ignores interrupts while it waits)
+    assert out["error"]["ename"] == "KeyboardInterrupt" and "the rank pool was ended" not in out["stderr"], out
+    assert took < 5, took
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "47"]]
+    assert kernel.run(f"{POOL}\nfabric.world_size")["result"] == "2"
+
+
 def test_where_shows_a_background_pool_run_without_stopping_it(kernel):
     cell = kernel.run("get_ipython().execution_count")["result"]
     kernel.run(POOL_HANG.replace(POOL, f"{POOL} --background"))

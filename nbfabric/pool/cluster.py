@@ -233,13 +233,19 @@ class EngineCluster:
         return self.client[self.ranks[rank].engine]
 
     def signal(self, ranks: list[int] | tuple[int, ...], sig: int) -> None:
-        """`sig` to these ranks' engines (directly where they run here, else through their launcher)."""
+        """`sig` to these ranks' engines (directly where they run here, else through their launcher).
+        An interrupt reaches what an engine here runs in its process group too (`!sleep 60`,
+        `os.system`, `subprocess.run`, which wait with interrupts ignored), as a kernel's interrupt
+        reaches its process group; the engine's nanny has a session of its own."""
         remote = False
         for rank in ranks:
             place = self.ranks[rank]
             if place.here:
                 try:
-                    os.kill(place.pid, sig)
+                    if sig == signal.SIGINT and os.getpgid(place.pid) == place.pid:
+                        os.killpg(place.pid, sig)
+                    else:
+                        os.kill(place.pid, sig)
                 except ProcessLookupError:
                     pass
             else:
