@@ -265,6 +265,24 @@ def test_an_interrupt_reaches_the_commands_a_pool_cell_runs_and_the_pool_stays(k
     assert kernel.run(f"{POOL}\nfabric.world_size")["result"] == "2"
 
 
+def test_a_second_interrupt_hurries_the_stop_and_the_pool_keeps_its_model(kernel):
+    kernel.run(f"{POOL}\nkept = fabric.setup(torch.nn.Linear(2, 2))")
+    interrupted: list[float] = []
+
+    def interrupt_twice(outputs):
+        if not interrupted and "[rank 1] working" in outputs["stdout"]:
+            interrupted.append(time.monotonic())
+            kernel.interrupt()
+            time.sleep(0.15)
+            kernel.interrupt()
+
+    code = f"{POOL}\nimport time\nprint('working', flush=True)\nif fabric.global_rank == 0:\n    fabric.barrier()\ntime.sleep(60)"
+    out = kernel.run(code, on_output=interrupt_twice)
+    assert out["error"]["ename"] == "KeyboardInterrupt" and "the rank pool was ended" not in out["stderr"], out
+    assert time.monotonic() - interrupted[0] < 10
+    assert kernel.run(f"{POOL}\nkept.weight.shape[0] * fabric.world_size")["result"] == "4"
+
+
 def test_where_shows_a_background_pool_run_without_stopping_it(kernel):
     cell = kernel.run("get_ipython().execution_count")["result"]
     kernel.run(POOL_HANG.replace(POOL, f"{POOL} --background"))

@@ -179,17 +179,19 @@ class _PoolRun(RunLoop):
         """Ranks that do not stop are mostly waiting in a collective, for a peer that left it or in
         one their peers never make: the stopped ranks leave the process group, and the others (on
         this machine) break the collective they wait in (engine_side.LEAVE_SIGNAL), which fails it
-        on every rank; if that does not end them either (or on a second interrupt), the pool ends."""
+        on every rank (at once on a second interrupt); if that does not end them either, the pool
+        ends. A second interrupt hurries the stop, not the pool's end: the pool holds the models set
+        up on it."""
         if not self.pending or self.pool.broken:
             return
-        if not self._left_group and waited >= STOP_GRACE:
+        if not self._left_group and (waited >= STOP_GRACE or impatient):
             self._left_group = True
             idle = [self.pool.ranks[r].engine for r in range(len(self.pool.ranks)) if r not in self.pending]
             if idle:
                 self.pool.client[idle].apply_sync(engine_side.leave_group)
             # engines here only: elsewhere the signal would reach their launcher's processes too
             self.pool.signal([rank for rank in sorted(self.pending) if self.pool.ranks[rank].here], engine_side.LEAVE_SIGNAL)
-        if waited >= 2 * STOP_GRACE or impatient:
+        if waited >= 2 * STOP_GRACE:
             stuck = sorted(self.pending)
             self.pending.clear()
             self._end_pool(f"{'ranks' if len(stuck) > 1 else 'rank'} {', '.join(map(str, stuck))} did not stop within {2 * STOP_GRACE:g} s")
