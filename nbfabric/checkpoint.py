@@ -160,10 +160,13 @@ def replace_directory(path: Path | str, write: Callable[[Path], None], is_global
 
 def recover_replaced(path: Path) -> None:
     """A sharded save stopped between moving the old checkpoint aside and moving the new one in
-    leaves only `.NAME.previous`: put it back."""
+    leaves only `.NAME.previous`: put it back. One stopped after moving the new one in leaves
+    both: the previous one is stale, and goes."""
     previous = path.with_name(f".{path.name}.previous")
     if previous.is_dir() and not path.exists():
         os.replace(previous, path)
+    elif previous.is_dir():
+        shutil.rmtree(previous)
 
 
 def read(path: Path | str, *, weights_only: bool | None) -> Any:
@@ -183,30 +186,67 @@ def load_into(path: Path | str, state: dict[str, Any] | None, *, strict: bool, w
     if isinstance(path, Path) and not path.exists():
         recover_replaced(path)
     if isinstance(path, Path) and path.is_dir():
-        return _load_sharded(path, state or {}, strict=strict, weights_only=weights_only)
+        if not any(isinstance(unwrap(value), torch.nn.Module) for value in (state or {}).values()):
+            raise ValueError(
+                f"{os.fspath(path)!r} is a sharded checkpoint: loading it needs the model it goes into, "
+                "as fabric.load(path, {'model': model, ...}) (its shards cannot come back as values); "
+                "`nbfabric consolidate` makes one file of it"
+            )
+        return _load_sharded(path, state, strict=strict, weights_only=weights_only)
     checkpoint = read(path, weights_only=weights_only)
     if state is None:
         return checkpoint
     _check_keys(path, state, checkpoint, strict)
     modules = _modules(state)
-    if any(isinstance(unwrap(value), (torch.nn.Module, torch.optim.Optimizer)) for value in state.values()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     for key in [key for key in state if key in checkpoint]:
         target = unwrap(state[key])
-        if isinstance(target, torch.nn.Module) and not sharded(target):
-            target.load_state_dict(checkpoint.pop(key), strict=strict)  # as Lightning: the module's own, with its hooks
-        elif isinstance(target, torch.nn.Module):
-            check_strict(target, checkpoint[key], strict)
-            set_model_state_dict(target, checkpoint.pop(key), options=StateDictOptions(full_state_dict=True, strict=strict))
-        elif isinstance(target, torch.optim.Optimizer) and _keyed_by_name(checkpoint[key]):
-            set_optimizer_state_dict(
-                _owner(target, modules), target, checkpoint.pop(key), options=StateDictOptions(full_state_dict=True)
-            )
+        if isinstance(target, torch.nn.Module):
+            load_module(target, checkpoint.pop(key), strict=strict)
+        elif isinstance(target, torch.optim.Optimizer) and (_keyed_by_name(checkpoint[key]) or sharded_parameters(target)):
+            load_optimizer(target, checkpoint.pop(key), _owner(target, modules))
         elif stateful(target):
             target.load_state_dict(checkpoint.pop(key))
         else:
             state[key] = checkpoint.pop(key)
     return checkpoint
+
+
+def load_module(module: torch.nn.Module, state_dict: dict[str, Any], *, strict: bool) -> None:
+    """A whole state dict into `module`: through its own load_state_dict (and its hooks), as
+    Lightning loads it; a sharded module (FSDP's) takes its shard of each tensor."""
+    if not sharded(module):
+        module.load_state_dict(state_dict, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    check_strict(module, state_dict, strict)
+    set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], owner: torch.nn.Module) -> None:
+    """A whole optimizer state, keyed by parameter name or (as torch saves it) by index, into an
+    optimizer of `owner`'s parameters, which may be sharded: each takes its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not _keyed_by_name(state):
+        state = _by_name(optimizer, owner, state)
+    set_optimizer_state_dict(owner, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _by_name(optimizer: torch.optim.Optimizer, owner: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by index (the order of the optimizer's parameters), keyed by the
+    parameters' names in `owner` instead."""
+    names = {id(parameter): name for name, parameter in owner.named_parameters()}
+    ordered = [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    return {
+        "state": {ordered[index]: value for index, value in state["state"].items()},
+        "param_groups": [{**group, "params": [ordered[index] for index in group["params"]]} for group in state["param_groups"]],
+    }
+
+
+def sharded_parameters(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer updates sharded parameters (FSDP's DTensors)."""
+    return any(type(p).__name__ == "DTensor" for group in optimizer.param_groups for p in group["params"])
 
 
 def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_only: bool | None) -> dict[str, Any]:

@@ -627,12 +627,7 @@ class Fabric:
         if isinstance(obj, dict):
             self._strategy.load(path, dict(obj), strict=strict, weights_only=weights_only)
             return
-        state = checkpoint.read(path, weights_only=weights_only)
-        target = unwrap(obj)
-        if isinstance(target, torch.nn.Module):
-            target.load_state_dict(state, strict=strict)
-        else:
-            target.load_state_dict(state)
+        self._strategy.load_raw(unwrap(obj), checkpoint.read(path, weights_only=weights_only), strict=strict)
 
     # ----------------------------------------------------------------- logging and callbacks
     def log(self, name: str, value: Any, step: int | None = None) -> None:

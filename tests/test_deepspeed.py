@@ -102,7 +102,7 @@ def test_each_zero_stage_trains_as_ddp_saves_resumes_and_consolidates(strategy, 
     _assert_same_weights(full["model"], ddp["after_four"])
 
 
-def _refusals(fabric: Fabric) -> list[str]:
+def _refusals(fabric: Fabric, weights: str) -> list[str]:
     model, optimizer = _setup(fabric)
     refused = []
     for attempt in (
@@ -111,6 +111,8 @@ def _refusals(fabric: Fabric) -> list[str]:
         lambda: fabric.no_backward_sync(model),
         lambda: fabric.load("not-a-checkpoint", {"model": model}),
         lambda: fabric.setup(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), torch.optim.SGD(_model().parameters(), lr=0.1)),
+        lambda: fabric.load_raw(weights, model),  # its next step would undo it: the engine keeps its own copy
+        lambda: fabric.load_raw(weights, optimizer),
     ):
         try:
             attempt()
@@ -119,10 +121,12 @@ def _refusals(fabric: Fabric) -> list[str]:
     return refused
 
 
-def test_what_deepspeed_cannot_do_is_refused_with_the_way_on():
-    refused = Fabric(accelerator="cpu", devices=2, strategy="deepspeed").launch(_refusals)
-    assert len(refused) == 5
-    for expected, message in zip(["filter", "gradient_clipping", "gradient_accumulation_steps", "not a checkpoint", "exactly one optimizer"], refused):
+def test_what_deepspeed_cannot_do_is_refused_with_the_way_on(tmp_path):
+    torch.save(_model().state_dict(), tmp_path / "weights.pt")
+    refused = Fabric(accelerator="cpu", devices=2, strategy="deepspeed").launch(_refusals, str(tmp_path / "weights.pt"))
+    assert len(refused) == 7
+    expected = ["filter", "gradient_clipping", "gradient_accumulation_steps", "not a checkpoint", "exactly one optimizer", "before fabric.setup", "before fabric.setup"]
+    for expected, message in zip(expected, refused):
         assert expected in message
 
 

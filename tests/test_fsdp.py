@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,78 @@ def test_ddp_and_fsdp_run_in_process_on_one_device():
 
     for strategy in ("ddp", "fsdp"):
         assert Fabric(accelerator="cpu", devices=1, strategy=strategy).launch(world) == (1, torch.Size([1, 3]))
+
+
+def _resumed_from(fabric: Fabric, path: str, raw_model: str) -> dict:
+    """A DDP checkpoint (its optimizer state keyed by index, as torch saves it) loaded into FSDP:
+    by `fabric.load`, and the model's weights alone by `load_raw`; an optimizer alone is refused."""
+    model = fabric.setup(_model())
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    fabric.load(path, state)
+    again = fabric.setup(_model())
+    fabric.load_raw(raw_model, again)
+    try:
+        fabric.load_raw(raw_model, fabric.setup_optimizers(torch.optim.SGD(again.parameters(), lr=0.1)))
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    weights = {name: value.full_tensor() for name, value in model.state_dict().items()}
+    raw = {name: value.full_tensor() for name, value in again.state_dict().items()}
+    return {"step": state["step"], "momentum": _momentum(fabric, optimizer), "weights": weights, "raw": raw, "refused": refused}
+
+
+def test_a_ddp_checkpoint_loads_into_fsdp_model_and_optimizer_and_load_raw_takes_a_model(tmp_path):
+    path = str(tmp_path / "ddp.ckpt")
+    Fabric(accelerator="cpu", devices=2, strategy="ddp").launch(_train, path)
+    saved = torch.load(path, weights_only=True)
+    torch.save(saved["model"], tmp_path / "weights.pt")
+    resumed = Fabric(accelerator="cpu", devices=2, strategy="fsdp").launch(_resumed_from, path, str(tmp_path / "weights.pt"))
+    momentum = sum(state["momentum_buffer"].pow(2).sum().item() for state in saved["optimizer"]["state"].values())
+    assert resumed["step"] == 4 and momentum > 0 and abs(resumed["momentum"] - momentum) <= 1e-5 * momentum
+    for name, tensor in saved["model"].items():
+        assert torch.equal(resumed["weights"][name], tensor) and torch.equal(resumed["raw"][name], tensor)
+    assert "cannot load an optimizer alone under FSDP" in resumed["refused"]
+
+
+def _sharded_saves(fabric: Fabric, directory: str) -> dict:
+    model = fabric.setup(_model())
+    fabric.save(directory, {"model": model, "step": 1})
+    if fabric.global_rank == 0:  # what a save killed after moving the new checkpoint in leaves
+        (tmp := Path(directory).with_name(f".{Path(directory).name}.previous")).mkdir()
+        (tmp / "stale").write_text("old")
+    fabric.barrier()
+    fabric.save(directory, {"model": model, "step": 2})
+    try:
+        fabric.load(directory)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    state = {"model": model, "step": 0}
+    fabric.load(directory, state)
+    return {"step": state["step"], "refused": refused, "left": sorted(p.name for p in Path(directory).parent.iterdir())}
+
+
+def test_sharded_saves_go_on_after_one_that_was_stopped_and_a_load_without_the_model_is_refused(tmp_path):
+    directory = tmp_path / "sharded"
+    seen = Fabric(accelerator="cpu", devices=2, strategy=FSDP(state_dict_type="sharded")).launch(_sharded_saves, str(directory))
+    assert seen["step"] == 2 and seen["left"] == ["sharded"]
+    assert "is a sharded checkpoint: loading it needs the model it goes into" in seen["refused"]
+
+
+def _steps_only(fabric: Fabric) -> dict:
+    model = _model()
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    generator = torch.Generator().manual_seed(1 + fabric.global_rank)
+    for _ in range(2):
+        fabric.backward(F.mse_loss(model(torch.randn(16, 8, generator=generator)), torch.randn(16, 2, generator=generator)))
+        optimizer.step()
+        optimizer.zero_grad()
+    return {name: value.full_tensor() for name, value in model.state_dict().items()}
+
+
+def test_cpu_offload_trains_on_a_machine_without_a_gpu_as_without_offload():
+    offloaded = Fabric(accelerator="cpu", devices=2, strategy=FSDP(cpu_offload=True)).launch(_steps_only)
+    plain = Fabric(accelerator="cpu", devices=2, strategy="fsdp").launch(_steps_only)
+    for name, tensor in plain.items():
+        torch.testing.assert_close(offloaded[name], tensor)

@@ -228,6 +228,19 @@ class DeepSpeedStrategy(DDPStrategy):
             )
         return restore_client_state(state, client, engine, strict=strict, path=path)
 
+    def load_raw(self, target: Any, state: dict[str, Any], *, strict: bool) -> None:
+        """Refused for the engine's model and optimizer: the engine keeps weights of its own (ZeRO's
+        fp32 copy, ZeRO-3's shards), which a state loaded into the module would not reach: its next
+        step would undo the load."""
+        engine = self._engine
+        if engine is not None and any(target is part for part in (engine.module, engine.optimizer, getattr(engine.optimizer, "optimizer", None))):
+            raise ValueError(
+                "fabric.load_raw cannot load into a model or optimizer set up under DeepSpeed, whose engine keeps its own "
+                "copy of the weights: load the state dict into the model before fabric.setup (model.load_state_dict), "
+                "or fabric.load a checkpoint that fabric.save wrote under DeepSpeed"
+            )
+        super().load_raw(target, state, strict=strict)
+
     def _engine_in(self, state: dict[str, Any]) -> Any:
         engines = [value for value in state.values() if getattr(value, "_forward_module", None) is self._engine is not None]
         if len(engines) != 1:

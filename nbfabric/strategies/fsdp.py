@@ -116,7 +116,7 @@ class FSDPStrategy(DDPStrategy):
         if self.precision in _MIXED_DTYPES:
             settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=_MIXED_DTYPES[self.precision], reduce_dtype=torch.float32)
         if self.options.cpu_offload:
-            settings["offload_policy"] = CPUOffloadPolicy()
+            settings["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")  # pinning needs a GPU
         for submodule in module.modules():
             if submodule is not module and type(submodule) in self.options.layers:
                 fully_shard(submodule, **settings)
@@ -149,6 +149,17 @@ class FSDPStrategy(DDPStrategy):
             yield
         finally:
             module.set_requires_gradient_sync(True)
+
+    def load_raw(self, target: Any, state: dict[str, Any], *, strict: bool) -> None:
+        """A module takes its shard of each tensor; an optimizer of sharded parameters alone is
+        refused, as Lightning refuses it: its state, by index, needs the model's names."""
+        if isinstance(target, torch.optim.Optimizer) and checkpoint.sharded_parameters(target):
+            raise ValueError(
+                "fabric.load_raw cannot load an optimizer alone under FSDP, whose parameters are sharded: "
+                "load it with its model, fabric.load(path, {'model': model, 'optimizer': optimizer}) "
+                "(a checkpoint of {'model': ..., 'optimizer': ...} that torch.save or fabric.save wrote)"
+            )
+        super().load_raw(target, state, strict=strict)
 
     def save(self, path: Any, state: dict[str, Any], is_global_zero: bool, filter: dict[str, Any] | None = None) -> None:
         if self.options.state_dict_type == "sharded":

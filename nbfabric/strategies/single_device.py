@@ -155,6 +155,13 @@ class SingleDeviceStrategy:
         """Restore the objects in `state` in place from `path`; the rest of the checkpoint."""
         return checkpoint.load_into(path, state, strict=strict, weights_only=weights_only)
 
+    def load_raw(self, target: Any, state: dict[str, Any], *, strict: bool) -> None:
+        """A plain state dict (what torch.save wrote of a `state_dict()`) into a module or optimizer."""
+        if isinstance(target, torch.nn.Module):
+            checkpoint.load_module(target, state, strict=strict)
+        else:
+            target.load_state_dict(state)
+
     def before_return(self) -> None:
         """On every rank, after the run's function succeeded: make what was sharded whole (may be a collective)."""
 
