@@ -329,9 +329,24 @@ def to_cpu(data: Any) -> Any:
 
 def _leaf_on_cpu(leaf: Any) -> Any:
     leaf = users_own(leaf)
+    if isinstance(leaf, (torch.nn.Module, torch.optim.Optimizer)) and _split_by_fsdp(leaf):
+        raise ValueError(
+            f"the {_users_class(leaf)} returned is held over the ranks by FSDP and cannot come back whole: "
+            "return what you need of it (a value, a tensor), or fabric.save(path, {'model': model}) writes it whole"
+        )
     if isinstance(leaf, torch.nn.Module):
         return leaf.cpu()
     return leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
+
+
+def _users_class(value: Any) -> str:
+    """The name of the user's class of a module that FSDP gave a class of its own."""
+    return next((cls.__name__ for cls in type(value).__mro__[1:] if not cls.__module__.startswith("torch.distributed")), type(value).__name__)
+
+
+def _split_by_fsdp(value: Any) -> bool:
+    parameters = value.parameters() if isinstance(value, torch.nn.Module) else (p for g in value.param_groups for p in g["params"])
+    return any(type(parameter).__name__ == "DTensor" for parameter in parameters)
 
 
 def without_wrappers(data: Any) -> Any:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbfabric import FSDP, Fabric
+from nbfabric import FSDP, Fabric, RankError
 from nbfabric.consolidate import consolidate
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # a leak fails the test that made it (tests/conftest.py)
@@ -201,3 +201,13 @@ def test_cpu_offload_trains_on_a_machine_without_a_gpu_as_without_offload():
     plain = Fabric(accelerator="cpu", devices=2, strategy="fsdp").launch(_steps_only)
     for name, tensor in plain.items():
         torch.testing.assert_close(offloaded[name], tensor)
+
+
+def _returns_the_model(fabric: Fabric):
+    model = fabric.setup(_model())
+    return model
+
+
+def test_a_model_held_over_the_ranks_by_fsdp_returned_from_launch_is_refused_saying_how_to_get_it():
+    with pytest.raises(RankError, match=r"the Sequential returned is held over the ranks by FSDP and cannot come back whole"):
+        Fabric(accelerator="cpu", devices=2, strategy="fsdp").launch(_returns_the_model)
