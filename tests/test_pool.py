@@ -4,6 +4,7 @@ failures, interrupts, timeouts, a lost rank, names that cannot be sent, and noth
 from __future__ import annotations
 
 import textwrap
+import threading
 import time
 
 import psutil
@@ -281,6 +282,32 @@ def test_a_second_interrupt_hurries_the_stop_and_the_pool_keeps_its_model(kernel
     assert out["error"]["ename"] == "KeyboardInterrupt" and "the rank pool was ended" not in out["stderr"], out
     assert time.monotonic() - interrupted[0] < 10
     assert kernel.run(f"{POOL}\nkept.weight.shape[0] * fabric.world_size")["result"] == "4"
+
+
+def test_an_interrupted_pull_says_so_and_binds_nothing(kernel):
+    kernel.run(f"{POOL}\nimport time\nclass Slow:\n    def __reduce__(self):\n        time.sleep(6)\n        return (int, (7,))\nslow = Slow()")
+    kernel.run("slow = 'the notebook keeps this'")
+    timer = threading.Timer(1.5, kernel.interrupt)
+    timer.start()
+    out = kernel.run("%fabric pull slow --rank=1", timeout=60)
+    timer.join()
+    assert out["error"]["ename"] == "KeyboardInterrupt", out
+    assert out["error"]["traceback"] == ["KeyboardInterrupt: the pull of slow was stopped; the notebook's slow is as it was"], out
+    assert kernel.run("slow")["result"] == "'the notebook keeps this'"
+    assert kernel.run(f"{POOL}\nfabric.world_size", timeout=60)["result"] == "2"
+
+
+def test_an_interrupted_stop_pool_goes_on_to_its_end_and_leaves_nothing(kernel):
+    timer = threading.Timer(0.2, kernel.interrupt)
+    timer.start()
+    out = kernel.run("%fabric stop-pool", timeout=120)
+    timer.join()
+    if out["error"] is not None:  # (the stop may be over before the interrupt comes)
+        assert out["error"]["traceback"] == ["KeyboardInterrupt: the stop went on to its end: the rank pool was stopped: no engine is left"], out
+    else:
+        assert "the rank pool was stopped: no engine is left" in out["stdout"], out
+    kernel.assert_no_ranks_left(grace=5)
+    assert "no rank pool; %fabric start makes one" in kernel.run("%fabric pool")["stdout"]
 
 
 def test_where_shows_a_background_pool_run_without_stopping_it(kernel):

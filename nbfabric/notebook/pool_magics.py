@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from IPython.core.error import UsageError
 
+from nbfabric.launcher import interrupts_deferred
 from nbfabric.notebook.cell import pack_rank_name, rank_holds
 from nbfabric.notebook.changes import changed_in_place, fingerprint
 from nbfabric.pool import ENGINE_KINDS, PoolError, RankPool, watchdog
@@ -124,14 +125,23 @@ def pool_command(shell: Any, line: str, in_use: PoolInUse) -> Any:
         if command == "stop-pool":
             if pool is None:
                 raise UsageError("there is no rank pool to stop")
-            in_use.use(None)
-            pool.stop()
-            print("the rank pool was detached; its engines keep running" if pool.attached else "the rank pool was stopped: no engine is left")
+            try:
+                with interrupts_deferred():  # a stop cut short would leave engines running that nobody knows of
+                    pool.stop()
+            except KeyboardInterrupt:
+                raise shown_briefly(KeyboardInterrupt(f"the stop went on to its end: the rank pool was {_stopped(pool)}")) from None
+            finally:
+                in_use.use(None)
+            print(f"the rank pool was {_stopped(pool)}")
             return None
         print(pool.describe() if pool is not None else "no rank pool; %fabric start makes one")
     except (ValueError, PoolError) as error:
         raise UsageError(str(error)) from None
     return None
+
+
+def _stopped(pool: RankPool) -> str:
+    return "detached; its engines keep running" if pool.attached else "stopped: no engine is left"
 
 
 def _start(args: argparse.Namespace, in_use: PoolInUse) -> None:
@@ -171,7 +181,15 @@ def _pull(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> Any:
         raise UsageError(f"{args.name!r} is not a name; give one name the ranks hold, e.g. %fabric pull model")
     if not 0 <= args.rank < pool.world_size:
         raise UsageError(f"--rank={args.rank} is not valid; choose 0 to {pool.world_size - 1}")
-    if not pool.engine(args.rank).apply_sync(rank_holds, args.name):
+    try:
+        return _pull_from(shell, args, in_use, pool)
+    except KeyboardInterrupt:
+        raise shown_briefly(KeyboardInterrupt(f"the pull of {args.name} was stopped; the notebook's {args.name} is as it was")) from None
+
+
+def _pull_from(shell: Any, args: argparse.Namespace, in_use: PoolInUse, pool: RankPool) -> Any:
+    # apply_async().get(), not apply_sync, which answers an interrupt with its unfinished request
+    if not pool.engine(args.rank).apply_async(rank_holds, args.name).get():
         print(f"{args.name} was not brought back from rank {args.rank}: not defined there", file=sys.stderr)
         return None
     if args.rank == 0:
@@ -186,7 +204,7 @@ def _pull(shell: Any, args: argparse.Namespace, in_use: PoolInUse) -> Any:
             print(f"{args.name} was not brought back from rank 0: {in_use.refused}", file=sys.stderr)
             return None
     else:
-        returned = pool.engine(args.rank).apply_sync(pack_rank_name, args.name)
+        returned = pool.engine(args.rank).apply_async(pack_rank_name, args.name).get()
         values = returned.load()
         if args.name not in values:
             why = returned.skipped.get(args.name, "not defined")
