@@ -251,6 +251,26 @@ def test_a_cancelled_job_fails_the_running_cell_within_15_s_and_ends_the_pool(sl
         kernel.close()
 
 
+def test_a_job_cancelled_between_cells_is_named_by_the_next_cell_and_pool_command(slurm, tmp_path):
+    kernel, job = Kernel(tmp_path / "none.json"), ""
+    try:
+        out = kernel.run(START, timeout=240)
+        assert out["error"] is None, out
+        job = job_of(out["stdout"])
+        subprocess.run(["scancel", job], timeout=30)
+        slurm_job.wait_until_gone([job], 90)
+        deadline = time.monotonic() + 30
+        while "rank 0: node" in (shown := kernel.run("%fabric pool")["stdout"]) and time.monotonic() < deadline:
+            time.sleep(0.5)  # until the controller has dropped the engines
+        assert f"no rank pool: Slurm job {job} was cancelled by scancel: the engines of ranks 0, 1 are gone" in shown, shown
+        refused = kernel.run("%%fabric --no-widgets\nprint('ran')")
+        assert "ran" not in refused["stdout"] and f"Slurm job {job} was cancelled by scancel" in refused["stderr"], refused
+        kernel.assert_no_ranks_left(grace=15)
+    finally:
+        cancel_and_wait(job)
+        kernel.close()
+
+
 def test_a_job_that_reaches_its_time_limit_fails_the_running_cell_saying_so(slurm, tmp_path):
     kernel, job = Kernel(tmp_path / "none.json"), ""
     try:

@@ -267,8 +267,12 @@ class EngineCluster:
             return
         gone = self.controller_gone()
         dead = self.dead_ranks() if not gone else []
-        if gone or dead:
-            self.mark_broken(gone or f"the engine of rank {', '.join(map(str, dead))} is gone")
+        if dead:  # and why, where Slurm knows: its job was cancelled, failed or reached its time limit
+            ended = slurm_job.ending(self.job, slurm_job.state(self.job)) if self.job else ""
+            lost = f"the engine of rank {dead[0]} is" if len(dead) == 1 else f"the engines of ranks {', '.join(map(str, dead))} are"
+            gone = f"{ended}: {lost} gone" if ended else f"{lost} gone"
+        if gone:
+            self.mark_broken(gone)
 
     def controller_gone(self) -> str:
         """Why the pool's controller, which every request and result goes through, is gone ('' while
