@@ -373,6 +373,13 @@ def test_spawned_ranks_draw_the_random_numbers_forked_ranks_draw_after_the_noteb
 
 
 @pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_thread_pool_left_open_in_a_cell_ends_with_the_rank_as_in_a_script(kernel, start):
+    code = "from concurrent.futures import ThreadPoolExecutor\nexecutor = ThreadPoolExecutor(2)\nprint('got', executor.submit(lambda: 6 * 7).result())"
+    out = kernel.run(f"{CPU2} --start-method={start} --no-return\n{code}", timeout=60)
+    assert out["error"] is None and "[rank 0] got 42" in out["stdout"] and "[rank 1] got 42" in out["stdout"], out
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_input_in_a_rank_fails_at_once_saying_why_instead_of_waiting_for_the_kernel(kernel, start):
     code = "import getpass\nname = input('name? ') if fabric.global_rank == 0 else getpass.getpass()"
     out = kernel.run(f"{CPU2} --start-method={start}\n{code}", timeout=60)

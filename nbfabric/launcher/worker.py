@@ -93,7 +93,11 @@ def run_rank(target: Callable[[], Any], spec: RankSpec, channel: ChannelWriter) 
 def _join_threads() -> None:
     """Wait for the threads the rank's code started and left running (daemon threads excepted), as
     a Python process, and a multiprocessing one, does at its end: a thread still writing a file
-    finishes it."""
+    finishes it. First, as Python's own end does, the hooks that let such threads end: those of
+    the thread pools (concurrent.futures) that were never shut down, whose idle workers would
+    otherwise wait forever."""
+    for hook in reversed(getattr(threading, "_threading_atexits", [])):
+        hook()
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
