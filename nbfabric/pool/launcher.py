@@ -21,6 +21,7 @@ from nbfabric.pool.cluster import EngineCluster
 
 STOP_GRACE = 3.0  # seconds ranks get to stop after SIGINT, and again after their peers left the group
 _DEAD_CHECK = 0.5  # seconds between two looks for engines that are gone
+LAST_OUTPUT_WAIT = 0.3  # seconds the output of the other ranks has to arrive when a lost rank ends the pool
 
 
 class PoolLauncher:
@@ -197,6 +198,13 @@ class _PoolRun(RunLoop):
             self._end_pool(f"{'ranks' if len(stuck) > 1 else 'rank'} {', '.join(map(str, stuck))} did not stop within {2 * STOP_GRACE:g} s")
 
     def _end_pool(self, why: str) -> None:
+        """Before the engines here are killed, what the others sent is let arrive and shown (their
+        output reaches the notebook in batches, 20 ms apart)."""
+        deadline = time.monotonic() + LAST_OUTPUT_WAIT
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            for rank in self.data:
+                self._replay(rank)
         print(f"the rank pool was ended: {why}; %fabric start makes a new one", file=sys.stderr)
         self.pending.clear()
         self.pool.mark_broken(why)
