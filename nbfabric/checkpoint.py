@@ -186,6 +186,15 @@ def load_into(path: Path | str, state: dict[str, Any] | None, *, strict: bool, w
     if isinstance(path, Path) and not path.exists():
         recover_replaced(path)
     if isinstance(path, Path) and path.is_dir():
+        if not (path / ".metadata").exists():
+            from nbfabric.strategies.deepspeed_checkpoint import is_checkpoint
+
+            if is_checkpoint(path):
+                raise ValueError(
+                    f"{os.fspath(path)!r} was written under DeepSpeed: load it with a DeepSpeed strategy, "
+                    "or make one file of it with `nbfabric consolidate`"
+                )
+            raise ValueError(f"{os.fspath(path)!r} is a directory, not a checkpoint that fabric.save wrote")
         if not any(isinstance(unwrap(value), torch.nn.Module) for value in (state or {}).values()):
             raise ValueError(
                 f"{os.fspath(path)!r} is a sharded checkpoint: loading it needs the model it goes into, "

@@ -96,6 +96,8 @@ def test_each_zero_stage_trains_as_ddp_saves_resumes_and_consolidates(strategy, 
     torch.testing.assert_close(resumed["losses"], ddp["losses"][4:], **TOLERANCE)  # momentum came back too
     _assert_same_weights(resumed["model"].state_dict(), ddp["model"].state_dict())
 
+    with pytest.raises(ValueError, match="was written under DeepSpeed: load it with a DeepSpeed strategy, or make one file of it"):
+        Fabric(accelerator="cpu", devices=1).load(path, {"model": _model()})
     written = consolidate(path, tmp_path / "full.pt")
     full = torch.load(written, weights_only=True)
     assert full["step"] == 4 and full["note"] == "kept"
