@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
+from typing import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,22 @@ def cancel_and_wait(job: str, timeout: float = 90) -> None:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
         slurm_job.wait_until_gone([job], timeout)
         assert slurm_job.time_left(job) == "", f"Slurm job {job} is still in the queue"
+
+
+@contextmanager
+def slurm_pool(tmp_path, flags: str = "") -> Iterator[tuple[Kernel, str]]:
+    """A kernel with a pool on a Slurm job (started with START and `flags`): the kernel and the job's
+    id; afterwards the job is cancelled and gone, and the kernel closed."""
+    kernel, job = Kernel(tmp_path / "none.json"), ""
+    try:
+        out = kernel.run(f"{START} {flags}".rstrip(), timeout=240)
+        assert out["error"] is None, out
+        job = job_of(out["stdout"])
+        assert any(f"Slurm job {job}: RUNNING" in shown for shown in out["displays"]), out["displays"]
+        yield kernel, job
+    finally:
+        cancel_and_wait(job)
+        kernel.close()
 
 
 def run_until_job_ends(kernel: Kernel, end_job) -> tuple[dict, float]:
@@ -231,12 +249,7 @@ def test_a_pending_job_that_can_never_start_is_told_apart_from_one_that_waits(sl
 
 
 def test_a_cancelled_job_fails_the_running_cell_within_15_s_and_ends_the_pool(slurm, tmp_path):
-    kernel, job = Kernel(tmp_path / "none.json"), ""
-    try:
-        out = kernel.run(START, timeout=240)
-        assert out["error"] is None, out
-        job = job_of(out["stdout"])
-        assert any(f"Slurm job {job}: RUNNING" in shown for shown in out["displays"]), out["displays"]
+    with slurm_pool(tmp_path) as (kernel, job):
         out, took = run_until_job_ends(kernel, lambda: subprocess.run(["scancel", job], timeout=30))
         print(f"cancelled job {job}: the cell failed {took:.1f} s after scancel")
         shown = out["stderr"] + "".join(out["error"]["traceback"] if out["error"] else [])
@@ -246,17 +259,10 @@ def test_a_cancelled_job_fails_the_running_cell_within_15_s_and_ends_the_pool(sl
         assert "no rank pool: " in kernel.run("%fabric pool")["stdout"]
         slurm_job.wait_until_gone([job], 90)
         kernel.assert_no_ranks_left(grace=15)
-    finally:
-        cancel_and_wait(job)
-        kernel.close()
 
 
 def test_a_job_cancelled_between_cells_is_named_by_the_next_cell_and_pool_command(slurm, tmp_path):
-    kernel, job = Kernel(tmp_path / "none.json"), ""
-    try:
-        out = kernel.run(START, timeout=240)
-        assert out["error"] is None, out
-        job = job_of(out["stdout"])
+    with slurm_pool(tmp_path) as (kernel, job):
         subprocess.run(["scancel", job], timeout=30)
         slurm_job.wait_until_gone([job], 90)
         deadline = time.monotonic() + 30
@@ -266,17 +272,10 @@ def test_a_job_cancelled_between_cells_is_named_by_the_next_cell_and_pool_comman
         refused = kernel.run("%%fabric --no-widgets\nprint('ran')")
         assert "ran" not in refused["stdout"] and f"Slurm job {job} was cancelled by scancel" in refused["stderr"], refused
         kernel.assert_no_ranks_left(grace=15)
-    finally:
-        cancel_and_wait(job)
-        kernel.close()
 
 
 def test_a_job_that_reaches_its_time_limit_fails_the_running_cell_saying_so(slurm, tmp_path):
-    kernel, job = Kernel(tmp_path / "none.json"), ""
-    try:
-        out = kernel.run(START + " --time=1", timeout=240)
-        assert out["error"] is None, out
-        job = job_of(out["stdout"])
+    with slurm_pool(tmp_path, "--time=1") as (kernel, job):
         assert re.search(rf"Slurm job {job}, time left: (1:00|0:[0-5]\d)\n", kernel.run("%fabric pool")["stdout"])
         started = time.monotonic()
         out = kernel.run(SLEEPING_CELL, timeout=300)  # Slurm ends the job 60 s in, give or take its 30 s checks
@@ -286,9 +285,6 @@ def test_a_job_that_reaches_its_time_limit_fails_the_running_cell_saying_so(slur
         assert "KeyError" not in shown, shown
         slurm_job.wait_until_gone([job], 90)
         kernel.assert_no_ranks_left(grace=15)
-    finally:
-        cancel_and_wait(job)
-        kernel.close()
 
 
 def test_a_node_going_down_under_a_running_cell_fails_it_saying_so_and_leaves_no_job(slurm, tmp_path):
