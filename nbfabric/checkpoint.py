@@ -266,12 +266,19 @@ def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_on
     objects, extras = _split(state)
     if objects:
         loaded = distributed_state(objects, full=False)
-        dcp.load(
-            loaded,
-            storage_reader=shard_reader(path, trusted=weights_only is False),
-            planner=DefaultLoadPlanner(allow_partial_load=not strict),
-            no_dist=not torch.distributed.is_initialized(),
-        )
+        try:
+            dcp.load(
+                loaded,
+                storage_reader=shard_reader(path, trusted=weights_only is False),
+                planner=DefaultLoadPlanner(allow_partial_load=not strict),
+                no_dist=not torch.distributed.is_initialized(),
+            )
+        except dcp.api.CheckpointException as error:  # a BaseException, holding each rank's error with its traceback
+            cause = next((failure[0] for failure in error.failures.values() if isinstance(failure, tuple)), error)
+            raise RuntimeError(
+                f"the sharded checkpoint {os.fspath(path)!r} does not fit the state given: {type(cause).__name__}: {cause}"
+                + ("; pass strict=False to load what it has" if strict else "")
+            ) from None
         modules = _modules(objects)
         for key, target in ((key, unwrap(value)) for key, value in objects.items()):
             if isinstance(target, torch.nn.Module):

@@ -183,6 +183,10 @@ def test_sharded_saves_go_on_after_one_that_was_stopped_and_a_load_without_the_m
     seen = Fabric(accelerator="cpu", devices=2, strategy=FSDP(state_dict_type="sharded")).launch(_sharded_saves, str(directory))
     assert seen["step"] == 2 and seen["left"] == ["sharded"]
     assert "is a sharded checkpoint: loading it needs the model it goes into" in seen["refused"]
+    bigger = nn.Sequential(*_model(), nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match=r"does not fit the state given: .*Missing key in checkpoint state_dict: model\.5\.weight.*strict=False"):
+        Fabric(accelerator="cpu", devices=1).load(directory, {"model": bigger})
+    Fabric(accelerator="cpu", devices=1).load(directory, {"model": bigger}, strict=False)
 
 
 def _steps_only(fabric: Fabric) -> dict:
