@@ -643,10 +643,11 @@ def test_a_lost_rank_breaks_the_pool_and_stop_leaves_nothing(kernel, lost):
     kernel.assert_no_ranks_left(grace=15)
 
 
-def test_what_the_other_rank_printed_as_a_rank_crashed_reaches_the_cell(kernel):
+def test_a_rank_that_crashed_is_named_with_its_signal_and_what_the_other_printed_reaches_the_cell(kernel):
     code = f"{POOL}\nimport ctypes, time\nprint('last words', fabric.global_rank, flush=True)\nif fabric.global_rank == 0:\n    ctypes.string_at(0)\ntime.sleep(5)"
     out = kernel.run(code, timeout=120)
     assert out["error"]["ename"] == "RankError" and "rank 0 failed: engine lost" in out["error"]["evalue"], out
+    assert "was killed by SIGSEGV while the run went on" in out["error"]["evalue"], out
     assert "[rank 1] last words 1" in out["stdout"], out
     assert kernel.run("%fabric stop-pool")["error"] is None
     kernel.assert_no_ranks_left(grace=15)

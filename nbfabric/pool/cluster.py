@@ -79,6 +79,7 @@ class EngineCluster:
         self.config, hosts = _check(devices, num_nodes, accelerator, engines, partition, time, hosts, detach, idle_timeout)
         self.kind, self.attached, self.broken = engines, False, ""
         self._record, self._watchdog, self._job_checked = "", None, 0.0
+        self._processes: dict[int, Any] = {}  # pid -> the psutil process of each engine started here
         self.last_run_stopped = False  # the ranks' last run was stopped or failed (see engine_side.run)
         import ipyparallel as ipp
 
@@ -124,6 +125,12 @@ class EngineCluster:
             else:
                 self.client.wait_for_engines(self.config.world_size, timeout=start_timeout, interactive=False)
             self.ranks = self._assign_ranks()
+            # the processes of the engines started here, kept: ipyparallel forgets a launcher once its engine ended
+            self._processes = {
+                launcher.pid: launcher.process
+                for engines in self.cluster.engines.values() for launcher in getattr(engines, "launchers", {}).values()
+                if getattr(launcher, "process", None) is not None
+            }
         except BaseException as error:
             self._end()
             if isinstance(error, slurm_job.SlurmRefusal):
@@ -281,6 +288,19 @@ class EngineCluster:
         controller = self.cluster.controller if not self.attached else None
         pid = getattr(controller, "pid", -1) if controller is not None else -1
         return f"the pool's controller (pid {pid}) ended" if pid > 0 and not _alive(pid) else ""
+
+    def exit_status(self, rank: int, wait: float = 1.0) -> int | None:
+        """How the engine of `rank` ended, as the launcher that started it here saw it (its exit
+        code, or minus the signal that killed it), waiting for that at most `wait` seconds; None
+        where it is not known (engines elsewhere, or attached to)."""
+        process = self._processes.get(self.ranks[rank].pid)
+        deadline = time.monotonic() + wait
+        while process is not None and time.monotonic() < deadline:
+            code = getattr(process, "_exitcode", None)  # what the launcher's waiting thread got (psutil keeps it)
+            if isinstance(code, int):
+                return int(code)
+            time.sleep(0.02)
+        return None
 
     def dead_ranks(self) -> list[int]:
         """Ranks whose engine is gone: its process ended (engines here) or the controller dropped it."""

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from nbfabric.channel import Display, Failure, Metrics, now
 from nbfabric.launcher.cell_labels import label_error_cells
-from nbfabric.launcher.errors import raise_for_outcome
+from nbfabric.launcher.errors import describe_exit, raise_for_outcome
 from nbfabric.launcher.output import LineSplitter, Sink, TextSink, emit_segments
 from nbfabric.launcher.run_loop import RunLoop
 from nbfabric.launcher.stacks import WHERE_SIGNAL, RankPlace, parse
@@ -115,7 +115,7 @@ class _PoolRun(RunLoop):
         except Exception as error:  # noqa: BLE001 - the engine is gone, or could not run the rank's side
             if isinstance(error, EngineError) or getattr(error, "ename", "") == "EngineError":
                 place = self.pool.ranks[rank]  # ipyparallel's words would name its task, not the process
-                self._lost(rank, f"its engine (pid {place.pid} on {place.node}) died while the run went on")
+                self._lost(rank, f"its engine (pid {place.pid} on {place.node}) {self._how_it_ended(rank)} while the run went on")
                 return
             status, value = "failed", Failure(rank, getattr(error, "ename", type(error).__name__), str(getattr(error, "evalue", error)), "", now(), False)
         if status == "done":
@@ -140,7 +140,16 @@ class _PoolRun(RunLoop):
         dead = sorted(self.pending) if ended else [rank for rank in self.pool.dead_ranks() if rank in self.pending]
         for rank in dead:
             place = self.pool.ranks[rank]
-            self._lost(rank, ended or f"pid {place.pid} on {place.node} ended while the run went on", pool_lost=controller)
+            why = ended or f"its engine (pid {place.pid} on {place.node}) {self._how_it_ended(rank)} while the run went on"
+            self._lost(rank, why, pool_lost=controller)
+
+    def _how_it_ended(self, rank: int) -> str:
+        """"was killed by SIGSEGV", "exited with code 3", or "died" where that is not known."""
+        code = self.pool.exit_status(rank)
+        if code is None:
+            return "died"
+        how = describe_exit(code)
+        return f"was {how}" if how.startswith("killed") else how
 
     def _lost(self, rank: int, why: str, pool_lost: str = "") -> None:
         """The rank's engine is gone (`why`), or, `pool_lost`, the whole pool (its controller)."""
