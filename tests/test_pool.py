@@ -648,6 +648,7 @@ def test_a_rank_that_crashed_is_named_with_its_signal_and_what_the_other_printed
     out = kernel.run(code, timeout=120)
     assert out["error"]["ename"] == "RankError" and "rank 0 failed: engine lost" in out["error"]["evalue"], out
     assert "was killed by SIGSEGV while the run went on" in out["error"]["evalue"], out
+    assert "\nstopped: rank 1" in out["error"]["evalue"], out  # with the pool, as forked ranks are stopped
     assert "[rank 1] last words 1" in out["stdout"], out
     assert kernel.run("%fabric stop-pool")["error"] is None
     kernel.assert_no_ranks_left(grace=15)

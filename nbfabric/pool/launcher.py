@@ -215,6 +215,8 @@ class _PoolRun(RunLoop):
             for rank in self.data:
                 self._replay(rank)
         print(f"the rank pool was ended: {why}; %fabric start makes a new one", file=sys.stderr)
+        stopped = [rank for rank in self.pending if rank not in self.outcome.failures]  # ended with the pool, as a stop ends them
+        self.outcome.still_running_at_stop = tuple(sorted({*self.outcome.still_running_at_stop, *stopped}))
         self.pending.clear()
         self.pool.mark_broken(why)
 
