@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from nbfabric.wrappers import optimizer_state, unwrap
+from nbfabric.wrappers import optimizer_state, split_by_fsdp, unwrap
 
 EXTRAS_FILE = "extras.pt"  # in a sharded checkpoint: everything that is not a module or optimizer
 
@@ -211,7 +211,7 @@ def load_into(path: Path | str, state: dict[str, Any] | None, *, strict: bool, w
         target = unwrap(state[key])
         if isinstance(target, torch.nn.Module):
             load_module(target, checkpoint.pop(key), strict=strict)
-        elif isinstance(target, torch.optim.Optimizer) and (_keyed_by_name(checkpoint[key]) or sharded_parameters(target)):
+        elif isinstance(target, torch.optim.Optimizer) and (_keyed_by_name(checkpoint[key]) or split_by_fsdp(target)):
             load_optimizer(target, checkpoint.pop(key), _owner(target, modules))
         elif stateful(target):
             target.load_state_dict(checkpoint.pop(key))
@@ -223,7 +223,7 @@ def load_into(path: Path | str, state: dict[str, Any] | None, *, strict: bool, w
 def load_module(module: torch.nn.Module, state_dict: dict[str, Any], *, strict: bool) -> None:
     """A whole state dict into `module`: through its own load_state_dict (and its hooks), as
     Lightning loads it; a sharded module (FSDP's) takes its shard of each tensor."""
-    if not sharded(module):
+    if not split_by_fsdp(module):
         module.load_state_dict(state_dict, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -251,11 +251,6 @@ def _by_name(optimizer: torch.optim.Optimizer, owner: torch.nn.Module, state: di
         "state": {ordered[index]: value for index, value in state["state"].items()},
         "param_groups": [{**group, "params": [ordered[index] for index in group["params"]]} for group in state["param_groups"]],
     }
-
-
-def sharded_parameters(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer updates sharded parameters (FSDP's DTensors)."""
-    return any(type(p).__name__ == "DTensor" for group in optimizer.param_groups for p in group["params"])
 
 
 def _load_sharded(path: Path, state: dict[str, Any], *, strict: bool, weights_only: bool | None) -> dict[str, Any]:
@@ -299,11 +294,6 @@ def restore_entries(path: Any, state: dict[str, Any], keys: list[str], available
         else:
             state[key] = available.pop(key)
     return available
-
-
-def sharded(module: torch.nn.Module) -> bool:
-    """Whether the module's parameters are split over the ranks (FSDP's DTensors)."""
-    return any(type(parameter).__name__ == "DTensor" for parameter in module.parameters())
 
 
 def check_strict(module: torch.nn.Module, state_dict: dict[str, Any], strict: bool) -> None:

@@ -329,7 +329,7 @@ def to_cpu(data: Any) -> Any:
 
 def _leaf_on_cpu(leaf: Any) -> Any:
     leaf = users_own(leaf)
-    if isinstance(leaf, (torch.nn.Module, torch.optim.Optimizer)) and _split_by_fsdp(leaf):
+    if isinstance(leaf, (torch.nn.Module, torch.optim.Optimizer)) and split_by_fsdp(leaf):
         raise ValueError(
             f"the {_users_class(leaf)} returned is held over the ranks by FSDP and cannot come back whole: "
             "return what you need of it (a value, a tensor), or fabric.save(path, {'model': model}) writes it whole"
@@ -344,7 +344,8 @@ def _users_class(value: Any) -> str:
     return next((cls.__name__ for cls in type(value).__mro__[1:] if not cls.__module__.startswith("torch.distributed")), type(value).__name__)
 
 
-def _split_by_fsdp(value: Any) -> bool:
+def split_by_fsdp(value: Any) -> bool:
+    """Whether a module's parameters, or those an optimizer updates, are split over the ranks (FSDP's DTensors)."""
     parameters = value.parameters() if isinstance(value, torch.nn.Module) else (p for g in value.param_groups for p in g["params"])
     return any(type(parameter).__name__ == "DTensor" for parameter in parameters)
 

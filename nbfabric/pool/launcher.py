@@ -114,8 +114,7 @@ class _PoolRun(RunLoop):
             status, value = answer
         except Exception as error:  # noqa: BLE001 - the engine is gone, or could not run the rank's side
             if isinstance(error, EngineError) or getattr(error, "ename", "") == "EngineError":
-                place = self.pool.ranks[rank]  # ipyparallel's words would name its task, not the process
-                self._lost(rank, f"its engine (pid {place.pid} on {place.node}) {self._how_it_ended(rank)} while the run went on")
+                self._lost(rank, self._engine_ended(rank))  # ipyparallel's words would name its task, not the process
                 return
             status, value = "failed", Failure(rank, getattr(error, "ename", type(error).__name__), str(getattr(error, "evalue", error)), "", now(), False)
         if status == "done":
@@ -139,17 +138,14 @@ class _PoolRun(RunLoop):
         ended = self.pool.job_ended() or controller
         dead = sorted(self.pending) if ended else [rank for rank in self.pool.dead_ranks() if rank in self.pending]
         for rank in dead:
-            place = self.pool.ranks[rank]
-            why = ended or f"its engine (pid {place.pid} on {place.node}) {self._how_it_ended(rank)} while the run went on"
-            self._lost(rank, why, pool_lost=controller)
+            self._lost(rank, ended or self._engine_ended(rank), pool_lost=controller)
 
-    def _how_it_ended(self, rank: int) -> str:
-        """"was killed by SIGSEGV", "exited with code 3", or "died" where that is not known."""
-        code = self.pool.exit_status(rank)
-        if code is None:
-            return "died"
-        how = describe_exit(code)
-        return f"was {how}" if how.startswith("killed") else how
+    def _engine_ended(self, rank: int) -> str:
+        """"its engine (pid 7 on n1) was killed by SIGSEGV while the run went on" ("exited with
+        code 3"; "died" where how is not known)."""
+        place, code = self.pool.ranks[rank], self.pool.exit_status(rank)
+        how = "died" if code is None else describe_exit(code)
+        return f"its engine (pid {place.pid} on {place.node}) {'was ' if how.startswith('killed') else ''}{how} while the run went on"
 
     def _lost(self, rank: int, why: str, pool_lost: str = "") -> None:
         """The rank's engine is gone (`why`), or, `pool_lost`, the whole pool (its controller)."""

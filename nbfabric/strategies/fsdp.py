@@ -12,6 +12,7 @@ from nbfabric import checkpoint
 from nbfabric.launcher.environment import preserved_environment
 from nbfabric.precision import Precision
 from nbfabric.strategies.ddp import DDPStrategy
+from nbfabric.wrappers import split_by_fsdp
 
 STATE_DICT_TYPES = ("full", "sharded")
 _MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -153,7 +154,7 @@ class FSDPStrategy(DDPStrategy):
     def load_raw(self, target: Any, state: dict[str, Any], *, strict: bool) -> None:
         """A module takes its shard of each tensor; an optimizer of sharded parameters alone is
         refused, as Lightning refuses it: its state, by index, needs the model's names."""
-        if isinstance(target, torch.optim.Optimizer) and checkpoint.sharded_parameters(target):
+        if isinstance(target, torch.optim.Optimizer) and split_by_fsdp(target):
             raise ValueError(
                 "fabric.load_raw cannot load an optimizer alone under FSDP, whose parameters are sharded: "
                 "load it with its model, fabric.load(path, {'model': model, 'optimizer': optimizer}) "
